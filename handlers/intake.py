@@ -1,0 +1,153 @@
+"""Intake: validate submissions from the submit stream, de-duplicate, record them as queued.
+
+Order of effects, each idempotent so that a crash at any line is repaired by redelivery:
+idempotency claim -> job record (KV create) -> ``job.queued`` event (de-duplicated id) -> verdict
+-> ack.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import anyio
+import nats.errors
+import nats.js.errors
+from anyio.abc import TaskStatus
+from nats.aio.msg import Msg
+
+from schemas import JobState, SubmitVerdict
+from valkyrie import (
+    REPLY_TO_HEADER,
+    EventPublisher,
+    GiveUp,
+    HandlerContext,
+    SchemaError,
+    StreamConsumer,
+    headers_of,
+)
+from valkyrie._codec import JOB_DECODER, encode, now_ms
+from valkyrie._intake import idempotency_token, job_id_for, parse_submission, queued_record
+
+__all__ = ["IntakeWorker", "create"]
+
+
+class IntakeWorker:
+    """Consumes ``<prefix>.jobs.submit`` through the durable consumer ``intake``."""
+
+    def __init__(self, ctx: HandlerContext) -> None:
+        self.name = ctx.name
+        self._ctx = ctx
+        self._bus = ctx.bus
+        self._events = EventPublisher(ctx.bus, ctx.name)
+        self._source = ""
+
+    async def run(
+        self, stop: anyio.Event, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Consume submissions until ``stop`` is set."""
+        bus = self._bus
+        self._jobs = await bus.kv("jobs")
+        self._idem = await bus.kv("idempotency")
+        info = await bus.js.stream_info(bus.names.stream("submit"))
+        created = str(getattr(info, "created", "") or "")
+        # Ids derive from (stream incarnation, sequence): a recreated stream cannot reuse old ids.
+        self._source = hashlib.sha256(f"{info.config.name}:{created}".encode()).hexdigest()[:12]
+        consumer = StreamConsumer(
+            name=self.name,
+            bus=bus,
+            stream=bus.names.stream("submit"),
+            filter_subject=bus.names.submit,
+            handle=self.handle,
+            metrics=self._ctx.metrics,
+            concurrency=bus.settings.handler_concurrency,
+        )
+        await consumer.run(stop, task_status=task_status)
+
+    async def _reply(self, reply_to: str | None, verdict: SubmitVerdict) -> None:
+        if not reply_to:
+            return
+        try:
+            await self._bus.nc.publish(reply_to, encode(verdict))
+        except (nats.errors.Error, ValueError, TypeError):
+            pass  # the verdict is also an event; a bad reply subject must not fail the job
+
+    async def handle(self, msg: Msg) -> None:
+        """Process one submission."""
+        now = now_ms()
+        headers = headers_of(msg)
+        reply_to = headers.get(REPLY_TO_HEADER)
+        seq = int(msg.metadata.sequence.stream)
+        try:
+            parsed = parse_submission(
+                msg.data, received_at_ms=now, max_bytes=self._bus.settings.submission_max_bytes
+            )
+        except SchemaError as e:
+            rejection = f"{self._source}-{seq}"
+            await self._events.emit(
+                "intake",
+                rejection,
+                "rejected",
+                data={
+                    "errors": [{"path": x.path, "reason": x.reason} for x in e.errors],
+                    "stream_seq": seq,
+                },
+                event_id=f"rejected-{rejection}",
+            )
+            await self._reply(reply_to, SubmitVerdict(accepted=False, errors=e.errors))
+            self._ctx.metrics.jobs.labels(self.name, "rejected").inc()
+            raise GiveUp(f"invalid submission: {e}", errors=e.errors) from e
+
+        job_id = job_id_for(parsed.spec, source=f"{self._source}-{seq}")
+        token = idempotency_token(parsed.spec, headers.get("Nats-Msg-Id"))
+        if token is not None:
+            try:
+                await self._idem.create(token, job_id.encode())
+            except nats.js.errors.KeyWrongLastSequenceError:
+                first = (await self._idem.get(token)).value or b""
+                if first.decode() != job_id:
+                    await self._duplicate(first.decode(), reply_to, seq)
+                    return
+
+        record = queued_record(job_id, parsed, now_ms=now, source_seq=seq)
+        try:
+            await self._jobs.create(job_id, encode(record))
+        except nats.js.errors.KeyWrongLastSequenceError:
+            existing = JOB_DECODER.decode((await self._jobs.get(job_id)).value or b"")
+            if existing.source_seq != seq:
+                await self._duplicate(job_id, reply_to, seq)
+                return
+            record = existing  # our own earlier attempt: finish its remaining steps
+        await self._events.emit(
+            "job",
+            job_id,
+            "queued",
+            data={
+                "job_type": record.spec.job_type,
+                "priority": record.spec.priority,
+                "api_version": record.api_version,
+            },
+            attempt=0,
+            correlation_id=record.spec.correlation_id,
+            event_id=f"{job_id}.queued.0",
+            at_ms=record.submitted_at_ms,
+        )
+        self._ctx.metrics.jobs.labels(self.name, "queued").inc()
+        await self._reply(
+            reply_to, SubmitVerdict(accepted=True, job_id=job_id, state=JobState.QUEUED)
+        )
+
+    async def _duplicate(self, first_id: str, reply_to: str | None, seq: int) -> None:
+        await self._events.emit(
+            "job",
+            first_id,
+            "duplicate",
+            data={"stream_seq": seq},
+            event_id=f"{first_id}.duplicate.{self._source}-{seq}",
+        )
+        self._ctx.metrics.jobs.labels(self.name, "duplicate").inc()
+        await self._reply(reply_to, SubmitVerdict(accepted=True, job_id=first_id, duplicate=True))
+
+
+def create(ctx: HandlerContext) -> IntakeWorker:
+    """Entry point: build the intake worker."""
+    return IntakeWorker(ctx)

@@ -1,0 +1,97 @@
+"""The Valkyrie wire contract: every message and KV record, as msgspec Structs (pure data, no I/O).
+
+Instants are integer milliseconds since the Unix epoch (``*_at_ms``); durations carry their unit in
+their name. New fields always get defaults and no field ever changes type, so old readers keep working.
+"""
+
+from schemas._catalog import CATALOG, json_schema, json_schemas
+from schemas._validate import collect_errors, convert_or_errors, json_type_name
+from schemas.config import ConfigChange, ConfigRevision
+from schemas.events import DeadLetter, Event
+from schemas.jobs import (
+    TERMINAL_STATES,
+    AffinityRule,
+    AttemptRecord,
+    FieldError,
+    JobRecord,
+    JobResult,
+    JobState,
+    JobSubmission,
+    PerformanceTargets,
+    QosRequirements,
+    Requirements,
+    ResourceUsage,
+    RetryPolicy,
+    RoutingHints,
+    SubmitVerdict,
+)
+from schemas.legacy import LegacyJobV1, LegacyRequirementsV1, v1_to_v2
+from schemas.runners import (
+    CancelJob,
+    Dispatch,
+    JobAccepted,
+    JobFinished,
+    JobLog,
+    JobStarted,
+    JobUpdate,
+    RegistrationVerdict,
+    RunnerCapabilities,
+    RunnerCommand,
+    RunnerHeartbeat,
+    RunnerLocation,
+    RunnerRecord,
+    RunnerRegistration,
+    RunnerResources,
+    RunnerState,
+    RunnerStats,
+    UpdateVerdict,
+)
+
+__all__ = [
+    "CATALOG",
+    "TERMINAL_STATES",
+    "AffinityRule",
+    "AttemptRecord",
+    "CancelJob",
+    "ConfigChange",
+    "ConfigRevision",
+    "DeadLetter",
+    "Dispatch",
+    "Event",
+    "FieldError",
+    "JobAccepted",
+    "JobFinished",
+    "JobLog",
+    "JobRecord",
+    "JobResult",
+    "JobStarted",
+    "JobState",
+    "JobSubmission",
+    "JobUpdate",
+    "LegacyJobV1",
+    "LegacyRequirementsV1",
+    "PerformanceTargets",
+    "QosRequirements",
+    "Requirements",
+    "ResourceUsage",
+    "RegistrationVerdict",
+    "RetryPolicy",
+    "RoutingHints",
+    "RunnerCapabilities",
+    "RunnerCommand",
+    "RunnerHeartbeat",
+    "RunnerLocation",
+    "RunnerRecord",
+    "RunnerRegistration",
+    "RunnerResources",
+    "RunnerState",
+    "RunnerStats",
+    "SubmitVerdict",
+    "UpdateVerdict",
+    "collect_errors",
+    "convert_or_errors",
+    "json_schema",
+    "json_schemas",
+    "json_type_name",
+    "v1_to_v2",
+]

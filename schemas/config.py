@@ -1,0 +1,35 @@
+"""Config-change messages and the records of the config KV bucket."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from schemas._common import TimestampMs
+
+__all__ = ["ConfigChange", "ConfigRevision"]
+
+
+class ConfigChange(msgspec.Struct, frozen=True, kw_only=True):
+    """A requested change, on ``<prefix>.config.change``.
+
+    ``set`` maps dotted keys to new values; ``replace`` (a whole config document) wins over ``set``.
+    """
+
+    set: dict[str, Any] = msgspec.field(default_factory=dict)
+    replace: dict[str, Any] | None = None
+    rollback_to: int | None = None
+    requested_by: str = "unknown"
+    reason: str | None = None
+
+
+class ConfigRevision(msgspec.Struct, frozen=True, kw_only=True):
+    """One accepted revision of the runtime config (config KV bucket, key ``current``)."""
+
+    revision: int
+    at_ms: TimestampMs
+    changed_by: str
+    values: dict[str, Any]
+    diff: dict[str, Any] = msgspec.field(default_factory=dict)
+    reason: str | None = None

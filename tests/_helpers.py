@@ -1,0 +1,93 @@
+"""Helpers shared by tests (never import from conftest)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+from prometheus_client import CollectorRegistry
+
+from valkyrie import Bus, Settings, open_bus, run_workers
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def unique_prefix() -> str:
+    """A subject/stream prefix no other test uses."""
+    return "t" + uuid.uuid4().hex[:10]
+
+
+def settings_for(url: str, prefix: str, **overrides: object) -> Settings:
+    """Test settings: memory-light, fast redelivery, no metrics port."""
+    base: dict[str, object] = {
+        "nats_url": url,
+        "prefix": prefix,
+        "metrics_port": 0,
+        "ack_wait_s": 5.0,
+        "connect_timeout_s": 10.0,
+    }
+    base.update(overrides)
+    return Settings.from_env({}, **base)
+
+
+@asynccontextmanager
+async def running(settings: Settings, handlers: Sequence[str] | None = None) -> AsyncIterator[Bus]:
+    """Provision and run handlers in this process; stop them cleanly on exit."""
+    registry = CollectorRegistry()
+    async with open_bus(settings, embed=False) as (bus, _):
+        stop = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            if handlers is None or handlers:
+                await tg.start(run_workers, bus, registry, stop, list(handlers or []) or None)
+            try:
+                yield bus
+            finally:
+                stop.set()
+
+
+def env_for(settings: Settings) -> dict[str, str]:
+    """Environment for a subprocess that should use ``settings``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VALKYRIE_")}
+    env.update(
+        {
+            "VALKYRIE_NATS_URL": settings.nats_url or "",
+            "VALKYRIE_PREFIX": settings.prefix,
+            "VALKYRIE_METRICS_PORT": "0",
+            "VALKYRIE_ACK_WAIT_S": str(settings.ack_wait_s),
+        }
+    )
+    return env
+
+
+def spawn(args: Sequence[str], settings: Settings, log: Path) -> subprocess.Popen[bytes]:
+    """Start ``python -m valkyrie ARGS`` with output to ``log``."""
+    out = log.open("ab")
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "valkyrie", *args],
+            env=env_for(settings),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+    finally:
+        out.close()
+
+
+def stop_process(proc: subprocess.Popen[bytes], *, sig: int = signal.SIGTERM, timeout_s: float = 15) -> int:
+    """Signal a process and wait for it (SIGKILL if it does not exit)."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return proc.returncode

@@ -1,0 +1,63 @@
+"""Session fixtures: one real nats-server per test session (or VALKYRIE_TEST_NATS_URL)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests._helpers import settings_for, unique_prefix
+from valkyrie import Bus, NatsServer, Settings, open_bus
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    # nats-py is asyncio-only
+    return "asyncio"
+
+
+def _docker_available() -> bool:
+    return shutil.which("docker") is not None and os.path.exists("/var/run/docker.sock")
+
+
+@pytest.fixture(scope="session")
+def nats_url() -> Iterator[str]:
+    """URL of a JetStream-enabled server for this session."""
+    existing = os.environ.get("VALKYRIE_TEST_NATS_URL")
+    if existing:
+        yield existing
+        return
+    if os.environ.get("VALKYRIE_TEST_DOCKER") == "1" and _docker_available():
+        from testcontainers.nats import NatsContainer
+
+        with NatsContainer(jetstream=True) as container:
+            yield container.nats_uri()
+        return
+    store = Path(tempfile.mkdtemp(prefix="valkyrie-test-nats-"))
+    server = NatsServer(store_dir=store, port=0, name="valkyrie-test", max_mem="2G", max_file="8G")
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+        shutil.rmtree(store, ignore_errors=True)
+
+
+@pytest.fixture
+def prefix() -> str:
+    return unique_prefix()
+
+
+@pytest.fixture
+def settings(nats_url: str, prefix: str) -> Settings:
+    return settings_for(nats_url, prefix)
+
+
+@pytest.fixture
+async def bus(settings: Settings) -> AsyncIterator[Bus]:
+    async with open_bus(settings, embed=False) as (b, _):
+        yield b

@@ -1,0 +1,73 @@
+"""Valkyrie: a control plane that dispatches CI jobs to runners over NATS JetStream.
+
+The runtime library: bus connection and provisioning, subject names, the embedded nats-server, the
+handler framework, domain logic, the client API and the CLI. Handlers live in the ``handlers``
+package and are found through the ``valkyrie.handlers`` entry-point group.
+"""
+
+from valkyrie._app import default_data_dir, open_bus, run_control_plane
+from valkyrie._bus import BUCKETS, Bus, connect
+from valkyrie._client import REPLY_TO_HEADER, Client
+from valkyrie._errors import (
+    BusError,
+    ConfigError,
+    ConnectError,
+    GiveUp,
+    HandlerOutcome,
+    NotFoundError,
+    RetryLater,
+    SchemaError,
+    ServerError,
+    ValkyrieError,
+)
+from valkyrie._events import EventPublisher
+from valkyrie._handlers import (
+    ENTRY_POINT_GROUP,
+    HandlerContext,
+    HandlerFactory,
+    Worker,
+    discover_handlers,
+    run_workers,
+)
+from valkyrie._metrics import HandlerMetrics, serve_metrics
+from valkyrie._server import NatsServer, find_nats_server
+from valkyrie._settings import Settings
+from valkyrie._subjects import Names
+from valkyrie._worker import StreamConsumer, delivery_count, headers_of
+
+__all__ = [
+    "BUCKETS",
+    "ENTRY_POINT_GROUP",
+    "REPLY_TO_HEADER",
+    "Bus",
+    "BusError",
+    "Client",
+    "ConfigError",
+    "ConnectError",
+    "EventPublisher",
+    "GiveUp",
+    "HandlerContext",
+    "HandlerFactory",
+    "HandlerMetrics",
+    "HandlerOutcome",
+    "NatsServer",
+    "Names",
+    "NotFoundError",
+    "RetryLater",
+    "SchemaError",
+    "ServerError",
+    "Settings",
+    "StreamConsumer",
+    "ValkyrieError",
+    "Worker",
+    "connect",
+    "default_data_dir",
+    "delivery_count",
+    "discover_handlers",
+    "find_nats_server",
+    "headers_of",
+    "open_bus",
+    "run_control_plane",
+    "run_workers",
+    "serve_metrics",
+]

@@ -1,0 +1,5 @@
+"""``python -m valkyrie`` runs the CLI."""
+
+from valkyrie.cli import main
+
+main()

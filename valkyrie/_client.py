@@ -1,0 +1,191 @@
+"""The client API the CLI, the HTTP bridge and tests use: submit, read jobs, follow events."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import msgspec
+import nats.errors
+import nats.js.errors
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from schemas import TERMINAL_STATES, Event, JobRecord, JobState, JobSubmission, SubmitVerdict
+from valkyrie._bus import Bus
+from valkyrie._codec import EVENT_DECODER, JOB_DECODER, VERDICT_DECODER, encode
+from valkyrie._errors import BusError, NotFoundError
+
+__all__ = ["REPLY_TO_HEADER", "Client"]
+
+#: Header naming the subject the intake handler sends its verdict to.
+REPLY_TO_HEADER = "Valkyrie-Reply-To"
+
+
+class Client:
+    """High-level operations over a connected :class:`~valkyrie.Bus`."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+
+    async def submit(
+        self,
+        job: JobSubmission | dict[str, Any] | bytes,
+        *,
+        msg_id: str | None = None,
+        wait_verdict: bool = True,
+        timeout_s: float = 10.0,
+    ) -> SubmitVerdict | None:
+        """Publish a submission; with ``wait_verdict`` return the intake handler's verdict.
+
+        The submission is durable once this returns (the stream acknowledged it), even when no
+        intake handler runs; the verdict then arrives when one starts.
+
+        Raises:
+            BusError: the stream did not store it, or no verdict came within ``timeout_s``.
+        """
+        body = job if isinstance(job, bytes) else encode(job)
+        headers: dict[str, str] = {}
+        if msg_id:
+            headers["Nats-Msg-Id"] = msg_id
+        nc = self.bus.nc
+        sub = None
+        if wait_verdict:
+            inbox = nc.new_inbox()
+            sub = await nc.subscribe(inbox, max_msgs=1)
+            headers[REPLY_TO_HEADER] = inbox
+        try:
+            try:
+                ack = await self.bus.js.publish(
+                    self.bus.names.submit, body, headers=headers or None, timeout=timeout_s
+                )
+            except (nats.errors.Error, nats.js.errors.Error) as e:
+                raise BusError(f"submission not stored: {e!r}") from e
+            if sub is None:
+                return None
+            if ack.duplicate:
+                # The stream dropped it as a Nats-Msg-Id duplicate: no verdict will come.
+                return SubmitVerdict(accepted=True, duplicate=True)
+            try:
+                msg = await sub.next_msg(timeout=timeout_s)
+            except nats.errors.TimeoutError as e:
+                raise BusError(
+                    f"submission stored (seq {ack.seq}) but no verdict within {timeout_s:g}s: "
+                    "is an intake handler running?"
+                ) from e
+            return VERDICT_DECODER.decode(msg.data)
+        finally:
+            if sub is not None:
+                await sub.unsubscribe()
+
+    async def get_job(self, job_id: str) -> JobRecord:
+        """The current record of ``job_id``.
+
+        Raises:
+            NotFoundError: no such job.
+        """
+        kv = await self.bus.kv("jobs")
+        try:
+            entry = await kv.get(job_id)
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.InvalidKeyError) as e:
+            raise NotFoundError(f"no job {job_id!r}") from e
+        return JOB_DECODER.decode(entry.value or b"")
+
+    async def list_jobs(
+        self, *, states: set[JobState] | None = None, limit: int | None = None
+    ) -> list[JobRecord]:
+        """Every job (optionally only in ``states``), newest first."""
+        kv = await self.bus.kv("jobs")
+        records: list[JobRecord] = []
+        watcher = await kv.watchall(ignore_deletes=True)
+        try:
+            while True:
+                try:
+                    entry = await watcher.updates(timeout=5.0)
+                except nats.errors.TimeoutError:
+                    break
+                if entry is None:
+                    break
+                try:
+                    record = JOB_DECODER.decode(entry.value or b"")
+                except msgspec.DecodeError:
+                    continue
+                if states is None or record.state in states:
+                    records.append(record)
+        finally:
+            await watcher.stop()
+        records.sort(key=lambda r: (r.submitted_at_ms, r.id), reverse=True)
+        return records[:limit] if limit is not None else records
+
+    async def wait_for_job(
+        self, job_id: str, *, states: frozenset[JobState] = TERMINAL_STATES, timeout_s: float = 60.0
+    ) -> JobRecord:
+        """Wait until ``job_id`` reaches one of ``states`` (terminal by default).
+
+        Raises:
+            TimeoutError: it did not within ``timeout_s``.
+        """
+        kv = await self.bus.kv("jobs")
+        watcher = await kv.watch(job_id)
+        try:
+            with anyio.fail_after(timeout_s):
+                while True:
+                    try:
+                        entry = await watcher.updates(timeout=timeout_s)
+                    except nats.errors.TimeoutError:
+                        continue
+                    if entry is None or not entry.value:
+                        continue
+                    record = JOB_DECODER.decode(entry.value)
+                    if record.state in states:
+                        return record
+        finally:
+            await watcher.stop()
+
+    async def events(
+        self,
+        pattern: str = ">",
+        *,
+        start_seq: int | None = None,
+        since: dt.datetime | None = None,
+        deliver_all: bool = False,
+        idle_timeout_s: float | None = None,
+    ) -> AsyncIterator[tuple[int, Event]]:
+        """Follow the event stream from now (or a sequence, or a time), yielding ``(seq, event)``.
+
+        ``pattern`` is a subject filter relative to ``<prefix>.events.`` (``job.*.queued``,
+        ``job.<id>.>``). With ``idle_timeout_s``, iteration ends after that long without events.
+        """
+        if start_seq is not None:
+            config = ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start_seq
+            )
+        elif since is not None:
+            config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=since)
+        elif deliver_all:
+            config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
+        else:
+            config = ConsumerConfig(deliver_policy=DeliverPolicy.NEW)
+        sub = await self.bus.js.subscribe(
+            self.bus.names.events(pattern),
+            ordered_consumer=True,
+            config=config,
+            stream=self.bus.names.stream("events"),
+        )
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=idle_timeout_s or 3600.0)
+                except nats.errors.TimeoutError:
+                    if idle_timeout_s is not None:
+                        return
+                    continue
+                try:
+                    event = EVENT_DECODER.decode(msg.data)
+                except msgspec.DecodeError:
+                    continue
+                yield int(msg.metadata.sequence.stream), event
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                await sub.unsubscribe()

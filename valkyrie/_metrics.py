@@ -1,0 +1,63 @@
+"""Prometheus metrics; every collector is registered on a registry passed in, never the global one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+__all__ = ["HandlerMetrics", "serve_metrics"]
+
+
+@dataclass(frozen=True)
+class HandlerMetrics:
+    """What every handler counts (labels: ``handler``, and ``outcome`` where it applies)."""
+
+    messages: Counter
+    duration: Histogram
+    in_flight: Gauge
+    dead_letters: Counter
+    jobs: Counter
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry) -> HandlerMetrics:
+        """Register the collectors on ``registry`` (once per registry)."""
+        return cls(
+            messages=Counter(
+                "valkyrie_handler_messages",
+                "Messages a handler settled, by outcome (ack, retry, dead, error).",
+                ["handler", "outcome"],
+                registry=registry,
+            ),
+            duration=Histogram(
+                "valkyrie_handler_duration_seconds",
+                "Time a handler spent on one message.",
+                ["handler"],
+                buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+                registry=registry,
+            ),
+            in_flight=Gauge(
+                "valkyrie_handler_in_flight_messages",
+                "Messages a handler is processing now.",
+                ["handler"],
+                registry=registry,
+            ),
+            dead_letters=Counter(
+                "valkyrie_dead_letters",
+                "Messages sent to the dead-letter stream.",
+                ["handler"],
+                registry=registry,
+            ),
+            jobs=Counter(
+                "valkyrie_jobs",
+                "Job lifecycle transitions recorded, by resulting state.",
+                ["handler", "state"],
+                registry=registry,
+            ),
+        )
+
+
+def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> int:
+    """Serve ``/metrics`` for ``registry`` on a daemon thread; return the bound port."""
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return int(server.server_port)

@@ -1,0 +1,200 @@
+"""The consume loop every stream handler shares: fetch, process concurrently, settle each message.
+
+A handler's ``handle`` coroutine decides a message's fate: returning acks it (only after the handler
+made its state durable), :class:`RetryLater` naks it with a delay, :class:`GiveUp` dead-letters and
+terminates it. Any other exception is retried with backoff until ``max_deliver`` deliveries, then
+dead-lettered, so one poison message cannot stall a handler.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import anyio
+import nats.errors
+import nats.js.errors
+from anyio.abc import TaskStatus
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from valkyrie._bus import Bus
+from valkyrie._errors import GiveUp, RetryLater
+from valkyrie._events import EventPublisher
+from valkyrie._metrics import HandlerMetrics
+
+__all__ = ["StreamConsumer", "delivery_count", "headers_of"]
+
+log = logging.getLogger("valkyrie.worker")
+
+Handle = Callable[[Msg], Awaitable[None]]
+
+
+def delivery_count(msg: Msg) -> int:
+    """How many times JetStream has delivered ``msg`` (1 on first delivery)."""
+    try:
+        return int(msg.metadata.num_delivered)
+    except (nats.errors.Error, AttributeError, TypeError, ValueError):
+        return 1
+
+
+def headers_of(msg: Msg) -> dict[str, str]:
+    """The message's headers as a plain dict."""
+    return dict(msg.headers or {})
+
+
+@dataclass
+class StreamConsumer:
+    """Consume one durable pull consumer with bounded concurrency.
+
+    Attributes:
+        name: handler name (durable consumer name, metrics label, dead-letter source).
+        bus: the connection.
+        stream: stream to consume.
+        filter_subject: subject filter of the consumer.
+        handle: the handler's per-message coroutine.
+        metrics: collectors to count on.
+        concurrency: messages processed at once.
+        fetch_timeout_s: how long one pull waits for messages.
+    """
+
+    name: str
+    bus: Bus
+    stream: str
+    filter_subject: str
+    handle: Handle
+    metrics: HandlerMetrics
+    concurrency: int = 64
+    fetch_timeout_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        self._events = EventPublisher(self.bus, self.name)
+        self._max_deliver = self.bus.settings.max_deliver
+
+    def consumer_config(self) -> ConsumerConfig:
+        """The durable consumer's configuration."""
+        return ConsumerConfig(
+            durable_name=self.name,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=self.bus.settings.ack_wait_s,
+            # Poison messages are dead-lettered by us (with a reason), so the server must keep
+            # delivering until we do; the +1 bounds it if our dead-lettering itself keeps failing.
+            max_deliver=self._max_deliver + 1,
+            max_ack_pending=max(self.concurrency * 4, 256),
+            filter_subject=self.filter_subject,
+        )
+
+    async def run(
+        self,
+        stop: anyio.Event,
+        *,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Consume until ``stop`` is set, then finish the messages in flight and return."""
+        psub = await self.bus.js.pull_subscribe(
+            self.filter_subject,
+            durable=self.name,
+            stream=self.stream,
+            config=self.consumer_config(),
+        )
+        slots = anyio.Semaphore(self.concurrency)
+        task_status.started()
+        try:
+            async with anyio.create_task_group() as tg:
+                while not stop.is_set():
+                    free = slots.value
+                    if free == 0:
+                        await slots.acquire()
+                        slots.release()
+                        continue
+                    try:
+                        msgs = await psub.fetch(batch=free, timeout=self.fetch_timeout_s)
+                    except nats.errors.TimeoutError:
+                        continue
+                    except (nats.errors.Error, nats.js.errors.Error) as e:
+                        log.warning("%s: fetch failed (%r); retrying", self.name, e)
+                        await anyio.sleep(0.25)
+                        continue
+                    for msg in msgs:
+                        await slots.acquire()
+                        tg.start_soon(self._process, msg, slots)
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                await psub.unsubscribe()
+
+    async def _process(self, msg: Msg, slots: anyio.Semaphore) -> None:
+        started = time.perf_counter()
+        m = self.metrics
+        m.in_flight.labels(self.name).inc()
+        try:
+            outcome = await self._settle(msg)
+            m.messages.labels(self.name, outcome).inc()
+        finally:
+            m.in_flight.labels(self.name).dec()
+            m.duration.labels(self.name).observe(time.perf_counter() - started)
+            slots.release()
+
+    async def _settle(self, msg: Msg) -> str:
+        deliveries = delivery_count(msg)
+        try:
+            await self.handle(msg)
+        except RetryLater as r:
+            if deliveries >= self._max_deliver:
+                await self._dead(msg, f"gave up after {deliveries} deliveries: {r.reason}", [])
+                return "dead"
+            await self._nak(msg, r.delay_s)
+            return "retry"
+        except GiveUp as g:
+            await self._dead(msg, g.reason, g.errors)
+            return "dead"
+        except Exception as e:  # a handler bug must not kill the worker: retry, then dead-letter
+            log.exception("%s: handler failed on %s (delivery %d)", self.name, msg.subject, deliveries)
+            if deliveries >= self._max_deliver:
+                await self._dead(msg, f"handler error after {deliveries} deliveries: {e!r}", [])
+                return "dead"
+            await self._nak(msg, min(0.1 * 2**deliveries, 5.0))
+            return "error"
+        try:
+            await msg.ack()
+        except (nats.errors.Error, OSError) as e:
+            # The state is durable; a lost ack only means a redelivery the handler absorbs.
+            log.warning("%s: ack failed (%r); message will be redelivered", self.name, e)
+        return "ack"
+
+    async def _nak(self, msg: Msg, delay_s: float) -> None:
+        try:
+            await msg.nak(delay=delay_s)
+        except (nats.errors.Error, OSError) as e:
+            log.warning("%s: nak failed (%r); redelivery after ack_wait", self.name, e)
+
+    async def _dead(self, msg: Msg, reason: str, errors: list[object]) -> None:
+        from schemas import FieldError
+
+        field_errors = [e for e in errors if isinstance(e, FieldError)]
+        try:
+            seq = int(msg.metadata.sequence.stream)
+        except (nats.errors.Error, AttributeError, TypeError, ValueError):
+            seq = None
+        try:
+            await self._events.dead_letter(
+                subject=msg.subject,
+                payload=msg.data,
+                reason=reason,
+                errors=field_errors,
+                deliveries=delivery_count(msg),
+                stream_seq=seq,
+                headers=headers_of(msg),
+            )
+        except (nats.errors.Error, OSError) as e:
+            # Not stored: leave the message for redelivery rather than lose it.
+            log.warning("%s: dead-lettering failed (%r)", self.name, e)
+            await self._nak(msg, 1.0)
+            return
+        self.metrics.dead_letters.labels(self.name).inc()
+        try:
+            await msg.term()
+        except (nats.errors.Error, OSError) as e:
+            log.warning("%s: term failed (%r)", self.name, e)

@@ -1,0 +1,92 @@
+"""Shared CLI plumbing: settings from options, exit codes, connecting, output formatting."""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import anyio
+import click
+
+from valkyrie._bus import Bus, connect
+from valkyrie._errors import ConnectError, NotFoundError, ValkyrieError
+from valkyrie._settings import Settings
+
+__all__ = ["ExitCode", "fmt_ms", "print_table", "run_async", "settings_from", "with_bus"]
+
+T = TypeVar("T")
+
+
+class ExitCode(enum.IntEnum):
+    """Exit codes scripts can rely on (documented in docs/operations.md)."""
+
+    OK = 0
+    JOB_FAILED = 1
+    USAGE = 2
+    REJECTED = 3
+    NOT_FOUND = 4
+    UNAVAILABLE = 5
+    TIMEOUT = 6
+    ERROR = 10
+
+
+def settings_from(ctx: click.Context) -> Settings:
+    """The settings for this invocation (environment plus global options)."""
+    obj: dict[str, Any] = ctx.find_root().obj or {}
+    return Settings.from_env(nats_url=obj.get("nats_url"), prefix=obj.get("prefix"))
+
+
+def client_url(settings: Settings) -> str:
+    """The URL client commands use: the configured one, else the local embedded server's."""
+    return settings.nats_url or f"nats://127.0.0.1:{settings.embedded_port}"
+
+
+def run_async(fn: Callable[[], Awaitable[T]]) -> T:
+    """Run ``fn`` and map Valkyrie errors to exit codes with a one-line message."""
+    try:
+        return anyio.run(fn)
+    except ConnectError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(ExitCode.UNAVAILABLE)
+    except NotFoundError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(ExitCode.NOT_FOUND)
+    except TimeoutError as e:
+        click.echo(f"error: timed out {e}", err=True)
+        sys.exit(ExitCode.TIMEOUT)
+    except ValkyrieError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(ExitCode.ERROR)
+
+
+async def with_bus(settings: Settings, fn: Callable[[Bus], Awaitable[T]]) -> T:
+    """Connect, run ``fn(bus)``, close."""
+    quick = Settings.from_env(
+        nats_url=client_url(settings), prefix=settings.prefix, connect_timeout_s=3.0
+    )
+    bus = await connect(quick)
+    try:
+        return await fn(bus)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await bus.close()
+
+
+def fmt_ms(at_ms: int | None) -> str:
+    """An epoch-ms instant as local ISO time (``-`` when absent)."""
+    if at_ms is None:
+        return "-"
+    return dt.datetime.fromtimestamp(at_ms / 1000).isoformat(sep=" ", timespec="milliseconds")
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """Print aligned columns."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for n, row in enumerate(cells):
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        if n == 0:
+            click.echo("  ".join("-" * w for w in widths))

@@ -1,0 +1,191 @@
+"""``valkyrie submit`` and ``valkyrie jobs …``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import msgspec
+
+from schemas import TERMINAL_STATES, JobRecord, JobState
+from valkyrie._bus import Bus
+from valkyrie._client import Client
+from valkyrie._codec import encode
+from valkyrie.cli._common import (
+    ExitCode,
+    fmt_ms,
+    print_table,
+    run_async,
+    settings_from,
+    with_bus,
+)
+
+__all__ = ["jobs", "submit"]
+
+
+def _show(record: JobRecord) -> None:
+    click.echo(f"id:          {record.id}")
+    click.echo(f"state:       {record.state}")
+    click.echo(f"type:        {record.spec.job_type} (api {record.api_version})")
+    click.echo(f"priority:    {record.spec.priority}")
+    click.echo(f"submitted:   {fmt_ms(record.submitted_at_ms)}")
+    click.echo(f"updated:     {fmt_ms(record.updated_at_ms)}")
+    click.echo(f"attempt:     {record.attempt}")
+    if record.runner_id:
+        click.echo(f"runner:      {record.runner_id}")
+    if record.reason:
+        click.echo(f"reason:      {record.reason}")
+    if record.result is not None:
+        click.echo(f"exit code:   {record.result.exit_code}")
+        click.echo(f"duration:    {record.result.duration_ms} ms")
+        if record.result.output_tail:
+            click.echo("output:")
+            for line in record.result.output_tail.splitlines():
+                click.echo(f"  {line}")
+    click.echo(f"payload:     {json.dumps(record.spec.payload)}")
+
+
+@click.command()
+@click.option("--file", "file_", type=click.Path(dir_okay=False, path_type=Path), help="JSON body (v2 or v1); '-' reads stdin.")
+@click.option("--type", "job_type", default="shell", show_default=True, help="Job type.")
+@click.option("--priority", type=click.IntRange(0, 4), default=2, show_default=True)
+@click.option("--payload", help="Payload as JSON (instead of a command).")
+@click.option("--timeout", "timeout_s", type=click.IntRange(1), help="max_execution_time_s.")
+@click.option("--label", "labels", multiple=True, help="Required runner label KEY=VALUE (repeatable).")
+@click.option("--meta", multiple=True, help="Metadata KEY=VALUE (repeatable).")
+@click.option("--job-id", help="Choose the job id.")
+@click.option("--idempotency-key", help="Resubmissions with this key return the first job.")
+@click.option("--wait", is_flag=True, help="Follow the job to its end; exit 1 if it did not succeed.")
+@click.option("--wait-timeout", type=float, default=3600.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.argument("command", nargs=-1)
+@click.pass_context
+def submit(
+    ctx: click.Context,
+    file_: Path | None,
+    job_type: str,
+    priority: int,
+    payload: str | None,
+    timeout_s: int | None,
+    labels: tuple[str, ...],
+    meta: tuple[str, ...],
+    job_id: str | None,
+    idempotency_key: str | None,
+    wait: bool,
+    wait_timeout: float,
+    as_json: bool,
+    command: tuple[str, ...],
+) -> None:
+    """Submit a job: from --file, or flags, or a COMMAND after `--`; prints the job id."""
+    if file_ is not None:
+        body: bytes = sys.stdin.buffer.read() if str(file_) == "-" else file_.read_bytes()
+    else:
+        doc: dict[str, Any] = {"job_type": job_type, "priority": priority}
+        if payload is not None:
+            try:
+                doc["payload"] = json.loads(payload)
+            except json.JSONDecodeError as e:
+                raise click.BadParameter(f"not JSON: {e}", param_hint="--payload") from e
+        elif command:
+            doc["payload"] = {"command": list(command)}
+        if timeout_s:
+            doc["requirements"] = {"max_execution_time_s": timeout_s}
+        for opt, key, values in (("--label", "labels", labels), ("--meta", "metadata", meta)):
+            pairs = {}
+            for item in values:
+                k, sep, v = item.partition("=")
+                if not sep:
+                    raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint=opt)
+                pairs[k] = v
+            if pairs:
+                doc[key] = pairs
+        if job_id:
+            doc["job_id"] = job_id
+        if idempotency_key:
+            doc["idempotency_key"] = idempotency_key
+        body = encode(doc)
+    settings = settings_from(ctx)
+
+    async def go(bus: Bus) -> int:
+        client = Client(bus)
+        verdict = await client.submit(body)
+        assert verdict is not None
+        if not verdict.accepted:
+            if as_json:
+                click.echo(encode(verdict).decode())
+            for err in verdict.errors:
+                click.echo(f"rejected: {err.path}: {err.reason}", err=True)
+            return ExitCode.REJECTED
+        if not wait:
+            click.echo(encode(verdict).decode() if as_json else verdict.job_id)
+            return ExitCode.OK
+        assert verdict.job_id is not None
+        if not as_json:
+            click.echo(verdict.job_id)
+        record = await client.wait_for_job(verdict.job_id, timeout_s=wait_timeout)
+        if as_json:
+            click.echo(encode(record).decode())
+        else:
+            tail = record.result.output_tail if record.result else ""
+            if tail:
+                click.echo(tail.rstrip("\n"))
+            code = record.result.exit_code if record.result else None
+            click.echo(f"{record.state} (exit code {code if code is not None else '-'})"
+                       + (f": {record.reason}" if record.reason else ""))
+        return ExitCode.OK if record.state == JobState.SUCCEEDED else ExitCode.JOB_FAILED
+
+    sys.exit(run_async(lambda: with_bus(settings, go)))
+
+
+@click.group()
+def jobs() -> None:
+    """Inspect jobs."""
+
+
+@jobs.command("ls")
+@click.option("--state", "states", multiple=True, type=click.Choice([s.value for s in JobState]))
+@click.option("--active", is_flag=True, help="Only jobs not yet finished.")
+@click.option("--limit", type=click.IntRange(1), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def jobs_ls(ctx: click.Context, states: tuple[str, ...], active: bool, limit: int, as_json: bool) -> None:
+    """List jobs, newest first."""
+    wanted = {JobState(s) for s in states} or None
+    if active:
+        wanted = set(JobState) - set(TERMINAL_STATES)
+
+    async def go(bus: Bus) -> list[JobRecord]:
+        return await Client(bus).list_jobs(states=wanted, limit=limit)
+
+    records = run_async(lambda: with_bus(settings_from(ctx), go))
+    if as_json:
+        click.echo(msgspec.json.encode(records).decode())
+        return
+    print_table(
+        ["ID", "STATE", "TYPE", "PRIO", "ATTEMPT", "RUNNER", "SUBMITTED"],
+        [
+            [r.id, r.state, r.spec.job_type, r.spec.priority, r.attempt, r.runner_id or "-",
+             fmt_ms(r.submitted_at_ms)]
+            for r in records
+        ],
+    )
+
+
+@jobs.command("show")
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def jobs_show(ctx: click.Context, job_id: str, as_json: bool) -> None:
+    """Show one job's record."""
+
+    async def go(bus: Bus) -> JobRecord:
+        return await Client(bus).get_job(job_id)
+
+    record = run_async(lambda: with_bus(settings_from(ctx), go))
+    if as_json:
+        click.echo(encode(record).decode())
+    else:
+        _show(record)
