@@ -1,11 +1,13 @@
 """Structural validation that reports every problem at once, each with its JSON path.
 
-msgspec stops at the first error; a publisher deserves the whole list, so each field is checked on its
-own (recursing into nested Structs) before the whole object is converted.
+msgspec stops at the first error; a publisher deserves the whole list, so each field is checked on
+its own (recursing into nested Structs, list items and object members) before the whole object is
+converted.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import types
 import typing
@@ -18,6 +20,7 @@ from schemas.jobs import FieldError
 __all__ = ["collect_errors", "convert_or_errors", "json_type_name"]
 
 T = TypeVar("T", bound=msgspec.Struct)
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<at>[^`]*)`)?$", re.S)
 
 
@@ -57,11 +60,17 @@ def _struct_in(tp: Any) -> type[msgspec.Struct] | None:
     return None
 
 
-def _list_item_struct(tp: Any) -> type[msgspec.Struct] | None:
+def _container_arg(tp: Any, container: type) -> Any | None:
+    """The item type of ``list[X]`` or value type of ``dict[K, X]`` in ``tp`` (maybe Optional)."""
     tp = _strip_annotated(tp)
-    if get_origin(tp) is list:
-        (item,) = get_args(tp)
-        return _struct_in(item)
+    origin = get_origin(tp)
+    if origin is container:
+        return get_args(tp)[-1]
+    if origin in (Union, types.UnionType):
+        for arg in get_args(tp):
+            found = _container_arg(arg, container)
+            if found is not None:
+                return found
     return None
 
 
@@ -71,8 +80,43 @@ def _error(path: str, exc: msgspec.ValidationError) -> FieldError:
     return FieldError(path=path + (match.group("at") or ""), reason=match.group("msg"))
 
 
+def _key_path(path: str, key: object) -> str:
+    """The path of object member ``key`` under ``path``: ``$.a.b``, or ``$.a["b.c"]`` if needed."""
+    if isinstance(key, str) and _NAME.match(key):
+        return f"{path}.{key}"
+    return f"{path}[{json.dumps(key)}]"
+
+
+def _value_errors(tp: Any, value: Any, path: str) -> list[FieldError]:
+    """Every problem of ``value`` against type ``tp``, descending into Structs, lists and dicts."""
+    try:
+        msgspec.convert(value, tp)
+    except msgspec.ValidationError as exc:
+        first = _error(path, exc)
+    else:
+        return []
+    found: list[FieldError] = []
+    struct = _struct_in(tp)
+    item = _container_arg(tp, list)
+    member = _container_arg(tp, dict)
+    if struct is not None and isinstance(value, dict):
+        found = collect_errors(struct, value, path)
+    elif item is not None and isinstance(value, list):
+        for index, entry in enumerate(value):
+            found.extend(_value_errors(item, entry, f"{path}[{index}]"))
+    elif member is not None and isinstance(value, dict):
+        for key, entry in value.items():
+            found.extend(_value_errors(member, entry, _key_path(path, key)))
+    # a constraint on the container itself (e.g. its length) when every item is fine
+    return found or [first]
+
+
 def collect_errors(tp: type[msgspec.Struct], obj: Any, path: str = "$") -> list[FieldError]:
-    """Check ``obj`` (decoded JSON) against Struct ``tp``; return every problem found."""
+    """Check ``obj`` (decoded JSON) against Struct ``tp``; return every problem found.
+
+    Paths are exact: ``$.requirements.cpu_cores``, ``$.routing_hints.affinity_rules[0].values``,
+    ``$.metadata.team`` (``$.metadata["a.b"]`` for keys that are not plain names).
+    """
     if not isinstance(obj, dict):
         return [FieldError(path=path, reason=f"Expected `object`, got `{json_type_name(obj)}`")]
     errors: list[FieldError] = []
@@ -82,19 +126,7 @@ def collect_errors(tp: type[msgspec.Struct], obj: Any, path: str = "$") -> list[
             if field.required:
                 errors.append(FieldError(path=field_path, reason="required field is missing"))
             continue
-        value = obj[field.encode_name]
-        nested = _struct_in(field.type)
-        item = _list_item_struct(field.type)
-        if nested is not None and isinstance(value, dict):
-            errors.extend(collect_errors(nested, value, field_path))
-        elif item is not None and isinstance(value, list):
-            for index, entry in enumerate(value):
-                errors.extend(collect_errors(item, entry, f"{field_path}[{index}]"))
-        else:
-            try:
-                msgspec.convert(value, field.type)
-            except msgspec.ValidationError as exc:
-                errors.append(_error(field_path, exc))
+        errors.extend(_value_errors(field.type, obj[field.encode_name], field_path))
     return errors
 
 

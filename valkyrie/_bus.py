@@ -217,6 +217,7 @@ async def connect(settings: Settings, *, url: str | None = None, name: str = "va
                     allow_reconnect=True,
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=0.25,
+                    drain_timeout=5,
                     error_cb=_on_error,
                     disconnected_cb=_on_disconnect,
                     reconnected_cb=_on_reconnect,

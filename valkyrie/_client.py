@@ -14,8 +14,9 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from schemas import TERMINAL_STATES, Event, JobRecord, JobState, JobSubmission, SubmitVerdict
 from valkyrie._bus import Bus
-from valkyrie._codec import EVENT_DECODER, JOB_DECODER, VERDICT_DECODER, encode
-from valkyrie._errors import BusError, NotFoundError
+from valkyrie._codec import ANY_DECODER, EVENT_DECODER, JOB_DECODER, VERDICT_DECODER, encode, now_ms
+from valkyrie._errors import BusError, NotFoundError, SchemaError
+from valkyrie._intake import parse_submission, token_for
 
 __all__ = ["REPLY_TO_HEADER", "Client"]
 
@@ -65,8 +66,9 @@ class Client:
             if sub is None:
                 return None
             if ack.duplicate:
-                # The stream dropped it as a Nats-Msg-Id duplicate: no verdict will come.
-                return SubmitVerdict(accepted=True, duplicate=True)
+                # The stream dropped it as a Nats-Msg-Id duplicate: no verdict will come, so answer
+                # with the verdict the first submission got.
+                return await self._duplicate_verdict(body, msg_id, timeout_s)
             try:
                 msg = await sub.next_msg(timeout=timeout_s)
             except nats.errors.TimeoutError as e:
@@ -78,6 +80,41 @@ class Client:
         finally:
             if sub is not None:
                 await sub.unsubscribe()
+
+    async def _duplicate_verdict(
+        self, body: bytes, msg_id: str | None, timeout_s: float
+    ) -> SubmitVerdict:
+        """The verdict of the submission that ``body`` (dropped by the stream) duplicates."""
+        try:
+            parse_submission(
+                body, received_at_ms=now_ms(), max_bytes=self.bus.settings.submission_max_bytes
+            )
+        except SchemaError as e:  # the first one was rejected for the same reasons
+            return SubmitVerdict(accepted=False, duplicate=True, errors=e.errors)
+        obj = ANY_DECODER.decode(body)
+        key = obj.get("idempotency_key") if isinstance(obj, dict) else None
+        token = token_for(key if isinstance(key, str) else None, msg_id)
+        if token is None:  # the stream only de-duplicates by Nats-Msg-Id: cannot happen
+            return SubmitVerdict(accepted=True, duplicate=True)
+        kv = await self.bus.kv("idempotency")
+        watcher = await kv.watch(token)
+        try:
+            with anyio.move_on_after(timeout_s):
+                while True:
+                    try:
+                        entry = await watcher.updates(timeout=timeout_s)  # type: ignore[no-untyped-call]
+                    except nats.errors.TimeoutError:
+                        continue
+                    if entry is not None and entry.value:
+                        return SubmitVerdict(
+                            accepted=True, job_id=entry.value.decode(), duplicate=True
+                        )
+        finally:
+            await watcher.stop()  # type: ignore[no-untyped-call]
+        raise BusError(
+            f"duplicate of an earlier submission (Nats-Msg-Id {msg_id!r}) whose job is not known "
+            f"within {timeout_s:g}s: is an intake handler running?"
+        )
 
     async def get_job(self, job_id: str) -> JobRecord:
         """The current record of ``job_id``.
@@ -102,7 +139,7 @@ class Client:
         try:
             while True:
                 try:
-                    entry = await watcher.updates(timeout=5.0)
+                    entry = await watcher.updates(timeout=5.0)  # type: ignore[no-untyped-call]
                 except nats.errors.TimeoutError:
                     break
                 if entry is None:
@@ -114,7 +151,7 @@ class Client:
                 if states is None or record.state in states:
                     records.append(record)
         finally:
-            await watcher.stop()
+            await watcher.stop()  # type: ignore[no-untyped-call]
         records.sort(key=lambda r: (r.submitted_at_ms, r.id), reverse=True)
         return records[:limit] if limit is not None else records
 
@@ -132,7 +169,7 @@ class Client:
             with anyio.fail_after(timeout_s):
                 while True:
                     try:
-                        entry = await watcher.updates(timeout=timeout_s)
+                        entry = await watcher.updates(timeout=timeout_s)  # type: ignore[no-untyped-call]
                     except nats.errors.TimeoutError:
                         continue
                     if entry is None or not entry.value:
@@ -141,7 +178,7 @@ class Client:
                     if record.state in states:
                         return record
         finally:
-            await watcher.stop()
+            await watcher.stop()  # type: ignore[no-untyped-call]
 
     async def events(
         self,
@@ -162,7 +199,9 @@ class Client:
                 deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start_seq
             )
         elif since is not None:
-            config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=since)
+            config = ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=since
+            )
         elif deliver_all:
             config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
         else:

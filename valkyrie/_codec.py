@@ -23,6 +23,7 @@ from schemas import (
 )
 
 __all__ = [
+    "ANY_DECODER",
     "DEAD_DECODER",
     "DISPATCH_DECODER",
     "ENCODER",
@@ -35,7 +36,6 @@ __all__ = [
     "UPDATE_DECODER",
     "UPDATE_VERDICT_DECODER",
     "VERDICT_DECODER",
-    "ANY_DECODER",
     "encode",
     "new_id",
     "now_ms",
@@ -49,7 +49,7 @@ EVENT_DECODER = msgspec.json.Decoder(Event)
 DEAD_DECODER = msgspec.json.Decoder(DeadLetter)
 VERDICT_DECODER = msgspec.json.Decoder(SubmitVerdict)
 DISPATCH_DECODER = msgspec.json.Decoder(Dispatch)
-UPDATE_DECODER: msgspec.json.Decoder[JobUpdate] = msgspec.json.Decoder(JobUpdate)  # type: ignore[arg-type]
+UPDATE_DECODER: msgspec.json.Decoder[JobUpdate] = msgspec.json.Decoder(JobUpdate)
 UPDATE_VERDICT_DECODER = msgspec.json.Decoder(UpdateVerdict)
 LOG_DECODER = msgspec.json.Decoder(JobLog)
 HEARTBEAT_DECODER = msgspec.json.Decoder(RunnerHeartbeat)

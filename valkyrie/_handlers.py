@@ -20,7 +20,14 @@ from valkyrie._bus import Bus
 from valkyrie._errors import ConfigError
 from valkyrie._metrics import HandlerMetrics
 
-__all__ = ["ENTRY_POINT_GROUP", "HandlerContext", "HandlerFactory", "Worker", "discover_handlers", "run_workers"]
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "HandlerContext",
+    "HandlerFactory",
+    "Worker",
+    "discover_handlers",
+    "run_workers",
+]
 
 ENTRY_POINT_GROUP = "valkyrie.handlers"
 log = logging.getLogger("valkyrie.handlers")

@@ -40,6 +40,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         ack_wait_s: how long a handler may hold a message before it is redelivered.
         handler_concurrency: messages one handler processes at once.
         connect_timeout_s: how long to keep trying to connect at start-up.
+        accept_timeout_ms: a dispatch not accepted within this is taken back and placed again.
+        runner_lost_after_ms: a runner silent for this long is offline and its jobs are re-queued.
+        reconcile_interval_ms: how often dispatchers check for orphaned slots and lost dispatches.
     """
 
     nats_url: str | None = None
@@ -60,11 +63,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     ack_wait_s: Annotated[float, msgspec.Meta(ge=0.5, le=3600)] = 30.0
     handler_concurrency: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 64
     connect_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 10.0
+    accept_timeout_ms: Annotated[int, msgspec.Meta(ge=50, le=600_000)] = 5000
+    runner_lost_after_ms: Annotated[int, msgspec.Meta(ge=100, le=3_600_000)] = 5000
+    reconcile_interval_ms: Annotated[int, msgspec.Meta(ge=50, le=600_000)] = 1000
 
     @classmethod
-    def from_env(
-        cls, environ: Mapping[str, str] | None = None, **overrides: Any
-    ) -> Settings:
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Build settings from ``VALKYRIE_*`` variables, then ``overrides`` (``None`` values skipped)."""
         env = os.environ if environ is None else environ
         names = {f.name for f in msgspec.structs.fields(cls)}

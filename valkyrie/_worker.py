@@ -20,6 +20,7 @@ from anyio.abc import TaskStatus
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from schemas import FieldError
 from valkyrie._bus import Bus
 from valkyrie._errors import GiveUp, RetryLater
 from valkyrie._events import EventPublisher
@@ -151,7 +152,9 @@ class StreamConsumer:
             await self._dead(msg, g.reason, g.errors)
             return "dead"
         except Exception as e:  # a handler bug must not kill the worker: retry, then dead-letter
-            log.exception("%s: handler failed on %s (delivery %d)", self.name, msg.subject, deliveries)
+            log.exception(
+                "%s: handler failed on %s (delivery %d)", self.name, msg.subject, deliveries
+            )
             if deliveries >= self._max_deliver:
                 await self._dead(msg, f"handler error after {deliveries} deliveries: {e!r}", [])
                 return "dead"
@@ -170,10 +173,8 @@ class StreamConsumer:
         except (nats.errors.Error, OSError) as e:
             log.warning("%s: nak failed (%r); redelivery after ack_wait", self.name, e)
 
-    async def _dead(self, msg: Msg, reason: str, errors: list[object]) -> None:
-        from schemas import FieldError
-
-        field_errors = [e for e in errors if isinstance(e, FieldError)]
+    async def _dead(self, msg: Msg, reason: str, errors: list[FieldError]) -> None:
+        field_errors = list(errors)
         try:
             seq = int(msg.metadata.sequence.stream)
         except (nats.errors.Error, AttributeError, TypeError, ValueError):

@@ -1,0 +1,251 @@
+"""Registry: runner registration, heartbeats, drain/undrain, and liveness.
+
+Registration and admin are request/reply; heartbeats are core messages. Every change to a runner's
+record is a compare-and-set, so several registry processes can run at once.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import anyio
+import msgspec
+import nats.errors
+from anyio.abc import TaskStatus
+from nats.aio.msg import Msg
+
+from schemas import (
+    FieldError,
+    RegistrationVerdict,
+    RunnerCommand,
+    RunnerRecord,
+    RunnerRegistration,
+    RunnerState,
+    convert_or_errors,
+)
+from valkyrie import EventPublisher, HandlerContext
+from valkyrie._codec import ANY_DECODER, HEARTBEAT_DECODER, RUNNER_DECODER, encode, now_ms
+from valkyrie._jobops import JobOps
+from valkyrie._kvstore import cas_update, put_new
+from valkyrie._lifecycle import runner_state
+
+__all__ = ["RegistryWorker", "create"]
+
+log = logging.getLogger("valkyrie.registry")
+
+
+class RegistryWorker:
+    """Keeps the runners bucket current."""
+
+    def __init__(self, ctx: HandlerContext) -> None:
+        self.name = ctx.name
+        self._ctx = ctx
+        self._bus = ctx.bus
+        self._events = EventPublisher(ctx.bus, ctx.name)
+        self._ops = JobOps(ctx.bus, self._events)
+
+    async def run(
+        self, stop: anyio.Event, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve until ``stop`` is set."""
+        bus = self._bus
+        self._runners = await bus.kv("runners")
+        queue = f"{bus.names.prefix}-registry"
+        subs = [
+            await bus.nc.subscribe(bus.names.register, queue=queue, cb=self._on_register),
+            await bus.nc.subscribe(bus.names.heartbeat("*"), queue=queue, cb=self._on_heartbeat),
+            await bus.nc.subscribe(bus.names.runner_admin("*"), queue=queue, cb=self._on_admin),
+        ]
+        task_status.started()
+        try:
+            await stop.wait()
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                for sub in subs:
+                    await sub.drain()
+
+    async def _reply(self, msg: Msg, verdict: RegistrationVerdict) -> None:
+        if msg.reply:
+            try:
+                await msg.respond(encode(verdict))
+            except nats.errors.Error as e:
+                log.warning("could not answer %s: %r", msg.subject, e)
+
+    async def _on_register(self, msg: Msg) -> None:
+        try:
+            raw = ANY_DECODER.decode(msg.data)
+        except msgspec.DecodeError as e:
+            await self._reply(
+                msg,
+                RegistrationVerdict(
+                    accepted=False, errors=[FieldError(path="$", reason=f"invalid JSON: {e}")]
+                ),
+            )
+            return
+        registration, errors = convert_or_errors(RunnerRegistration, raw)
+        if registration is None:
+            await self._reply(msg, RegistrationVerdict(accepted=False, errors=errors))
+            return
+        now = now_ms()
+        rid = registration.runner_id
+        fresh = RunnerRecord(
+            registration=registration,
+            state=RunnerState.ACTIVE,
+            registered_at_ms=now,
+            last_heartbeat_at_ms=now,
+        )
+        abandon: dict[str, int] = {}
+        try:
+            created = await put_new(self._runners, rid, fresh)
+            if created is None:
+
+                def reregister(old: RunnerRecord) -> RunnerRecord:
+                    abandon.clear()
+                    same_session = (
+                        old.registration.session_id is not None
+                        and old.registration.session_id == registration.session_id
+                    )
+                    # A new session means the runner restarted: whatever it held is gone.
+                    if not same_session and old.assigned_jobs:
+                        abandon.update(old.assigned_jobs)
+                    updated = msgspec.structs.replace(
+                        old,
+                        registration=registration,
+                        last_heartbeat_at_ms=now,
+                        state=RunnerState.ACTIVE,
+                    )
+                    return msgspec.structs.replace(updated, state=runner_state(updated))
+
+                latest, _ = await cas_update(self._runners, rid, RUNNER_DECODER, reregister)
+                state = latest.value.state if latest else RunnerState.ACTIVE
+                for job_id, attempt in abandon.items():
+                    await self._ops.take_back(
+                        job_id,
+                        attempt=attempt,
+                        runner_id=rid,
+                        reason=f"runner {rid} restarted (new session)",
+                        outcome="runner_restarted",
+                    )
+            else:
+                state = RunnerState.ACTIVE
+            await self._events.emit(
+                "runner",
+                rid,
+                "registered",
+                data={
+                    "capacity": registration.max_concurrent_jobs,
+                    "job_types": list(registration.capabilities.job_types),
+                    "region": registration.location.region,
+                    "session_id": registration.session_id,
+                },
+            )
+        except Exception as e:
+            log.exception("registration of %s failed", rid)
+            await self._reply(
+                msg,
+                RegistrationVerdict(
+                    accepted=False,
+                    runner_id=rid,
+                    errors=[FieldError(path="$", reason=f"registry error: {e!r}; retry")],
+                ),
+            )
+            return
+        await self._reply(
+            msg,
+            RegistrationVerdict(
+                accepted=True, runner_id=rid, state=state, abandon_jobs=sorted(abandon)
+            ),
+        )
+
+    async def _on_heartbeat(self, msg: Msg) -> None:
+        try:
+            beat = HEARTBEAT_DECODER.decode(msg.data)
+        except msgspec.ValidationError:
+            return
+        except msgspec.DecodeError:
+            return
+        now = now_ms()
+        came_back: list[bool] = []
+
+        def touch(old: RunnerRecord) -> RunnerRecord | None:
+            came_back.clear()
+            if (
+                old.registration.session_id
+                and beat.session_id
+                and old.registration.session_id != beat.session_id
+            ):
+                return None  # a heartbeat from a previous incarnation
+            if old.state == RunnerState.OFFLINE:
+                came_back.append(True)
+            updated = msgspec.structs.replace(
+                old,
+                last_heartbeat_at_ms=max(now, old.last_heartbeat_at_ms),
+                load=beat.load,
+                state=RunnerState.ACTIVE if old.state == RunnerState.OFFLINE else old.state,
+            )
+            return msgspec.structs.replace(updated, state=runner_state(updated))
+
+        try:
+            await cas_update(self._runners, beat.runner_id, RUNNER_DECODER, touch)
+        except Exception as e:
+            log.warning("heartbeat of %s not recorded: %r", beat.runner_id, e)
+            return
+        if came_back:
+            await self._events.emit("runner", beat.runner_id, "back_online", data={})
+
+    async def _on_admin(self, msg: Msg) -> None:
+        action = msg.subject.rsplit(".", 1)[-1]
+        try:
+            body = ANY_DECODER.decode(msg.data) if msg.data else {}
+            rid = str(body["runner_id"])
+        except (msgspec.DecodeError, KeyError, TypeError) as e:
+            await self._reply(
+                msg,
+                RegistrationVerdict(
+                    accepted=False,
+                    errors=[FieldError(path="$.runner_id", reason=f"required ({e!r})")],
+                ),
+            )
+            return
+        if action not in ("drain", "undrain"):
+            await self._reply(
+                msg,
+                RegistrationVerdict(
+                    accepted=False,
+                    runner_id=rid,
+                    errors=[FieldError(path="$", reason=f"unknown action {action!r}")],
+                ),
+            )
+            return
+        draining = action == "drain"
+
+        def set_drain(old: RunnerRecord) -> RunnerRecord | None:
+            if old.drain_requested == draining:
+                return None
+            updated = msgspec.structs.replace(old, drain_requested=draining)
+            return msgspec.structs.replace(updated, state=runner_state(updated))
+
+        latest, changed = await cas_update(self._runners, rid, RUNNER_DECODER, set_drain)
+        if latest is None:
+            await self._reply(
+                msg,
+                RegistrationVerdict(
+                    accepted=False,
+                    runner_id=rid,
+                    errors=[FieldError(path="$.runner_id", reason=f"no runner {rid!r}")],
+                ),
+            )
+            return
+        await self._bus.nc.publish(
+            self._bus.names.control(rid), encode(RunnerCommand(command="drain" if draining else "undrain"))
+        )
+        if changed:
+            await self._events.emit("runner", rid, "draining" if draining else "undrained", data={})
+        await self._reply(
+            msg, RegistrationVerdict(accepted=True, runner_id=rid, state=latest.value.state)
+        )
+
+
+def create(ctx: HandlerContext) -> RegistryWorker:
+    """Entry point: build the registry worker."""
+    return RegistryWorker(ctx)

@@ -1,0 +1,200 @@
+"""Results: apply runners' updates (accepted, started, finished) to job records, free capacity.
+
+Updates from an attempt the job no longer belongs to are refused and the runner is told to abandon
+that job. Every step is idempotent: job record first, then the runner slot, then the event, then ack.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import anyio
+import msgspec
+import nats.errors
+from anyio.abc import TaskStatus
+from nats.aio.msg import Msg
+
+from schemas import (
+    JobAccepted,
+    JobFinished,
+    JobRecord,
+    JobStarted,
+    JobState,
+    JobUpdate,
+    RunnerCommand,
+)
+from valkyrie import EventPublisher, GiveUp, HandlerContext, StreamConsumer
+from valkyrie._codec import JOB_DECODER, UPDATE_DECODER, encode, now_ms
+from valkyrie._jobops import JobOps
+from valkyrie._kvstore import cas_update
+from valkyrie._lifecycle import UpdateOutcome, UpdateResult, apply_update
+
+__all__ = ["ResultsWorker", "create"]
+
+log = logging.getLogger("valkyrie.results")
+
+
+class ResultsWorker:
+    """Consumes ``<prefix>.updates.*`` through the durable consumer ``results``."""
+
+    def __init__(self, ctx: HandlerContext) -> None:
+        self.name = ctx.name
+        self._ctx = ctx
+        self._bus = ctx.bus
+        self._events = EventPublisher(ctx.bus, ctx.name)
+        self._ops = JobOps(ctx.bus, self._events)
+        self._locks: dict[str, anyio.Lock] = {}
+
+    async def run(
+        self, stop: anyio.Event, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Consume updates until ``stop`` is set."""
+        bus = self._bus
+        self._jobs = await bus.kv("jobs")
+        consumer = StreamConsumer(
+            name=self.name,
+            bus=bus,
+            stream=bus.names.stream("updates"),
+            filter_subject=bus.names.updates("*"),
+            handle=self.handle,
+            metrics=self._ctx.metrics,
+            concurrency=bus.settings.handler_concurrency,
+        )
+        await consumer.run(stop, task_status=task_status)
+
+    async def handle(self, msg: Msg) -> None:
+        """Apply one update."""
+        try:
+            update = UPDATE_DECODER.decode(msg.data)
+        except msgspec.DecodeError as e:
+            raise GiveUp(f"invalid job update: {e}") from e
+        lock = self._locks.setdefault(update.job_id, anyio.Lock())
+        try:
+            async with lock:
+                await self._apply(update)
+        finally:
+            if not lock.locked() and lock.statistics().tasks_waiting == 0:
+                self._locks.pop(update.job_id, None)
+
+    async def _apply(self, update: JobUpdate) -> None:
+        now = now_ms()
+        verdict: list[UpdateResult] = []
+
+        def decide(record: JobRecord) -> JobRecord | None:
+            verdict.clear()
+            result = apply_update(record, update, now_ms=now)
+            verdict.append(result)
+            return result.record
+
+        latest, written = await cas_update(self._jobs, update.job_id, JOB_DECODER, decide)
+        if latest is None:
+            raise GiveUp(f"update for unknown job {update.job_id!r}")
+        result = verdict[-1]
+        record = latest.value
+        if result.outcome == UpdateOutcome.STALE:
+            await self._refuse(update, record, result.reason or "stale")
+            return
+        if result.outcome == UpdateOutcome.ALREADY and not isinstance(update, JobFinished):
+            return
+        match update:
+            case JobAccepted():
+                await self._emit(record, "accepted", {"runner_id": update.runner_id})
+            case JobStarted():
+                await self._emit(record, "started", {"runner_id": update.runner_id})
+            case JobFinished(outcome="rejected"):
+                if result.outcome == UpdateOutcome.REQUEUE or (
+                    record.state == JobState.QUEUED and record.attempt == update.attempt
+                ):
+                    await self._ops.release(update.runner_id, update.job_id, update.attempt)
+                    await self._emit(
+                        record,
+                        "requeued",
+                        {"reason": record.reason, "from_runner": update.runner_id},
+                    )
+                    await self._ops.announce_queued(record)
+            case JobFinished():
+                if (
+                    record.state
+                    not in (
+                        JobState.SUCCEEDED,
+                        JobState.FAILED,
+                        JobState.TIMED_OUT,
+                        JobState.CANCELLED,
+                    )
+                    or record.attempt != update.attempt
+                ):
+                    return
+                latency = (
+                    float(record.accepted_at_ms - record.dispatched_at_ms)
+                    if record.accepted_at_ms and record.dispatched_at_ms
+                    else None
+                )
+                await self._ops.release(
+                    update.runner_id,
+                    update.job_id,
+                    update.attempt,
+                    succeeded=record.state == JobState.SUCCEEDED,
+                    accept_latency_ms=latency,
+                )
+                res = record.result
+                await self._emit(
+                    record,
+                    record.state.value,
+                    {
+                        "runner_id": update.runner_id,
+                        "exit_code": res.exit_code if res else None,
+                        "duration_ms": res.duration_ms if res else None,
+                        "reason": record.reason,
+                    },
+                )
+                if written:
+                    self._ctx.metrics.jobs.labels(self.name, record.state.value).inc()
+
+    async def _emit(self, record: JobRecord, kind: str, data: dict[str, object]) -> None:
+        await self._events.emit(
+            "job",
+            record.id,
+            kind,
+            data=data,
+            attempt=record.attempt,
+            correlation_id=record.spec.correlation_id,
+            event_id=f"{record.id}.{kind}.{record.attempt}",
+        )
+
+    async def _refuse(self, update: JobUpdate, record: JobRecord, reason: str) -> None:
+        await self._events.emit(
+            "job",
+            update.job_id,
+            "stale_update",
+            data={
+                "runner_id": update.runner_id,
+                "update": update.__struct_config__.tag,
+                "reason": reason,
+            },
+            attempt=update.attempt,
+            event_id=f"{update.job_id}.stale.{update.runner_id}.{update.attempt}.{update.__struct_config__.tag}",
+        )
+        # Whatever slot that stale attempt still holds on its runner is freed.
+        await self._ops.release(update.runner_id, update.job_id, update.attempt)
+        if not isinstance(update, JobFinished):
+            try:
+                await self._bus.nc.publish(
+                    self._bus.names.control(update.runner_id),
+                    encode(
+                        RunnerCommand(
+                            command="abandon",
+                            job_id=update.job_id,
+                            attempt=update.attempt,
+                            reason=reason,
+                        )
+                    ),
+                )
+            except nats.errors.Error as e:
+                log.warning(
+                    "could not tell %s to abandon %s: %r", update.runner_id, update.job_id, e
+                )
+
+
+def create(ctx: HandlerContext) -> ResultsWorker:
+    """Entry point: build the results worker."""
+    return ResultsWorker(ctx)

@@ -1,0 +1,284 @@
+"""The job lifecycle and runner slot accounting as pure functions (no I/O, unit-testable).
+
+Job states move forward only: queued -> dispatched -> accepted -> running -> terminal. A re-queue
+(lost runner, refused dispatch, retry) starts a new attempt; updates carrying an older attempt are
+stale and refused, which is what stops a runner that comes back late from overwriting newer work.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import msgspec
+
+from schemas import (
+    TERMINAL_STATES,
+    AttemptRecord,
+    JobAccepted,
+    JobFinished,
+    JobRecord,
+    JobResult,
+    JobStarted,
+    JobState,
+    JobUpdate,
+    RunnerRecord,
+    RunnerState,
+    RunnerStats,
+)
+
+__all__ = [
+    "UpdateOutcome",
+    "UpdateResult",
+    "apply_update",
+    "assign_slot",
+    "dispatch_job",
+    "finish_job",
+    "release_slot",
+    "requeue_job",
+    "runner_state",
+]
+
+_RANK = {
+    JobState.QUEUED: 0,
+    JobState.DISPATCHED: 1,
+    JobState.ACCEPTED: 2,
+    JobState.RUNNING: 3,
+}
+_OUTCOME_STATE = {
+    "succeeded": JobState.SUCCEEDED,
+    "failed": JobState.FAILED,
+    "timed_out": JobState.TIMED_OUT,
+    "cancelled": JobState.CANCELLED,
+    "error": JobState.FAILED,
+}
+STATS_WINDOW = 50  # success rate and accept latency are moving averages over about this many jobs
+
+
+def _rank(state: JobState) -> int:
+    return _RANK.get(state, 10)
+
+
+def dispatch_job(record: JobRecord, runner_id: str, *, now_ms: int) -> JobRecord:
+    """A queued job placed on ``runner_id``: a new attempt begins."""
+    attempt = record.attempt + 1
+    return msgspec.structs.replace(
+        record,
+        state=JobState.DISPATCHED,
+        attempt=attempt,
+        runner_id=runner_id,
+        dispatched_at_ms=now_ms,
+        accepted_at_ms=None,
+        started_at_ms=None,
+        updated_at_ms=now_ms,
+        reason=None,
+        attempts=[
+            *record.attempts,
+            AttemptRecord(attempt=attempt, runner_id=runner_id, dispatched_at_ms=now_ms),
+        ],
+    )
+
+
+def _close_attempt(
+    record: JobRecord, *, now_ms: int, outcome: str, reason: str | None
+) -> list[AttemptRecord]:
+    attempts = list(record.attempts)
+    if attempts and attempts[-1].attempt == record.attempt and attempts[-1].ended_at_ms is None:
+        attempts[-1] = msgspec.structs.replace(
+            attempts[-1], ended_at_ms=now_ms, outcome=outcome, reason=reason
+        )
+    return attempts
+
+
+def requeue_job(
+    record: JobRecord,
+    *,
+    now_ms: int,
+    reason: str,
+    not_before_ms: int | None = None,
+    outcome: str = "requeued",
+) -> JobRecord:
+    """Take a job back from its runner; it is placed again as a new attempt."""
+    return msgspec.structs.replace(
+        record,
+        state=JobState.QUEUED,
+        runner_id=None,
+        updated_at_ms=now_ms,
+        reason=reason,
+        not_before_at_ms=not_before_ms,
+        attempts=_close_attempt(record, now_ms=now_ms, outcome=outcome, reason=reason),
+    )
+
+
+def finish_job(
+    record: JobRecord,
+    state: JobState,
+    *,
+    now_ms: int,
+    reason: str | None,
+    result: JobResult | None = None,
+) -> JobRecord:
+    """End a job in terminal ``state``."""
+    return msgspec.structs.replace(
+        record,
+        state=state,
+        updated_at_ms=now_ms,
+        finished_at_ms=now_ms,
+        reason=reason,
+        result=result if result is not None else record.result,
+        attempts=_close_attempt(record, now_ms=now_ms, outcome=state.value, reason=reason),
+    )
+
+
+class UpdateOutcome(enum.Enum):
+    """What applying a runner's update to a job record means."""
+
+    APPLIED = "applied"
+    ALREADY = (
+        "already"  # a redelivery of an update already applied, or one overtaken by a later one
+    )
+    STALE = "stale"  # from an attempt or runner the job no longer belongs to: refuse it
+    REQUEUE = "requeue"  # the runner refused the dispatch: place the job again
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateResult:
+    """The verdict on one update and, when it changes the record, the new record."""
+
+    outcome: UpdateOutcome
+    record: JobRecord | None = None
+    reason: str | None = None
+
+
+def apply_update(record: JobRecord, update: JobUpdate, *, now_ms: int) -> UpdateResult:
+    """Apply a runner's update to the job record (pure)."""
+    if update.attempt != record.attempt or update.runner_id != record.runner_id:
+        if update.attempt < record.attempt or update.runner_id != record.runner_id:
+            return UpdateResult(
+                UpdateOutcome.STALE,
+                reason=f"update for attempt {update.attempt} on {update.runner_id}; the job is at "
+                f"attempt {record.attempt} on {record.runner_id or 'no runner'}",
+            )
+        return UpdateResult(UpdateOutcome.STALE, reason=f"unknown attempt {update.attempt}")
+    if record.state in TERMINAL_STATES:
+        return UpdateResult(UpdateOutcome.ALREADY)
+    if record.state == JobState.QUEUED:
+        # This attempt was already taken back (refused, timed out, or runner lost).
+        return UpdateResult(UpdateOutcome.STALE, reason=f"attempt {update.attempt} was taken back")
+    match update:
+        case JobAccepted():
+            if _rank(record.state) >= _rank(JobState.ACCEPTED):
+                return UpdateResult(UpdateOutcome.ALREADY)
+            return UpdateResult(
+                UpdateOutcome.APPLIED,
+                msgspec.structs.replace(
+                    record,
+                    state=JobState.ACCEPTED,
+                    accepted_at_ms=update.at_ms,
+                    updated_at_ms=now_ms,
+                ),
+            )
+        case JobStarted():
+            if _rank(record.state) >= _rank(JobState.RUNNING):
+                return UpdateResult(UpdateOutcome.ALREADY)
+            return UpdateResult(
+                UpdateOutcome.APPLIED,
+                msgspec.structs.replace(
+                    record,
+                    state=JobState.RUNNING,
+                    accepted_at_ms=record.accepted_at_ms or update.at_ms,
+                    started_at_ms=update.at_ms,
+                    updated_at_ms=now_ms,
+                ),
+            )
+        case JobFinished(outcome="rejected"):
+            return UpdateResult(
+                UpdateOutcome.REQUEUE,
+                requeue_job(
+                    record,
+                    now_ms=now_ms,
+                    reason=f"runner {update.runner_id} refused the dispatch",
+                    outcome="rejected",
+                ),
+            )
+        case JobFinished():
+            state = _OUTCOME_STATE[update.outcome]
+            reason = update.result.error or (
+                f"exit code {update.result.exit_code}" if state != JobState.SUCCEEDED else None
+            )
+            return UpdateResult(
+                UpdateOutcome.APPLIED,
+                finish_job(record, state, now_ms=now_ms, reason=reason, result=update.result),
+            )
+    raise AssertionError(f"unhandled update {update!r}")  # pragma: no cover
+
+
+def runner_state(
+    record: RunnerRecord, *, now_ms: int | None = None, lost_after_ms: int | None = None
+) -> RunnerState:
+    """The state a runner record implies (offline is decided by the registry's liveness check)."""
+    if record.state == RunnerState.OFFLINE:
+        return RunnerState.OFFLINE
+    if (
+        now_ms is not None
+        and lost_after_ms is not None
+        and now_ms - record.last_heartbeat_at_ms > lost_after_ms
+    ):
+        return RunnerState.OFFLINE
+    if record.drain_requested:
+        return RunnerState.DRAINING
+    if len(record.assigned_jobs) >= record.registration.max_concurrent_jobs:
+        return RunnerState.BUSY
+    return RunnerState.ACTIVE
+
+
+def assign_slot(record: RunnerRecord, job_id: str, attempt: int) -> RunnerRecord | None:
+    """Reserve a slot for ``job_id``; ``None`` when the runner cannot take it."""
+    if job_id in record.assigned_jobs:
+        return record if record.assigned_jobs[job_id] == attempt else None
+    if record.state in (RunnerState.OFFLINE, RunnerState.DRAINING) or record.drain_requested:
+        return None
+    if len(record.assigned_jobs) >= record.registration.max_concurrent_jobs:
+        return None
+    updated = msgspec.structs.replace(
+        record, assigned_jobs={**record.assigned_jobs, job_id: attempt}
+    )
+    return msgspec.structs.replace(updated, state=runner_state(updated))
+
+
+def release_slot(
+    record: RunnerRecord,
+    job_id: str,
+    attempt: int | None = None,
+    *,
+    succeeded: bool | None = None,
+    accept_latency_ms: float | None = None,
+) -> RunnerRecord | None:
+    """Free ``job_id``'s slot (only for ``attempt`` when given) and fold the outcome into stats.
+
+    Returns ``None`` when there is nothing to change.
+    """
+    held = record.assigned_jobs.get(job_id)
+    if held is None or (attempt is not None and held != attempt):
+        return None
+    assigned = {k: v for k, v in record.assigned_jobs.items() if k != job_id}
+    stats = record.stats
+    if succeeded is not None:
+        alpha = 1.0 / STATS_WINDOW
+        stats = RunnerStats(
+            jobs_completed=stats.jobs_completed + (1 if succeeded else 0),
+            jobs_failed=stats.jobs_failed + (0 if succeeded else 1),
+            success_rate=(1 - alpha) * stats.success_rate + alpha * (1.0 if succeeded else 0.0),
+            accept_latency_ms=(
+                stats.accept_latency_ms
+                if accept_latency_ms is None
+                else (
+                    accept_latency_ms
+                    if stats.jobs_completed + stats.jobs_failed == 0
+                    else (1 - alpha) * stats.accept_latency_ms + alpha * accept_latency_ms
+                )
+            ),
+            recent_failures=0 if succeeded else stats.recent_failures + 1,
+        )
+    updated = msgspec.structs.replace(record, assigned_jobs=assigned, stats=stats)
+    return msgspec.structs.replace(updated, state=runner_state(updated))
