@@ -38,6 +38,9 @@ KEEPALIVE_S = 10.0
 ORPHAN_SCAN_S = 5.0
 MAX_SCAN = 2000
 COMMIT_CONCURRENCY = 64
+_TAKEN = frozenset(
+    {"accepted", "started", "succeeded", "failed", "cancelled", "timed_out", "expired", "requeued"}
+)
 
 
 @dataclass
@@ -138,7 +141,7 @@ class DispatcherWorker:
             while True:
                 try:
                     entry = await watcher.updates(timeout=5.0)
-                except nats.errors.TimeoutError:
+                except TimeoutError:  # nats raises its own subclass or the builtin
                     if not started:
                         started = True
                         task_status.started()
@@ -164,20 +167,15 @@ class DispatcherWorker:
                 await watcher.stop()
 
     async def _on_progress(self, msg: Msg) -> None:
-        # Core delivery of the job events the stream stores: cheap news that a dispatch was taken.
-        kind = msg.subject.rsplit(".", 1)[-1]
-        if kind in (
-            "accepted",
-            "started",
-            "succeeded",
-            "failed",
-            "cancelled",
-            "timed_out",
-            "expired",
-            "requeued",
-        ):
-            job_id = msg.subject.rsplit(".", 2)[-2]
+        # Core delivery of the job events the stream stores: cheap news that a dispatch was taken,
+        # or that a job we hold was cancelled or expired elsewhere.
+        _, job_id, kind = msg.subject.rsplit(".", 2)
+        if kind in _TAKEN:
             self._awaiting.pop(job_id, None)
+        if kind in ("cancelled", "expired"):
+            pending = self._pending.get(job_id)
+            if pending is not None and not pending.committing:
+                self._drop(pending)
 
     async def _consume(self, psub: object, stop: anyio.Event) -> None:
         from nats.js.client import JetStreamContext
@@ -187,7 +185,7 @@ class DispatcherWorker:
             while not stop.is_set():
                 try:
                     msgs = await psub.fetch(batch=256, timeout=0.5)
-                except nats.errors.TimeoutError:
+                except TimeoutError:  # nats raises its own subclass or the builtin
                     continue
                 except (nats.errors.Error, nats.js.errors.Error) as e:
                     log.warning("fetch failed (%r)", e)
@@ -442,6 +440,8 @@ class DispatcherWorker:
                 "score": round(placement.ranked[0].score, 4) if placement.ranked else None,
                 "runners_up": runners_up,
                 "rejected": dict(placement.reasons()),
+                "slots_used": len(latest.value.assigned_jobs),
+                "capacity": latest.value.registration.max_concurrent_jobs,
                 "queued_ms": now
                 - (dispatched.updated_at_ms if attempt > 1 else dispatched.submitted_at_ms),
             },

@@ -186,10 +186,24 @@ class RegistryWorker:
             return msgspec.structs.replace(updated, state=runner_state(updated))
 
         try:
-            await cas_update(self._runners, beat.runner_id, RUNNER_DECODER, touch)
+            latest, _ = await cas_update(self._runners, beat.runner_id, RUNNER_DECODER, touch)
         except Exception as e:
             log.warning("heartbeat of %s not recorded: %r", beat.runner_id, e)
             return
+        if latest is not None:
+            # Jobs the runner still runs but no longer holds (taken back while it was away).
+            for job_id in beat.running_jobs:
+                if job_id not in latest.value.assigned_jobs:
+                    await self._bus.nc.publish(
+                        self._bus.names.control(beat.runner_id),
+                        encode(
+                            RunnerCommand(
+                                command="abandon",
+                                job_id=job_id,
+                                reason="this job was given to another runner",
+                            )
+                        ),
+                    )
         if came_back:
             await self._events.emit("runner", beat.runner_id, "back_online", data={})
 
@@ -237,7 +251,8 @@ class RegistryWorker:
             )
             return
         await self._bus.nc.publish(
-            self._bus.names.control(rid), encode(RunnerCommand(command="drain" if draining else "undrain"))
+            self._bus.names.control(rid),
+            encode(RunnerCommand(command="drain" if draining else "undrain")),
         )
         if changed:
             await self._events.emit("runner", rid, "draining" if draining else "undrained", data={})

@@ -15,6 +15,7 @@ from anyio.abc import TaskStatus
 from nats.aio.msg import Msg
 
 from schemas import (
+    TERMINAL_STATES,
     JobAccepted,
     JobFinished,
     JobRecord,
@@ -101,28 +102,12 @@ class ResultsWorker:
                 await self._emit(record, "accepted", {"runner_id": update.runner_id})
             case JobStarted():
                 await self._emit(record, "started", {"runner_id": update.runner_id})
-            case JobFinished(outcome="rejected"):
-                if result.outcome == UpdateOutcome.REQUEUE or (
-                    record.state == JobState.QUEUED and record.attempt == update.attempt
-                ):
-                    await self._ops.release(update.runner_id, update.job_id, update.attempt)
-                    await self._emit(
-                        record,
-                        "requeued",
-                        {"reason": record.reason, "from_runner": update.runner_id},
-                    )
-                    await self._ops.announce_queued(record)
             case JobFinished():
-                if (
-                    record.state
-                    not in (
-                        JobState.SUCCEEDED,
-                        JobState.FAILED,
-                        JobState.TIMED_OUT,
-                        JobState.CANCELLED,
-                    )
-                    or record.attempt != update.attempt
+                if record.attempt != update.attempt or record.state not in (
+                    {JobState.QUEUED} | TERMINAL_STATES
                 ):
+                    return
+                if record.state == JobState.QUEUED and record.runner_id is not None:
                     return
                 latency = (
                     float(record.accepted_at_ms - record.dispatched_at_ms)
@@ -133,20 +118,12 @@ class ResultsWorker:
                     update.runner_id,
                     update.job_id,
                     update.attempt,
-                    succeeded=record.state == JobState.SUCCEEDED,
+                    succeeded=None
+                    if update.outcome == "rejected"
+                    else record.state == JobState.SUCCEEDED,
                     accept_latency_ms=latency,
                 )
-                res = record.result
-                await self._emit(
-                    record,
-                    record.state.value,
-                    {
-                        "runner_id": update.runner_id,
-                        "exit_code": res.exit_code if res else None,
-                        "duration_ms": res.duration_ms if res else None,
-                        "reason": record.reason,
-                    },
-                )
+                await self._ops.announce_outcome(record, from_runner=update.runner_id)
                 if written:
                     self._ctx.metrics.jobs.labels(self.name, record.state.value).inc()
 

@@ -69,13 +69,14 @@ class JobOps:
         attempt: int,
         runner_id: str,
         reason: str,
-        outcome: str = "requeued",
-        not_before_ms: int | None = None,
+        outcome: str = "runner_lost",
         known: Versioned[JobRecord] | None = None,
     ) -> JobRecord | None:
-        """Re-queue ``job_id`` if it is still on ``runner_id`` at ``attempt``; free that slot.
+        """Take ``job_id`` back if it is still on ``runner_id`` at ``attempt``; free that slot.
 
-        Returns the re-queued record, or ``None`` when the job had moved on (nothing to do).
+        The job is re-queued for a new attempt, or ends (failed, or cancelled when a cancel was
+        requested) when its retry budget is spent. Returns the new record, or ``None`` when the
+        job had moved on (nothing to do).
         """
         now = now_ms()
 
@@ -84,9 +85,7 @@ class JobOps:
                 return None
             if record.state in TERMINAL_STATES or record.state == JobState.QUEUED:
                 return None
-            return requeue_job(
-                record, now_ms=now, reason=reason, not_before_ms=not_before_ms, outcome=outcome
-            )
+            return requeue_job(record, now_ms=now, reason=reason, outcome=outcome)
 
         jobs = await self._bus.kv("jobs")
         latest, written = await cas_update(jobs, job_id, JOB_DECODER, decide, known=known)
@@ -94,20 +93,43 @@ class JobOps:
         if latest is None:
             return None
         record = latest.value
-        # Also on a redo after a crash (written False but already re-queued for this attempt).
-        if (
-            record.state == JobState.QUEUED
-            and record.attempt == attempt
-            and record.runner_id is None
-        ):
+        last = record.attempts[-1] if record.attempts else None
+        redo = last is not None and last.attempt == attempt and last.outcome == outcome
+        if record.attempt != attempt or not (written or redo):
+            return None
+        # Also on a redo after a crash (written False but the record already moved for this attempt).
+        await self.announce_outcome(record, from_runner=runner_id)
+        return record if written else None
+
+    async def announce_outcome(self, record: JobRecord, *, from_runner: str | None) -> None:
+        """Emit the events for a record that left its runner: re-queued, or its terminal state."""
+        if record.state == JobState.QUEUED and record.runner_id is None:
             await self._events.emit(
                 "job",
-                job_id,
+                record.id,
                 "requeued",
-                data={"reason": record.reason, "from_runner": runner_id},
-                attempt=attempt,
-                event_id=f"{job_id}.requeued.{attempt}",
+                data={
+                    "reason": record.reason,
+                    "from_runner": from_runner,
+                    "not_before_at_ms": record.not_before_at_ms,
+                },
+                attempt=record.attempt,
+                event_id=f"{record.id}.requeued.{record.attempt}",
             )
             await self.announce_queued(record)
-            return record if written else None
-        return None
+        elif record.state in TERMINAL_STATES:
+            res = record.result
+            await self._events.emit(
+                "job",
+                record.id,
+                record.state.value,
+                data={
+                    "runner_id": from_runner,
+                    "exit_code": res.exit_code if res else None,
+                    "duration_ms": res.duration_ms if res else None,
+                    "reason": record.reason,
+                },
+                attempt=record.attempt,
+                correlation_id=record.spec.correlation_id,
+                event_id=f"{record.id}.{record.state.value}.{record.attempt}",
+            )

@@ -8,6 +8,8 @@ stale and refused, which is what stops a runner that comes back late from overwr
 from __future__ import annotations
 
 import enum
+import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgspec
@@ -22,20 +24,25 @@ from schemas import (
     JobStarted,
     JobState,
     JobUpdate,
+    RetryPolicy,
     RunnerRecord,
     RunnerState,
     RunnerStats,
 )
 
 __all__ = [
+    "DEFAULT_RETRY_POLICY",
+    "INFRA_OUTCOMES",
     "UpdateOutcome",
     "UpdateResult",
     "apply_update",
     "assign_slot",
+    "backoff_ms",
     "dispatch_job",
     "finish_job",
     "release_slot",
     "requeue_job",
+    "retry_after_failure",
     "runner_state",
 ]
 
@@ -45,14 +52,104 @@ _RANK = {
     JobState.ACCEPTED: 2,
     JobState.RUNNING: 3,
 }
-_OUTCOME_STATE = {
-    "succeeded": JobState.SUCCEEDED,
-    "failed": JobState.FAILED,
-    "timed_out": JobState.TIMED_OUT,
-    "cancelled": JobState.CANCELLED,
-    "error": JobState.FAILED,
-}
+DEFAULT_RETRY_POLICY = RetryPolicy()
+#: attempt outcomes that are the infrastructure's fault: retried by default
+INFRA_OUTCOMES = frozenset({"runner_lost", "error", "not_accepted", "runner_restarted"})
+#: attempt outcomes that are the job's own failure: retried only with ``retry_on_exit_code``
+JOB_OUTCOMES = frozenset({"failed", "timed_out"})
+MAX_REFUSALS = 10  # runners refusing a dispatch (draining, full) do not use up retries, up to this
 STATS_WINDOW = 50  # success rate and accept latency are moving averages over about this many jobs
+
+
+def backoff_ms(
+    policy: RetryPolicy, failures: int, *, jitter: Callable[[], float] = random.random
+) -> int:
+    """Delay before the next attempt after ``failures`` failed ones.
+
+    Exponential and capped, with "equal jitter" (half fixed, half uniformly random) so that retries
+    of many jobs spread out.
+    """
+    base = min(
+        policy.max_backoff_ms,
+        policy.initial_backoff_ms * policy.backoff_multiplier ** max(0, failures - 1),
+    )
+    return int(base / 2 + jitter() * base / 2)
+
+
+def _counted_failures(record: JobRecord, policy: RetryPolicy) -> int:
+    counted = set(INFRA_OUTCOMES) | (set(JOB_OUTCOMES) if policy.retry_on_exit_code else set())
+    return sum(1 for a in record.attempts if a.outcome in counted)
+
+
+def retry_after_failure(
+    record: JobRecord,
+    outcome: str,
+    *,
+    now_ms: int,
+    reason: str,
+    result: JobResult | None = None,
+    jitter: Callable[[], float] = random.random,
+) -> JobRecord:
+    """The record after attempt ``record.attempt`` ended with ``outcome``: re-queued, or terminal.
+
+    Runner-side failures (``INFRA_OUTCOMES``) are retried at once when the runner was lost (the job
+    did not fail, its runner did) and after a backoff otherwise; the job's own failures only when
+    its policy says so; a cancel request is never retried. When the budget (``max_attempts``
+    counted failures) is spent, the job fails with the reason.
+    """
+    policy = record.spec.retry_policy or DEFAULT_RETRY_POLICY
+    closed = msgspec.structs.replace(
+        record, attempts=_close_attempt(record, now_ms=now_ms, outcome=outcome, reason=reason)
+    )
+    terminal = {
+        "failed": JobState.FAILED,
+        "timed_out": JobState.TIMED_OUT,
+        "cancelled": JobState.CANCELLED,
+    }.get(outcome, JobState.FAILED)
+    if record.cancel_requested:
+        return finish_job(
+            closed, JobState.CANCELLED, now_ms=now_ms, reason="cancelled by request", result=result
+        )
+    if outcome == "rejected":
+        refusals = sum(1 for a in closed.attempts if a.outcome == "rejected")
+        if refusals >= MAX_REFUSALS:
+            return finish_job(
+                closed,
+                JobState.FAILED,
+                now_ms=now_ms,
+                reason=f"refused by runners {refusals} times; last: {reason}",
+                result=result,
+            )
+        return _requeued(closed, now_ms=now_ms, reason=reason, not_before_ms=None)
+    retryable = outcome in INFRA_OUTCOMES or (outcome in JOB_OUTCOMES and policy.retry_on_exit_code)
+    if not retryable:
+        return finish_job(closed, terminal, now_ms=now_ms, reason=reason, result=result)
+    failures = _counted_failures(closed, policy)
+    if failures >= policy.max_attempts:
+        return finish_job(
+            closed,
+            terminal,
+            now_ms=now_ms,
+            reason=f"retries exhausted after {failures} failed attempts; last: {reason}",
+            result=result,
+        )
+    delay = 0 if outcome == "runner_lost" else backoff_ms(policy, failures, jitter=jitter)
+    return _requeued(
+        closed, now_ms=now_ms, reason=reason, not_before_ms=now_ms + delay if delay else None
+    )
+
+
+def _requeued(
+    record: JobRecord, *, now_ms: int, reason: str, not_before_ms: int | None
+) -> JobRecord:
+    return msgspec.structs.replace(
+        record,
+        state=JobState.QUEUED,
+        runner_id=None,
+        updated_at_ms=now_ms,
+        reason=reason,
+        not_before_at_ms=not_before_ms,
+    )
 
 
 def _rank(state: JobState) -> int:
@@ -150,7 +247,13 @@ class UpdateResult:
     reason: str | None = None
 
 
-def apply_update(record: JobRecord, update: JobUpdate, *, now_ms: int) -> UpdateResult:
+def apply_update(
+    record: JobRecord,
+    update: JobUpdate,
+    *,
+    now_ms: int,
+    jitter: Callable[[], float] = random.random,
+) -> UpdateResult:
     """Apply a runner's update to the job record (pure)."""
     if update.attempt != record.attempt or update.runner_id != record.runner_id:
         if update.attempt < record.attempt or update.runner_id != record.runner_id:
@@ -191,25 +294,34 @@ def apply_update(record: JobRecord, update: JobUpdate, *, now_ms: int) -> Update
                     updated_at_ms=now_ms,
                 ),
             )
-        case JobFinished(outcome="rejected"):
+        case JobFinished(outcome="succeeded"):
             return UpdateResult(
-                UpdateOutcome.REQUEUE,
-                requeue_job(
-                    record,
-                    now_ms=now_ms,
-                    reason=f"runner {update.runner_id} refused the dispatch",
-                    outcome="rejected",
+                UpdateOutcome.APPLIED,
+                finish_job(
+                    record, JobState.SUCCEEDED, now_ms=now_ms, reason=None, result=update.result
                 ),
             )
         case JobFinished():
-            state = _OUTCOME_STATE[update.outcome]
-            reason = update.result.error or (
-                f"exit code {update.result.exit_code}" if state != JobState.SUCCEEDED else None
+            if update.outcome == "rejected":
+                reason = f"runner {update.runner_id} refused the dispatch" + (
+                    f": {update.result.error}" if update.result.error else ""
+                )
+            elif update.outcome == "cancelled":
+                reason = update.result.error or "cancelled"
+            elif update.outcome == "timed_out":
+                reason = update.result.error or "exceeded max_execution_time_s"
+            else:
+                reason = update.result.error or f"exit code {update.result.exit_code}"
+            new = retry_after_failure(
+                record,
+                update.outcome,
+                now_ms=now_ms,
+                reason=reason,
+                result=update.result,
+                jitter=jitter,
             )
-            return UpdateResult(
-                UpdateOutcome.APPLIED,
-                finish_job(record, state, now_ms=now_ms, reason=reason, result=update.result),
-            )
+            kind = UpdateOutcome.REQUEUE if new.state == JobState.QUEUED else UpdateOutcome.APPLIED
+            return UpdateResult(kind, new)
     raise AssertionError(f"unhandled update {update!r}")  # pragma: no cover
 
 

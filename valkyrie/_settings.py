@@ -43,6 +43,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         accept_timeout_ms: a dispatch not accepted within this is taken back and placed again.
         runner_lost_after_ms: a runner silent for this long is offline and its jobs are re-queued.
         reconcile_interval_ms: how often dispatchers check for orphaned slots and lost dispatches.
+        supervise_interval_ms: how often the supervisor checks liveness and execution time.
+        execution_grace_ms: extra time past ``max_execution_time_s`` before the control plane
+            ends a job whose runner did not (a silent runner's job ends timed out).
+        cancel_grace_s: how long a runner gets between SIGTERM and SIGKILL when cancelling.
     """
 
     nats_url: str | None = None
@@ -64,8 +68,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     handler_concurrency: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 64
     connect_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 10.0
     accept_timeout_ms: Annotated[int, msgspec.Meta(ge=50, le=600_000)] = 5000
-    runner_lost_after_ms: Annotated[int, msgspec.Meta(ge=100, le=3_600_000)] = 5000
+    runner_lost_after_ms: Annotated[int, msgspec.Meta(ge=100, le=3_600_000)] = 3000
     reconcile_interval_ms: Annotated[int, msgspec.Meta(ge=50, le=600_000)] = 1000
+    supervise_interval_ms: Annotated[int, msgspec.Meta(ge=20, le=60_000)] = 250
+    execution_grace_ms: Annotated[int, msgspec.Meta(ge=0, le=3_600_000)] = 5000
+    cancel_grace_s: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 10.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

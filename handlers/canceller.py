@@ -1,0 +1,135 @@
+"""Canceller: cancel requests from ``<prefix>.jobs.cancel``.
+
+A queued job is cancelled at once. A job on a runner gets ``cancel_requested`` and its runner a
+cancel command (SIGTERM, grace period, SIGKILL on the reference runner); the runner's ``cancelled``
+result ends it. The request is then delivered again after the grace period, a durable timer: if the
+job is still not finished (its runner is gone or ignored the command) it is ended cancelled here.
+"""
+
+from __future__ import annotations
+
+import anyio
+import msgspec
+from anyio.abc import TaskStatus
+from nats.aio.msg import Msg
+
+from schemas import (
+    TERMINAL_STATES,
+    CancelJob,
+    JobRecord,
+    JobState,
+    RunnerCommand,
+    convert_or_errors,
+)
+from valkyrie import (
+    EventPublisher,
+    GiveUp,
+    HandlerContext,
+    RetryLater,
+    StreamConsumer,
+    delivery_count,
+)
+from valkyrie._codec import ANY_DECODER, JOB_DECODER, encode, now_ms
+from valkyrie._jobops import JobOps
+from valkyrie._kvstore import cas_update
+from valkyrie._lifecycle import finish_job
+
+__all__ = ["CancellerWorker", "create"]
+
+FORCE_AFTER_S = 5.0  # beyond the runner's grace period
+
+
+class CancellerWorker:
+    """Consumes cancel requests through the durable consumer ``canceller``."""
+
+    def __init__(self, ctx: HandlerContext) -> None:
+        self.name = ctx.name
+        self._ctx = ctx
+        self._bus = ctx.bus
+        self._events = EventPublisher(ctx.bus, ctx.name)
+        self._ops = JobOps(ctx.bus, self._events)
+
+    async def run(
+        self, stop: anyio.Event, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Consume cancel requests until ``stop`` is set."""
+        self._jobs = await self._bus.kv("jobs")
+        consumer = StreamConsumer(
+            name=self.name,
+            bus=self._bus,
+            stream=self._bus.names.stream("commands"),
+            filter_subject=self._bus.names.cancel,
+            handle=self.handle,
+            metrics=self._ctx.metrics,
+            concurrency=16,
+        )
+        await consumer.run(stop, task_status=task_status)
+
+    async def handle(self, msg: Msg) -> None:
+        """Process one cancel request (first delivery: request; a later one: enforce)."""
+        try:
+            raw = ANY_DECODER.decode(msg.data)
+        except msgspec.DecodeError as e:
+            raise GiveUp(f"invalid JSON: {e}") from e
+        request, errors = convert_or_errors(CancelJob, raw)
+        if request is None:
+            raise GiveUp("invalid cancel request", errors=errors)
+        now = now_ms()
+        first = delivery_count(msg) == 1
+        grace = self._bus.settings.cancel_grace_s
+        reason = request.reason + (f" (by {request.requested_by})" if request.requested_by else "")
+
+        def decide(record: JobRecord) -> JobRecord | None:
+            if record.state in TERMINAL_STATES:
+                return None
+            if record.state == JobState.QUEUED:
+                return finish_job(record, JobState.CANCELLED, now_ms=now, reason=reason)
+            if first and not record.cancel_requested:
+                return msgspec.structs.replace(record, cancel_requested=True, updated_at_ms=now)
+            if first:
+                return None
+            # the runner had its chance: end it here
+            return finish_job(
+                record, JobState.CANCELLED, now_ms=now, reason=f"{reason}; runner did not confirm"
+            )
+
+        latest, _written = await cas_update(self._jobs, request.job_id, JOB_DECODER, decide)
+        if latest is None:
+            raise GiveUp(f"no job {request.job_id!r}")
+        record = latest.value
+        if record.state == JobState.CANCELLED:
+            if record.runner_id is not None:
+                await self._ops.release(record.runner_id, record.id, record.attempt)
+            await self._ops.announce_outcome(record, from_runner=record.runner_id)
+            return
+        if record.state in TERMINAL_STATES:
+            return
+        if record.runner_id is not None:
+            await self._bus.nc.publish(
+                self._bus.names.control(record.runner_id),
+                encode(
+                    RunnerCommand(
+                        command="cancel",
+                        job_id=record.id,
+                        attempt=record.attempt,
+                        reason=reason,
+                        grace_period_s=grace,
+                    )
+                ),
+            )
+        await self._events.emit(
+            "job",
+            record.id,
+            "cancel_requested",
+            data={"reason": reason, "runner_id": record.runner_id},
+            attempt=record.attempt,
+            event_id=f"{record.id}.cancel_requested.{record.attempt}",
+        )
+        raise RetryLater(
+            "waiting for the runner to confirm the cancel", delay_s=grace + FORCE_AFTER_S
+        )
+
+
+def create(ctx: HandlerContext) -> CancellerWorker:
+    """Entry point: build the canceller."""
+    return CancellerWorker(ctx)
