@@ -62,6 +62,8 @@ class CancellerWorker:
             handle=self.handle,
             metrics=self._ctx.metrics,
             concurrency=16,
+            max_deliver=self._ctx.config.current.performance.max_deliver,
+            ack_wait_s=self._ctx.config.current.performance.ack_wait_s,
         )
         await consumer.run(stop, task_status=task_status)
 
@@ -76,7 +78,7 @@ class CancellerWorker:
             raise GiveUp("invalid cancel request", errors=errors)
         now = now_ms()
         first = delivery_count(msg) == 1
-        grace = self._bus.settings.cancel_grace_s
+        grace = self._ctx.config.current.dispatch.cancel_grace_s
         reason = request.reason + (f" (by {request.requested_by})" if request.requested_by else "")
 
         def decide(record: JobRecord) -> JobRecord | None:

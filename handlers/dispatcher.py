@@ -25,10 +25,12 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from schemas import TERMINAL_STATES, Dispatch, JobRecord, JobState, RunnerRecord
 from valkyrie import EventPublisher, HandlerContext
 from valkyrie._codec import EVENT_DECODER, JOB_DECODER, RUNNER_DECODER, encode, now_ms
+from valkyrie._config import IntegrationMode, ValkyrieConfig
 from valkyrie._jobops import JobOps
 from valkyrie._kvstore import Versioned, cas_update, get_versioned
 from valkyrie._lifecycle import assign_slot, dispatch_job, finish_job
-from valkyrie._placement import Placement, place
+from valkyrie._modes import uses_advanced_placement
+from valkyrie._placement import Placement, ScoreWeights, place
 
 __all__ = ["DispatcherWorker", "create"]
 
@@ -78,6 +80,17 @@ class DispatcherWorker:
         self._stopping = False
         self._ack_later: list[Msg] = []
 
+    def _cfg(self) -> ValkyrieConfig:
+        return self._ctx.config.current
+
+    @property
+    def _lost_after_ms(self) -> int:
+        return self._cfg().dispatch.runner_lost_after_ms
+
+    @property
+    def _accept_ms(self) -> int:
+        return self._cfg().dispatch.accept_timeout_ms
+
     def _poke(self) -> None:
         self._wake.set()
 
@@ -88,9 +101,7 @@ class DispatcherWorker:
         bus = self._bus
         self._jobs = await bus.kv("jobs")
         self._runners_kv = await bus.kv("runners")
-        settings = bus.settings
-        self._lost_after_ms = settings.runner_lost_after_ms
-        self._accept_ms = settings.accept_timeout_ms
+        self._ctx.config.on_change(lambda _old, _new: self._poke())
         progress = await bus.nc.subscribe(bus.names.event("job", "*", "*"), cb=self._on_progress)
         psub = None
         try:
@@ -275,6 +286,16 @@ class DispatcherWorker:
 
     async def _place_pending(self, tg: anyio.abc.TaskGroup) -> None:
         now = now_ms()
+        config = self._cfg()
+        mode = config.mode
+        s = config.scheduling
+        weights = ScoreWeights(
+            free_capacity=s.weight_free_capacity,
+            success_rate=s.weight_success_rate,
+            preferred_runner=s.weight_preferred_runner,
+            region=s.weight_region,
+            affinity=s.weight_affinity,
+        )
         free = 0
         views: list[RunnerRecord] = []
         for rid, versioned in self._runners.items():
@@ -285,7 +306,7 @@ class DispatcherWorker:
             (p for p in self._pending.values() if p.record is not None and not p.committing),
             key=lambda p: (p.priority, p.order),
         )
-        for pending in candidates[:MAX_SCAN]:
+        for pending in candidates[: config.dispatch.max_queue_scan]:
             assert pending.record is not None
             spec = pending.record.value.spec
             if spec.deadline_at_ms is not None and spec.deadline_at_ms <= now:
@@ -295,9 +316,17 @@ class DispatcherWorker:
             nb = pending.record.value.not_before_at_ms
             if nb is not None and nb > now:
                 continue
-            if free <= 0:
+            if free <= 0 or mode == IntegrationMode.DISABLED:
                 continue  # still evaluate deadlines of the rest
-            placement = place(spec, views, now_ms=now, lost_after_ms=self._lost_after_ms)
+            advanced = uses_advanced_placement(spec, mode)
+            placement = place(
+                spec,
+                views,
+                now_ms=now,
+                lost_after_ms=self._lost_after_ms,
+                weights=weights,
+                advanced=advanced,
+            )
             pending.last = placement
             if placement.runner_id is None:
                 continue
@@ -467,10 +496,9 @@ class DispatcherWorker:
                     pass
 
     async def _reconcile_loop(self, stop: anyio.Event) -> None:
-        interval = self._bus.settings.reconcile_interval_ms / 1000
         last_scan = time.monotonic()
         while not stop.is_set():
-            with anyio.move_on_after(interval):
+            with anyio.move_on_after(self._cfg().dispatch.reconcile_interval_ms / 1000):
                 await stop.wait()
             try:
                 await self._expire_acceptance()

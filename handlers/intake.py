@@ -27,6 +27,7 @@ from valkyrie import (
 )
 from valkyrie._codec import JOB_DECODER, encode, now_ms
 from valkyrie._intake import idempotency_token, job_id_for, parse_submission, queued_record
+from valkyrie._modes import check_intake_mode
 
 __all__ = ["IntakeWorker", "create"]
 
@@ -59,7 +60,9 @@ class IntakeWorker:
             filter_subject=bus.names.submit,
             handle=self.handle,
             metrics=self._ctx.metrics,
-            concurrency=bus.settings.handler_concurrency,
+            concurrency=self._ctx.config.current.performance.handler_concurrency,
+            max_deliver=self._ctx.config.current.performance.max_deliver,
+            ack_wait_s=self._ctx.config.current.performance.ack_wait_s,
         )
         await consumer.run(stop, task_status=task_status)
 
@@ -79,8 +82,19 @@ class IntakeWorker:
         seq = int(msg.metadata.sequence.stream)
         try:
             parsed = parse_submission(
-                msg.data, received_at_ms=now, max_bytes=self._bus.settings.submission_max_bytes
+                msg.data,
+                received_at_ms=now,
+                max_bytes=self._ctx.config.current.limits.submission_max_bytes,
             )
+            current = self._ctx.config.current
+            mode_errors = check_intake_mode(
+                parsed.spec,
+                parsed.api_version,
+                mode=current.mode,
+                legacy_v1_api=current.features.legacy_v1_api,
+            )
+            if mode_errors:
+                raise SchemaError(mode_errors)
         except SchemaError as e:
             rejection = f"{self._source}-{seq}"
             await self._events.emit(

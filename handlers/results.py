@@ -59,7 +59,9 @@ class ResultsWorker:
             filter_subject=bus.names.updates("*"),
             handle=self.handle,
             metrics=self._ctx.metrics,
-            concurrency=bus.settings.handler_concurrency,
+            concurrency=self._ctx.config.current.performance.handler_concurrency,
+            max_deliver=self._ctx.config.current.performance.max_deliver,
+            ack_wait_s=self._ctx.config.current.performance.ack_wait_s,
         )
         await consumer.run(stop, task_status=task_status)
 

@@ -21,6 +21,7 @@ from anyio.abc import TaskStatus
 from schemas import JobRecord, JobState, RunnerCommand, RunnerRecord, RunnerState
 from valkyrie import EventPublisher, HandlerContext
 from valkyrie._codec import JOB_DECODER, RUNNER_DECODER, encode, now_ms
+from valkyrie._config import DispatchConfig
 from valkyrie._jobops import JobOps
 from valkyrie._kvstore import Versioned, cas_update, get_versioned
 from valkyrie._lifecycle import retry_after_failure
@@ -45,19 +46,20 @@ class SupervisorWorker:
         self._first_seen: dict[tuple[str, int], int] = {}
         self._deadline: dict[tuple[str, int], int] = {}
 
+    def _cfg(self) -> DispatchConfig:
+        return self._ctx.config.current.dispatch
+
     async def run(
         self, stop: anyio.Event, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Supervise until ``stop`` is set."""
         self._jobs = await self._bus.kv("jobs")
         self._runners_kv = await self._bus.kv("runners")
-        settings = self._bus.settings
-        interval = settings.supervise_interval_ms / 1000
         async with anyio.create_task_group() as tg:
             await tg.start(self._watch)
             task_status.started()
             while not stop.is_set():
-                with anyio.move_on_after(interval):
+                with anyio.move_on_after(self._cfg().supervise_interval_ms / 1000):
                     await stop.wait()
                 if stop.is_set():
                     break
@@ -96,13 +98,12 @@ class SupervisorWorker:
                 await watcher.stop()
 
     async def _check(self) -> None:
-        settings = self._bus.settings
         now = now_ms()
         live: set[tuple[str, int]] = set()
         for rid, versioned in list(self._runners.items()):
             record = versioned.value
             silent_ms = now - record.last_heartbeat_at_ms
-            if record.state != RunnerState.OFFLINE and silent_ms > settings.runner_lost_after_ms:
+            if record.state != RunnerState.OFFLINE and silent_ms > self._cfg().runner_lost_after_ms:
                 await self._lose(rid, versioned)
                 continue
             if record.state == RunnerState.OFFLINE:
@@ -126,7 +127,7 @@ class SupervisorWorker:
                 self._deadline.pop(key, None)
 
     async def _lose(self, rid: str, versioned: Versioned[RunnerRecord]) -> None:
-        lost_after = self._bus.settings.runner_lost_after_ms
+        lost_after = self._cfg().runner_lost_after_ms
         now = now_ms()
 
         def mark(record: RunnerRecord) -> RunnerRecord | None:
@@ -186,7 +187,7 @@ class SupervisorWorker:
         deadline = (
             began
             + rec.spec.requirements.max_execution_time_s * 1000
-            + self._bus.settings.execution_grace_ms
+            + self._cfg().execution_grace_ms
         )
         self._deadline[key] = deadline
         return deadline
@@ -208,7 +209,7 @@ class SupervisorWorker:
                 "timed_out",
                 now_ms=now,
                 reason=f"no result within max_execution_time_s={record.spec.requirements.max_execution_time_s}"
-                f" + {self._bus.settings.execution_grace_ms} ms grace (runner {rid} silent)",
+                f" + {self._cfg().execution_grace_ms} ms grace (runner {rid} silent)",
             )
 
         latest, written = await cas_update(self._jobs, job_id, JOB_DECODER, decide)
@@ -224,7 +225,7 @@ class SupervisorWorker:
                         job_id=job_id,
                         attempt=attempt,
                         reason="timed out",
-                        grace_period_s=self._bus.settings.cancel_grace_s,
+                        grace_period_s=self._cfg().cancel_grace_s,
                     )
                 ),
             )

@@ -6,7 +6,7 @@ their name. New fields always get defaults and no field ever changes type, so ol
 
 from schemas._catalog import CATALOG, json_schema, json_schemas
 from schemas._validate import collect_errors, convert_or_errors, json_type_name
-from schemas.config import ConfigChange, ConfigRevision
+from schemas.config import ConfigChange, ConfigRevision, ConfigVerdict
 from schemas.events import DeadLetter, Event
 from schemas.jobs import (
     TERMINAL_STATES,
@@ -55,6 +55,7 @@ __all__ = [
     "CancelJob",
     "ConfigChange",
     "ConfigRevision",
+    "ConfigVerdict",
     "DeadLetter",
     "Dispatch",
     "Event",

@@ -6,7 +6,7 @@ from typing import Any
 
 import msgspec
 
-from schemas.config import ConfigChange, ConfigRevision
+from schemas.config import ConfigChange, ConfigRevision, ConfigVerdict
 from schemas.events import DeadLetter, Event
 from schemas.jobs import JobRecord, JobSubmission, SubmitVerdict
 from schemas.legacy import LegacyJobV1
@@ -45,6 +45,7 @@ CATALOG: dict[str, Any] = {
     "dead-letter": DeadLetter,
     "config-change": ConfigChange,
     "config-revision": ConfigRevision,
+    "config-verdict": ConfigVerdict,
 }
 
 

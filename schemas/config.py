@@ -7,14 +7,18 @@ from typing import Any
 import msgspec
 
 from schemas._common import TimestampMs
+from schemas.jobs import FieldError
 
-__all__ = ["ConfigChange", "ConfigRevision"]
+__all__ = ["ConfigChange", "ConfigRevision", "ConfigVerdict"]
 
 
 class ConfigChange(msgspec.Struct, frozen=True, kw_only=True):
     """A requested change, on ``<prefix>.config.change``.
 
-    ``set`` maps dotted keys to new values; ``replace`` (a whole config document) wins over ``set``.
+    ``set`` maps dotted keys to new values (``null`` removes a runtime override); ``replace``
+    (a whole config document) replaces every runtime override; ``rollback_to`` restores the
+    runtime overrides of an earlier revision. Send it with a ``Valkyrie-Reply-To`` header to get a
+    :class:`ConfigVerdict`.
     """
 
     set: dict[str, Any] = msgspec.field(default_factory=dict)
@@ -33,3 +37,13 @@ class ConfigRevision(msgspec.Struct, frozen=True, kw_only=True):
     values: dict[str, Any]
     diff: dict[str, Any] = msgspec.field(default_factory=dict)
     reason: str | None = None
+
+
+class ConfigVerdict(msgspec.Struct, frozen=True, kw_only=True):
+    """The config handler's answer to a change."""
+
+    accepted: bool
+    revision: int | None = None
+    errors: list[FieldError] = msgspec.field(default_factory=list)
+    warnings: list[FieldError] = msgspec.field(default_factory=list)
+    diff: dict[str, Any] = msgspec.field(default_factory=dict)

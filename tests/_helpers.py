@@ -7,14 +7,18 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
+import nats.js.errors
+from nats.js.api import RawStreamMsg
 from prometheus_client import CollectorRegistry
 
+from schemas import DeadLetter, Event
 from valkyrie import Bus, Settings, open_bus, run_workers
+from valkyrie._codec import DEAD_DECODER, EVENT_DECODER
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,6 +36,9 @@ def settings_for(url: str, prefix: str, **overrides: object) -> Settings:
         "metrics_port": 0,
         "ack_wait_s": 5.0,
         "connect_timeout_s": 10.0,
+        # the server reserves each stream's max_bytes: the 1 GiB default of the events and logs
+        # streams would exhaust the session server's store after a few test prefixes
+        "events_max_bytes": 8 * 1024 * 1024,
     }
     base.update(overrides)
     return Settings.from_env({}, **base)
@@ -81,7 +88,9 @@ def spawn(args: Sequence[str], settings: Settings, log: Path) -> subprocess.Pope
         out.close()
 
 
-def stop_process(proc: subprocess.Popen[bytes], *, sig: int = signal.SIGTERM, timeout_s: float = 15) -> int:
+def stop_process(
+    proc: subprocess.Popen[bytes], *, sig: int = signal.SIGTERM, timeout_s: float = 15
+) -> int:
     """Signal a process and wait for it (SIGKILL if it does not exit)."""
     if proc.poll() is None:
         proc.send_signal(sig)
@@ -91,3 +100,46 @@ def stop_process(proc: subprocess.Popen[bytes], *, sig: int = signal.SIGTERM, ti
             proc.kill()
             proc.wait(5)
     return proc.returncode
+
+
+async def stream_messages(bus: Bus, stream: str, subject: str) -> list[RawStreamMsg]:
+    """Every message stored in ``stream`` (full name) on ``subject`` (wildcards allowed)."""
+    found: list[RawStreamMsg] = []
+    seq = 1
+    while True:
+        try:
+            msg = await bus.js.get_msg(stream, seq=seq, subject=subject, next=True)
+        except nats.js.errors.NotFoundError:
+            return found
+        found.append(msg)
+        assert msg.seq is not None
+        seq = msg.seq + 1
+
+
+async def events_of(bus: Bus, pattern: str = ">") -> list[Event]:
+    """Every stored event whose subject matches ``<prefix>.events.<pattern>``, oldest first."""
+    msgs = await stream_messages(bus, bus.names.stream("events"), bus.names.events(pattern))
+    return [EVENT_DECODER.decode(m.data or b"") for m in msgs]
+
+
+async def dead_letters(bus: Bus, handler: str = "intake") -> list[DeadLetter]:
+    """Every stored dead letter of ``handler``, oldest first."""
+    msgs = await stream_messages(bus, bus.names.stream("dead"), bus.names.dead(handler))
+    return [DEAD_DECODER.decode(m.data or b"") for m in msgs]
+
+
+async def job_count(bus: Bus) -> int:
+    """How many job records the jobs bucket holds."""
+    info = await bus.js.stream_info(f"KV_{bus.names.bucket('jobs')}")
+    return int(info.state.messages)
+
+
+async def wait_until(
+    check: Callable[[], Awaitable[bool]], *, timeout_s: float, interval_s: float = 0.05
+) -> None:
+    """Poll ``check`` until it returns true; fail (``TimeoutError``) after ``timeout_s``."""
+    with anyio.fail_after(timeout_s):
+        while True:
+            if await check():
+                return
+            await anyio.sleep(interval_s)

@@ -89,8 +89,11 @@ class Client:
             parse_submission(
                 body, received_at_ms=now_ms(), max_bytes=self.bus.settings.submission_max_bytes
             )
-        except SchemaError as e:  # the first one was rejected for the same reasons
-            return SubmitVerdict(accepted=False, duplicate=True, errors=e.errors)
+        except SchemaError as e:
+            # The first one was rejected for the same reasons, unless its deadline has only
+            # passed since: then its verdict is looked up like an accepted one's.
+            if any(x.path != "$.deadline_at_ms" for x in e.errors):
+                return SubmitVerdict(accepted=False, duplicate=True, errors=e.errors)
         obj = ANY_DECODER.decode(body)
         key = obj.get("idempotency_key") if isinstance(obj, dict) else None
         token = token_for(key if isinstance(key, str) else None, msg_id)
@@ -102,15 +105,15 @@ class Client:
             with anyio.move_on_after(timeout_s):
                 while True:
                     try:
-                        entry = await watcher.updates(timeout=timeout_s)  # type: ignore[no-untyped-call]
-                    except nats.errors.TimeoutError:
+                        entry = await watcher.updates(timeout=timeout_s)
+                    except TimeoutError:  # nats raises its own subclass or the builtin
                         continue
                     if entry is not None and entry.value:
                         return SubmitVerdict(
                             accepted=True, job_id=entry.value.decode(), duplicate=True
                         )
         finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]
+            await watcher.stop()
         raise BusError(
             f"duplicate of an earlier submission (Nats-Msg-Id {msg_id!r}) whose job is not known "
             f"within {timeout_s:g}s: is an intake handler running?"
@@ -139,8 +142,8 @@ class Client:
         try:
             while True:
                 try:
-                    entry = await watcher.updates(timeout=5.0)  # type: ignore[no-untyped-call]
-                except nats.errors.TimeoutError:
+                    entry = await watcher.updates(timeout=5.0)
+                except TimeoutError:  # nats raises its own subclass or the builtin
                     break
                 if entry is None:
                     break
@@ -151,7 +154,7 @@ class Client:
                 if states is None or record.state in states:
                     records.append(record)
         finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]
+            await watcher.stop()
         records.sort(key=lambda r: (r.submitted_at_ms, r.id), reverse=True)
         return records[:limit] if limit is not None else records
 
@@ -169,8 +172,8 @@ class Client:
             with anyio.fail_after(timeout_s):
                 while True:
                     try:
-                        entry = await watcher.updates(timeout=timeout_s)  # type: ignore[no-untyped-call]
-                    except nats.errors.TimeoutError:
+                        entry = await watcher.updates(timeout=timeout_s)
+                    except TimeoutError:  # nats raises its own subclass or the builtin
                         continue
                     if entry is None or not entry.value:
                         continue
@@ -178,7 +181,7 @@ class Client:
                     if record.state in states:
                         return record
         finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]
+            await watcher.stop()
 
     async def events(
         self,
@@ -216,7 +219,7 @@ class Client:
             while True:
                 try:
                     msg = await sub.next_msg(timeout=idle_timeout_s or 3600.0)
-                except nats.errors.TimeoutError:
+                except TimeoutError:  # nats raises its own subclass or the builtin
                     if idle_timeout_s is not None:
                         return
                     continue

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from valkyrie._bus import Bus
 from valkyrie._errors import ConfigError
+from valkyrie._live import LiveConfig, config_for
 from valkyrie._metrics import HandlerMetrics
 
 __all__ = [
@@ -35,12 +36,13 @@ log = logging.getLogger("valkyrie.handlers")
 
 @dataclass(frozen=True)
 class HandlerContext:
-    """What a handler factory receives: the connection, metrics, and its own name."""
+    """What a handler factory receives: the connection, metrics, its name and the live config."""
 
     bus: Bus
     registry: CollectorRegistry
     metrics: HandlerMetrics
     name: str
+    config: LiveConfig
 
 
 class Worker(Protocol):
@@ -71,6 +73,7 @@ async def run_workers(
     stop: anyio.Event,
     names: list[str] | None = None,
     *,
+    config: LiveConfig | None = None,
     task_status: TaskStatus[list[str]] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the named handlers (all registered ones by default) until ``stop`` is set."""
@@ -82,12 +85,18 @@ async def run_workers(
             f"unknown handler(s) {', '.join(unknown)}; registered: {', '.join(available) or 'none'}"
         )
     metrics = HandlerMetrics.create(registry)
+    live = config if config is not None else LiveConfig(config_for(bus.settings))
     workers = [
-        available[n](HandlerContext(bus=bus, registry=registry, metrics=metrics, name=n))
+        available[n](
+            HandlerContext(bus=bus, registry=registry, metrics=metrics, name=n, config=live)
+        )
         for n in wanted
     ]
     async with anyio.create_task_group() as tg:
-        for worker in workers:
-            await tg.start(worker.run, stop)
-        log.info("handlers running: %s", ", ".join(wanted))
-        task_status.started(wanted)
+        await tg.start(live.watch, bus)
+        async with anyio.create_task_group() as running:
+            for worker in workers:
+                await running.start(worker.run, stop)
+            log.info("handlers running: %s (config revision %d)", ", ".join(wanted), live.revision)
+            task_status.started(wanted)
+        tg.cancel_scope.cancel()

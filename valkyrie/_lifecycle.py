@@ -247,6 +247,18 @@ class UpdateResult:
     reason: str | None = None
 
 
+def _requeued_by(record: JobRecord, update: JobUpdate) -> bool:
+    if not isinstance(update, JobFinished) or record.state != JobState.QUEUED:
+        return False
+    last = record.attempts[-1] if record.attempts else None
+    return (
+        last is not None
+        and last.attempt == update.attempt == record.attempt
+        and last.runner_id == update.runner_id
+        and last.outcome == update.outcome
+    )
+
+
 def apply_update(
     record: JobRecord,
     update: JobUpdate,
@@ -255,6 +267,10 @@ def apply_update(
     jitter: Callable[[], float] = random.random,
 ) -> UpdateResult:
     """Apply a runner's update to the job record (pure)."""
+    if _requeued_by(record, update):
+        # A redelivery of the very result that re-queued this attempt (the handler stopped before
+        # announcing it): not stale, so that the announcement is redone.
+        return UpdateResult(UpdateOutcome.ALREADY)
     if update.attempt != record.attempt or update.runner_id != record.runner_id:
         if update.attempt < record.attempt or update.runner_id != record.runner_id:
             return UpdateResult(

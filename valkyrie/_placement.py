@@ -63,7 +63,12 @@ def _capabilities(runner: RunnerRecord) -> set[str]:
 
 
 def check_runner(
-    job: JobSubmission, runner: RunnerRecord, *, now_ms: int, lost_after_ms: int
+    job: JobSubmission,
+    runner: RunnerRecord,
+    *,
+    now_ms: int,
+    lost_after_ms: int,
+    advanced: bool = True,
 ) -> str | None:
     """The first hard constraint ``runner`` fails for ``job`` (a reason code), or ``None``."""
     reg = runner.registration
@@ -92,7 +97,7 @@ def check_runner(
     for key, value in job.labels.items():
         if labels.get(key) != value:
             return "labels"
-    if hints is not None:
+    if hints is not None and advanced:
         for rule in hints.affinity_rules:
             have = labels.get(rule.key)
             if rule.rule_type == "required" and have not in rule.values:
@@ -108,11 +113,18 @@ def check_runner(
     return None
 
 
-def score_runner(job: JobSubmission, runner: RunnerRecord, weights: ScoreWeights) -> float:
-    """Higher is better; see docs/scheduling.md for the terms."""
+def score_runner(
+    job: JobSubmission, runner: RunnerRecord, weights: ScoreWeights, *, advanced: bool = True
+) -> float:
+    """Higher is better; see docs/scheduling.md for the terms.
+
+    Without ``advanced`` placement the score is the free-capacity fraction alone (least loaded).
+    """
     reg = runner.registration
     capacity = reg.max_concurrent_jobs
     free = (capacity - len(runner.assigned_jobs)) / capacity
+    if not advanced:
+        return free
     score = weights.free_capacity * free + weights.success_rate * runner.stats.success_rate
     hints = job.routing_hints
     if hints is not None and reg.runner_id in hints.preferred_runners:
@@ -145,16 +157,23 @@ def place(
     now_ms: int,
     lost_after_ms: int,
     weights: ScoreWeights | None = None,
+    advanced: bool = True,
 ) -> Placement:
     """Pick the best feasible runner for ``job`` (ties go to the lexically smallest id)."""
     weights = weights or ScoreWeights()
     rejected: dict[str, list[str]] = {}
     ranked: list[Scored] = []
     for runner in runners:
-        reason = check_runner(job, runner, now_ms=now_ms, lost_after_ms=lost_after_ms)
+        reason = check_runner(
+            job, runner, now_ms=now_ms, lost_after_ms=lost_after_ms, advanced=advanced
+        )
         if reason is not None:
             rejected.setdefault(reason, []).append(runner.registration.runner_id)
             continue
-        ranked.append(Scored(runner.registration.runner_id, score_runner(job, runner, weights)))
+        ranked.append(
+            Scored(
+                runner.registration.runner_id, score_runner(job, runner, weights, advanced=advanced)
+            )
+        )
     ranked.sort(key=lambda s: (-s.score, s.runner_id))
     return Placement(ranked[0].runner_id if ranked else None, ranked, rejected)

@@ -23,6 +23,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
     Attributes:
         nats_url: NATS server URL(s), comma separated; ``None`` starts an embedded nats-server.
+        profile: environment profile of the runtime config (docs/configuration.md).
+        config_file: TOML file layered over the profile.
         prefix: subject prefix and stream/bucket name prefix.
         data_dir: where the embedded server keeps its store; ``None`` = the user data directory.
         embedded_port: client port of the embedded server.
@@ -50,6 +52,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """
 
     nats_url: str | None = None
+    profile: Literal["development", "testing", "staging", "production"] = "development"
+    config_file: str | None = None
     prefix: str = "valkyrie"
     data_dir: str | None = None
     embedded_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 4222

@@ -69,10 +69,12 @@ class StreamConsumer:
     metrics: HandlerMetrics
     concurrency: int = 64
     fetch_timeout_s: float = 0.5
+    max_deliver: int | None = None
+    ack_wait_s: float | None = None
 
     def __post_init__(self) -> None:
         self._events = EventPublisher(self.bus, self.name)
-        self._max_deliver = self.bus.settings.max_deliver
+        self._max_deliver = self.max_deliver or self.bus.settings.max_deliver
 
     def consumer_config(self) -> ConsumerConfig:
         """The durable consumer's configuration."""
@@ -80,7 +82,7 @@ class StreamConsumer:
             durable_name=self.name,
             deliver_policy=DeliverPolicy.ALL,
             ack_policy=AckPolicy.EXPLICIT,
-            ack_wait=self.bus.settings.ack_wait_s,
+            ack_wait=self.ack_wait_s or self.bus.settings.ack_wait_s,
             # Poison messages are dead-lettered by us (with a reason), so the server must keep
             # delivering until we do; the +1 bounds it if our dead-lettering itself keeps failing.
             max_deliver=self._max_deliver + 1,
@@ -113,7 +115,7 @@ class StreamConsumer:
                         continue
                     try:
                         msgs = await psub.fetch(batch=free, timeout=self.fetch_timeout_s)
-                    except nats.errors.TimeoutError:
+                    except TimeoutError:  # nats raises its own subclass or the builtin
                         continue
                     except (nats.errors.Error, nats.js.errors.Error) as e:
                         log.warning("%s: fetch failed (%r); retrying", self.name, e)

@@ -67,7 +67,16 @@ async def with_bus(settings: Settings, fn: Callable[[Bus], Awaitable[T]]) -> T:
     quick = Settings.from_env(
         nats_url=client_url(settings), prefix=settings.prefix, connect_timeout_s=3.0
     )
-    bus = await connect(quick)
+    try:
+        # connect() retries until connect_timeout_s, but a single nats-py connect attempt to an
+        # unreachable server may itself never return: bound the whole of it
+        with anyio.fail_after(quick.connect_timeout_s + 2):
+            bus = await connect(quick)
+    except TimeoutError as e:
+        raise ConnectError(
+            f"cannot connect to NATS at {quick.nats_url} within {quick.connect_timeout_s:g}s: "
+            "check that the server runs and the URL (VALKYRIE_NATS_URL) is right"
+        ) from e
     try:
         return await fn(bus)
     finally:

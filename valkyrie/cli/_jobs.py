@@ -49,16 +49,25 @@ def _show(record: JobRecord) -> None:
 
 
 @click.command()
-@click.option("--file", "file_", type=click.Path(dir_okay=False, path_type=Path), help="JSON body (v2 or v1); '-' reads stdin.")
+@click.option(
+    "--file",
+    "file_",
+    type=click.Path(exists=True, dir_okay=False, allow_dash=True, path_type=Path),
+    help="JSON body (v2 or v1); '-' reads stdin.",
+)
 @click.option("--type", "job_type", default="shell", show_default=True, help="Job type.")
 @click.option("--priority", type=click.IntRange(0, 4), default=2, show_default=True)
 @click.option("--payload", help="Payload as JSON (instead of a command).")
 @click.option("--timeout", "timeout_s", type=click.IntRange(1), help="max_execution_time_s.")
-@click.option("--label", "labels", multiple=True, help="Required runner label KEY=VALUE (repeatable).")
+@click.option(
+    "--label", "labels", multiple=True, help="Required runner label KEY=VALUE (repeatable)."
+)
 @click.option("--meta", multiple=True, help="Metadata KEY=VALUE (repeatable).")
 @click.option("--job-id", help="Choose the job id.")
 @click.option("--idempotency-key", help="Resubmissions with this key return the first job.")
-@click.option("--wait", is_flag=True, help="Follow the job to its end; exit 1 if it did not succeed.")
+@click.option(
+    "--wait", is_flag=True, help="Follow the job to its end; exit 1 if it did not succeed."
+)
 @click.option("--wait-timeout", type=float, default=3600.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.argument("command", nargs=-1)
@@ -133,8 +142,14 @@ def submit(
             if tail:
                 click.echo(tail.rstrip("\n"))
             code = record.result.exit_code if record.result else None
-            click.echo(f"{record.state} (exit code {code if code is not None else '-'})"
-                       + (f": {record.reason}" if record.reason else ""))
+            click.echo(
+                f"{record.state} (exit code {code if code is not None else '-'})"
+                + (
+                    f": {record.reason}"
+                    if record.reason and record.reason != f"exit code {code}"
+                    else ""
+                )
+            )
         return ExitCode.OK if record.state == JobState.SUCCEEDED else ExitCode.JOB_FAILED
 
     sys.exit(run_async(lambda: with_bus(settings, go)))
@@ -151,7 +166,9 @@ def jobs() -> None:
 @click.option("--limit", type=click.IntRange(1), default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def jobs_ls(ctx: click.Context, states: tuple[str, ...], active: bool, limit: int, as_json: bool) -> None:
+def jobs_ls(
+    ctx: click.Context, states: tuple[str, ...], active: bool, limit: int, as_json: bool
+) -> None:
     """List jobs, newest first."""
     wanted = {JobState(s) for s in states} or None
     if active:
@@ -167,8 +184,15 @@ def jobs_ls(ctx: click.Context, states: tuple[str, ...], active: bool, limit: in
     print_table(
         ["ID", "STATE", "TYPE", "PRIO", "ATTEMPT", "RUNNER", "SUBMITTED"],
         [
-            [r.id, r.state, r.spec.job_type, r.spec.priority, r.attempt, r.runner_id or "-",
-             fmt_ms(r.submitted_at_ms)]
+            [
+                r.id,
+                r.state,
+                r.spec.job_type,
+                r.spec.priority,
+                r.attempt,
+                r.runner_id or "-",
+                fmt_ms(r.submitted_at_ms),
+            ]
             for r in records
         ],
     )

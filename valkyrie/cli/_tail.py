@@ -59,7 +59,11 @@ def tail(
 
     async def go(bus: Bus) -> None:
         async for seq, event in Client(bus).events(
-            pattern, start_seq=start_seq, since=start, deliver_all=from_start, idle_timeout_s=idle_exit
+            pattern,
+            start_seq=start_seq,
+            since=start,
+            deliver_all=from_start,
+            idle_timeout_s=idle_exit,
         ):
             if as_json:
                 click.echo(encode({"seq": seq, "event": event}).decode())

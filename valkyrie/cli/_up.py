@@ -9,6 +9,7 @@ import click
 from valkyrie._app import open_bus, run_control_plane
 from valkyrie._handlers import discover_handlers
 from valkyrie.cli._common import run_async, settings_from
+from valkyrie.runner import run_reference_runner
 
 __all__ = ["handlers_cmd", "provision", "up", "worker"]
 
@@ -21,20 +22,40 @@ def _logging(verbose: bool) -> None:
 
 
 @click.command()
-@click.option("--handlers", "only", help="Comma-separated handlers to run (default: all registered).")
+@click.option(
+    "--handlers", "only", help="Comma-separated handlers to run (default: all registered)."
+)
+@click.option(
+    "--runners",
+    "local_runners",
+    type=click.IntRange(0, 64),
+    default=0,
+    show_default=True,
+    help="Also run this many reference runners in this process (they execute job commands).",
+)
 @click.option("-v", "--verbose", is_flag=True)
 @click.pass_context
-def up(ctx: click.Context, only: str | None, verbose: bool) -> None:
-    """Run the control plane: an embedded nats-server unless VALKYRIE_NATS_URL is set, plus every
-    handler, in one process. Ctrl-C finishes in-flight work and stops cleanly."""
+def up(ctx: click.Context, only: str | None, local_runners: int, verbose: bool) -> None:
+    """Run the control plane and every handler in one process.
+
+    It embeds a nats-server unless VALKYRIE_NATS_URL is set. With --runners N it also runs N
+    reference runners, which execute job commands on this host. Ctrl-C finishes in-flight work and
+    stops cleanly.
+    """
     _logging(verbose)
     settings = settings_from(ctx)
     names = [n.strip() for n in only.split(",")] if only else None
+    extras = [run_reference_runner] * local_runners
 
     def ready(_bus: object) -> None:
-        click.echo("valkyrie is up; Ctrl-C to stop", err=True)
+        with_runners = f" with {local_runners} local runner(s)" if local_runners else ""
+        click.echo(f"valkyrie is up{with_runners}; Ctrl-C to stop", err=True)
 
-    run_async(lambda: run_control_plane(settings, handlers=names, embed=True, on_ready=ready))
+    run_async(
+        lambda: run_control_plane(
+            settings, handlers=names, embed=True, extras=extras, on_ready=ready
+        )
+    )
 
 
 @click.command()
@@ -46,8 +67,9 @@ def worker(ctx: click.Context, names: tuple[str, ...], verbose: bool) -> None:
     _logging(verbose)
     settings = settings_from(ctx)
     if not settings.nats_url:
-        settings = type(settings).from_env(nats_url=f"nats://127.0.0.1:{settings.embedded_port}",
-                                           prefix=settings.prefix)
+        settings = type(settings).from_env(
+            nats_url=f"nats://127.0.0.1:{settings.embedded_port}", prefix=settings.prefix
+        )
     run_async(lambda: run_control_plane(settings, handlers=list(names), embed=False))
 
 

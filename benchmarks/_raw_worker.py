@@ -1,0 +1,154 @@
+"""Raw-NATS dispatcher baseline: the least a JetStream dispatcher can do per job.
+
+Run by ``benchmarks/dispatch.py`` as a subprocess (``python benchmarks/_raw_worker.py ...``). It binds
+to a durable pull consumer on a work-queue stream the benchmark created and, per message: decodes the
+job id, picks a runner round-robin, records the job with one KV compare-and-set (``kv.create``),
+publishes the dispatch with one core publish on ``<prefix>.dispatch.<runner>``, and acks. Up to
+``--concurrency`` messages are processed at once; each fetch asks for no more than the backlog
+(the last message's ``num_pending`` + 1) and the free slots, with a short timeout, so a paced
+trickle is fetched one message at a time and a backlog in large batches.
+
+It answers core requests on ``<prefix>.ping`` once ready, and stops cleanly on SIGTERM/SIGINT.
+Self-contained on purpose: only nats-py, msgspec and anyio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Sequence
+
+import anyio
+import msgspec
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+
+
+class _Job(msgspec.Struct):
+    job_id: str
+
+
+class _Dispatch(msgspec.Struct):
+    job_id: str
+    attempt: int
+    runner_id: str
+    spec: msgspec.Raw
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--prefix", required=True)
+    parser.add_argument("--stream", required=True)
+    parser.add_argument("--subject", required=True)
+    parser.add_argument("--durable", required=True)
+    parser.add_argument("--bucket", required=True)
+    parser.add_argument("--runners", type=int, required=True)
+    parser.add_argument("--concurrency", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=256, help="largest fetch")
+    parser.add_argument("--fetch-timeout", type=float, default=0.25)
+    return parser.parse_args(argv)
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    stop = anyio.Event()
+    errors: list[str] = []
+
+    async def on_error(e: Exception) -> None:
+        if not stop.is_set():
+            print(f"raw-worker: NATS error: {e!r}", file=sys.stderr, flush=True)
+
+    nc = await nats.connect(
+        args.url, name="raw-worker", error_cb=on_error, max_reconnect_attempts=-1, drain_timeout=5
+    )
+    js = nc.jetstream()
+    kv = await js.key_value(args.bucket)
+    psub = await js.pull_subscribe(args.subject, durable=args.durable, stream=args.stream)
+    runners = [f"r{i:04d}" for i in range(args.runners)]
+    subjects = [f"{args.prefix}.dispatch.{r}" for r in runners]
+    decoder = msgspec.json.Decoder(_Job)
+    encoder = msgspec.json.Encoder()
+    slots = anyio.Semaphore(args.concurrency)
+    counters = {"next": 0, "processed": 0, "existed": 0, "failed": 0}
+
+    async def pong(msg: Msg) -> None:
+        await msg.respond(b"ok")
+
+    ping = await nc.subscribe(f"{args.prefix}.ping", cb=pong)
+
+    async def handle(msg: Msg) -> None:
+        try:
+            job_id = decoder.decode(msg.data).job_id
+            n = counters["next"]
+            counters["next"] = n + 1
+            index = n % len(runners)
+            try:
+                await kv.create(job_id, msg.data)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                counters["existed"] += 1  # a redelivery: the job is recorded, dispatch again
+            body = encoder.encode(
+                _Dispatch(
+                    job_id=job_id, attempt=1, runner_id=runners[index], spec=msgspec.Raw(msg.data)
+                )
+            )
+            await nc.publish(subjects[index], body)
+            await msg.ack()
+            counters["processed"] += 1
+        except Exception as e:  # count and let the message be redelivered
+            counters["failed"] += 1
+            if len(errors) < 10:
+                errors.append(repr(e))
+        finally:
+            slots.release()
+
+    async def watch_signals() -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                stop.set()
+                return
+
+    async with anyio.create_task_group() as outer:
+        outer.start_soon(watch_signals)
+        print("raw-worker: ready", flush=True)
+        backlog = 0
+        async with anyio.create_task_group() as tg:
+            while not stop.is_set():
+                free = slots.value
+                if free == 0:
+                    await slots.acquire()
+                    slots.release()
+                    continue
+                batch = max(1, min(free, args.batch, backlog + 1))
+                try:
+                    msgs = await psub.fetch(batch=batch, timeout=args.fetch_timeout)
+                except TimeoutError:  # nats raises its own subclass or the builtin
+                    backlog = 0
+                    continue
+                except (nats.errors.Error, nats.js.errors.Error) as e:
+                    print(f"raw-worker: fetch failed: {e!r}", file=sys.stderr, flush=True)
+                    await anyio.sleep(0.1)
+                    continue
+                for msg in msgs:
+                    await slots.acquire()
+                    tg.start_soon(handle, msg)
+                try:
+                    backlog = int(msgs[-1].metadata.num_pending) if msgs else 0
+                except (AttributeError, TypeError, ValueError, nats.errors.Error):
+                    backlog = 0
+        outer.cancel_scope.cancel()
+    await ping.unsubscribe()
+    await nc.drain()
+    print(f"raw-worker: stopped {counters} errors={errors}", flush=True)
+    return 0 if counters["failed"] == 0 else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run until SIGTERM/SIGINT; exit 0 when no message failed."""
+    return anyio.run(_serve, _parse(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,921 @@
+"""Dispatch benchmark: submit -> dispatch-received latency and saturating throughput.
+
+Two systems, measured in the same run against the same nats-server:
+
+* **valkyrie**: the control-plane handlers ``intake registry dispatcher results`` in one subprocess
+  (``python -m valkyrie worker ...``) and, in this process, ``--runners`` simulated runners
+  (:class:`benchmarks._fleet.LeanFleet`) that accept and complete every dispatch at once.
+* **raw**: the minimal equivalent in plain nats-py: JetStream publish to a work-queue stream -> a
+  worker subprocess (``benchmarks/_raw_worker.py``) with a durable pull consumer doing one KV create
+  and one core publish per job -> subscribers here.
+
+Each system gets a unique prefix, a warm-up (excluded), a PACED phase (``--paced-jobs`` at
+``--rate`` jobs/s: latency percentiles) and a SATURATING phase (``--jobs`` published as fast as
+``--publish-concurrency`` publishers allow: throughput = jobs dispatched / (last dispatch received -
+first submit), and latency percentiles). Submit time is taken just before each JetStream publish,
+receipt time on arrival of the dispatch message; both with ``time.perf_counter_ns`` in this process.
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/dispatch.py            # full run (about a minute or two)
+    .venv/bin/python benchmarks/dispatch.py --quick    # smoke run (~15 s)
+
+Exit status: 0 when every scenario ran and every submitted job was dispatched; 2 when jobs went
+missing (figures are still printed and written); 1 when a scenario failed; 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(ROOT))
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+import pstats  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+import uuid  # noqa: E402
+from collections.abc import Awaitable, Callable, Sequence  # noqa: E402
+from dataclasses import asdict, dataclass, field  # noqa: E402
+from types import FrameType  # noqa: E402
+from typing import Any  # noqa: E402
+
+import anyio  # noqa: E402
+import anyio.to_thread  # noqa: E402
+import msgspec  # noqa: E402
+import nats  # noqa: E402
+import nats.errors  # noqa: E402
+import nats.js.errors  # noqa: E402
+from nats.aio.client import Client as NatsClient  # noqa: E402
+from nats.js import JetStreamContext  # noqa: E402
+from nats.js.api import (  # noqa: E402
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+
+from benchmarks._fleet import LeanFleet, RawReceivers, Recorder, runner_ids  # noqa: E402
+from benchmarks._procs import Child, Children, CpuClock  # noqa: E402
+from benchmarks._report import (  # noqa: E402
+    environment,
+    ratio,
+    render_table,
+    summarize_ns,
+    timestamp,
+    write_json,
+)
+from schemas import JobSubmission  # noqa: E402
+from valkyrie import BUCKETS, Bus, NatsServer, Settings, connect  # noqa: E402
+
+DEFAULT_JSON = ROOT / "benchmarks" / "results" / "dispatch.json"
+HANDLERS = ("intake", "registry", "dispatcher", "results")
+#: events and logs streams reserve their max_bytes on the server: keep it modest but far above what
+#: a run stores (about 2 KB of events per job), since old events are discarded when it is reached
+EVENTS_MAX_BYTES = 256 * 1024 * 1024
+TARGET_THROUGHPUT = 2000.0
+TARGET_PACED_P50_MS = 3.0
+
+
+def log(message: str) -> None:
+    """Progress on stderr (stdout carries the table)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class Params:
+    """What to run."""
+
+    runners: int
+    runner_capacity: int
+    jobs: int
+    paced_jobs: int
+    rate: float
+    warmup: int
+    publish_concurrency: int
+    heartbeat_ms: int
+    raw_concurrency: int
+    raw_batch: int
+    wait_idle_s: float
+    quick: bool
+    skip_raw: bool
+    skip_valkyrie: bool
+    nats_url: str | None
+    profile: str | None
+
+
+# -- phases -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    """One system under test, as the phase code sees it."""
+
+    name: str
+    js: JetStreamContext
+    subject: str
+    recorder: Recorder
+    alive: Callable[[], str | None]
+    settle: Callable[[], Awaitable[float | None]]
+    cpu_pids: dict[str, int | None]
+    tag: str
+    extra: Callable[[], dict[str, Any]] = field(default=lambda: {})
+
+
+def _bodies(tag: str, phase: str, count: int) -> list[tuple[str, bytes]]:
+    out = []
+    for i in range(count):
+        job_id = f"{tag}-{phase}-{i:06d}"
+        spec = JobSubmission(job_type="shell", job_id=job_id, metadata={"benchmark": "dispatch"})
+        out.append((job_id, msgspec.json.encode(spec)))
+    return out
+
+
+async def _publish(target: Target, job_id: str, body: bytes) -> None:
+    rec = target.recorder
+    rec.submitted[job_id] = time.perf_counter_ns()
+    try:
+        await target.js.publish(target.subject, body, timeout=10)
+    except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as e:
+        rec.submit_errors += 1
+        rec.submitted.pop(job_id, None)
+        rec.forget(job_id)
+        if rec.submit_errors <= 3:
+            log(f"{target.name}: publish of {job_id} failed: {e!r}")
+
+
+def _wait_budget(jobs: int) -> float:
+    return 60.0 + jobs / 50.0
+
+
+async def run_phase(
+    target: Target, phase: str, count: int, *, rate: float | None, p: Params
+) -> dict[str, Any]:
+    """Submit ``count`` jobs (paced at ``rate``, or saturating when ``None``) and wait for them."""
+    jobs = _bodies(target.tag, phase, count)
+    ids = [j for j, _ in jobs]
+    rec = target.recorder
+    rec.expect(ids)
+    clock = CpuClock(target.cpu_pids)
+    clock.start()
+    started = time.perf_counter()
+    if rate is not None:
+        async with anyio.create_task_group() as tg:
+            interval = 1.0 / rate
+            for i, (job_id, body) in enumerate(jobs):
+                delay = started + i * interval - time.perf_counter()
+                if delay > 0:
+                    await anyio.sleep(delay)
+                tg.start_soon(_publish, target, job_id, body)
+    else:
+        queue = iter(jobs)
+
+        async def publisher() -> None:
+            for job_id, body in queue:  # shared iterator: each job is taken once
+                await _publish(target, job_id, body)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(max(1, min(p.publish_concurrency, count))):
+                tg.start_soon(publisher)
+    published_s = time.perf_counter() - started
+    problem = await rec.wait(
+        timeout_s=_wait_budget(count), idle_s=p.wait_idle_s, alive=target.alive
+    )
+    cpu = clock.stop()
+    if problem:
+        log(f"{target.name} {phase}: {problem}")
+
+    submit_ns = [rec.submitted[j] for j in ids if j in rec.submitted]
+    pairs = [
+        (rec.submitted[j], rec.received[j]) for j in ids if j in rec.submitted and j in rec.received
+    ]
+    latencies = [r - s for s, r in pairs]
+    submitted = len(submit_ns)
+    dispatched = len(pairs)
+    first_submit = min(submit_ns) if submit_ns else None
+    last_submit = max(submit_ns) if submit_ns else None
+    last_recv = max((r for _, r in pairs), default=None)
+    span_s = (
+        (last_recv - first_submit) / 1e9
+        if last_recv is not None and first_submit is not None
+        else None
+    )
+    submit_span_s = (
+        (last_submit - first_submit) / 1e9
+        if last_submit is not None and first_submit is not None
+        else None
+    )
+    result: dict[str, Any] = {
+        "mode": "paced" if rate is not None else "saturating",
+        "requested": count,
+        "target_rate_per_s": rate,
+        "publish_concurrency": None if rate is not None else p.publish_concurrency,
+        "submitted": submitted,
+        "submit_errors": count - submitted,
+        "dispatched": dispatched,
+        "missing": submitted - dispatched,
+        "submit_rate_per_s": round((submitted - 1) / submit_span_s, 1) if submit_span_s else None,
+        "publish_wall_s": round(published_s, 3),
+        "dispatch_span_s": round(span_s, 3) if span_s is not None else None,
+        "throughput_per_s": round(dispatched / span_s, 1) if span_s else None,
+        "latency_ms": summarize_ns(latencies),
+        "cpu_cores": cpu,
+        "wait_problem": problem,
+    }
+    settle_s = await target.settle()
+    result["settle_s"] = round(settle_s, 3) if settle_s is not None else None
+    if settle_s is None:
+        log(f"{target.name} {phase}: the pipeline did not go idle in time")
+    return result
+
+
+async def run_all_phases(target: Target, p: Params) -> dict[str, Any]:
+    """Warm-up, paced, saturating."""
+    out: dict[str, Any] = {}
+    if p.warmup:
+        log(f"{target.name}: warm-up, {p.warmup} jobs")
+        out["warmup"] = await run_phase(target, "w", p.warmup, rate=None, p=p)
+    if p.paced_jobs:
+        log(f"{target.name}: paced, {p.paced_jobs} jobs at {p.rate:g}/s")
+        out["paced"] = await run_phase(target, "p", p.paced_jobs, rate=p.rate, p=p)
+    if p.jobs:
+        log(f"{target.name}: saturating, {p.jobs} jobs")
+        out["saturating"] = await run_phase(target, "s", p.jobs, rate=None, p=p)
+    out["duplicate_receipts"] = target.recorder.duplicates
+    out.update(target.extra())
+    return out
+
+
+async def _until(
+    check: Callable[[], Awaitable[bool]], timeout_s: float, interval_s: float = 0.05
+) -> float | None:
+    """Poll ``check`` until true; seconds taken, or ``None`` on timeout."""
+    started = time.perf_counter()
+    with anyio.move_on_after(timeout_s):
+        while True:
+            try:
+                if await check():
+                    return time.perf_counter() - started
+            except (nats.errors.Error, nats.js.errors.Error):
+                pass
+            await anyio.sleep(interval_s)
+    return None
+
+
+def _child_alive(child: Child) -> Callable[[], str | None]:
+    def alive() -> str | None:
+        code = child.proc.poll()
+        if code is None:
+            return None
+        return f"{child.name} exited with {code}; log tail:\n{child.tail(2000)}"
+
+    return alive
+
+
+def _profiled(name: str, p: Params, argv: list[str]) -> list[str]:
+    """``argv`` (``python ...``) wrapped in cProfile when ``--profile DIR`` is set."""
+    if not p.profile:
+        return argv
+    out = Path(p.profile) / f"{name}.prof"
+    return [argv[0], "-m", "cProfile", "-o", str(out), *argv[1:]]
+
+
+def _profile_summary(name: str, p: Params) -> None:
+    if not p.profile:
+        return
+    prof = Path(p.profile) / f"{name}.prof"
+    if not prof.exists():
+        log(f"no profile written for {name}")
+        return
+    text = Path(p.profile) / f"{name}.txt"
+    with text.open("w") as out:
+        stats = pstats.Stats(str(prof), stream=out)
+        stats.sort_stats("tottime").print_stats(45)
+        stats.sort_stats("cumulative").print_stats(60)
+    log(f"profile of {name}: {text}")
+
+
+# -- valkyrie ------------------------------------------------------------------------------------
+
+
+def _env_for(settings: Settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VALKYRIE_")}
+    env.update(
+        {
+            "VALKYRIE_NATS_URL": settings.nats_url or "",
+            "VALKYRIE_PREFIX": settings.prefix,
+            "VALKYRIE_METRICS_PORT": "0",
+            "VALKYRIE_EVENTS_MAX_BYTES": str(settings.events_max_bytes),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    return env
+
+
+async def _delete_valkyrie(bus: Bus) -> None:
+    for config in bus.stream_configs():
+        try:
+            await bus.js.delete_stream(config.name or "")
+        except (nats.errors.Error, nats.js.errors.Error):
+            pass
+    for name in BUCKETS:
+        try:
+            await bus.js.delete_key_value(bus.names.bucket(name))
+        except (nats.errors.Error, nats.js.errors.Error):
+            pass
+
+
+async def valkyrie_scenario(
+    p: Params, url: str, server_pid: int | None, children: Children, workdir: Path
+) -> dict[str, Any]:
+    """The Valkyrie pipeline: handlers in one subprocess, lean runners here."""
+    prefix = "bv" + uuid.uuid4().hex[:8]
+    settings = Settings.from_env(
+        {}, nats_url=url, prefix=prefix, metrics_port=0, events_max_bytes=EVENTS_MAX_BYTES
+    )
+    names = settings.prefix
+    log(f"valkyrie: prefix {names}, {p.runners} runners x capacity {p.runner_capacity}")
+    bus = await connect(settings, name="bench-valkyrie-submit")
+    fleet_nc: NatsClient | None = None
+    child: Child | None = None
+    try:
+        await bus.provision()
+        argv = _profiled(
+            "valkyrie-worker", p, [sys.executable, "-m", "valkyrie", "worker", *HANDLERS]
+        )
+        child = children.spawn(
+            "valkyrie-worker",
+            argv,
+            env=_env_for(settings),
+            log=workdir / "valkyrie-worker.log",
+            cwd=ROOT,
+        )
+        alive = _child_alive(child)
+        fleet_nc = await nats.connect(url, name="bench-valkyrie-fleet", error_cb=_nats_error)
+        recorder = Recorder()
+        fleet = LeanFleet(
+            fleet_nc,
+            bus.names,
+            runner_ids(p.runners),
+            recorder,
+            capacity=p.runner_capacity,
+            heartbeat_ms=p.heartbeat_ms,
+        )
+        await fleet.subscribe()
+        setup_started = time.perf_counter()
+        stop = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            try:
+                await fleet.register_all(timeout_s=60)
+            except TimeoutError as e:
+                raise RuntimeError(
+                    f"runners not registered within 60s; {alive() or 'worker running'}"
+                ) from e
+            tg.start_soon(fleet.heartbeats, stop)
+            runners_kv = await bus.kv("runners")
+            wanted = set(fleet.ids)
+
+            async def all_registered() -> bool:
+                try:
+                    keys = await runners_kv.keys()
+                except nats.js.errors.NoKeysError:
+                    return False
+                return wanted <= set(keys)
+
+            if await _until(all_registered, 30, 0.1) is None:
+                raise RuntimeError("the runners bucket does not list every runner after 30s")
+            setup_s = time.perf_counter() - setup_started
+            log(f"valkyrie: {p.runners} runners registered in {setup_s:.1f}s")
+
+            submit_info = bus.names.stream("submit")
+            updates_info = bus.names.stream("updates")
+            events_info = bus.names.stream("events")
+
+            async def idle() -> bool:
+                await bus.nc.flush()
+                await fleet.nc.flush()
+                for stream in (submit_info, updates_info):
+                    if (await bus.js.stream_info(stream)).state.messages:
+                        return False
+                consumer = await bus.js.consumer_info(events_info, "dispatcher")
+                return not consumer.num_pending and not consumer.num_ack_pending
+
+            async def settle() -> float | None:
+                return await _until(idle, 120, 0.05)
+
+            def extra() -> dict[str, Any]:
+                return {
+                    "redispatches": fleet.redispatches,
+                    "updates_sent": fleet.updates_sent,
+                    "update_errors": fleet.update_errors,
+                    "setup_s": round(setup_s, 3),
+                }
+
+            target = Target(
+                name="valkyrie",
+                js=bus.js,
+                subject=bus.names.submit,
+                recorder=recorder,
+                alive=alive,
+                settle=settle,
+                cpu_pids={"benchmark": os.getpid(), "worker": child.pid, "nats_server": server_pid},
+                tag="v",
+                extra=extra,
+            )
+            results = await run_all_phases(target, p)
+            stop.set()
+            await fleet.close()
+        code = await anyio.to_thread.run_sync(children.stop, child)
+        results["worker_exit_code"] = code
+        if code != 0:
+            log(f"valkyrie worker exited with {code}; log tail:\n{child.tail()}")
+        _profile_summary("valkyrie-worker", p)
+        return results
+    finally:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(20):
+            if child is not None and child in children.started:
+                await anyio.to_thread.run_sync(children.stop, child)
+            await _delete_valkyrie(bus)
+            if fleet_nc is not None:
+                await fleet_nc.close()
+            await bus.close()
+
+
+# -- raw -----------------------------------------------------------------------------------------
+
+
+async def _nats_error(e: Exception) -> None:
+    log(f"NATS error: {e!r}")
+
+
+async def raw_scenario(
+    p: Params, url: str, server_pid: int | None, children: Children, workdir: Path
+) -> dict[str, Any]:
+    """The raw-NATS baseline: work-queue stream -> pull worker (KV create + core publish) -> subscribers."""
+    prefix = "br" + uuid.uuid4().hex[:8]
+    stream, subject, bucket, durable = (
+        f"{prefix.upper()}_WORK",
+        f"{prefix}.jobs.submit",
+        f"{prefix}_jobs",
+        "worker",
+    )
+    log(f"raw: prefix {prefix}, {p.runners} receivers, worker concurrency {p.raw_concurrency}")
+    nc = await nats.connect(url, name="bench-raw-submit", error_cb=_nats_error)
+    recv_nc: NatsClient | None = None
+    child: Child | None = None
+    js = nc.jetstream()
+    try:
+        await js.add_stream(
+            StreamConfig(
+                name=stream,
+                subjects=[subject],
+                retention=RetentionPolicy.WORK_QUEUE,
+                storage=StorageType.FILE,
+                num_replicas=1,
+                duplicate_window=120.0,
+            )
+        )
+        await js.create_key_value(
+            KeyValueConfig(
+                bucket=bucket, history=1, storage=StorageType.FILE, replicas=1, direct=True
+            )
+        )
+        await js.add_consumer(
+            stream,
+            ConsumerConfig(
+                durable_name=durable,
+                deliver_policy=DeliverPolicy.ALL,
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=30.0,
+                max_ack_pending=100_000,
+                filter_subject=subject,
+            ),
+        )
+        argv = _profiled(
+            "raw-worker",
+            p,
+            [
+                sys.executable,
+                str(ROOT / "benchmarks" / "_raw_worker.py"),
+                f"--url={url}",
+                f"--prefix={prefix}",
+                f"--stream={stream}",
+                f"--subject={subject}",
+                f"--durable={durable}",
+                f"--bucket={bucket}",
+                f"--runners={p.runners}",
+                f"--concurrency={p.raw_concurrency}",
+                f"--batch={p.raw_batch}",
+            ],
+        )
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        child = children.spawn(
+            "raw-worker", argv, env=env, log=workdir / "raw-worker.log", cwd=ROOT
+        )
+        alive = _child_alive(child)
+
+        async def ready() -> bool:
+            if alive():
+                raise RuntimeError(alive())
+            try:
+                await nc.request(f"{prefix}.ping", b"", timeout=0.5)
+            except (nats.errors.NoRespondersError, nats.errors.TimeoutError, TimeoutError):
+                return False
+            return True
+
+        if await _until(ready, 30, 0.05) is None:
+            raise RuntimeError(f"raw worker not ready within 30s: {child.tail(2000)}")
+        recv_nc = await nats.connect(url, name="bench-raw-receivers", error_cb=_nats_error)
+        recorder = Recorder()
+        receivers = RawReceivers(recv_nc, prefix, runner_ids(p.runners), recorder)
+        await receivers.subscribe()
+
+        async def idle() -> bool:
+            await nc.flush()
+            info = await js.consumer_info(stream, durable)
+            return not info.num_pending and not info.num_ack_pending
+
+        async def settle() -> float | None:
+            return await _until(idle, 120, 0.05)
+
+        target = Target(
+            name="raw",
+            js=js,
+            subject=subject,
+            recorder=recorder,
+            alive=alive,
+            settle=settle,
+            cpu_pids={"benchmark": os.getpid(), "worker": child.pid, "nats_server": server_pid},
+            tag="r",
+        )
+        results = await run_all_phases(target, p)
+        await receivers.close()
+        code = await anyio.to_thread.run_sync(children.stop, child)
+        results["worker_exit_code"] = code
+        if code != 0:
+            log(f"raw worker exited with {code}; log tail:\n{child.tail()}")
+        _profile_summary("raw-worker", p)
+        return results
+    finally:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(20):
+            if child is not None and child in children.started:
+                await anyio.to_thread.run_sync(children.stop, child)
+            try:
+                await js.delete_stream(stream)
+            except (nats.errors.Error, nats.js.errors.Error):
+                pass
+            try:
+                await js.delete_key_value(bucket)
+            except (nats.errors.Error, nats.js.errors.Error):
+                pass
+            if recv_nc is not None:
+                await recv_nc.close()
+            await nc.close()
+
+
+# -- report --------------------------------------------------------------------------------------
+
+PHASES = ("paced", "saturating")
+
+
+def _row(system: str, phase: str, r: dict[str, Any]) -> list[object]:
+    lat = r["latency_ms"]
+    return [
+        system,
+        phase,
+        r["submitted"],
+        r["dispatched"],
+        r["missing"],
+        r["submit_rate_per_s"],
+        r["throughput_per_s"],
+        lat["p50"],
+        lat["p95"],
+        lat["p99"],
+        lat["max"],
+    ]
+
+
+def ratios(results: dict[str, Any]) -> dict[str, Any]:
+    """valkyrie/raw for throughput and latency percentiles, per phase."""
+    v, r = results.get("valkyrie") or {}, results.get("raw") or {}
+    out: dict[str, Any] = {}
+    for phase in PHASES:
+        vp, rp = v.get(phase), r.get(phase)
+        if not vp or not rp:
+            continue
+        out[phase] = {
+            "throughput": ratio(vp["throughput_per_s"], rp["throughput_per_s"]),
+            **{
+                f"latency_{k}": ratio(vp["latency_ms"][k], rp["latency_ms"][k])
+                for k in ("p50", "p95", "p99")
+            },
+        }
+    return out
+
+
+def targets(results: dict[str, Any]) -> dict[str, Any]:
+    """The figures the pipeline is judged against, and whether they were met."""
+    v = results.get("valkyrie") or {}
+    sat = (v.get("saturating") or {}).get("throughput_per_s")
+    p50 = ((v.get("paced") or {}).get("latency_ms") or {}).get("p50")
+    return {
+        "saturating_throughput_per_s": {
+            "target": f">= {TARGET_THROUGHPUT:g}",
+            "measured": sat,
+            "met": sat is not None and sat >= TARGET_THROUGHPUT,
+        },
+        "paced_p50_ms": {
+            "target": f"<= {TARGET_PACED_P50_MS:g}",
+            "measured": p50,
+            "met": p50 is not None and p50 <= TARGET_PACED_P50_MS,
+        },
+    }
+
+
+def render(doc: dict[str, Any]) -> str:
+    """The stdout report."""
+    results, rat, p = doc["results"], doc["ratios"], doc["parameters"]
+    rows: list[list[object]] = []
+    for system in ("valkyrie", "raw"):
+        for phase in PHASES:
+            r = (results.get(system) or {}).get(phase)
+            if r:
+                rows.append(_row(system, phase, r))
+    for phase in PHASES:
+        q = rat.get(phase)
+        if q:
+            rows.append(
+                [
+                    "valkyrie/raw",
+                    phase,
+                    None,
+                    None,
+                    None,
+                    None,
+                    q["throughput"],
+                    q["latency_p50"],
+                    q["latency_p95"],
+                    q["latency_p99"],
+                    None,
+                ]
+            )
+    headers = [
+        "system",
+        "phase",
+        "submitted",
+        "dispatched",
+        "missing",
+        "submit/s",
+        "dispatch/s",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "max ms",
+    ]
+    lines = [
+        f"dispatch benchmark: {p['runners']} runners x capacity {p['runner_capacity']}, "
+        f"paced {p['paced_jobs']} jobs at {p['rate']:g}/s, saturating {p['jobs']} jobs "
+        f"({p['publish_concurrency']} publishers), nproc {doc['environment']['machine']['nproc']}",
+        "",
+        render_table(headers, rows),
+        "",
+        "ratio rows: dispatch/s column = valkyrie/raw throughput, latency columns = valkyrie/raw latency",
+    ]
+    cpu_rows = []
+    for system in ("valkyrie", "raw"):
+        for phase in PHASES:
+            r = (results.get(system) or {}).get(phase)
+            if r:
+                c = r["cpu_cores"]
+                cpu_rows.append(
+                    [system, phase, c.get("benchmark"), c.get("worker"), c.get("nats_server")]
+                )
+    if cpu_rows:
+        lines += [
+            "",
+            "CPU used during each phase, in cores (1.0 = one core busy):",
+            render_table(["system", "phase", "benchmark", "worker", "nats-server"], cpu_rows),
+        ]
+    t = doc["targets"]
+    if results.get("valkyrie"):
+        lines += [
+            "",
+            "targets: saturating throughput {} jobs/s: {} ({}); paced p50 {} ms: {} ({})".format(
+                t["saturating_throughput_per_s"]["target"],
+                "MET" if t["saturating_throughput_per_s"]["met"] else "NOT MET",
+                t["saturating_throughput_per_s"]["measured"],
+                t["paced_p50_ms"]["target"],
+                "MET" if t["paced_p50_ms"]["met"] else "NOT MET",
+                t["paced_p50_ms"]["measured"],
+            ),
+        ]
+    if doc["errors"]:
+        lines += ["", "ERRORS:", *doc["errors"]]
+    if doc["missing_total"]:
+        lines += ["", f"WARNING: {doc['missing_total']} submitted job(s) were never dispatched"]
+    return "\n".join(lines)
+
+
+# -- main ----------------------------------------------------------------------------------------
+
+
+async def run(
+    p: Params, url: str, server_pid: int | None, children: Children, workdir: Path
+) -> dict[str, Any]:
+    """Every scenario; errors are recorded, not raised, so the other scenario still runs."""
+    results: dict[str, Any] = {}
+    errors: list[str] = []
+    scenarios: list[tuple[str, Callable[..., Awaitable[dict[str, Any]]]]] = []
+    if not p.skip_valkyrie:
+        scenarios.append(("valkyrie", valkyrie_scenario))
+    if not p.skip_raw:
+        scenarios.append(("raw", raw_scenario))
+    for name, scenario in scenarios:
+        try:
+            results[name] = await scenario(p, url, server_pid, children, workdir)
+        except Exception as e:
+            log(f"{name} scenario failed: {e!r}")
+            traceback.print_exc(file=sys.stderr)
+            errors.append(f"{name}: {e!r}")
+    missing = sum(
+        (results.get(s) or {}).get(ph, {}).get("missing", 0)
+        for s in ("valkyrie", "raw")
+        for ph in ("warmup", *PHASES)
+    )
+    return {
+        "benchmark": "dispatch",
+        "timestamp": timestamp(),
+        "parameters": asdict(p),
+        "nats_url": url if p.nats_url else "embedded (temporary nats-server)",
+        "environment": environment(),
+        "results": results,
+        "ratios": ratios(results),
+        "targets": targets(results),
+        "errors": errors,
+        "missing_total": missing,
+    }
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[Params, Path, bool]:
+    """Command-line options; ``--quick`` sets small defaults that explicit options override."""
+    parser = argparse.ArgumentParser(
+        description="Valkyrie dispatch benchmark vs a raw-NATS baseline.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--runners", type=int, default=None, help="simulated runners (default 100; quick 10)"
+    )
+    parser.add_argument(
+        "--runner-capacity", type=int, default=50, help="max concurrent jobs per runner"
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=None, help="saturating-phase jobs (default 5000; quick 500)"
+    )
+    parser.add_argument(
+        "--paced-jobs", type=int, default=None, help="paced-phase jobs (default 1000; quick 100)"
+    )
+    parser.add_argument("--rate", type=float, default=200.0, help="paced-phase jobs per second")
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="warm-up jobs, excluded (default 100; quick 20)"
+    )
+    parser.add_argument(
+        "--publish-concurrency", type=int, default=64, help="concurrent publishers when saturating"
+    )
+    parser.add_argument("--heartbeat-ms", type=int, default=1000, help="runner heartbeat interval")
+    parser.add_argument(
+        "--raw-concurrency", type=int, default=256, help="messages the raw worker processes at once"
+    )
+    parser.add_argument(
+        "--raw-batch", type=int, default=256, help="largest fetch of the raw worker"
+    )
+    parser.add_argument(
+        "--wait-idle",
+        type=float,
+        default=20.0,
+        help="give up waiting after this many seconds without a dispatch",
+    )
+    parser.add_argument(
+        "--json", type=Path, default=DEFAULT_JSON, help="where to write the JSON figures"
+    )
+    parser.add_argument("--nats-url", default=None, help="use this server instead of starting one")
+    parser.add_argument("--skip-raw", action="store_true", help="do not run the raw-NATS baseline")
+    parser.add_argument(
+        "--skip-valkyrie", action="store_true", help="do not run the Valkyrie pipeline"
+    )
+    parser.add_argument("--quick", action="store_true", help="small numbers for a smoke run")
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        default=None,
+        help="run the workers under cProfile, write DIR/*.prof and *.txt",
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the temporary directory (logs, server store)"
+    )
+    a = parser.parse_args(argv)
+
+    def pick(value: int | None, full: int, quick: int) -> int:
+        return value if value is not None else (quick if a.quick else full)
+
+    params = Params(
+        runners=pick(a.runners, 100, 10),
+        runner_capacity=a.runner_capacity,
+        jobs=pick(a.jobs, 5000, 500),
+        paced_jobs=pick(a.paced_jobs, 1000, 100),
+        rate=a.rate,
+        warmup=pick(a.warmup, 100, 20),
+        publish_concurrency=a.publish_concurrency,
+        heartbeat_ms=a.heartbeat_ms,
+        raw_concurrency=a.raw_concurrency,
+        raw_batch=a.raw_batch,
+        wait_idle_s=a.wait_idle,
+        quick=a.quick,
+        skip_raw=a.skip_raw,
+        skip_valkyrie=a.skip_valkyrie,
+        nats_url=a.nats_url,
+        profile=str(Path(a.profile).resolve()) if a.profile else None,
+    )
+    problems = [
+        name
+        for name, value in (
+            ("--runners", params.runners),
+            ("--runner-capacity", params.runner_capacity),
+            ("--rate", params.rate),
+            ("--publish-concurrency", params.publish_concurrency),
+            ("--raw-concurrency", params.raw_concurrency),
+            ("--raw-batch", params.raw_batch),
+        )
+        if value <= 0
+    ]
+    problems += [
+        n
+        for n, v in (
+            ("--jobs", params.jobs),
+            ("--paced-jobs", params.paced_jobs),
+            ("--warmup", params.warmup),
+        )
+        if v < 0
+    ]
+    if problems:
+        parser.error(f"{', '.join(problems)} must be positive")
+    if params.skip_raw and params.skip_valkyrie:
+        parser.error("--skip-raw and --skip-valkyrie together leave nothing to run")
+    return params, a.json, a.keep
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; see the module docstring for the exit status."""
+    params, json_path, keep = parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
+    workdir = Path(tempfile.mkdtemp(prefix="valkyrie-bench-dispatch-"))
+    children = Children()
+    server: NatsServer | None = None
+    try:
+        if params.profile:
+            Path(params.profile).mkdir(parents=True, exist_ok=True)
+        url = params.nats_url
+        if not url:
+            server = NatsServer(
+                store_dir=workdir / "nats", port=0, name="bench-dispatch", max_mem="2G"
+            )
+            server.start()
+            url = server.url
+            log(f"nats-server on {url} (pid {server.pid}, store {server.store_dir})")
+        doc = anyio.run(run, params, url, server.pid if server else None, children, workdir)
+        write_json(json_path, doc)
+        print(render(doc), flush=True)
+        print(f"\nJSON: {json_path}", flush=True)
+        if doc["errors"]:
+            return 1
+        return 2 if doc["missing_total"] else 0
+    except KeyboardInterrupt:
+        log("interrupted: stopping subprocesses and the server")
+        return 130
+    finally:
+        try:
+            children.stop_all()
+        finally:
+            if server is not None:
+                server.stop()
+            if keep:
+                log(f"kept {workdir}")
+            else:
+                shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Every package declares its public names: sorted ``__all__``, nothing missing, py.typed shipped."""
+
+from __future__ import annotations
+
+import importlib
+import tomllib
+import types
+from pathlib import Path
+
+import pytest
+
+from tests._helpers import ROOT
+
+PACKAGES = ["valkyrie", "schemas", "handlers", "valkyrie.cli"]
+TOP_LEVEL = ["valkyrie", "schemas", "handlers"]
+
+
+def _ruf022_key(name: str) -> tuple[int, str]:
+    """ruff's RUF022 "isort-style" order: SCREAMING_CASE, then CamelCase, then the rest."""
+    return (0 if name.isupper() else 1 if name[0].isupper() else 2, name)
+
+
+def _all(package: str) -> list[str]:
+    module = importlib.import_module(package)
+    names = getattr(module, "__all__", None)
+    assert isinstance(names, list), f"{package} has no __all__ list"
+    return names
+
+
+def test_sort_key_matches_ruff() -> None:
+    names = ["main", "Client", "BUCKETS", "connect", "ExitCode", "ENTRY_POINT_GROUP", "V2"]
+    assert sorted(names, key=_ruf022_key) == [
+        "BUCKETS",
+        "ENTRY_POINT_GROUP",
+        "V2",
+        "Client",
+        "ExitCode",
+        "connect",
+        "main",
+    ]
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_all_is_sorted_and_unique(package: str) -> None:
+    names = _all(package)
+    assert len(set(names)) == len(names), f"{package}.__all__ has duplicates"
+    assert names == sorted(names, key=_ruf022_key), (
+        f"{package}.__all__ is not sorted (ruff RUF022): expected {sorted(names, key=_ruf022_key)}"
+    )
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_all_names_exist(package: str) -> None:
+    module = importlib.import_module(package)
+    missing = [name for name in _all(package) if not hasattr(module, name)]
+    assert not missing, f"{package}.__all__ names missing attributes: {missing}"
+
+
+def _public_names(module: types.ModuleType) -> set[str]:
+    """Names the package's ``__init__`` binds that do not start with ``_`` (modules excluded)."""
+    return {
+        name
+        for name, value in vars(module).items()
+        if not name.startswith("_")
+        and not isinstance(value, types.ModuleType)
+        and type(value).__module__ != "__future__"  # `from __future__ import annotations`
+    }
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_every_public_name_is_in_all(package: str) -> None:
+    module = importlib.import_module(package)
+    undeclared = sorted(_public_names(module) - set(_all(package)))
+    assert not undeclared, (
+        f"{package} binds public names missing from __all__: {undeclared} "
+        "(add them to __all__, or import them under a private alias)"
+    )
+
+
+@pytest.mark.parametrize("package", TOP_LEVEL)
+def test_package_ships_py_typed(package: str) -> None:
+    module = importlib.import_module(package)
+    assert module.__file__ is not None
+    assert (Path(module.__file__).parent / "py.typed").is_file(), f"{package}/py.typed is missing"
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    package_data = pyproject["tool"]["setuptools"]["package-data"]
+    assert "py.typed" in package_data.get(package, []), (
+        f"pyproject.toml does not ship {package}/py.typed"
+    )

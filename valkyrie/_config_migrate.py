@@ -1,0 +1,212 @@
+"""Migration of the ancestor's ``ValkyrieIntegrationConfig`` (RustCI) to Valkyrie's config.
+
+Every ancestor field is accounted for: mapped (same meaning), changed (unit or shape converted), or
+dropped (no equivalent here) — each with the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["MigrationReport", "MigrationStep", "migrate_ancestor"]
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationStep:
+    """What happened to one ancestor field."""
+
+    field: str
+    action: str  # "mapped" | "changed" | "dropped" | "unknown"
+    target: str | None
+    value: Any
+    reason: str
+
+
+@dataclass
+class MigrationReport:
+    """The migrated dotted values and one step per ancestor field."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    steps: list[MigrationStep] = field(default_factory=list)
+
+
+def _ms(value: Any) -> float | None:
+    """Ancestor durations: integer milliseconds, or serde's ``{secs, nanos}``."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, dict) and "secs" in value:
+        return float(value.get("secs", 0)) * 1000 + float(value.get("nanos", 0)) / 1e6
+    return None
+
+
+_LOG_LEVELS = {
+    "error": "error",
+    "warn": "warning",
+    "info": "info",
+    "debug": "debug",
+    "trace": "debug",
+}
+_MODES = {"full", "hybrid", "fallback", "compatibility", "disabled"}
+
+_DROPPED = {
+    "performance_enhancement_enabled": "placement is always measured; there is no separate enhanced path",
+    "max_connections": "connections are NATS's concern (server limits), not the control plane's",
+    "connection_timeout": "connection timeouts are process settings (VALKYRIE_CONNECT_TIMEOUT_S)",
+    "max_concurrent_jobs": "capacity is per runner (max_concurrent_jobs at registration)",
+    "queue_capacity": "the queue is a JetStream stream bounded by its retention, not a fixed capacity",
+    "fallback_retry_attempts": "HTTP clients retry with an Idempotency-Key; the bridge holds no state",
+    "health_check_timeout": "staleness is health.stale_after_ms, derived from the report interval",
+    "enable_zero_copy": "a transport optimisation of the Rust engine; not applicable",
+    "enable_simd_optimization": "a transport optimisation of the Rust engine; not applicable",
+    "memory_pool_size": "memory pools of the Rust engine; not applicable",
+    "buffer_pool_sizes": "buffer pools of the Rust engine; not applicable",
+    "metrics_interval": "Prometheus scrapes /metrics when it wants; there is no push interval",
+    "tracing_enabled": "tracing is not part of this release",
+    "hot_reload_enabled": "always on: changes over the bus apply live",
+    "config_validation_strict": "validation is always strict (unknown keys and bad values refused)",
+    "config_backup_enabled": "every revision is kept in the config bucket's history",
+    "authorization_enabled": "token scopes are always enforced when authentication is on",
+    "rate_limiting_enabled": "rate limits are always on (http.rate_limit_per_s)",
+    "adaptive_routing_enabled": "placement adapts from measured runner statistics already",
+    "machine_learning_enabled": "no ML placement; the score is documented and deterministic",
+    "predictive_scaling_enabled": "scaling runners is outside the control plane",
+    "chaos_engineering_enabled": "chaos is tested in the suite, not switched on in production",
+    "valkyrie_listen_address": "handled with http.host/http.port",
+}
+
+
+def migrate_ancestor(doc: dict[str, Any]) -> MigrationReport:
+    """Translate an ancestor config document (its field names and units) to dotted Valkyrie keys."""
+    report = MigrationReport()
+
+    def mapped(name: str, target: str, value: Any, reason: str = "same meaning") -> None:
+        report.values[target] = value
+        report.steps.append(MigrationStep(name, "mapped", target, value, reason))
+
+    def changed(name: str, target: str, value: Any, reason: str) -> None:
+        report.values[target] = value
+        report.steps.append(MigrationStep(name, "changed", target, value, reason))
+
+    def dropped(name: str, value: Any, reason: str) -> None:
+        report.steps.append(MigrationStep(name, "dropped", None, value, reason))
+
+    enabled = doc.get("valkyrie_enabled")
+    for name, value in doc.items():
+        if name == "valkyrie_enabled":
+            if value is False:
+                changed(
+                    name,
+                    "mode",
+                    "disabled",
+                    "valkyrie_enabled=false: intake still accepts jobs, nothing is dispatched",
+                )
+            else:
+                dropped(name, value, "enabled is the default; the mode decides behaviour")
+        elif name == "integration_mode":
+            mode = str(value).lower()
+            if enabled is False:
+                dropped(name, value, "valkyrie_enabled=false wins: mode is disabled")
+            elif mode in _MODES:
+                changed(name, "mode", mode, "enum names are lower-case here")
+            else:
+                dropped(name, value, f"unknown mode {value!r}")
+        elif name == "backward_compatibility_enabled":
+            mapped(name, "features.legacy_v1_api", bool(value))
+        elif name == "intelligent_routing_enabled":
+            mapped(name, "features.qos_routing", bool(value), "QoS and routing hints in placement")
+        elif name == "fallback_mode_enabled":
+            mapped(
+                name,
+                "features.auto_fallback",
+                bool(value),
+                "fall back automatically on degradation",
+            )
+        elif name == "fallback_timeout":
+            ms = _ms(value)
+            if ms:
+                changed(
+                    name,
+                    "http.request_timeout_s",
+                    ms / 1000,
+                    "milliseconds -> seconds; bounds a bridged call",
+                )
+            else:
+                dropped(name, value, "zero or unreadable duration")
+        elif name == "health_check_interval":
+            ms = _ms(value)
+            if ms and ms >= 50:
+                changed(
+                    name,
+                    "health.report_interval_ms",
+                    int(ms),
+                    "health is reported by every worker at this interval",
+                )
+                report.values.setdefault("health.stale_after_ms", max(int(ms) * 3, 5000))
+            else:
+                dropped(name, value, "below 50 ms or unreadable")
+        elif name in ("failure_threshold", "recovery_threshold"):
+            if isinstance(value, int) and value >= 1:
+                mapped(
+                    name,
+                    f"health.{name}",
+                    value,
+                    "consecutive evaluations before fallback/recovery",
+                )
+            else:
+                dropped(name, value, "must be at least 1")
+        elif name == "enable_tls":
+            mapped(name, "security.tls_enabled", bool(value), "TLS to NATS")
+        elif name in ("tls_cert_path", "tls_key_path"):
+            if value:
+                target = (
+                    "security.tls_cert_file" if name == "tls_cert_path" else "security.tls_key_file"
+                )
+                mapped(name, target, str(value))
+            else:
+                dropped(name, value, "not set")
+        elif name == "metrics_enabled":
+            mapped(name, "observability.metrics_enabled", bool(value))
+        elif name == "logging_level":
+            level = _LOG_LEVELS.get(str(value).lower())
+            if level:
+                changed(
+                    name,
+                    "observability.log_level",
+                    level,
+                    "lower-case; trace becomes debug, warn warning",
+                )
+            else:
+                dropped(name, value, f"unknown level {value!r}")
+        elif name == "authentication_required":
+            mapped(name, "http.auth_required", bool(value), "bearer tokens on the HTTP bridge")
+        elif name == "audit_logging_enabled":
+            mapped(name, "security.audit_enabled", bool(value))
+        elif name == "dispatch_timeout":
+            ms = _ms(value)
+            dropped(
+                name,
+                value,
+                f"the ancestor's {ms} ms dispatch target (100 µs, rounded to 0 ms on its wire) is not a "
+                "timeout; the acceptance window is dispatch.accept_timeout_ms (default 5000)",
+            )
+        elif name in _DROPPED:
+            if name == "valkyrie_listen_address" and isinstance(value, str) and ":" in value:
+                host, _, port = value.rpartition(":")
+                if port.isdigit():
+                    changed(
+                        name,
+                        "http.host",
+                        host,
+                        "the engine listener becomes the HTTP bridge address",
+                    )
+                    report.values["http.port"] = int(port)
+                    continue
+            dropped(name, value, _DROPPED[name])
+        else:
+            report.steps.append(
+                MigrationStep(name, "unknown", None, value, "not an ancestor field; ignored")
+            )
+    return report

@@ -1,0 +1,140 @@
+"""Config validation: every problem at once, each with its dotted path, plus warnings."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from schemas import FieldError, collect_errors
+from valkyrie._config import ValkyrieConfig
+
+__all__ = ["ValidationResult", "validate_dotted"]
+
+
+@dataclass(frozen=True)
+class ValidationResult:
+    """The config when valid, else ``None``; errors and warnings with dotted paths."""
+
+    config: ValkyrieConfig | None
+    errors: list[FieldError] = field(default_factory=list)
+    warnings: list[FieldError] = field(default_factory=list)
+
+
+def _unknown(tp: type[msgspec.Struct], obj: Mapping[str, Any], prefix: str) -> list[FieldError]:
+    errors: list[FieldError] = []
+    fields = {f.encode_name: f for f in msgspec.structs.fields(tp)}
+    for key, value in obj.items():
+        if key not in fields:
+            errors.append(FieldError(path=f"{prefix}{key}", reason="unknown key"))
+            continue
+        sub = fields[key].type
+        if isinstance(sub, type) and issubclass(sub, msgspec.Struct) and isinstance(value, dict):
+            errors.extend(_unknown(sub, value, f"{prefix}{key}."))
+    return errors
+
+
+def _path(error: FieldError) -> FieldError:
+    # schemas paths look like "$.dispatch.x"; config paths are plain dotted keys
+    path = error.path[2:] if error.path.startswith("$.") else error.path.lstrip("$")
+    return FieldError(path=path or "(root)", reason=error.reason)
+
+
+def validate_dotted(dotted: Mapping[str, Any]) -> ValidationResult:
+    """Validate a dotted mapping as a whole config."""
+    from valkyrie._config_load import unflatten
+
+    nested = unflatten(dotted)
+    errors = _unknown(ValkyrieConfig, nested, "")
+    errors += [_path(e) for e in collect_errors(ValkyrieConfig, nested)]
+    if errors:
+        return ValidationResult(None, _dedupe(errors))
+    try:
+        config = msgspec.convert(nested, ValkyrieConfig)
+    except msgspec.ValidationError as e:
+        return ValidationResult(None, [FieldError(path="(root)", reason=str(e))])
+    errors, warnings = _rules(config)
+    return ValidationResult(None if errors else config, errors, warnings)
+
+
+def _dedupe(errors: list[FieldError]) -> list[FieldError]:
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for e in errors:
+        if (e.path, e.reason) not in seen:
+            seen.add((e.path, e.reason))
+            out.append(e)
+    return out
+
+
+def _rules(c: ValkyrieConfig) -> tuple[list[FieldError], list[FieldError]]:
+    errors: list[FieldError] = []
+    warnings: list[FieldError] = []
+
+    def err(path: str, reason: str) -> None:
+        errors.append(FieldError(path=path, reason=reason))
+
+    def warn(path: str, reason: str) -> None:
+        warnings.append(FieldError(path=path, reason=reason))
+
+    h = c.health
+    if h.consumer_lag_degraded >= h.consumer_lag_unhealthy:
+        err("health.consumer_lag_degraded", "must be below health.consumer_lag_unhealthy")
+    if h.kv_latency_degraded_ms >= h.kv_latency_unhealthy_ms:
+        err("health.kv_latency_degraded_ms", "must be below health.kv_latency_unhealthy_ms")
+    if h.stale_after_ms <= h.report_interval_ms:
+        err(
+            "health.stale_after_ms",
+            "must exceed health.report_interval_ms (reports would look stale)",
+        )
+    d = c.dispatch
+    if d.supervise_interval_ms >= d.runner_lost_after_ms:
+        err("dispatch.supervise_interval_ms", "must be below dispatch.runner_lost_after_ms")
+    if d.runner_lost_after_ms > 5000:
+        warn(
+            "dispatch.runner_lost_after_ms",
+            "above 5000 ms: lost runners' jobs wait longer than 5 s",
+        )
+    s = c.security
+    if s.tls_enabled:
+        if not s.tls_cert_file:
+            err("security.tls_cert_file", "required when security.tls_enabled is true")
+        if not s.tls_key_file:
+            err("security.tls_key_file", "required when security.tls_enabled is true")
+    http = c.http
+    if http.auth_required and not http.tokens:
+        warn(
+            "http.tokens",
+            "http.auth_required is true but no token is configured: every call is refused",
+        )
+    names = [t.name for t in http.tokens]
+    for dup in sorted({n for n in names if names.count(n) > 1}):
+        err("http.tokens", f"token name {dup!r} is used twice")
+    if http.rate_limit_burst < http.rate_limit_per_s:
+        warn(
+            "http.rate_limit_burst",
+            "below rate_limit_per_s: a full second's allowance cannot burst",
+        )
+    o = c.observability
+    if (
+        http.enabled
+        and o.metrics_enabled
+        and http.port
+        and http.port == o.metrics_port
+        and http.host == o.metrics_host
+    ):
+        err("http.port", f"same address as observability.metrics_port ({http.port})")
+    if "*" in http.cors_origins and http.auth_required:
+        warn("http.cors_origins", "'*' with authentication lets any site call the API with a token")
+    if c.profile == "production":
+        if not s.tls_enabled:
+            warn("security.tls_enabled", "TLS is off in production")
+        if not http.auth_required:
+            warn(
+                "http.auth_required", "the HTTP bridge accepts unauthenticated calls in production"
+            )
+        if not s.audit_enabled:
+            warn("security.audit_enabled", "auditing is off in production")
+    return errors, warnings

@@ -1,0 +1,402 @@
+"""``valkyrie runner``, ``valkyrie runners …`` and ``valkyrie jobs logs``."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from dataclasses import dataclass
+
+import anyio
+import click
+import msgspec
+import nats.errors
+import nats.js.errors
+from anyio.abc import TaskGroup
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from schemas import TERMINAL_STATES, JobLog, JobState, RunnerRecord
+from valkyrie._bus import Bus, connect
+from valkyrie._client import Client
+from valkyrie._codec import JOB_DECODER, LOG_DECODER, RUNNER_DECODER, encode, now_ms
+from valkyrie._errors import NotFoundError
+from valkyrie.cli._common import (
+    ExitCode,
+    client_url,
+    fmt_ms,
+    print_table,
+    run_async,
+    settings_from,
+    with_bus,
+)
+from valkyrie.cli._jobs import jobs
+from valkyrie.cli._up import _logging
+from valkyrie.runner import RegistrationRejected, Runner, ShellHandler, reference_registration
+
+__all__ = ["jobs_logs", "runner", "runners"]
+
+
+def _pairs(value: str | None, option: str) -> dict[str, str]:
+    pairs: dict[str, str] = {}
+    for item in (value or "").split(","):
+        if not item.strip():
+            continue
+        key, sep, val = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint=option)
+        pairs[key.strip()] = val.strip()
+    return pairs
+
+
+# -- valkyrie runner ----------------------------------------------------------------------------
+
+
+@click.command()
+@click.option("--id", "runner_id", help="Runner id (default: <hostname>-<random>).")
+@click.option("--labels", help="Labels as k=v,k2=v2 (matched by affinity rules).")
+@click.option(
+    "--capacity", type=click.IntRange(1, 10_000), default=1, show_default=True, help="Jobs at once."
+)
+@click.option(
+    "--job-types", default="shell", show_default=True, help="Job types taken, comma separated."
+)
+@click.option("--region", help="Region the runner is in.")
+@click.option("--zone", help="Zone the runner is in.")
+@click.option("--heartbeat-ms", type=click.IntRange(50, 60_000), default=1000, show_default=True)
+@click.option(
+    "--drain-timeout",
+    type=click.FloatRange(0),
+    default=300.0,
+    show_default=True,
+    help="Seconds running jobs get to finish on SIGTERM.",
+)
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, exists=True),
+    help="Parent of per-job temporary directories.",
+)
+@click.option("-v", "--verbose", is_flag=True)
+@click.pass_context
+def runner(
+    ctx: click.Context,
+    runner_id: str | None,
+    labels: str | None,
+    capacity: int,
+    job_types: str,
+    region: str | None,
+    zone: str | None,
+    heartbeat_ms: int,
+    drain_timeout: float,
+    workdir: str | None,
+    verbose: bool,
+) -> None:
+    """Run a reference runner: it executes the commands of the jobs it is sent.
+
+    SIGTERM or Ctrl-C drains: no new jobs, running ones finish (up to --drain-timeout), then it
+    exits 0; a second signal stops at once (exit 10). WARNING: it runs whatever it is sent; use it
+    only with a NATS server you control, as an unprivileged user.
+    """
+    _logging(verbose)
+    registration = reference_registration(
+        runner_id,
+        job_types=[t.strip() for t in job_types.split(",") if t.strip()],
+        capacity=capacity,
+        labels=_pairs(labels, "--labels"),
+        region=region,
+        zone=zone,
+        heartbeat_interval_ms=heartbeat_ms,
+        workdir=workdir,
+    )
+    settings = settings_from(ctx)
+
+    async def go() -> int:
+        name = f"valkyrie-runner-{registration.runner_id}"
+        bus = await connect(settings, url=client_url(settings), name=name)
+        try:
+            the_runner = Runner(
+                bus, registration, ShellHandler(workdir=workdir), drain_timeout_s=drain_timeout
+            )
+            return await _serve(the_runner)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await bus.close()
+
+    try:
+        code = run_async(go)
+    except KeyboardInterrupt:  # Ctrl-C while still connecting
+        code = 130
+    sys.exit(code)
+
+
+async def _serve(the_runner: Runner) -> int:
+    click.echo(f"runner {the_runner.runner_id} starting; Ctrl-C drains", err=True)
+    forced = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_watch_signals, the_runner, tg, forced)
+        try:
+            await the_runner.run()
+        except RegistrationRejected as e:
+            click.echo(f"error: {e}", err=True)
+            return ExitCode.REJECTED
+        finally:
+            tg.cancel_scope.cancel()
+    return ExitCode.ERROR if forced.is_set() else ExitCode.OK
+
+
+async def _watch_signals(the_runner: Runner, tg: TaskGroup, forced: anyio.Event) -> None:
+    draining = False
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if draining:
+                click.echo(f"{name} again: stopping now, killing running jobs", err=True)
+                forced.set()
+                tg.cancel_scope.cancel()
+                return
+            draining = True
+            click.echo(f"{name}: draining (again to stop at once)", err=True)
+            the_runner.drain()
+
+
+# -- valkyrie runners ls/show ---------------------------------------------------------------------
+
+
+@click.group()
+def runners() -> None:
+    """Inspect registered runners."""
+
+
+async def _runner_records(bus: Bus) -> list[RunnerRecord]:
+    kv = await bus.kv("runners")
+    records: list[RunnerRecord] = []
+    watcher = await kv.watchall(ignore_deletes=True)
+    try:
+        while True:
+            try:
+                entry = await watcher.updates(timeout=5.0)
+            except nats.errors.TimeoutError:
+                break
+            if entry is None:  # the end of the stored values
+                break
+            try:
+                records.append(RUNNER_DECODER.decode(entry.value or b""))
+            except msgspec.DecodeError:
+                continue
+    finally:
+        await watcher.stop()
+    return sorted(records, key=lambda r: r.registration.runner_id)
+
+
+def _age(at_ms: int) -> str:
+    seconds = max(0, now_ms() - at_ms) / 1000
+    if seconds < 120:
+        return f"{seconds:.0f}s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m ago"
+    return fmt_ms(at_ms)
+
+
+@runners.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="Print the records as a JSON list.")
+@click.pass_context
+def runners_ls(ctx: click.Context, as_json: bool) -> None:
+    """List runners from the registry."""
+    records = run_async(lambda: with_bus(settings_from(ctx), _runner_records))
+    if as_json:
+        click.echo(encode(records).decode())
+        return
+    print_table(
+        ["ID", "STATE", "LOAD", "JOBS", "TYPES", "REGION", "HEARTBEAT", "LABELS"],
+        [
+            [
+                r.registration.runner_id,
+                r.state,
+                f"{r.load:.2f}",
+                f"{len(r.assigned_jobs)}/{r.registration.max_concurrent_jobs}",
+                ",".join(r.registration.capabilities.job_types) or "-",
+                r.registration.location.region or "-",
+                _age(r.last_heartbeat_at_ms),
+                ",".join(f"{k}={v}" for k, v in sorted(r.registration.labels.items())) or "-",
+            ]
+            for r in records
+        ],
+    )
+
+
+def _show_runner(r: RunnerRecord) -> None:
+    reg = r.registration
+    res = reg.resources
+    click.echo(f"id:          {reg.runner_id}")
+    click.echo(f"state:       {r.state}" + (" (drain requested)" if r.drain_requested else ""))
+    click.echo(f"load:        {r.load:.2f}")
+    click.echo(f"capacity:    {reg.max_concurrent_jobs}")
+    click.echo(f"job types:   {', '.join(reg.capabilities.job_types) or '-'}")
+    click.echo(f"resources:   {res.cpu_cores:g} cpu, {res.memory_mb} MB, {res.storage_gb:g} GB")
+    location = [x for x in (reg.location.region, reg.location.zone, reg.location.datacenter) if x]
+    click.echo(f"location:    {'/'.join(location) or '-'}")
+    labels = ", ".join(f"{k}={v}" for k, v in sorted(reg.labels.items()))
+    click.echo(f"labels:      {labels or '-'}")
+    click.echo(f"registered:  {fmt_ms(r.registered_at_ms)}")
+    click.echo(f"heartbeat:   {fmt_ms(r.last_heartbeat_at_ms)} ({_age(r.last_heartbeat_at_ms)})")
+    click.echo(f"session:     {reg.session_id or '-'}")
+    s = r.stats
+    click.echo(
+        f"stats:       {s.jobs_completed} completed, {s.jobs_failed} failed, "
+        f"success rate {s.success_rate:.2f}"
+    )
+    if r.assigned_jobs:
+        click.echo("jobs:")
+        for job_id, attempt in sorted(r.assigned_jobs.items()):
+            click.echo(f"  {job_id} (attempt {attempt})")
+
+
+@runners.command("show")
+@click.argument("runner_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the record as JSON.")
+@click.pass_context
+def runners_show(ctx: click.Context, runner_id: str, as_json: bool) -> None:
+    """Show one runner's record."""
+
+    async def go(bus: Bus) -> RunnerRecord:
+        kv = await bus.kv("runners")
+        try:
+            entry = await kv.get(runner_id)
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.InvalidKeyError) as e:
+            raise NotFoundError(f"no runner {runner_id!r}") from e
+        return RUNNER_DECODER.decode(entry.value or b"")
+
+    record = run_async(lambda: with_bus(settings_from(ctx), go))
+    if as_json:
+        click.echo(encode(record).decode())
+    else:
+        _show_runner(record)
+
+
+# -- valkyrie jobs logs ---------------------------------------------------------------------------
+
+
+class _LogPrinter:
+    """Prints batches: stdout lines to stdout, stderr and system lines to stderr."""
+
+    def __init__(self, attempt: int | None) -> None:
+        self._only = attempt
+        self._current: int | None = None
+
+    def print(self, batch: JobLog) -> None:
+        if self._only is not None and batch.attempt != self._only:
+            return
+        if batch.attempt != self._current and (self._current is not None or batch.attempt > 1):
+            click.echo(f"[valkyrie] attempt {batch.attempt} on {batch.runner_id}", err=True)
+        self._current = batch.attempt
+        to_stderr = batch.stream != "stdout"
+        for line in batch.lines:
+            click.echo(line, err=to_stderr)
+
+
+async def _last_seq(bus: Bus, stream: str, subject: str) -> int:
+    try:
+        msg = await bus.js.get_last_msg(stream, subject)
+    except nats.js.errors.NotFoundError:
+        return 0
+    return int(msg.seq or 0)
+
+
+@dataclass
+class _Progress:
+    """Where printing ends: the job's last log message (once known) and its state."""
+
+    state: JobState | None
+    end_seq: int | None = None
+
+
+async def _print_logs(
+    bus: Bus, job_id: str, *, follow: bool, attempt: int | None
+) -> JobState | None:
+    """Print the job's logs; with ``follow`` until it is terminal. Returns its last known state."""
+    stream, subject = bus.names.stream("logs"), bus.names.logs(job_id)
+    try:
+        progress = _Progress(state=(await Client(bus).get_job(job_id)).state)
+    except NotFoundError:
+        if follow:
+            raise
+        progress = _Progress(state=None)
+    if not follow or progress.state in TERMINAL_STATES:
+        progress.end_seq = await _last_seq(bus, stream, subject)
+        if progress.end_seq == 0:
+            if progress.state is None:
+                raise NotFoundError(f"no job {job_id!r} and no logs for it") from None
+            return progress.state
+    sub = await bus.js.subscribe(
+        subject,
+        stream=stream,
+        ordered_consumer=True,
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
+    )
+    printer = _LogPrinter(attempt)
+    seen = 0
+    try:
+        async with anyio.create_task_group() as tg:
+            if progress.end_seq is None:
+                tg.start_soon(_until_terminal, bus, job_id, progress)
+            while progress.end_seq is None or seen < progress.end_seq:
+                try:
+                    msg = await sub.next_msg(timeout=0.5)
+                except TimeoutError:
+                    continue
+                seen = int(msg.metadata.sequence.stream)
+                try:
+                    printer.print(LOG_DECODER.decode(msg.data))
+                except msgspec.DecodeError:
+                    continue
+            tg.cancel_scope.cancel()
+    finally:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+            await sub.unsubscribe()
+    return progress.state
+
+
+async def _until_terminal(bus: Bus, job_id: str, progress: _Progress) -> None:
+    # Runners store an attempt's logs before its JobFinished, so once the record is terminal the
+    # stream's last log message for the job is the last one to print.
+    kv = await bus.kv("jobs")
+    watcher = await kv.watch(job_id)
+    try:
+        while True:
+            try:
+                entry = await watcher.updates(timeout=5.0)
+            except nats.errors.TimeoutError:
+                continue
+            if entry is None or not entry.value:
+                continue
+            record = JOB_DECODER.decode(entry.value)
+            if record.state in TERMINAL_STATES:
+                progress.state = record.state
+                names = bus.names
+                progress.end_seq = await _last_seq(bus, names.stream("logs"), names.logs(job_id))
+                return
+    finally:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+            await watcher.stop()
+
+
+@jobs.command("logs")
+@click.argument("job_id")
+@click.option(
+    "-f",
+    "--follow",
+    is_flag=True,
+    help="Keep printing until the job ends; exit 1 unless it succeeded.",
+)
+@click.option("--attempt", type=click.IntRange(1), help="Only this attempt's lines.")
+@click.pass_context
+def jobs_logs(ctx: click.Context, job_id: str, follow: bool, attempt: int | None) -> None:
+    """Print a job's log lines (stdout lines to stdout, stderr and runner notes to stderr)."""
+
+    async def go(bus: Bus) -> JobState | None:
+        return await _print_logs(bus, job_id, follow=follow, attempt=attempt)
+
+    try:
+        state = run_async(lambda: with_bus(settings_from(ctx), go))
+    except KeyboardInterrupt:
+        sys.exit(130)
+    if follow and state != JobState.SUCCEEDED:
+        sys.exit(ExitCode.JOB_FAILED)

@@ -1,0 +1,537 @@
+"""The runner: register, heartbeat, take dispatches, run jobs through a handler, report."""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import anyio
+import msgspec
+import nats.errors
+from anyio.abc import TaskGroup, TaskStatus
+from nats.aio.client import Client as NatsClient
+from nats.aio.subscription import Subscription
+
+from schemas import (
+    Dispatch,
+    JobAccepted,
+    JobFinished,
+    JobResult,
+    JobStarted,
+    JobUpdate,
+    RunnerCommand,
+    RunnerHeartbeat,
+    RunnerRegistration,
+)
+from valkyrie._bus import Bus
+from valkyrie._codec import DISPATCH_DECODER, encode, new_id, now_ms
+from valkyrie._subjects import Names
+from valkyrie.runner._context import JobContext, JobHandler, StopReason
+from valkyrie.runner._errors import JobError, RegistrationRejected
+from valkyrie.runner._logs import LogPublisher
+from valkyrie.runner._outcome import Outcome, decide_outcome
+from valkyrie.runner._protocol import COMMAND_DECODER, publish_update, register
+
+__all__ = ["Runner"]
+
+log = logging.getLogger("valkyrie.runner")
+
+JobKey = tuple[str, int]
+
+#: Attempts remembered after they ended, so a repeated dispatch of one is ignored, not re-run.
+_REMEMBERED = 4096
+
+
+@dataclass(eq=False)
+class _Job:
+    ctx: JobContext
+    logs: LogPublisher
+
+    @property
+    def key(self) -> JobKey:
+        return (self.ctx.job_id, self.ctx.attempt)
+
+
+class Runner:
+    """Takes jobs from the control plane and runs each through ``handler``.
+
+    ``run()`` registers (retrying until the registry accepts), then heartbeats, accepts dispatches
+    up to ``registration.max_concurrent_jobs`` at once, obeys cancel/abandon/drain commands, and
+    reports every attempt's updates and logs. It returns after :meth:`drain` (or ``stop``): new
+    dispatches are then rejected, running jobs get ``drain_timeout_s`` to finish, the rest are
+    stopped, and a last heartbeat with ``draining=true`` is sent.
+
+    Args:
+        bus_or_nc: a connected :class:`~valkyrie.Bus`, or a plain nats-py client.
+        registration: what the runner offers; a fresh ``session_id`` is added unless set.
+        handler: runs one job (see :data:`JobHandler`).
+        names: subject names; defaults to the bus's (or the default prefix for a plain client).
+        drain_timeout_s: how long a drain waits for running jobs before stopping them.
+        kill_grace_s: grace a job gets to stop on timeout or forced shutdown.
+        stop_timeout_s: extra time after the grace before a handler that ignores a stop request is
+            cancelled.
+        request_timeout_s: how long one registration request waits for its answer.
+        publish_retry_s: how long an update is retried before it is given up.
+        log_flush_interval_s: the longest a log line waits to be published.
+        log_batch_lines: most lines in one log message.
+    """
+
+    def __init__(
+        self,
+        bus_or_nc: Bus | NatsClient,
+        registration: RunnerRegistration,
+        handler: JobHandler,
+        *,
+        names: Names | None = None,
+        drain_timeout_s: float = 300.0,
+        kill_grace_s: float = 10.0,
+        stop_timeout_s: float = 10.0,
+        request_timeout_s: float = 2.0,
+        publish_retry_s: float = 60.0,
+        log_flush_interval_s: float = 0.1,
+        log_batch_lines: int = 100,
+    ) -> None:
+        if isinstance(bus_or_nc, Bus):
+            self._nc = bus_or_nc.nc
+            self._js = bus_or_nc.js
+            self._names = names or bus_or_nc.names
+        else:
+            self._nc = bus_or_nc
+            self._js = bus_or_nc.jetstream()
+            self._names = names or Names()
+        if registration.session_id is None:
+            registration = msgspec.structs.replace(registration, session_id=new_id())
+        self.registration = registration
+        self._handler = handler
+        self._drain_timeout_s = drain_timeout_s
+        self._kill_grace_s = kill_grace_s
+        self._stop_timeout_s = stop_timeout_s
+        self._request_timeout_s = request_timeout_s
+        self._publish_retry_s = publish_retry_s
+        self._log_flush_interval_s = log_flush_interval_s
+        self._log_batch_lines = log_batch_lines
+        self._jobs: dict[JobKey, _Job] = {}
+        self._ended: OrderedDict[JobKey, None] = OrderedDict()
+        self._jobs_changed = anyio.Event()
+        self._paused = False
+        self._shutdown = anyio.Event()
+        self._reregister = anyio.Event()
+        self._beat_now = anyio.Event()
+        self._fatal: RegistrationRejected | None = None
+        self._job_group: TaskGroup | None = None
+        self._started = False
+
+    # -- public state ---------------------------------------------------------------------------
+    @property
+    def runner_id(self) -> str:
+        """The runner's id."""
+        return self.registration.runner_id
+
+    @property
+    def session_id(self) -> str:
+        """This runner's session id (new for every process start)."""
+        assert self.registration.session_id is not None
+        return self.registration.session_id
+
+    @property
+    def capacity(self) -> int:
+        """How many jobs run at once at most."""
+        return self.registration.max_concurrent_jobs
+
+    @property
+    def draining(self) -> bool:
+        """Whether new dispatches are rejected (drain command, or shutting down)."""
+        return self._paused or self._shutdown.is_set()
+
+    @property
+    def running_jobs(self) -> list[tuple[str, int]]:
+        """``(job_id, attempt)`` of every attempt in progress, abandoned ones included."""
+        return list(self._jobs)
+
+    def drain(self) -> None:
+        """Stop taking work and make :meth:`run` return once running jobs are done.
+
+        Running jobs get ``drain_timeout_s`` to finish. Safe to call any number of times.
+        """
+        if not self._shutdown.is_set():
+            log.info("runner %s: draining", self.runner_id)
+        self._shutdown.set()
+        self._beat_now.set()
+
+    # -- the main loop ----------------------------------------------------------------------------
+    async def run(
+        self,
+        stop: anyio.Event | None = None,
+        *,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run until drained (:meth:`drain`, or ``stop`` set); ``task_status`` reports registration.
+
+        Raises:
+            RegistrationRejected: the registry refused the registration.
+        """
+        if self._started:
+            raise RuntimeError("Runner.run() can only be called once")
+        self._started = True
+        # Subscribe before registering: a dispatch sent right after the verdict must not be missed.
+        dispatches = await self._nc.subscribe(self._names.dispatch(self.runner_id))
+        commands = await self._nc.subscribe(self._names.control(self.runner_id))
+        try:
+            async with anyio.create_task_group() as tg:
+                if stop is not None:
+                    tg.start_soon(self._drain_when_set, stop)
+                await self._serve(dispatches, commands, tg, task_status)
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                for sub in (dispatches, commands):
+                    try:
+                        await sub.unsubscribe()
+                    except (nats.errors.Error, OSError) as e:
+                        log.debug("unsubscribe failed: %r", e)
+        if self._fatal is not None:
+            raise self._fatal
+
+    async def _serve(
+        self,
+        dispatches: Subscription,
+        commands: Subscription,
+        tg: TaskGroup,
+        task_status: TaskStatus[None],
+    ) -> None:
+        rid = self.runner_id
+        try:
+            verdict = await register(
+                self._nc,
+                self._names.register,
+                self.registration,
+                stopping=self._shutdown,
+                request_timeout_s=self._request_timeout_s,
+            )
+        except RegistrationRejected as e:
+            # Raised by run() itself, not wrapped in the task group's exception group.
+            self._fatal = e
+            return
+        if verdict is None:
+            log.info("runner %s: stopped before it was registered", rid)
+            task_status.started()
+            return
+        log.info(
+            "runner %s registered (session %s, capacity %d)", rid, self.session_id, self.capacity
+        )
+        self._abandon(verdict.abandon_jobs, "the registry no longer assigns it here")
+        async with anyio.create_task_group() as jobs:
+            self._job_group = jobs
+            tg.start_soon(self._heartbeats)
+            tg.start_soon(self._take_dispatches, dispatches, tg)
+            tg.start_soon(self._take_commands, commands)
+            tg.start_soon(self._register_again_on_reconnect)
+            task_status.started()
+            await self._shutdown.wait()
+            await self._finish_jobs()
+            jobs.cancel_scope.cancel()
+        await self._heartbeat(flush=True)
+        log.info("runner %s: drained", rid)
+
+    async def _drain_when_set(self, stop: anyio.Event) -> None:
+        await stop.wait()
+        self.drain()
+
+    async def _finish_jobs(self) -> None:
+        with anyio.move_on_after(self._drain_timeout_s):
+            await self._wait_idle()
+        if not self._jobs:
+            return
+        log.warning(
+            "runner %s: drain timeout (%gs): stopping %d job(s)",
+            self.runner_id,
+            self._drain_timeout_s,
+            len(self._jobs),
+        )
+        for job in list(self._jobs.values()):
+            self._stop(
+                job,
+                "shutdown",
+                self._kill_grace_s,
+                "the runner shut down before the job finished "
+                f"(drain timeout {self._drain_timeout_s:g}s)",
+            )
+        # Bounded by the handler's grace, the hard-stop margin, and the final update's retries.
+        with anyio.move_on_after(self._kill_grace_s + self._stop_timeout_s + self._publish_retry_s):
+            await self._wait_idle()
+
+    async def _wait_idle(self) -> None:
+        while self._jobs:
+            await self._jobs_changed.wait()
+
+    # -- registration and heartbeats ------------------------------------------------------------
+    async def _register_again_on_reconnect(self) -> None:
+        while True:
+            await self._reregister.wait()
+            self._reregister = anyio.Event()
+            log.info("runner %s: reconnected to NATS, registering again", self.runner_id)
+            try:
+                verdict = await register(
+                    self._nc,
+                    self._names.register,
+                    self.registration,
+                    stopping=self._shutdown,
+                    request_timeout_s=self._request_timeout_s,
+                )
+            except RegistrationRejected as e:
+                log.error("runner %s: %s; draining", self.runner_id, e)
+                self._fatal = e
+                self.drain()
+                return
+            if verdict is not None:
+                self._abandon(verdict.abandon_jobs, "the registry no longer assigns it here")
+
+    async def _heartbeats(self) -> None:
+        interval_s = self.registration.heartbeat_interval_ms / 1000
+        reconnects = self._reconnects()
+        while True:
+            await self._heartbeat()
+            with anyio.move_on_after(interval_s):
+                await self._beat_now.wait()
+            self._beat_now = anyio.Event()
+            # nats-py resubscribes by itself after a reconnect, but the registry may have lost us
+            # (e.g. it restarted meanwhile), so a new connection means a new registration.
+            now = self._reconnects()
+            if now != reconnects:
+                reconnects = now
+                self._reregister.set()
+
+    def _reconnects(self) -> int:
+        return int(self._nc.stats.get("reconnects", 0))
+
+    async def _heartbeat(self, *, flush: bool = False) -> None:
+        running = [k[0] for k, job in self._jobs.items() if job.ctx.stop_reason != "abandon"]
+        beat = RunnerHeartbeat(
+            runner_id=self.runner_id,
+            sent_at_ms=now_ms(),
+            load=min(1.0, len(self._jobs) / self.capacity),
+            running_jobs=running,
+            draining=self.draining,
+            session_id=self.session_id,
+        )
+        try:
+            await self._nc.publish(self._names.heartbeat(self.runner_id), encode(beat))
+            if flush:
+                await self._nc.flush(timeout=2)
+        except (nats.errors.Error, OSError) as e:
+            log.debug("heartbeat not sent: %r", e)
+
+    # -- commands -------------------------------------------------------------------------------
+    async def _take_commands(self, sub: Subscription) -> None:
+        async for msg in sub.messages:
+            try:
+                command = COMMAND_DECODER.decode(msg.data)
+            except msgspec.DecodeError as e:
+                log.warning("runner %s: ignoring unreadable command: %s", self.runner_id, e)
+                continue
+            self._obey(command)
+
+    def _obey(self, command: RunnerCommand) -> None:
+        if command.command in ("drain", "undrain"):
+            self._paused = command.command == "drain"
+            state = "paused (drain)" if self._paused else "undrained"
+            log.info("runner %s: %s", self.runner_id, state)
+            self._beat_now.set()
+            return
+        targets = [
+            job
+            for (job_id, attempt), job in self._jobs.items()
+            if job_id == command.job_id and command.attempt in (None, attempt)
+        ]
+        if not targets:
+            log.info(
+                "runner %s: %s of %s (attempt %s): not running here",
+                self.runner_id,
+                command.command,
+                command.job_id,
+                command.attempt,
+            )
+            return
+        reason: StopReason = "cancel" if command.command == "cancel" else "abandon"
+        default = "cancelled by request" if reason == "cancel" else "abandoned by the control plane"
+        for job in targets:
+            self._stop(job, reason, command.grace_period_s, command.reason or default)
+
+    def _abandon(self, job_ids: list[str], why: str) -> None:
+        wanted = set(job_ids)
+        for (job_id, _attempt), job in list(self._jobs.items()):
+            if job_id in wanted:
+                self._stop(job, "abandon", self._kill_grace_s, why)
+
+    def _stop(self, job: _Job, reason: StopReason, grace_s: float, detail: str) -> None:
+        if job.ctx._request_stop(reason, grace_s, detail):
+            log.info(
+                "runner %s: stopping %s attempt %d (%s: %s)",
+                self.runner_id,
+                job.ctx.job_id,
+                job.ctx.attempt,
+                reason,
+                detail,
+            )
+            job.logs.write(f"[valkyrie] stopping the job ({reason}): {detail}", "system")
+        self._beat_now.set()
+
+    # -- dispatches -----------------------------------------------------------------------------
+    async def _take_dispatches(self, sub: Subscription, tg: TaskGroup) -> None:
+        async for msg in sub.messages:
+            try:
+                dispatch = DISPATCH_DECODER.decode(msg.data)
+            except msgspec.DecodeError as e:
+                log.warning("runner %s: ignoring unreadable dispatch: %s", self.runner_id, e)
+                continue
+            self._take(dispatch, tg)
+
+    def _take(self, dispatch: Dispatch, tg: TaskGroup) -> None:
+        key = (dispatch.job_id, dispatch.attempt)
+        if dispatch.runner_id != self.runner_id:
+            log.warning(
+                "runner %s: ignoring dispatch of %s meant for %s",
+                self.runner_id,
+                dispatch.job_id,
+                dispatch.runner_id,
+            )
+            return
+        if key in self._jobs or key in self._ended:
+            log.info("runner %s: ignoring repeated dispatch of %s attempt %d", self.runner_id, *key)
+            return
+        refusal = None
+        if self.draining:
+            refusal = "the runner is draining"
+        elif len(self._jobs) >= self.capacity:
+            refusal = f"the runner is at capacity ({len(self._jobs)}/{self.capacity} jobs)"
+        if refusal is not None:
+            log.info("runner %s: rejecting %s attempt %d: %s", self.runner_id, *key, refusal)
+            tg.start_soon(self._reject, dispatch, refusal)
+            return
+        assert self._job_group is not None
+        logs = LogPublisher(
+            self._js,
+            self._names.logs(dispatch.job_id),
+            job_id=dispatch.job_id,
+            attempt=dispatch.attempt,
+            runner_id=self.runner_id,
+            flush_interval_s=self._log_flush_interval_s,
+            batch_lines=self._log_batch_lines,
+        )
+        job = _Job(ctx=JobContext(dispatch, self.runner_id, logs), logs=logs)
+        self._jobs[key] = job
+        self._beat_now.set()
+        self._job_group.start_soon(self._run_job, job)
+
+    async def _reject(self, dispatch: Dispatch, refusal: str) -> None:
+        finished = JobFinished(
+            job_id=dispatch.job_id,
+            attempt=dispatch.attempt,
+            runner_id=self.runner_id,
+            at_ms=now_ms(),
+            outcome="rejected",
+            result=JobResult(error=refusal),
+        )
+        # Its own message id: the same attempt may later be dispatched here again and finish, and
+        # that JobFinished must not be dropped as a duplicate of this rejection.
+        await self._send(finished, f"{dispatch.job_id}.{dispatch.attempt}.rejected")
+
+    async def _send(self, update: JobUpdate, msg_id: str) -> bool:
+        return await publish_update(
+            self._js,
+            self._names.updates(self.runner_id),
+            update,
+            msg_id,
+            retry_s=self._publish_retry_s,
+        )
+
+    async def _report(self, ctx: JobContext, update: JobUpdate) -> bool:
+        if ctx.stop_reason == "abandon":
+            return False
+        tag = update.__struct_config__.tag
+        return await self._send(update, f"{ctx.job_id}.{ctx.attempt}.{tag}")
+
+    # -- one job --------------------------------------------------------------------------------
+    async def _run_job(self, job: _Job) -> None:
+        ctx = job.ctx
+        job_id, attempt, rid = ctx.job_id, ctx.attempt, self.runner_id
+        try:
+            accepted = JobAccepted(job_id=job_id, attempt=attempt, runner_id=rid, at_ms=now_ms())
+            if not await self._report(ctx, accepted):
+                return
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(job.logs.run)
+                started = JobStarted(job_id=job_id, attempt=attempt, runner_id=rid, at_ms=now_ms())
+                await self._report(ctx, started)
+                outcome = await self._execute(ctx)
+                await job.logs.close(discard=ctx.stop_reason == "abandon")
+                tg.cancel_scope.cancel()  # close() gave up waiting: the result matters more
+            if ctx.stop_reason == "abandon":
+                log.info("runner %s: abandoned %s attempt %d", self.runner_id, *job.key)
+                return
+            log.info(
+                "runner %s: %s attempt %d %s (exit code %s)",
+                self.runner_id,
+                ctx.job_id,
+                ctx.attempt,
+                outcome.outcome,
+                outcome.result.exit_code,
+            )
+            finished = JobFinished(
+                job_id=job_id,
+                attempt=attempt,
+                runner_id=rid,
+                at_ms=now_ms(),
+                outcome=outcome.outcome,
+                result=outcome.result,
+            )
+            await self._report(ctx, finished)
+        finally:
+            self._jobs.pop(job.key, None)
+            self._ended[job.key] = None
+            while len(self._ended) > _REMEMBERED:
+                self._ended.popitem(last=False)
+            self._jobs_changed.set()
+            self._jobs_changed = anyio.Event()
+            self._beat_now.set()
+
+    async def _execute(self, ctx: JobContext) -> Outcome:
+        started = anyio.current_time()
+        result: JobResult | None = None
+        error: str | None = None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._watchdog, ctx, tg)
+            try:
+                returned = await self._handler(ctx)
+                if isinstance(returned, JobResult):
+                    result = returned
+                else:
+                    error = f"the job handler returned {type(returned).__name__}, not a JobResult"
+            except JobError as e:
+                error = e.reason
+            except Exception as e:  # a handler bug fails the attempt, never the runner
+                log.exception("runner %s: job handler failed on %s", self.runner_id, ctx.job_id)
+                error = f"the job handler raised {e!r}"
+            tg.cancel_scope.cancel()
+        if result is None and error is None:
+            limit_s = ctx.grace_period_s + self._stop_timeout_s
+            error = f"the job handler ignored the stop request for {limit_s:g}s and was cancelled"
+        elapsed_ms = int((anyio.current_time() - started) * 1000)
+        return decide_outcome(ctx, result, error, elapsed_ms)
+
+    async def _watchdog(self, ctx: JobContext, tg: TaskGroup) -> None:
+        with anyio.move_on_after(ctx.timeout_s):
+            await ctx.stop_requested.wait()
+        job = self._jobs.get((ctx.job_id, ctx.attempt))
+        if not ctx.stop_requested.is_set() and job is not None:
+            limit = ctx.dispatch.spec.requirements.max_execution_time_s
+            self._stop(job, "timeout", self._kill_grace_s, f"exceeded max_execution_time_s={limit}")
+        await anyio.sleep(ctx.grace_period_s + self._stop_timeout_s)
+        log.warning(
+            "runner %s: handler of %s ignored the stop request (%s); cancelling it",
+            self.runner_id,
+            ctx.job_id,
+            ctx.stop_reason,
+        )
+        tg.cancel_scope.cancel()
