@@ -67,6 +67,7 @@ class Recorder:
 
     submitted: dict[str, int] = field(default_factory=dict)
     received: dict[str, int] = field(default_factory=dict)
+    milestones: dict[str, int] = field(default_factory=dict)
     duplicates: int = 0
     submit_errors: int = 0
     _waiting: set[str] = field(default_factory=set)
@@ -96,6 +97,10 @@ class Recorder:
             if not self._waiting:
                 self._done.set()
         return True
+
+    def mark(self, job_id: str, at_ns: int) -> None:
+        """Note when an intermediate step of ``job_id`` was seen (first time only)."""
+        self.milestones.setdefault(job_id, at_ns)
 
     @property
     def outstanding(self) -> int:

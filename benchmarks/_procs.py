@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Child", "Children", "CpuClock", "cpu_seconds"]
+__all__ = ["Child", "Children", "CpuClock", "CpuSample", "cpu_seconds"]
 
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -40,30 +40,93 @@ def cpu_seconds(pid: int | None) -> float | None:
         return None
 
 
+def _machine_busy_s() -> float | None:
+    """Busy CPU seconds of the whole machine (all cores) since boot, from ``/proc/stat``."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    # guest time is already counted in user/nice
+    return (sum(fields[:8]) - idle) / _TICKS
+
+
+def _cpu_pressure_us() -> int | None:
+    """Total microseconds some task waited for a CPU (Linux PSI), since boot."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            for line in f:
+                if line.startswith("some"):
+                    return int(line.rsplit("total=", 1)[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """Cumulative CPU counters at one instant."""
+
+    wall: float
+    process_s: dict[str, float | None]
+    machine_busy_s: float | None
+    pressure_us: int | None
+
+
 @dataclass
 class CpuClock:
-    """CPU used by named processes over an interval, as a share of one core."""
+    """CPU used by named processes, and by the whole machine, between samples."""
 
     pids: Mapping[str, int | None]
-    _start: dict[str, float | None] = field(default_factory=dict)
-    _wall: float = 0.0
 
-    def start(self) -> None:
-        """Start the interval."""
-        self._start = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
-        self._wall = time.perf_counter()
+    def sample(self) -> CpuSample:
+        """The counters now."""
+        return CpuSample(
+            wall=time.perf_counter(),
+            process_s={name: cpu_seconds(pid) for name, pid in self.pids.items()},
+            machine_busy_s=_machine_busy_s(),
+            pressure_us=_cpu_pressure_us(),
+        )
 
-    def stop(self) -> dict[str, float | None]:
-        """Per process: CPU seconds over the interval divided by wall seconds (1.0 = one core)."""
-        wall = time.perf_counter() - self._wall
+    @staticmethod
+    def seconds(a: CpuSample, b: CpuSample) -> dict[str, float | None]:
+        """CPU seconds each process used from ``a`` to ``b``."""
         out: dict[str, float | None] = {}
-        for name, pid in self.pids.items():
-            before, after = self._start.get(name), cpu_seconds(pid)
-            out[name] = (
-                round((after - before) / wall, 3)
-                if before is not None and after is not None and wall > 0
-                else None
-            )
+        for name, before in a.process_s.items():
+            after = b.process_s.get(name)
+            out[name] = after - before if before is not None and after is not None else None
+        return out
+
+    @staticmethod
+    def usage(a: CpuSample, b: CpuSample) -> dict[str, float | None]:
+        """From ``a`` to ``b``, in cores (1.0 = one core busy): each process, the whole machine,
+        everything else on it (``others``: other users of the shared cores), and the share of
+        time some task waited for a CPU (``cpu_pressure``, 0-1; high means a noisy run)."""
+        wall = b.wall - a.wall
+        if wall <= 0:
+            return {}
+        out: dict[str, float | None] = {
+            name: round(s / wall, 3) if s is not None else None
+            for name, s in CpuClock.seconds(a, b).items()
+        }
+        machine = (
+            (b.machine_busy_s - a.machine_busy_s) / wall
+            if a.machine_busy_s is not None and b.machine_busy_s is not None
+            else None
+        )
+        out["machine"] = round(machine, 3) if machine is not None else None
+        per = [out[name] for name in a.process_s]
+        out["others"] = (
+            round(max(0.0, machine - sum(v for v in per if v is not None)), 3)
+            if machine is not None and all(v is not None for v in per)
+            else None
+        )
+        out["cpu_pressure"] = (
+            round((b.pressure_us - a.pressure_us) / 1e6 / wall, 3)
+            if a.pressure_us is not None and b.pressure_us is not None
+            else None
+        )
         return out
 
 

@@ -35,9 +35,9 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 
 import argparse  # noqa: E402
 import os  # noqa: E402
-import pstats  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
+import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
@@ -54,6 +54,7 @@ import nats  # noqa: E402
 import nats.errors  # noqa: E402
 import nats.js.errors  # noqa: E402
 from nats.aio.client import Client as NatsClient  # noqa: E402
+from nats.aio.msg import Msg  # noqa: E402
 from nats.js import JetStreamContext  # noqa: E402
 from nats.js.api import (  # noqa: E402
     AckPolicy,
@@ -67,6 +68,11 @@ from nats.js.api import (  # noqa: E402
 
 from benchmarks._fleet import LeanFleet, RawReceivers, Recorder, runner_ids  # noqa: E402
 from benchmarks._procs import Child, Children, CpuClock  # noqa: E402
+from benchmarks._profile import (  # noqa: E402
+    find_py_spy,
+    summarize_collapsed,
+    write_cprofile_summary,
+)
 from benchmarks._report import (  # noqa: E402
     environment,
     ratio,
@@ -112,6 +118,9 @@ class Params:
     skip_valkyrie: bool
     nats_url: str | None
     profile: str | None
+    py_spy: str | None
+    samples: bool
+    breakdown: bool
 
 
 # -- phases -------------------------------------------------------------------------------------
@@ -130,6 +139,8 @@ class Target:
     cpu_pids: dict[str, int | None]
     tag: str
     extra: Callable[[], dict[str, Any]] = field(default=lambda: {})
+    #: name of an intermediate step the recorder marks (``Recorder.milestones``), if any
+    milestone: str | None = None
 
 
 def _bodies(tag: str, phase: str, count: int) -> list[tuple[str, bytes]]:
@@ -167,7 +178,7 @@ async def run_phase(
     rec = target.recorder
     rec.expect(ids)
     clock = CpuClock(target.cpu_pids)
-    clock.start()
+    before = clock.sample()
     started = time.perf_counter()
     if rate is not None:
         async with anyio.create_task_group() as tg:
@@ -191,20 +202,18 @@ async def run_phase(
     problem = await rec.wait(
         timeout_s=_wait_budget(count), idle_s=p.wait_idle_s, alive=target.alive
     )
-    cpu = clock.stop()
+    dispatched_at = clock.sample()
     if problem:
         log(f"{target.name} {phase}: {problem}")
 
     submit_ns = [rec.submitted[j] for j in ids if j in rec.submitted]
-    pairs = [
-        (rec.submitted[j], rec.received[j]) for j in ids if j in rec.submitted and j in rec.received
-    ]
-    latencies = [r - s for s, r in pairs]
+    done = [j for j in ids if j in rec.submitted and j in rec.received]
+    latencies = [rec.received[j] - rec.submitted[j] for j in done]
     submitted = len(submit_ns)
-    dispatched = len(pairs)
+    dispatched = len(done)
     first_submit = min(submit_ns) if submit_ns else None
     last_submit = max(submit_ns) if submit_ns else None
-    last_recv = max((r for _, r in pairs), default=None)
+    last_recv = max((rec.received[j] for j in done), default=None)
     span_s = (
         (last_recv - first_submit) / 1e9
         if last_recv is not None and first_submit is not None
@@ -229,13 +238,40 @@ async def run_phase(
         "dispatch_span_s": round(span_s, 3) if span_s is not None else None,
         "throughput_per_s": round(dispatched / span_s, 1) if span_s else None,
         "latency_ms": summarize_ns(latencies),
-        "cpu_cores": cpu,
+        "cpu_cores": CpuClock.usage(before, dispatched_at),
         "wait_problem": problem,
     }
+    if target.milestone:
+        # where the time goes: submit -> milestone seen here -> dispatch received
+        marked = [j for j in done if j in rec.milestones]
+        result["breakdown_ms"] = {
+            "milestone": target.milestone,
+            f"submit_to_{target.milestone}": summarize_ns(
+                [rec.milestones[j] - rec.submitted[j] for j in marked]
+            ),
+            f"{target.milestone}_to_dispatch": summarize_ns(
+                [rec.received[j] - rec.milestones[j] for j in marked]
+            ),
+        }
+    if p.samples and first_submit is not None:
+        # per job: [submit offset from the phase's first submit, latency], both in ms
+        result["samples_ms"] = [
+            [
+                round((rec.submitted[j] - first_submit) / 1e6, 3),
+                round((rec.received[j] - rec.submitted[j]) / 1e6, 3),
+            ]
+            for j in done
+        ]
     settle_s = await target.settle()
+    settled = clock.sample()
     result["settle_s"] = round(settle_s, 3) if settle_s is not None else None
     if settle_s is None:
         log(f"{target.name} {phase}: the pipeline did not go idle in time")
+    # CPU per job, from the first submit until the pipeline is idle again (completion included)
+    result["cpu_ms_per_job"] = {
+        name: round(sec * 1000 / dispatched, 3) if sec is not None and dispatched else None
+        for name, sec in CpuClock.seconds(before, settled).items()
+    }
     return result
 
 
@@ -298,11 +334,44 @@ def _profile_summary(name: str, p: Params) -> None:
         log(f"no profile written for {name}")
         return
     text = Path(p.profile) / f"{name}.txt"
-    with text.open("w") as out:
-        stats = pstats.Stats(str(prof), stream=out)
-        stats.sort_stats("tottime").print_stats(45)
-        stats.sort_stats("cumulative").print_stats(60)
+    write_cprofile_summary(prof, text)
     log(f"profile of {name}: {text}")
+
+
+def _spy(children: Children, name: str, pid: int | None, p: Params, workdir: Path) -> Child | None:
+    """Attach py-spy to ``pid`` when ``--py-spy DIR`` is set (it stops when the process exits)."""
+    if not p.py_spy or pid is None:
+        return None
+    exe = find_py_spy()
+    if exe is None:
+        log("--py-spy: py-spy not found (pip install py-spy into the venv); not sampling")
+        return None
+    out = Path(p.py_spy) / f"{name}.collapsed"
+    argv = [exe, "record", "--pid", str(pid), "--rate", "100", "--format", "raw", "-o", str(out)]
+    return children.spawn(
+        f"py-spy-{name}", argv, env=os.environ, log=workdir / f"py-spy-{name}.log", cwd=ROOT
+    )
+
+
+async def _spy_finish(children: Children, spy: Child | None, name: str, p: Params) -> None:
+    if spy is None or not p.py_spy:
+        return
+
+    def wait() -> None:
+        try:
+            spy.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            pass
+
+    await anyio.to_thread.run_sync(wait)
+    await anyio.to_thread.run_sync(children.stop, spy)
+    collapsed = Path(p.py_spy) / f"{name}.collapsed"
+    if not collapsed.exists():
+        log(f"py-spy wrote nothing for {name}: {spy.tail(500)}")
+        return
+    summary = Path(p.py_spy) / f"{name}.txt"
+    summary.write_text(summarize_collapsed(collapsed))
+    log(f"py-spy summary of {name}: {summary}")
 
 
 # -- valkyrie ------------------------------------------------------------------------------------
@@ -396,6 +465,16 @@ async def valkyrie_scenario(
                 raise RuntimeError("the runners bucket does not list every runner after 30s")
             setup_s = time.perf_counter() - setup_started
             log(f"valkyrie: {p.runners} runners registered in {setup_s:.1f}s")
+            spy = _spy(children, "valkyrie-worker", child.pid, p, workdir)
+
+            if p.breakdown:
+                # the queued event (intake done) as a milestone: splits latency into intake and
+                # dispatcher parts; the job id is the subject's second-to-last token
+                async def on_queued(msg: Msg) -> None:
+                    recorder.mark(msg.subject.rsplit(".", 2)[-2], time.perf_counter_ns())
+
+                await bus.nc.subscribe(bus.names.event("job", "*", "queued"), cb=on_queued)
+                await bus.nc.flush()
 
             submit_info = bus.names.stream("submit")
             updates_info = bus.names.stream("updates")
@@ -431,6 +510,7 @@ async def valkyrie_scenario(
                 cpu_pids={"benchmark": os.getpid(), "worker": child.pid, "nats_server": server_pid},
                 tag="v",
                 extra=extra,
+                milestone="queued_event" if p.breakdown else None,
             )
             results = await run_all_phases(target, p)
             stop.set()
@@ -440,6 +520,7 @@ async def valkyrie_scenario(
         if code != 0:
             log(f"valkyrie worker exited with {code}; log tail:\n{child.tail()}")
         _profile_summary("valkyrie-worker", p)
+        await _spy_finish(children, spy, "valkyrie-worker", p)
         return results
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(20):
@@ -536,6 +617,7 @@ async def raw_scenario(
         if await _until(ready, 30, 0.05) is None:
             raise RuntimeError(f"raw worker not ready within 30s: {child.tail(2000)}")
         recv_nc = await nats.connect(url, name="bench-raw-receivers", error_cb=_nats_error)
+        spy = _spy(children, "raw-worker", child.pid, p, workdir)
         recorder = Recorder()
         receivers = RawReceivers(recv_nc, prefix, runner_ids(p.runners), recorder)
         await receivers.subscribe()
@@ -565,6 +647,7 @@ async def raw_scenario(
         if code != 0:
             log(f"raw worker exited with {code}; log tail:\n{child.tail()}")
         _profile_summary("raw-worker", p)
+        await _spy_finish(children, spy, "raw-worker", p)
         return results
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(20):
@@ -696,15 +779,61 @@ def render(doc: dict[str, Any]) -> str:
         for phase in PHASES:
             r = (results.get(system) or {}).get(phase)
             if r:
-                c = r["cpu_cores"]
+                c, per_job = r["cpu_cores"], r.get("cpu_ms_per_job") or {}
                 cpu_rows.append(
-                    [system, phase, c.get("benchmark"), c.get("worker"), c.get("nats_server")]
+                    [
+                        system,
+                        phase,
+                        c.get("benchmark"),
+                        c.get("worker"),
+                        c.get("nats_server"),
+                        c.get("others"),
+                        c.get("cpu_pressure"),
+                        per_job.get("worker"),
+                        per_job.get("nats_server"),
+                        per_job.get("benchmark"),
+                    ]
                 )
     if cpu_rows:
         lines += [
             "",
-            "CPU used during each phase, in cores (1.0 = one core busy):",
-            render_table(["system", "phase", "benchmark", "worker", "nats-server"], cpu_rows),
+            "CPU while dispatching, in cores (1.0 = one core busy); others = other users of the "
+            "machine; pressure = share of time some task waited for a CPU; ms/job = CPU per job "
+            "from first submit until idle (completion included):",
+            render_table(
+                [
+                    "system",
+                    "phase",
+                    "bench",
+                    "worker",
+                    "server",
+                    "others",
+                    "pressure",
+                    "worker ms/job",
+                    "server ms/job",
+                    "bench ms/job",
+                ],
+                cpu_rows,
+                digits=3,
+            ),
+        ]
+    split_rows = []
+    for phase in PHASES:
+        r = (results.get("valkyrie") or {}).get(phase) or {}
+        b = r.get("breakdown_ms")
+        if b:
+            m = b["milestone"]
+            for label, key in (
+                (f"submit -> {m}", f"submit_to_{m}"),
+                (f"{m} -> dispatch", f"{m}_to_dispatch"),
+            ):
+                x = b[key]
+                split_rows.append([phase, label, x["count"], x["p50"], x["p95"], x["p99"]])
+    if split_rows:
+        lines += [
+            "",
+            "valkyrie latency split at the queued event (intake done; seen by a subscriber here):",
+            render_table(["phase", "segment", "jobs", "p50 ms", "p95 ms", "p99 ms"], split_rows),
         ]
     t = doc["targets"]
     if results.get("valkyrie"):
@@ -820,6 +949,23 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Params, Path, bool]:
         help="run the workers under cProfile, write DIR/*.prof and *.txt",
     )
     parser.add_argument(
+        "--py-spy",
+        metavar="DIR",
+        default=None,
+        help="sample the workers with py-spy (if installed), write DIR/*.collapsed and *.txt",
+    )
+    parser.add_argument(
+        "--no-breakdown",
+        action="store_true",
+        help="do not subscribe to queued events (which split valkyrie latency into intake and "
+        "dispatcher parts)",
+    )
+    parser.add_argument(
+        "--samples",
+        action="store_true",
+        help="also write every job's submit offset and latency to the JSON",
+    )
+    parser.add_argument(
         "--keep", action="store_true", help="keep the temporary directory (logs, server store)"
     )
     a = parser.parse_args(argv)
@@ -844,6 +990,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Params, Path, bool]:
         skip_valkyrie=a.skip_valkyrie,
         nats_url=a.nats_url,
         profile=str(Path(a.profile).resolve()) if a.profile else None,
+        py_spy=str(Path(a.py_spy).resolve()) if a.py_spy else None,
+        samples=a.samples,
+        breakdown=not a.no_breakdown,
     )
     problems = [
         name
@@ -874,7 +1023,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Params, Path, bool]:
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+    # SIGTERM behaves like Ctrl-C: asyncio's SIGINT handler cancels the main task (so every
+    # cleanup runs in order), and outside the event loop SIGINT raises KeyboardInterrupt
+    signal.raise_signal(signal.SIGINT)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -885,8 +1036,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     children = Children()
     server: NatsServer | None = None
     try:
-        if params.profile:
-            Path(params.profile).mkdir(parents=True, exist_ok=True)
+        for directory in (params.profile, params.py_spy):
+            if directory:
+                Path(directory).mkdir(parents=True, exist_ok=True)
         url = params.nats_url
         if not url:
             server = NatsServer(

@@ -71,10 +71,13 @@ def plan_change(
     keys = known_keys()
     old_effective = {**base, **current}
     new_effective = {**base, **new}
+    # an override that is added or changed is checked even when it equals the value here: other
+    # processes have other bases (file, environment), and would apply it live
+    touched = {k for k, v in new.items() if k not in current or current[k] != v}
     diff: dict[str, Any] = {}
-    for key in sorted(set(old_effective) | set(new_effective)):
+    for key in sorted(set(old_effective) | set(new_effective) | touched):
         before, after = old_effective.get(key), new_effective.get(key)
-        if before == after:
+        if before == after and key not in touched:
             continue
         if key not in keys:
             errors.append(FieldError(path=key, reason="unknown key"))
@@ -88,9 +91,16 @@ def plan_change(
                 )
             )
             continue
-        diff[key] = {"old": before, "new": after}
+        if before != after:
+            diff[key] = {"old": before, "new": after}
     if errors:
-        return None, diff, errors, []
+        # report the values of the other keys too: validate them with the refused keys left alone
+        refused = {e.path for e in errors}
+        rest = {k: v for k, v in new_effective.items() if k not in refused}
+        rest.update({k: old_effective[k] for k in refused if k in old_effective})
+        others = validate_dotted(rest)
+        errors += [e for e in others.errors if e.path not in refused]
+        return None, diff, errors, others.warnings
     result = validate_dotted(new_effective)
     if result.config is None:
         return None, diff, result.errors, result.warnings

@@ -1,11 +1,14 @@
 """Dispatcher: place queued jobs on runners, record each decision atomically, publish it.
 
 Queued jobs arrive as ``job.<id>.queued`` events through the durable consumer ``dispatcher``; a job
-that cannot be placed yet is held (its message unacked, kept alive with ``in_progress``) and retried
-the moment the runners bucket changes, so there is no polling delay. A decision is two
-compare-and-sets, runner slot first, then job record, so a job is dispatched once and a runner never
-exceeds its capacity however many dispatchers run. A crash between them leaves an orphan slot that the
-reconciler frees; a dispatch that is not accepted in time is taken back and placed again.
+that cannot be placed yet is held (its message unacked, kept alive with ``in_progress``) and tried
+again the moment the runners bucket changes, so there is no polling delay. Held jobs are ordered by
+effective priority (aging, SLA class, SLO boosts) and tenant fair share (valkyrie._scheduling).
+
+A decision is two compare-and-sets, runner slot first, then job record, so a job is dispatched once
+and a runner never exceeds its capacity however many dispatchers run. A crash between them leaves an
+orphan slot that the supervisor frees; a dispatch not accepted in time is taken back and placed
+again. The dispatcher also answers ``<prefix>.jobs.explain``.
 """
 
 from __future__ import annotations
@@ -15,34 +18,46 @@ import time
 from dataclasses import dataclass, field
 
 import anyio
+import anyio.abc
 import msgspec
 import nats.errors
 import nats.js.errors
 from anyio.abc import TaskStatus
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.client import JetStreamContext
 
-from schemas import TERMINAL_STATES, Dispatch, JobRecord, JobState, RunnerRecord
+from schemas import (
+    Dispatch,
+    ExplainRequest,
+    JobExplanation,
+    JobRecord,
+    JobState,
+    RunnerRecord,
+)
 from valkyrie import EventPublisher, HandlerContext
 from valkyrie._codec import EVENT_DECODER, JOB_DECODER, RUNNER_DECODER, encode, now_ms
 from valkyrie._config import IntegrationMode, ValkyrieConfig
+from valkyrie._explain import QueueFacts, explain_dispatched, explain_queued
+from valkyrie._index import RunnerIndex
 from valkyrie._jobops import JobOps
 from valkyrie._kvstore import Versioned, cas_update, get_versioned
 from valkyrie._lifecycle import assign_slot, dispatch_job, finish_job
 from valkyrie._modes import uses_advanced_placement
 from valkyrie._placement import Placement, ScoreWeights, place
+from valkyrie._runnerview import RunnerView
+from valkyrie._scheduling import FairShare, effective_priority, tenant_of
 
 __all__ = ["DispatcherWorker", "create"]
 
 log = logging.getLogger("valkyrie.dispatcher")
 ACK_WAIT_S = 30.0
 KEEPALIVE_S = 10.0
-ORPHAN_SCAN_S = 5.0
-MAX_SCAN = 2000
 COMMIT_CONCURRENCY = 64
 _TAKEN = frozenset(
     {"accepted", "started", "succeeded", "failed", "cancelled", "timed_out", "expired", "requeued"}
 )
+_EXPLAIN = msgspec.json.Decoder(ExplainRequest)
 
 
 @dataclass
@@ -51,12 +66,19 @@ class Pending:
 
     job_id: str
     attempt: int
-    priority: int
     order: int
     msg: Msg
     record: Versioned[JobRecord] | None = None
     committing: bool = False
+    boosted: bool = False
     last: Placement | None = field(default=None, repr=False)
+    effective: int = 2
+
+    def queued_at_ms(self) -> int:
+        """When this attempt started waiting."""
+        assert self.record is not None
+        rec = self.record.value
+        return rec.submitted_at_ms if rec.attempt == 0 else rec.updated_at_ms
 
 
 class DispatcherWorker:
@@ -68,24 +90,21 @@ class DispatcherWorker:
         self._bus = ctx.bus
         self._events = EventPublisher(ctx.bus, ctx.name)
         self._ops = JobOps(ctx.bus, self._events)
-        self._runners: dict[str, Versioned[RunnerRecord]] = {}
-        self._reserved: dict[str, set[str]] = {}
+        self._index = RunnerIndex()
         self._locks: dict[str, anyio.Lock] = {}
         self._pending: dict[str, Pending] = {}
         self._awaiting: dict[str, tuple[str, int, int]] = {}
-        self._suspect: set[tuple[str, str, int]] = set()
         self._order = 0
         self._wake = anyio.Event()
         self._commits = anyio.Semaphore(COMMIT_CONCURRENCY)
         self._stopping = False
         self._ack_later: list[Msg] = []
+        self._fair = FairShare()
+        self._durations: dict[str, float] = {}
+        self._job_types: dict[str, str] = {}
 
     def _cfg(self) -> ValkyrieConfig:
         return self._ctx.config.current
-
-    @property
-    def _lost_after_ms(self) -> int:
-        return self._cfg().dispatch.runner_lost_after_ms
 
     @property
     def _accept_ms(self) -> int:
@@ -94,6 +113,13 @@ class DispatcherWorker:
     def _poke(self) -> None:
         self._wake.set()
 
+    def _on_runner(self, runner_id: str, versioned: Versioned[RunnerRecord] | None) -> None:
+        if versioned is None:
+            self._index.remove(runner_id)
+        else:
+            self._index.upsert(versioned.value)
+        self._poke()
+
     async def run(
         self, stop: anyio.Event, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
@@ -101,14 +127,21 @@ class DispatcherWorker:
         bus = self._bus
         self._jobs = await bus.kv("jobs")
         self._runners_kv = await bus.kv("runners")
+        self._view = RunnerView(self._runners_kv, self._on_runner)
         self._ctx.config.on_change(lambda _old, _new: self._poke())
-        progress = await bus.nc.subscribe(bus.names.event("job", "*", "*"), cb=self._on_progress)
-        psub = None
+        subs = [
+            await bus.nc.subscribe(bus.names.event("job", "*", "*"), cb=self._on_progress),
+            await bus.nc.subscribe(
+                bus.names.explain, queue=f"{bus.names.prefix}-dispatcher", cb=self._on_explain
+            ),
+        ]
+        psub: JetStreamContext.PullSubscription | None = None
+        queued = bus.names.event("job", "*", "queued")
         try:
             async with anyio.create_task_group() as tg:
-                await tg.start(self._watch_runners)
+                await tg.start(self._view.watch)
                 psub = await bus.js.pull_subscribe(
-                    bus.names.event("job", "*", "queued"),
+                    queued,
                     durable=self.name,
                     stream=bus.names.stream("events"),
                     config=ConsumerConfig(
@@ -117,13 +150,12 @@ class DispatcherWorker:
                         ack_policy=AckPolicy.EXPLICIT,
                         ack_wait=ACK_WAIT_S,
                         max_ack_pending=1_000_000,
-                        filter_subject=bus.names.event("job", "*", "queued"),
+                        filter_subject=queued,
                     ),
                 )
                 tg.start_soon(self._consume, psub, stop)
-                tg.start_soon(self._place_loop, stop)
-                tg.start_soon(self._reconcile_loop, stop)
-                tg.start_soon(self._keepalive_loop, stop)
+                tg.start_soon(self._place_loop)
+                tg.start_soon(self._upkeep_loop, stop)
                 task_status.started()
                 await stop.wait()
                 self._stopping = True
@@ -138,48 +170,15 @@ class DispatcherWorker:
                 for pending in list(self._pending.values()):
                     if not pending.committing:
                         await self._settle(pending.msg, nak=True)
-                await progress.unsubscribe()
+                for sub in subs:
+                    await sub.unsubscribe()
                 if psub is not None:
                     await psub.unsubscribe()
 
     # -- inputs -----------------------------------------------------------------------------------
-    async def _watch_runners(
-        self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-    ) -> None:
-        watcher = await self._runners_kv.watchall()
-        started = False
-        try:
-            while True:
-                try:
-                    entry = await watcher.updates(timeout=5.0)
-                except TimeoutError:  # nats raises its own subclass or the builtin
-                    if not started:
-                        started = True
-                        task_status.started()
-                    continue
-                if entry is None:
-                    if not started:
-                        started = True
-                        task_status.started()
-                    continue
-                if entry.operation in ("DEL", "PURGE") or not entry.value:
-                    self._runners.pop(entry.key, None)
-                    continue
-                try:
-                    record = RUNNER_DECODER.decode(entry.value)
-                except msgspec.DecodeError:
-                    continue
-                known = self._runners.get(entry.key)
-                if known is None or int(entry.revision or 0) > known.revision:
-                    self._runners[entry.key] = Versioned(record, int(entry.revision or 0))
-                self._poke()
-        finally:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
-                await watcher.stop()
-
     async def _on_progress(self, msg: Msg) -> None:
         # Core delivery of the job events the stream stores: cheap news that a dispatch was taken,
-        # or that a job we hold was cancelled or expired elsewhere.
+        # that a job we hold ended elsewhere, and how long jobs of each type take.
         _, job_id, kind = msg.subject.rsplit(".", 2)
         if kind in _TAKEN:
             self._awaiting.pop(job_id, None)
@@ -187,11 +186,17 @@ class DispatcherWorker:
             pending = self._pending.get(job_id)
             if pending is not None and not pending.committing:
                 self._drop(pending)
+        if kind == "succeeded":
+            try:
+                data = EVENT_DECODER.decode(msg.data).data
+            except msgspec.DecodeError:
+                return
+            job_type, duration = data.get("job_type"), data.get("duration_ms")
+            if isinstance(job_type, str) and isinstance(duration, int | float):
+                old = self._durations.get(job_type)
+                self._durations[job_type] = duration if old is None else 0.9 * old + 0.1 * duration
 
-    async def _consume(self, psub: object, stop: anyio.Event) -> None:
-        from nats.js.client import JetStreamContext
-
-        assert isinstance(psub, JetStreamContext.PullSubscription)
+    async def _consume(self, psub: JetStreamContext.PullSubscription, stop: anyio.Event) -> None:
         async with anyio.create_task_group() as tg:
             while not stop.is_set():
                 try:
@@ -217,11 +222,7 @@ class DispatcherWorker:
                         await self._settle(old.msg)
                     self._order += 1
                     pending = Pending(
-                        job_id=job_id,
-                        attempt=event.attempt or 0,
-                        priority=int(event.data.get("priority", 2)),
-                        order=self._order,
-                        msg=msg,
+                        job_id=job_id, attempt=event.attempt or 0, order=self._order, msg=msg
                     )
                     self._pending[job_id] = pending
                     tg.start_soon(self._load, pending)
@@ -234,24 +235,20 @@ class DispatcherWorker:
             except (nats.errors.Error, nats.js.errors.Error) as e:
                 log.warning("could not read job %s (%r); will retry", pending.job_id, e)
                 await anyio.sleep(0.5)
-        if pending.record is None or not self._still_queued(pending):
+        record = pending.record
+        if (
+            record is None
+            or record.value.state != JobState.QUEUED
+            or record.value.attempt != pending.attempt
+        ):
             self._drop(pending)
             return
         self._poke()
 
-    def _still_queued(self, pending: Pending) -> bool:
-        record = pending.record
-        return (
-            record is not None
-            and record.value.state == JobState.QUEUED
-            and record.value.attempt == pending.attempt
-        )
-
     def _drop(self, pending: Pending) -> None:
         if self._pending.get(pending.job_id) is pending:
             del self._pending[pending.job_id]
-        # fire-and-forget ack: the job is no longer ours to place
-        self._ack_later.append(pending.msg)
+        self._ack_later.append(pending.msg)  # the job is no longer ours to place
         self._poke()
 
     async def _settle(self, msg: Msg, *, nak: bool = False) -> None:
@@ -264,84 +261,138 @@ class DispatcherWorker:
             log.debug("ack/nak failed (%r): the message will be redelivered and dropped", e)
 
     # -- placement --------------------------------------------------------------------------------
-    def _view(self, runner_id: str, record: RunnerRecord) -> RunnerRecord:
-        reserved = self._reserved.get(runner_id)
-        if not reserved:
-            return record
-        extra = {j: 0 for j in reserved if j not in record.assigned_jobs}
-        if not extra:
-            return record
-        return msgspec.structs.replace(record, assigned_jobs={**record.assigned_jobs, **extra})
-
-    async def _place_loop(self, stop: anyio.Event) -> None:
+    async def _place_loop(self) -> None:
         async with anyio.create_task_group() as tg:
             while not self._stopping:
-                with anyio.move_on_after(0.25):
+                with anyio.move_on_after(0.25):  # also the tick for backoffs, boosts and deadlines
                     await self._wake.wait()
                 self._wake = anyio.Event()
-                acks, self._ack_later[:] = list(self._ack_later), []
+                acks, self._ack_later = self._ack_later, []
                 for msg in acks:
                     await self._settle(msg)
-                await self._place_pending(tg)
+                try:
+                    await self._place_pending(tg)
+                except Exception:
+                    log.exception("placement round failed")
 
-    async def _place_pending(self, tg: anyio.abc.TaskGroup) -> None:
-        now = now_ms()
-        config = self._cfg()
-        mode = config.mode
+    def _ordered(self, now: int, config: ValkyrieConfig) -> list[Pending]:
         s = config.scheduling
-        weights = ScoreWeights(
+        features = config.features
+        self._fair.half_life_s = s.fair_share_half_life_s
+        self._fair.weights = s.tenant_weights
+        now_s = now / 1000
+        ready = []
+        for p in self._pending.values():
+            if p.record is None or p.committing:
+                continue
+            spec = p.record.value.spec
+            p.effective = effective_priority(
+                spec,
+                waited_ms=now - p.queued_at_ms(),
+                aging_step_s=s.aging_step_s,
+                max_aging_boost=s.max_aging_boost,
+                sla_classes=s.sla_classes if features.qos_routing else {},
+                boosted=p.boosted,
+                aging=features.priority_aging,
+            )
+            ready.append(p)
+
+        def key(p: Pending) -> tuple[int, float, int]:
+            assert p.record is not None
+            share = (
+                self._fair.share_key(tenant_of(p.record.value.spec, s.tenant_key), now_s)
+                if features.fair_share
+                else 0.0
+            )
+            return (p.effective, share, p.order)
+
+        ready.sort(key=key)
+        return ready
+
+    def _weights(self, config: ValkyrieConfig) -> ScoreWeights:
+        s = config.scheduling
+        return ScoreWeights(
             free_capacity=s.weight_free_capacity,
             success_rate=s.weight_success_rate,
             preferred_runner=s.weight_preferred_runner,
             region=s.weight_region,
             affinity=s.weight_affinity,
+            accept_latency=s.weight_accept_latency,
+            efficiency=s.weight_efficiency,
         )
-        free = 0
-        views: list[RunnerRecord] = []
-        for rid, versioned in self._runners.items():
-            view = self._view(rid, versioned.value)
-            views.append(view)
-            free += max(0, view.registration.max_concurrent_jobs - len(view.assigned_jobs))
-        candidates = sorted(
-            (p for p in self._pending.values() if p.record is not None and not p.committing),
-            key=lambda p: (p.priority, p.order),
-        )
-        for pending in candidates[: config.dispatch.max_queue_scan]:
+
+    async def _place_pending(self, tg: anyio.abc.TaskGroup) -> None:
+        now = now_ms()
+        config = self._cfg()
+        mode = config.mode
+        weights = self._weights(config)
+        sample = config.scheduling.candidate_sample
+        free = self._index.free_slots()
+        for pending in self._ordered(now, config)[: config.dispatch.max_queue_scan]:
             assert pending.record is not None
-            spec = pending.record.value.spec
+            record = pending.record.value
+            spec = record.spec
             if spec.deadline_at_ms is not None and spec.deadline_at_ms <= now:
                 pending.committing = True
                 tg.start_soon(self._expire, pending)
                 continue
-            nb = pending.record.value.not_before_at_ms
-            if nb is not None and nb > now:
+            waited = now - pending.queued_at_ms()
+            targets = spec.performance_targets
+            if (
+                targets is not None
+                and targets.max_dispatch_latency_ms is not None
+                and not pending.boosted
+                and waited > targets.max_dispatch_latency_ms
+            ):
+                pending.boosted = True
+                tg.start_soon(self._slo_breach, pending, waited)
+            if record.not_before_at_ms is not None and record.not_before_at_ms > now:
                 continue
             if free <= 0 or mode == IntegrationMode.DISABLED:
-                continue  # still evaluate deadlines of the rest
+                continue  # still evaluate deadlines and SLOs of the rest
+            if not self._index.has_free(spec.job_type) and not (
+                spec.routing_hints and spec.routing_hints.preferred_runners
+            ):
+                continue
             advanced = uses_advanced_placement(spec, mode)
             placement = place(
                 spec,
-                views,
+                self._index.candidates(spec, sample),
                 now_ms=now,
-                lost_after_ms=self._lost_after_ms,
                 weights=weights,
                 advanced=advanced,
+                queued_for_ms=waited,
             )
             pending.last = placement
             if placement.runner_id is None:
                 continue
             rid = placement.runner_id
-            self._reserved.setdefault(rid, set()).add(pending.job_id)
+            self._index.reserve(rid, pending.job_id)
             pending.committing = True
             free -= 1
-            views = [
-                self._view(v.registration.runner_id, self._runners[v.registration.runner_id].value)
-                if v.registration.runner_id == rid
-                else v
-                for v in views
-            ]
             await self._commits.acquire()
             tg.start_soon(self._commit, pending, rid, placement)
+
+    async def _slo_breach(self, pending: Pending, waited: int) -> None:
+        assert pending.record is not None
+        spec = pending.record.value.spec
+        assert spec.performance_targets is not None
+        try:
+            await self._events.emit(
+                "job",
+                pending.job_id,
+                "slo_breach",
+                data={
+                    "target": "max_dispatch_latency_ms",
+                    "limit_ms": spec.performance_targets.max_dispatch_latency_ms,
+                    "waited_ms": waited,
+                    "action": "boosted ahead of unboosted jobs",
+                },
+                attempt=pending.attempt,
+                event_id=f"{pending.job_id}.slo_breach.{pending.attempt}",
+            )
+        except (nats.errors.Error, nats.js.errors.Error) as e:
+            log.warning("could not record SLO breach of %s: %r", pending.job_id, e)
 
     async def _expire(self, pending: Pending) -> None:
         assert pending.record is not None
@@ -362,14 +413,7 @@ class DispatcherWorker:
                 self._jobs, pending.job_id, JOB_DECODER, decide, known=pending.record
             )
             if latest is not None and latest.value.state == JobState.EXPIRED:
-                await self._events.emit(
-                    "job",
-                    pending.job_id,
-                    "expired",
-                    data={"reason": latest.value.reason},
-                    attempt=latest.value.attempt,
-                    event_id=f"{pending.job_id}.expired",
-                )
+                await self._ops.announce_outcome(latest.value, from_runner=None)
                 self._ctx.metrics.jobs.labels(self.name, "expired").inc()
         except Exception:
             log.exception("expiring %s failed", pending.job_id)
@@ -384,10 +428,10 @@ class DispatcherWorker:
             log.exception("dispatching %s to %s failed; will retry", pending.job_id, rid)
             ok = False
             pending.record = None
-            self._reserved.get(rid, set()).discard(pending.job_id)
             await anyio.sleep(0.1)
             await self._load(pending)
         finally:
+            self._index.unreserve(rid, pending.job_id)
             self._commits.release()
         if not ok:
             pending.committing = False
@@ -396,28 +440,23 @@ class DispatcherWorker:
     async def _try_commit(self, pending: Pending, rid: str, placement: Placement) -> bool:
         assert pending.record is not None
         job_id = pending.job_id
+        queued_at = pending.queued_at_ms()
         attempt = pending.record.value.attempt + 1
-        reserved = self._reserved.setdefault(rid, set())
         lock = self._locks.setdefault(rid, anyio.Lock())
-        try:
-            async with lock:
-                latest, _ = await cas_update(
-                    self._runners_kv,
-                    rid,
-                    RUNNER_DECODER,
-                    lambda r: (
-                        None
-                        if r.assigned_jobs.get(job_id) == attempt
-                        else assign_slot(r, job_id, attempt)
-                    ),
-                    known=self._runners.get(rid),
-                )
-                if latest is not None:
-                    known = self._runners.get(rid)
-                    if known is None or latest.revision > known.revision:
-                        self._runners[rid] = latest
-        finally:
-            reserved.discard(job_id)
+        async with lock:
+            latest, _ = await cas_update(
+                self._runners_kv,
+                rid,
+                RUNNER_DECODER,
+                lambda r: (
+                    None
+                    if r.assigned_jobs.get(job_id) == attempt
+                    else assign_slot(r, job_id, attempt)
+                ),
+                known=self._view.records.get(rid),
+            )
+            if latest is not None:
+                self._view.offer(rid, latest)
         if latest is None or latest.value.assigned_jobs.get(job_id) != attempt:
             return False  # the runner filled up or went away meanwhile: place again
         now = now_ms()
@@ -442,8 +481,6 @@ class DispatcherWorker:
         if dispatched is None:
             # someone else dispatched, cancelled or expired it: give the slot back, drop the job
             await self._ops.release(rid, job_id, attempt)
-            if record is not None and record.value.state in TERMINAL_STATES:
-                pass
             self._drop(pending)
             return True
         accept_by = now + self._accept_ms
@@ -457,56 +494,152 @@ class DispatcherWorker:
             accept_by_at_ms=accept_by,
         )
         await self._bus.nc.publish(self._bus.names.dispatch(rid), encode(message))
-        runners_up = [
-            {"runner_id": s.runner_id, "score": round(s.score, 4)} for s in placement.ranked[1:4]
-        ]
+        config = self._cfg()
+        tenant = tenant_of(dispatched.spec, config.scheduling.tenant_key)
+        self._fair.charge(tenant, now / 1000)
+        data = self._decision(placement, latest.value, pending, now - queued_at, tenant)
+        avg = self._durations.get(dispatched.spec.job_type)
+        targets = dispatched.spec.performance_targets
+        if avg is not None:
+            data["predicted_finish_at_ms"] = now + int(avg)
         await self._events.emit(
             "job",
             job_id,
             "dispatched",
-            data={
-                "runner_id": rid,
-                "score": round(placement.ranked[0].score, 4) if placement.ranked else None,
-                "runners_up": runners_up,
-                "rejected": dict(placement.reasons()),
-                "slots_used": len(latest.value.assigned_jobs),
-                "capacity": latest.value.registration.max_concurrent_jobs,
-                "queued_ms": now
-                - (dispatched.updated_at_ms if attempt > 1 else dispatched.submitted_at_ms),
-            },
+            data=data,
             attempt=attempt,
             correlation_id=dispatched.spec.correlation_id,
             event_id=f"{job_id}.dispatched.{attempt}",
             at_ms=now,
         )
+        if (
+            targets is not None
+            and targets.target_completion_time_s is not None
+            and avg is not None
+            and now + avg > dispatched.submitted_at_ms + targets.target_completion_time_s * 1000
+        ):
+            await self._events.emit(
+                "job",
+                job_id,
+                "target_at_risk",
+                data={
+                    "target_completion_time_s": targets.target_completion_time_s,
+                    "predicted_finish_at_ms": now + int(avg),
+                },
+                attempt=attempt,
+                event_id=f"{job_id}.target_at_risk.{attempt}",
+            )
         self._ctx.metrics.jobs.labels(self.name, "dispatched").inc()
         self._pending.pop(job_id, None)
         await self._settle(pending.msg)
         return True
 
-    # -- upkeep -----------------------------------------------------------------------------------
-    async def _keepalive_loop(self, stop: anyio.Event) -> None:
-        while not stop.is_set():
-            with anyio.move_on_after(KEEPALIVE_S):
-                await stop.wait()
-            for pending in list(self._pending.values()):
-                try:
-                    await pending.msg.in_progress()
-                except (nats.errors.Error, OSError):
-                    pass
+    def _decision(
+        self,
+        placement: Placement,
+        runner: RunnerRecord,
+        pending: Pending,
+        queued_ms: int,
+        tenant: str,
+    ) -> dict[str, object]:
+        return {
+            "runner_id": runner.registration.runner_id,
+            "score": round(placement.ranked[0].score, 4) if placement.ranked else None,
+            "runners_up": [
+                {"runner_id": s.runner_id, "score": round(s.score, 4)}
+                for s in placement.ranked[1:4]
+            ],
+            "candidates": len(placement.ranked) + sum(len(v) for v in placement.rejected.values()),
+            "rejected": dict(placement.reasons()),
+            "slots_used": len(runner.assigned_jobs),
+            "capacity": runner.registration.max_concurrent_jobs,
+            "queued_ms": queued_ms,
+            "effective_priority": pending.effective,
+            "boosted": pending.boosted,
+            "tenant": tenant,
+            "mode": self._cfg().mode.value,
+        }
 
-    async def _reconcile_loop(self, stop: anyio.Event) -> None:
-        last_scan = time.monotonic()
+    # -- explain ----------------------------------------------------------------------------------
+    async def _on_explain(self, msg: Msg) -> None:
+        try:
+            request = _EXPLAIN.decode(msg.data)
+        except msgspec.DecodeError as e:
+            await self._answer(
+                msg, JobExplanation(job_id="", state="", summary="", error=f"bad request: {e}")
+            )
+            return
+        try:
+            await self._answer(msg, await self.explain(request.job_id))
+        except Exception as e:
+            log.exception("explain %s failed", request.job_id)
+            await self._answer(
+                msg, JobExplanation(job_id=request.job_id, state="", summary="", error=repr(e))
+            )
+
+    async def _answer(self, msg: Msg, explanation: JobExplanation) -> None:
+        if msg.reply:
+            try:
+                await msg.respond(encode(explanation))
+            except nats.errors.Error as e:
+                log.warning("could not answer explain: %r", e)
+
+    async def explain(self, job_id: str) -> JobExplanation:
+        """Why ``job_id`` is pending, or why it went where it went."""
+        current = await get_versioned(self._jobs, job_id, JOB_DECODER)
+        if current is None:
+            return JobExplanation(
+                job_id=job_id, state="unknown", summary="", error=f"no job {job_id!r}"
+            )
+        record = current.value
+        config = self._cfg()
+        if record.state != JobState.QUEUED:
+            decision = None
+            if record.attempt:
+                try:
+                    raw = await self._bus.js.get_last_msg(
+                        self._bus.names.stream("events"),
+                        self._bus.names.event("job", job_id, "dispatched"),
+                    )
+                    decision = EVENT_DECODER.decode(raw.data or b"").data
+                except nats.js.errors.NotFoundError:
+                    decision = None
+            return explain_dispatched(record, decision)
+        now = now_ms()
+        ordered = self._ordered(now, config)
+        position = next((i for i, p in enumerate(ordered) if p.job_id == job_id), None)
+        pending = self._pending.get(job_id)
+        facts = QueueFacts(
+            mode=config.mode.value,
+            advanced=uses_advanced_placement(record.spec, config.mode),
+            effective_priority=pending.effective if pending else None,
+            position=position,
+            length=len(ordered),
+            boosted=bool(pending and pending.boosted),
+            waiting_for_preferred=bool(
+                pending and pending.last and pending.last.waiting_for_preferred
+            ),
+            avg_duration_ms=self._durations.get(record.spec.job_type),
+        )
+        return explain_queued(record, self._index.all_views(), facts, now_ms=now)
+
+    # -- upkeep -----------------------------------------------------------------------------------
+    async def _upkeep_loop(self, stop: anyio.Event) -> None:
+        last_keepalive = time.monotonic()
         while not stop.is_set():
             with anyio.move_on_after(self._cfg().dispatch.reconcile_interval_ms / 1000):
                 await stop.wait()
             try:
                 await self._expire_acceptance()
-                if time.monotonic() - last_scan >= ORPHAN_SCAN_S:
-                    last_scan = time.monotonic()
-                    await self._scan_orphans()
+                if time.monotonic() - last_keepalive >= KEEPALIVE_S:
+                    last_keepalive = time.monotonic()
+                    for pending in list(self._pending.values()):
+                        try:
+                            await pending.msg.in_progress()
+                        except (nats.errors.Error, OSError):
+                            pass
             except Exception:
-                log.exception("reconciliation pass failed")
+                log.exception("upkeep pass failed")
 
     async def _expire_acceptance(self) -> None:
         now = now_ms()
@@ -527,50 +660,6 @@ class DispatcherWorker:
                     reason=f"runner {rid} did not accept within {self._accept_ms} ms",
                     outcome="not_accepted",
                 )
-
-    async def _scan_orphans(self) -> None:
-        """Free orphan slots and take back dispatches nobody waits on any more.
-
-        An orphan slot comes from a crash between the two writes of a decision; an unwatched
-        dispatch from a dispatcher that crashed after dispatching.
-        """
-        now = now_ms()
-        suspects: set[tuple[str, str, int]] = set()
-        for rid, versioned in list(self._runners.items()):
-            for job_id, attempt in versioned.value.assigned_jobs.items():
-                if job_id in self._awaiting or job_id in self._reserved.get(rid, ()):
-                    continue
-                pending = self._pending.get(job_id)
-                if pending is not None and pending.committing:
-                    continue
-                current = await get_versioned(self._jobs, job_id, JOB_DECODER)
-                rec = current.value if current else None
-                if (
-                    rec is None
-                    or rec.runner_id != rid
-                    or rec.attempt != attempt
-                    or rec.state in TERMINAL_STATES
-                ):
-                    key = (rid, job_id, attempt)
-                    if key in self._suspect:
-                        await self._ops.release(rid, job_id, attempt)
-                        log.info("freed orphan slot of %s on %s", job_id, rid)
-                    else:
-                        suspects.add(key)
-                elif (
-                    rec.state == JobState.DISPATCHED
-                    and rec.dispatched_at_ms is not None
-                    and now - rec.dispatched_at_ms > self._accept_ms
-                ):
-                    await self._ops.take_back(
-                        job_id,
-                        attempt=attempt,
-                        runner_id=rid,
-                        known=current,
-                        reason=f"runner {rid} did not accept within {self._accept_ms} ms",
-                        outcome="not_accepted",
-                    )
-        self._suspect = suspects
 
 
 def create(ctx: HandlerContext) -> DispatcherWorker:

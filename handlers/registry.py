@@ -18,6 +18,7 @@ from schemas import (
     FieldError,
     RegistrationVerdict,
     RunnerCommand,
+    RunnerHeartbeat,
     RunnerRecord,
     RunnerRegistration,
     RunnerState,
@@ -26,12 +27,15 @@ from schemas import (
 from valkyrie import EventPublisher, HandlerContext
 from valkyrie._codec import ANY_DECODER, HEARTBEAT_DECODER, RUNNER_DECODER, encode, now_ms
 from valkyrie._jobops import JobOps
-from valkyrie._kvstore import cas_update, put_new
+from valkyrie._kvstore import cas_update, get_versioned, put_new
 from valkyrie._lifecycle import runner_state
+from valkyrie._runnerview import RunnerView
 
 __all__ = ["RegistryWorker", "create"]
 
 log = logging.getLogger("valkyrie.registry")
+#: how often a live runner's record is rewritten just to refresh its shown heartbeat time
+HEARTBEAT_PERSIST_MS = 5000
 
 
 class RegistryWorker:
@@ -50,19 +54,25 @@ class RegistryWorker:
         """Serve until ``stop`` is set."""
         bus = self._bus
         self._runners = await bus.kv("runners")
+        self._view = RunnerView(self._runners)
         queue = f"{bus.names.prefix}-registry"
-        subs = [
-            await bus.nc.subscribe(bus.names.register, queue=queue, cb=self._on_register),
-            await bus.nc.subscribe(bus.names.heartbeat("*"), queue=queue, cb=self._on_heartbeat),
-            await bus.nc.subscribe(bus.names.runner_admin("*"), queue=queue, cb=self._on_admin),
-        ]
-        task_status.started()
-        try:
-            await stop.wait()
-        finally:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                for sub in subs:
-                    await sub.drain()
+        async with anyio.create_task_group() as tg:
+            await tg.start(self._view.watch)
+            subs = [
+                await bus.nc.subscribe(bus.names.register, queue=queue, cb=self._on_register),
+                await bus.nc.subscribe(
+                    bus.names.heartbeat("*"), queue=queue, cb=self._on_heartbeat
+                ),
+                await bus.nc.subscribe(bus.names.runner_admin("*"), queue=queue, cb=self._on_admin),
+            ]
+            try:
+                task_status.started()
+                await stop.wait()
+            finally:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                    for sub in subs:
+                        await sub.drain()
+            tg.cancel_scope.cancel()
 
     async def _reply(self, msg: Msg, verdict: RegistrationVerdict) -> None:
         if msg.reply:
@@ -154,11 +164,24 @@ class RegistryWorker:
     async def _on_heartbeat(self, msg: Msg) -> None:
         try:
             beat = HEARTBEAT_DECODER.decode(msg.data)
-        except msgspec.ValidationError:
-            return
         except msgspec.DecodeError:
             return
         now = now_ms()
+        known = self._view.records.get(beat.runner_id)
+        if known is not None:
+            rec = known.value
+            if (
+                rec.registration.session_id
+                and beat.session_id
+                and rec.registration.session_id != beat.session_id
+            ):
+                return  # a heartbeat from a previous incarnation
+            # Liveness is judged from the live heartbeats (supervisor); the record is only
+            # rewritten when something changed or to refresh the shown time now and then.
+            stale = now - rec.last_heartbeat_at_ms >= HEARTBEAT_PERSIST_MS
+            if rec.state != RunnerState.OFFLINE and not stale:
+                await self._check_running(beat, rec)
+                return
         came_back: list[bool] = []
 
         def touch(old: RunnerRecord) -> RunnerRecord | None:
@@ -168,7 +191,7 @@ class RegistryWorker:
                 and beat.session_id
                 and old.registration.session_id != beat.session_id
             ):
-                return None  # a heartbeat from a previous incarnation
+                return None
             if old.state == RunnerState.OFFLINE:
                 came_back.append(True)
             updated = msgspec.structs.replace(
@@ -180,26 +203,42 @@ class RegistryWorker:
             return msgspec.structs.replace(updated, state=runner_state(updated))
 
         try:
-            latest, _ = await cas_update(self._runners, beat.runner_id, RUNNER_DECODER, touch)
+            latest, written = await cas_update(
+                self._runners, beat.runner_id, RUNNER_DECODER, touch, known=known
+            )
         except Exception as e:
             log.warning("heartbeat of %s not recorded: %r", beat.runner_id, e)
             return
-        if latest is not None:
-            # Jobs the runner still runs but no longer holds (taken back while it was away).
-            for job_id in beat.running_jobs:
-                if job_id not in latest.value.assigned_jobs:
-                    await self._bus.nc.publish(
-                        self._bus.names.control(beat.runner_id),
-                        encode(
-                            RunnerCommand(
-                                command="abandon",
-                                job_id=job_id,
-                                reason="this job was given to another runner",
-                            )
-                        ),
-                    )
+        if latest is None:
+            return
+        if written:
+            self._view.offer(beat.runner_id, latest)
+        await self._check_running(beat, latest.value)
         if came_back:
             await self._events.emit("runner", beat.runner_id, "back_online", data={})
+
+    async def _check_running(self, beat: RunnerHeartbeat, rec: RunnerRecord) -> None:
+        """Tell a runner to abandon jobs it runs but no longer holds (taken back meanwhile)."""
+        extra = [j for j in beat.running_jobs if j not in rec.assigned_jobs]
+        if not extra:
+            return
+        # Our view may lag a fresh dispatch: confirm against the bucket before acting.
+        fresh = await get_versioned(self._runners, beat.runner_id, RUNNER_DECODER)
+        if fresh is None:
+            return
+        for job_id in extra:
+            if job_id in fresh.value.assigned_jobs:
+                continue
+            await self._bus.nc.publish(
+                self._bus.names.control(beat.runner_id),
+                encode(
+                    RunnerCommand(
+                        command="abandon",
+                        job_id=job_id,
+                        reason="this job was given to another runner",
+                    )
+                ),
+            )
 
     async def _on_admin(self, msg: Msg) -> None:
         action = msg.subject.rsplit(".", 1)[-1]

@@ -17,6 +17,7 @@ import anyio
 import msgspec
 import nats.errors
 from anyio.abc import TaskStatus
+from nats.aio.msg import Msg
 
 from schemas import JobRecord, JobState, RunnerCommand, RunnerRecord, RunnerState
 from valkyrie import EventPublisher, HandlerContext
@@ -25,6 +26,7 @@ from valkyrie._config import DispatchConfig
 from valkyrie._jobops import JobOps
 from valkyrie._kvstore import Versioned, cas_update, get_versioned
 from valkyrie._lifecycle import retry_after_failure
+from valkyrie._runnerview import RunnerView
 
 __all__ = ["SupervisorWorker", "create"]
 
@@ -42,12 +44,23 @@ class SupervisorWorker:
         self._bus = ctx.bus
         self._events = EventPublisher(ctx.bus, ctx.name)
         self._ops = JobOps(ctx.bus, self._events)
-        self._runners: dict[str, Versioned[RunnerRecord]] = {}
+        self._seen: dict[str, int] = {}
+        self._started_ms = 0
         self._first_seen: dict[tuple[str, int], int] = {}
         self._deadline: dict[tuple[str, int], int] = {}
+        self._suspect: set[tuple[str, int]] = set()
 
     def _cfg(self) -> DispatchConfig:
         return self._ctx.config.current.dispatch
+
+    def _last_seen(self, rid: str, record: RunnerRecord) -> int:
+        # Before we heard the runner ourselves, count from our own start (a grace period) so a
+        # restarted supervisor does not declare every runner lost at once.
+        return max(self._seen.get(rid, 0), record.last_heartbeat_at_ms, self._started_ms)
+
+    async def _on_heartbeat(self, msg: Msg) -> None:
+        runner_id = msg.subject.rsplit(".", 1)[-1]
+        self._seen[runner_id] = now_ms()
 
     async def run(
         self, stop: anyio.Event, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -55,60 +68,41 @@ class SupervisorWorker:
         """Supervise until ``stop`` is set."""
         self._jobs = await self._bus.kv("jobs")
         self._runners_kv = await self._bus.kv("runners")
-        async with anyio.create_task_group() as tg:
-            await tg.start(self._watch)
-            task_status.started()
-            while not stop.is_set():
-                with anyio.move_on_after(self._cfg().supervise_interval_ms / 1000):
-                    await stop.wait()
-                if stop.is_set():
-                    break
-                try:
-                    await self._check()
-                except Exception:
-                    log.exception("supervision pass failed")
-            tg.cancel_scope.cancel()
-
-    async def _watch(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        watcher = await self._runners_kv.watchall()
-        started = False
+        self._view = RunnerView(self._runners_kv)
+        self._started_ms = now_ms()
+        # Every supervisor hears every heartbeat (no queue group): liveness is judged live.
+        sub = await self._bus.nc.subscribe(self._bus.names.heartbeat("*"), cb=self._on_heartbeat)
         try:
-            while True:
-                try:
-                    entry = await watcher.updates(timeout=5.0)
-                except TimeoutError:
-                    entry = None
-                if entry is None:
-                    if not started:
-                        started = True
-                        task_status.started()
-                    continue
-                if entry.operation in ("DEL", "PURGE") or not entry.value:
-                    self._runners.pop(entry.key, None)
-                    continue
-                try:
-                    record = RUNNER_DECODER.decode(entry.value)
-                except msgspec.DecodeError:
-                    continue
-                known = self._runners.get(entry.key)
-                if known is None or int(entry.revision or 0) > known.revision:
-                    self._runners[entry.key] = Versioned(record, int(entry.revision or 0))
+            async with anyio.create_task_group() as tg:
+                await tg.start(self._view.watch)
+                task_status.started()
+                while not stop.is_set():
+                    with anyio.move_on_after(self._cfg().supervise_interval_ms / 1000):
+                        await stop.wait()
+                    if stop.is_set():
+                        break
+                    try:
+                        await self._check()
+                    except Exception:
+                        log.exception("supervision pass failed")
+                tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(2):
-                await watcher.stop()
+                await sub.unsubscribe()
 
     async def _check(self) -> None:
         now = now_ms()
         live: set[tuple[str, int]] = set()
-        for rid, versioned in list(self._runners.items()):
+        lost_after = self._cfg().runner_lost_after_ms
+        for rid, versioned in list(self._view.records.items()):
             record = versioned.value
-            silent_ms = now - record.last_heartbeat_at_ms
-            if record.state != RunnerState.OFFLINE and silent_ms > self._cfg().runner_lost_after_ms:
-                await self._lose(rid, versioned)
+            seen = self._last_seen(rid, record)
+            if record.state != RunnerState.OFFLINE and now - seen > lost_after:
+                await self._lose(rid, versioned, seen)
                 continue
             if record.state == RunnerState.OFFLINE:
                 for job_id, attempt in list(record.assigned_jobs.items()):
-                    await self._take_back(rid, job_id, attempt, record.last_heartbeat_at_ms)
+                    await self._take_back(rid, job_id, attempt, seen)
                 continue
             for job_id, attempt in record.assigned_jobs.items():
                 key = (job_id, attempt)
@@ -118,7 +112,7 @@ class SupervisorWorker:
                     continue
                 deadline = self._deadline.get(key)
                 if deadline is None:
-                    deadline = await self._load_deadline(key)
+                    deadline = await self._inspect(rid, key)
                 if deadline is not None and now > deadline:
                     await self._time_out(rid, job_id, attempt)
         for key in list(self._first_seen):
@@ -126,16 +120,12 @@ class SupervisorWorker:
                 self._first_seen.pop(key, None)
                 self._deadline.pop(key, None)
 
-    async def _lose(self, rid: str, versioned: Versioned[RunnerRecord]) -> None:
-        lost_after = self._cfg().runner_lost_after_ms
+    async def _lose(self, rid: str, versioned: Versioned[RunnerRecord], seen: int) -> None:
         now = now_ms()
 
         def mark(record: RunnerRecord) -> RunnerRecord | None:
-            if (
-                record.state == RunnerState.OFFLINE
-                or now - record.last_heartbeat_at_ms <= lost_after
-            ):
-                return None
+            if record.state == RunnerState.OFFLINE or record.last_heartbeat_at_ms > seen:
+                return None  # already offline, or a newer heartbeat was recorded meanwhile
             return msgspec.structs.replace(record, state=RunnerState.OFFLINE)
 
         latest, written = await cas_update(
@@ -145,26 +135,26 @@ class SupervisorWorker:
             return
         record = latest.value
         if written:
-            self._runners[rid] = latest
+            self._view.offer(rid, latest)
             await self._events.emit(
                 "runner",
                 rid,
                 "lost",
                 data={
-                    "last_heartbeat_at_ms": record.last_heartbeat_at_ms,
-                    "silent_ms": now - record.last_heartbeat_at_ms,
+                    "last_heartbeat_at_ms": seen,
+                    "silent_ms": now - seen,
                     "jobs": sorted(record.assigned_jobs),
                 },
-                event_id=f"{rid}.lost.{record.last_heartbeat_at_ms}",
+                event_id=f"{rid}.lost.{seen}",
             )
             log.warning(
                 "runner %s lost (silent %d ms); re-queueing %d job(s)",
                 rid,
-                now - record.last_heartbeat_at_ms,
+                now - seen,
                 len(record.assigned_jobs),
             )
         for job_id, attempt in list(record.assigned_jobs.items()):
-            await self._take_back(rid, job_id, attempt, record.last_heartbeat_at_ms)
+            await self._take_back(rid, job_id, attempt, seen)
 
     async def _take_back(self, rid: str, job_id: str, attempt: int, last_heartbeat_ms: int) -> None:
         record = await self._ops.take_back(
@@ -178,11 +168,42 @@ class SupervisorWorker:
             # Not on that runner any more: make sure its slot is not held forever.
             await self._ops.release(rid, job_id, attempt)
 
-    async def _load_deadline(self, key: tuple[str, int]) -> int | None:
-        current = await get_versioned(self._jobs, key[0], JOB_DECODER)
-        if current is None or current.value.attempt != key[1]:
+    async def _inspect(self, rid: str, key: tuple[str, int]) -> int | None:
+        """Look at a slot's job once it is old enough; return its execution deadline.
+
+        A slot whose job is not on this runner at this attempt is an orphan (a crash between the
+        two writes of a decision): freed on the second look. A dispatch still not accepted past
+        the acceptance window is taken back (its dispatcher may have died).
+        """
+        job_id, attempt = key
+        current = await get_versioned(self._jobs, job_id, JOB_DECODER)
+        rec = current.value if current else None
+        if (
+            rec is None
+            or rec.runner_id != rid
+            or rec.attempt != attempt
+            or rec.state not in _ON_RUNNER
+        ):
+            if key in self._suspect:
+                self._suspect.discard(key)
+                await self._ops.release(rid, job_id, attempt)
+                log.info("freed orphan slot of %s (attempt %d) on %s", job_id, attempt, rid)
+            else:
+                self._suspect.add(key)
             return None
-        rec = current.value
+        self._suspect.discard(key)
+        accept_ms = self._ctx.config.current.dispatch.accept_timeout_ms
+        if rec.state == JobState.DISPATCHED:
+            if rec.dispatched_at_ms is not None and now_ms() - rec.dispatched_at_ms > accept_ms:
+                await self._ops.take_back(
+                    job_id,
+                    attempt=attempt,
+                    runner_id=rid,
+                    known=current,
+                    reason=f"runner {rid} did not accept within {accept_ms} ms",
+                    outcome="not_accepted",
+                )
+            return None
         began = rec.started_at_ms or rec.accepted_at_ms or rec.dispatched_at_ms or rec.updated_at_ms
         deadline = (
             began

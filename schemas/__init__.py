@@ -8,6 +8,18 @@ from schemas._catalog import CATALOG, json_schema, json_schemas
 from schemas._validate import collect_errors, convert_or_errors, json_type_name
 from schemas.config import ConfigChange, ConfigRevision, ConfigVerdict
 from schemas.events import DeadLetter, Event
+from schemas.explain import ConstraintGroup, ExplainRequest, JobExplanation
+from schemas.health import (
+    HEALTH_STATUSES,
+    CheckResult,
+    ComponentHealth,
+    ConsumerLag,
+    FallbackRecord,
+    HealthReport,
+    HealthStatus,
+    HealthSummary,
+    RunnerPool,
+)
 from schemas.jobs import (
     TERMINAL_STATES,
     AffinityRule,
@@ -49,18 +61,29 @@ from schemas.runners import (
 
 __all__ = [
     "CATALOG",
+    "HEALTH_STATUSES",
     "TERMINAL_STATES",
     "AffinityRule",
     "AttemptRecord",
     "CancelJob",
+    "CheckResult",
+    "ComponentHealth",
     "ConfigChange",
     "ConfigRevision",
     "ConfigVerdict",
+    "ConstraintGroup",
+    "ConsumerLag",
     "DeadLetter",
     "Dispatch",
     "Event",
+    "ExplainRequest",
+    "FallbackRecord",
     "FieldError",
+    "HealthReport",
+    "HealthStatus",
+    "HealthSummary",
     "JobAccepted",
+    "JobExplanation",
     "JobFinished",
     "JobLog",
     "JobRecord",
@@ -82,6 +105,7 @@ __all__ = [
     "RunnerCommand",
     "RunnerHeartbeat",
     "RunnerLocation",
+    "RunnerPool",
     "RunnerRecord",
     "RunnerRegistration",
     "RunnerResources",

@@ -8,6 +8,8 @@ import msgspec
 
 from schemas.config import ConfigChange, ConfigRevision, ConfigVerdict
 from schemas.events import DeadLetter, Event
+from schemas.explain import ExplainRequest, JobExplanation
+from schemas.health import FallbackRecord, HealthReport, HealthSummary
 from schemas.jobs import JobRecord, JobSubmission, SubmitVerdict
 from schemas.legacy import LegacyJobV1
 from schemas.runners import (
@@ -42,10 +44,15 @@ CATALOG: dict[str, Any] = {
     "update-verdict": UpdateVerdict,
     "job-log": JobLog,
     "event": Event,
+    "explain-request": ExplainRequest,
+    "job-explanation": JobExplanation,
     "dead-letter": DeadLetter,
     "config-change": ConfigChange,
     "config-revision": ConfigRevision,
     "config-verdict": ConfigVerdict,
+    "health-report": HealthReport,
+    "health-summary": HealthSummary,
+    "fallback-record": FallbackRecord,
 }
 
 

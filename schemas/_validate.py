@@ -48,15 +48,14 @@ def _strip_annotated(tp: Any) -> Any:
 
 
 def _struct_in(tp: Any) -> type[msgspec.Struct] | None:
-    """Return the Struct type in ``tp`` (bare or inside an Optional), if any."""
+    """Return the Struct type in ``tp`` (bare or inside an Optional), if exactly one."""
     tp = _strip_annotated(tp)
     if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
         return tp
     if get_origin(tp) in (Union, types.UnionType):
-        for arg in get_args(tp):
-            found = _struct_in(arg)
-            if found is not None:
-                return found
+        found = {s for s in map(_struct_in, get_args(tp)) if s is not None}
+        if len(found) == 1:  # a union of several Structs (tagged) cannot be checked field-wise
+            return found.pop()
     return None
 
 
@@ -135,5 +134,4 @@ def convert_or_errors(tp: type[T], obj: Any) -> tuple[T | None, list[FieldError]
     try:
         return msgspec.convert(obj, tp), []
     except msgspec.ValidationError as first:
-        errors = collect_errors(tp, obj)
-        return None, errors or [_error("$", first)]
+        return None, _value_errors(tp, obj, "$") or [_error("$", first)]

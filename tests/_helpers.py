@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 import signal
 import subprocess
@@ -9,9 +11,11 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
+import msgspec
 import nats.js.errors
 from nats.js.api import RawStreamMsg
 from prometheus_client import CollectorRegistry
@@ -143,3 +147,106 @@ async def wait_until(
             if await check():
                 return
             await anyio.sleep(interval_s)
+
+
+def env_with_settings(settings: Settings) -> dict[str, str]:
+    """Like :func:`env_for`, but carrying every setting (a subprocess then behaves like the test)."""
+    env = env_for(settings)
+    for field in msgspec.structs.fields(Settings):
+        value = getattr(settings, field.name)
+        if value is not None:
+            env[f"VALKYRIE_{field.name.upper()}"] = str(value)
+    return env
+
+
+def spawn_module(
+    module: str, args: Sequence[str], settings: Settings, log: Path
+) -> subprocess.Popen[bytes]:
+    """Start ``python -m MODULE ARGS`` with every setting of ``settings`` and output to ``log``."""
+    out = log.open("ab")
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            env=env_with_settings(settings),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+    finally:
+        out.close()
+
+
+def spawn_runner(
+    runner_id: str,
+    settings: Settings,
+    tmp: Path,
+    *,
+    capacity: int = 1,
+    work_s: float = 0.0,
+    heartbeat_ms: int = 1000,
+) -> subprocess.Popen[bytes]:
+    """Start a simulated runner process journaling to ``tmp/<id>.journal`` (log: ``<id>.log``)."""
+    return spawn_module(
+        "valkyrie.testing",
+        [
+            "--id",
+            runner_id,
+            "--capacity",
+            str(capacity),
+            "--work-s",
+            str(work_s),
+            "--heartbeat-ms",
+            str(heartbeat_ms),
+            "--journal",
+            str(tmp / f"{runner_id}.journal"),
+        ],
+        settings,
+        tmp / f"{runner_id}.log",
+    )
+
+
+@dataclass(frozen=True)
+class JournalLine:
+    """One attempt a simulated runner process ran (see ``valkyrie.testing``)."""
+
+    job_id: str
+    attempt: int
+    runner_id: str
+    started_ns: int
+    ended_ns: int
+    outcome: str
+
+
+def read_journals(tmp: Path) -> list[JournalLine]:
+    """Every line of every ``*.journal`` file under ``tmp``."""
+    lines: list[JournalLine] = []
+    for path in sorted(tmp.glob("*.journal")):
+        for raw in path.read_text().splitlines():
+            job_id, attempt, runner_id, started, ended, outcome = raw.split()
+            lines.append(
+                JournalLine(job_id, int(attempt), runner_id, int(started), int(ended), outcome)
+            )
+    return lines
+
+
+def overlaps(intervals: dict[str, list[tuple[int, int, str]]]) -> list[str]:
+    """Jobs (with their intervals) whose executions overlap in time; ``[]`` when none do.
+
+    ``intervals`` maps a job id to ``(start_ns, end_ns, label)`` of each execution.
+    """
+    found: list[str] = []
+    for job_id, spans in intervals.items():
+        ordered = sorted(spans)
+        for (_s1, e1, l1), (s2, _e2, l2) in itertools.pairwise(ordered):
+            if s2 < e1:
+                found.append(f"{job_id}: {l1} until {e1} overlaps {l2} from {s2}")
+    return found
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile (0..1) of ``values``, nearest rank."""
+    ordered = sorted(values)
+    if not ordered:
+        raise ValueError("no values")
+    rank = max(0, min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1))
+    return ordered[rank]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
+import anyio
 import nats
 import pytest
 
@@ -82,6 +84,47 @@ async def test_plain_nats_py_submission_is_accepted(
     assert record["spec"]["requirements"]["cpu_cores"] == 2
     assert record["spec"]["requirements"]["memory_mb"] == 1024
     assert record["spec"]["metadata"] == {"repo": "valkyrie"}
+
+
+#: A publisher with nothing but nats-py: argv = url, prefix, body; prints the verdict.
+PLAIN_PUBLISHER = """
+import asyncio, json, sys
+import nats
+
+async def main():
+    url, prefix, body = sys.argv[1:4]
+    nc = await nats.connect(url)
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox, max_msgs=1)
+    await nc.jetstream().publish(
+        prefix + ".jobs.submit", body.encode(), headers={"Valkyrie-Reply-To": inbox}
+    )
+    msg = await sub.next_msg(timeout=10)
+    await nc.close()
+    ours = sorted(m for m in sys.modules if m.split(".")[0] in ("valkyrie", "schemas", "handlers"))
+    print(json.dumps({"verdict": json.loads(msg.data), "valkyrie_modules": ours}))
+
+asyncio.run(main())
+"""
+
+
+async def test_publisher_process_without_valkyrie_is_answered(
+    settings: Settings, nats_url: str, prefix: str
+) -> None:
+    body = json.dumps({"job_type": "build", "payload": {"from": "outside"}})
+    async with running(settings, ["intake"]) as bus:
+        with anyio.fail_after(60):
+            done = await anyio.run_process(
+                [sys.executable, "-I", "-c", PLAIN_PUBLISHER, nats_url, prefix, body],
+                check=False,
+            )
+        assert done.returncode == 0, done.stderr.decode()
+        out = json.loads(done.stdout)
+        assert out["valkyrie_modules"] == []
+        verdict = out["verdict"]
+        assert verdict["accepted"] is True
+        record = await Client(bus).get_job(verdict["job_id"])
+    assert record.spec.payload == {"from": "outside"}
 
 
 async def test_plain_nats_py_rejection_is_readable(
@@ -201,3 +244,26 @@ async def test_submissions_published_before_intake_runs_are_processed(
         return (await bus.js.stream_info(bus.names.stream("submit"))).state.messages == 0
 
     await wait_until(submit_stream_empty, timeout_s=10)
+
+
+async def test_list_jobs_reads_every_current_record(settings: Settings) -> None:
+    async with running(settings, ["intake"]) as bus:
+        client = Client(bus)
+        ids = []
+        for n in range(3):
+            verdict = await client.submit({"job_type": "build", "metadata": {"n": str(n)}})
+            assert verdict is not None
+            assert verdict.job_id is not None
+            ids.append(verdict.job_id)
+        await (await bus.kv("jobs")).delete(ids[1])
+
+        listed = await client.list_jobs()
+        assert sorted(r.id for r in listed) == sorted([ids[0], ids[2]])
+        assert [r.id for r in await client.list_jobs(states={JobState.QUEUED})] == [
+            r.id for r in listed
+        ]
+        assert await client.list_jobs(states={JobState.RUNNING}) == []
+        newest = await client.list_jobs(limit=1)
+        assert len(newest) == 1
+        assert newest[0] == listed[0]
+        assert listed[0].submitted_at_ms >= listed[1].submitted_at_ms

@@ -6,10 +6,12 @@ import json
 import re
 from typing import Any
 
+import hypothesis
 import msgspec
 import pytest
+from hypothesis import strategies as st
 
-from schemas import JobState, JobSubmission
+from schemas import FieldError, JobState, JobSubmission
 from tests._helpers import dead_letters, events_of, job_count, running, settings_for, wait_until
 from valkyrie import REPLY_TO_HEADER, Client, SchemaError
 from valkyrie._intake import (
@@ -383,3 +385,41 @@ def test_queued_record() -> None:
     assert record.submitted_at_ms == record.updated_at_ms == NOW_MS
     assert record.source_seq == 7
     assert record.attempt == 0
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+_fields = st.sampled_from(
+    [f.encode_name for f in msgspec.structs.fields(JobSubmission)] + ["type", "timeout", "x"]
+)
+
+
+def _errors_of(data: bytes) -> list[FieldError] | None:
+    """``None`` when ``data`` is accepted, else the errors; any other exception propagates."""
+    try:
+        parse_submission(data, received_at_ms=NOW_MS, max_bytes=MAX_BYTES)
+    except SchemaError as e:
+        return e.errors
+    return None
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(st.dictionaries(_fields, _json_values, max_size=6))
+def test_any_json_object_is_parsed_or_rejected_with_paths(doc: dict[str, Any]) -> None:
+    errors = _errors_of(_body(doc))
+    if errors is not None:
+        assert errors
+        assert all(err.path.startswith("$") and err.reason for err in errors)
+        assert len({err.path for err in errors}) == len(errors)
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(st.binary(max_size=64))
+def test_any_bytes_are_parsed_or_rejected(data: bytes) -> None:
+    errors = _errors_of(data)
+    assert errors is None or errors

@@ -123,7 +123,8 @@ def test_assign_slot_never_exceeds_capacity(
     rec = runner(capacity=capacity)
     for op, a, b in ops:
         if op == "assign":
-            assert isinstance(a, int) and isinstance(b, int)
+            assert isinstance(a, int)
+            assert isinstance(b, int)
             job_id, before = f"j{a}", rec
             new = assign_slot(rec, job_id, b)
             if new is None:
@@ -147,7 +148,8 @@ def test_assign_slot_never_exceeds_capacity(
             if held is None or (attempt is not None and held != attempt):
                 assert new is None
             else:
-                assert new is not None and f"j{a}" not in new.assigned_jobs
+                assert new is not None
+                assert f"j{a}" not in new.assigned_jobs
                 rec = new
         else:
             rec = msgspec.structs.replace(rec, drain_requested=bool(a))
@@ -173,7 +175,8 @@ def test_release_slot_counts_the_outcome_once_and_only_for_its_attempt() -> None
     freed = release_slot(rec, "j1", 2, succeeded=False, accept_latency_ms=40.0)
     assert freed is not None
     assert freed.assigned_jobs == {}
-    assert freed.stats.jobs_failed == 1 and freed.stats.recent_failures == 1
+    assert freed.stats.jobs_failed == 1
+    assert freed.stats.recent_failures == 1
     assert freed.stats.accept_latency_ms == 40.0
     assert release_slot(freed, "j1", 2, succeeded=False) is None
 
@@ -236,7 +239,8 @@ def test_apply_update_never_moves_a_state_backwards(
         assert new.attempt == record.attempt
         assert len(new.attempts) == len(record.attempts)
         if result.outcome == UpdateOutcome.REQUEUE:
-            assert new.state == JobState.QUEUED and new.runner_id is None
+            assert new.state == JobState.QUEUED
+            assert new.runner_id is None
             assert new.attempts[-1].ended_at_ms is not None
             # place it again on some runner: a new attempt begins
             record = dispatch_job(new, rid, now_ms=NOW + n)
@@ -251,18 +255,21 @@ def test_late_update_of_a_taken_back_attempt_is_stale() -> None:
     running = apply_update(
         first, JobStarted(job_id="j1", attempt=1, runner_id="r1", at_ms=NOW), now_ms=NOW
     ).record
-    assert running is not None and running.state == JobState.RUNNING
+    assert running is not None
+    assert running.state == JobState.RUNNING
     taken = requeue_job(running, now_ms=NOW + 1, reason="lost", outcome="runner_lost")
     # while queued, the old runner's result is refused
     late = apply_update(taken, finished(running), now_ms=NOW + 2)
     assert late.outcome == UpdateOutcome.STALE
     second = dispatch_job(taken, "r2", now_ms=NOW + 3)
     done = apply_update(second, finished(second), now_ms=NOW + 4).record
-    assert done is not None and done.state == JobState.SUCCEEDED
+    assert done is not None
+    assert done.state == JobState.SUCCEEDED
     # after the newer attempt's result, the old one is still refused and changes nothing
     for old in (finished(running), finished(running, "failed")):
         verdict = apply_update(done, old, now_ms=NOW + 5)
-        assert verdict.outcome == UpdateOutcome.STALE and verdict.record is None
+        assert verdict.outcome == UpdateOutcome.STALE
+        assert verdict.record is None
     # the current attempt's result, delivered again, is recognised as a redelivery
     assert apply_update(done, finished(second), now_ms=NOW + 6).outcome == UpdateOutcome.ALREADY
 
@@ -274,7 +281,8 @@ def test_redelivered_result_that_requeued_the_job_is_not_stale() -> None:
     record = dispatch_job(queued(policy=policy), "r1", now_ms=NOW)
     failed = finished(record, "failed")
     first = apply_update(record, failed, now_ms=NOW + 1)
-    assert first.outcome == UpdateOutcome.REQUEUE and first.record is not None
+    assert first.outcome == UpdateOutcome.REQUEUE
+    assert first.record is not None
     again = apply_update(first.record, failed, now_ms=NOW + 2)
     assert again.outcome == UpdateOutcome.ALREADY
     # but another runner's (or another outcome's) update for that attempt is still refused
@@ -324,19 +332,23 @@ def test_retry_after_failure_never_exceeds_max_attempts(
                 assert counted <= max_attempts  # the job's own failure ends it at once
             elif outcome != "rejected":
                 assert counted == max_attempts
-                assert record.reason is not None and "retries exhausted" in record.reason
+                assert record.reason is not None
+                assert "retries exhausted" in record.reason
             break
-        assert record.state == JobState.QUEUED and record.runner_id is None
+        assert record.state == JobState.QUEUED
+        assert record.runner_id is None
         if outcome == "runner_lost" or outcome == "rejected":
             assert record.not_before_at_ms is None  # at once
         else:
-            assert record.not_before_at_ms is not None and record.not_before_at_ms > NOW + n
+            assert record.not_before_at_ms is not None
+            assert record.not_before_at_ms > NOW + n
 
 
 def test_default_policy_does_not_retry_a_failed_exit() -> None:
     record = dispatch_job(queued(), "r1", now_ms=NOW)
     done = retry_after_failure(record, "failed", now_ms=NOW, reason="exit code 1")
-    assert done.state == JobState.FAILED and len(done.attempts) == 1
+    assert done.state == JobState.FAILED
+    assert len(done.attempts) == 1
 
 
 def test_cancel_requested_is_never_retried() -> None:
@@ -353,7 +365,8 @@ def test_refusals_do_not_use_up_retries_but_are_bounded() -> None:
         record = dispatch_job(record, f"r{n}", now_ms=NOW)
         record = retry_after_failure(record, "rejected", now_ms=NOW, reason="full")
     assert record.state == JobState.FAILED
-    assert record.reason is not None and "refused by runners" in record.reason
+    assert record.reason is not None
+    assert "refused by runners" in record.reason
     assert len(record.attempts) == MAX_REFUSALS
 
 
@@ -447,8 +460,8 @@ def test_place_only_picks_a_feasible_runner_with_a_free_slot(
         chosen = next(r for r in runners if r.registration.runner_id == placement.runner_id)
         assert chosen in feasible
         assert len(chosen.assigned_jobs) < chosen.registration.max_concurrent_jobs
-        assert not chosen.drain_requested and chosen.state != RunnerState.OFFLINE
+        assert not chosen.drain_requested
+        assert chosen.state != RunnerState.OFFLINE
         assert chosen.registration.runner_id not in {f"r{i}" for i in excluded}
         assert score_runner(spec, chosen, ScoreWeights()) == pytest.approx(best)
     assert sum(len(v) for v in placement.rejected.values()) + len(placement.ranked) == len(runners)
-

@@ -226,3 +226,26 @@ def test_collect_errors_uses_the_given_root_path() -> None:
 )
 def test_json_type_name(value: object, name: str) -> None:
     assert json_type_name(value) == name
+
+
+class _Cat(msgspec.Struct, tag="cat"):
+    lives: int
+
+
+class _Dog(msgspec.Struct, tag="dog"):
+    name: str
+
+
+class _Pets(msgspec.Struct):
+    first: _Cat | _Dog
+    others: list[_Cat | _Dog] = msgspec.field(default_factory=list)
+
+
+def test_tagged_unions_are_located_through_msgspec() -> None:
+    doc = {
+        "first": {"type": "cat", "lives": "nine"},
+        "others": [{"type": "dog", "name": "rex"}, {"type": "dog", "name": 1}, {"type": "cow"}],
+    }
+    pets, errors = convert_or_errors(_Pets, doc)
+    assert pets is None
+    assert _paths(errors) == ["$.first.lives", "$.others[1].name", "$.others[2].type"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from collections.abc import AsyncIterator
 from typing import Any
@@ -10,9 +11,18 @@ import anyio
 import msgspec
 import nats.errors
 import nats.js.errors
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from schemas import TERMINAL_STATES, Event, JobRecord, JobState, JobSubmission, SubmitVerdict
+from schemas import (
+    TERMINAL_STATES,
+    Event,
+    ExplainRequest,
+    JobExplanation,
+    JobRecord,
+    JobState,
+    JobSubmission,
+    SubmitVerdict,
+)
 from valkyrie._bus import Bus
 from valkyrie._codec import ANY_DECODER, EVENT_DECODER, JOB_DECODER, VERDICT_DECODER, encode, now_ms
 from valkyrie._errors import BusError, NotFoundError, SchemaError
@@ -135,26 +145,57 @@ class Client:
     async def list_jobs(
         self, *, states: set[JobState] | None = None, limit: int | None = None
     ) -> list[JobRecord]:
-        """Every job (optionally only in ``states``), newest first."""
-        kv = await self.bus.kv("jobs")
+        """Every job (optionally only in ``states``), newest first.
+
+        Reads the latest revision of every key through a short-lived pull consumer whose pending
+        count, taken before anything is delivered, says exactly how many entries to wait for (the
+        KV watcher's end-of-initial-values marker can arrive before the entries).
+        """
+        await self.bus.kv("jobs")  # a clear error when the bucket does not exist
+        bucket = self.bus.names.bucket("jobs")
+        stream = f"KV_{bucket}"
         records: list[JobRecord] = []
-        watcher = await kv.watchall(ignore_deletes=True)
+        remaining = 0
         try:
-            while True:
-                try:
-                    entry = await watcher.updates(timeout=5.0)
-                except TimeoutError:  # nats raises its own subclass or the builtin
-                    break
-                if entry is None:
-                    break
-                try:
-                    record = JOB_DECODER.decode(entry.value or b"")
-                except msgspec.DecodeError:
-                    continue
-                if states is None or record.state in states:
-                    records.append(record)
-        finally:
-            await watcher.stop()
+            psub = await self.bus.js.pull_subscribe(
+                f"$KV.{bucket}.>",
+                stream=stream,
+                config=ConsumerConfig(
+                    deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+                    ack_policy=AckPolicy.NONE,
+                    inactive_threshold=30.0,
+                ),
+            )
+            consumer: str | None = None
+            try:
+                info = await psub.consumer_info()
+                consumer = info.name
+                remaining = info.num_pending or 0
+                while remaining > 0:
+                    msgs = await psub.fetch(batch=min(remaining, 512), timeout=10.0)
+                    remaining -= len(msgs)
+                    for msg in msgs:
+                        if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
+                            continue
+                        try:
+                            record = JOB_DECODER.decode(msg.data)
+                        except msgspec.DecodeError:
+                            continue
+                        if states is None or record.state in states:
+                            records.append(record)
+            finally:
+                with (
+                    anyio.CancelScope(shield=True),
+                    anyio.move_on_after(2),
+                    contextlib.suppress(nats.errors.Error, nats.js.errors.Error),
+                ):
+                    await psub.unsubscribe()
+                    if consumer is not None:
+                        await self.bus.js.delete_consumer(stream, consumer)
+        except TimeoutError as e:
+            raise BusError(f"listing jobs timed out with {remaining} entries unread") from e
+        except (nats.errors.Error, nats.js.errors.Error) as e:
+            raise BusError(f"listing jobs failed: {e!r}") from e
         records.sort(key=lambda r: (r.submitted_at_ms, r.id), reverse=True)
         return records[:limit] if limit is not None else records
 
@@ -182,6 +223,24 @@ class Client:
                         return record
         finally:
             await watcher.stop()
+
+    async def explain(self, job_id: str, *, timeout_s: float = 5.0) -> JobExplanation:
+        """Why ``job_id`` is pending (constraints, queue position, estimate) or where it went.
+
+        Raises:
+            NotFoundError: no such job.
+            BusError: no dispatcher answered.
+        """
+        try:
+            reply = await self.bus.nc.request(
+                self.bus.names.explain, encode(ExplainRequest(job_id=job_id)), timeout=timeout_s
+            )
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError) as e:
+            raise BusError("no dispatcher answered the explain request: is one running?") from e
+        explanation = msgspec.json.decode(reply.data, type=JobExplanation)
+        if explanation.error and explanation.state == "unknown":
+            raise NotFoundError(explanation.error)
+        return explanation
 
     async def events(
         self,

@@ -15,6 +15,7 @@ import msgspec
 __all__ = [
     "LIVE_KEYS",
     "PROFILES",
+    "ZERO_ALLOWED",
     "DispatchConfig",
     "FeatureFlags",
     "HealthConfig",
@@ -83,7 +84,11 @@ class SchedulingConfig(_Section, frozen=True, kw_only=True):
     weight_region: Weight = 0.1
     weight_affinity: Weight = 0.1
     weight_accept_latency: Weight = 0.1
+    weight_efficiency: Weight = 0.1
     aging_step_s: Annotated[float, msgspec.Meta(gt=0, le=86_400)] = 30.0
+    max_aging_boost: Annotated[int, msgspec.Meta(ge=0, le=8)] = 2
+    fair_share_half_life_s: Annotated[float, msgspec.Meta(gt=0, le=86_400)] = 60.0
+    candidate_sample: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 64
     tenant_key: str = "project_id"
     tenant_weights: dict[str, Weight] = msgspec.field(default_factory=dict)
     sla_classes: dict[str, Annotated[int, msgspec.Meta(ge=0, le=4)]] = msgspec.field(
@@ -208,6 +213,13 @@ LIVE_KEYS: tuple[str, ...] = (
     "security.audit_enabled",
 )
 
+#: Durations that may be 0, and what 0 means. Every other ``*_ms``/``*_s`` key excludes 0
+#: (tests/test_config_model.py walks the model to keep it so).
+ZERO_ALLOWED: dict[str, str] = {
+    "dispatch.execution_grace_ms": "no grace: a silent runner's job times out at max_execution_time_s",
+    "dispatch.cancel_grace_s": "no grace: a cancelled job's processes are killed at once",
+}
+
 _RESTART_REASONS = {
     "profile": "the profile is chosen when a process starts",
     "http.": "the HTTP listener is bound when the gateway starts",
@@ -235,8 +247,8 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in obj.items():
         path = f"{prefix}{key}"
-        if isinstance(value, dict) and value and path.count(".") < 1 and _is_section(path):
-            out.update(flatten(value, f"{path}."))
+        if isinstance(value, dict) and path.count(".") < 1 and _is_section(path):
+            out.update(flatten(value, f"{path}."))  # an empty section adds nothing
         else:
             out[path] = value
     return out

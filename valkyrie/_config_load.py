@@ -86,7 +86,8 @@ def env_layer(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
             continue
         rest = name[len(_ENV_PREFIX) :].lower()
         key = rest.replace("__", ".")
-        if key in keys:
+        if key in keys or "__" in rest:
+            # a misspelt VALKYRIE_<SECTION>__<KEY> is kept so that validation refuses it by name
             out[key] = _parse_env_value(raw)
         elif rest in LEGACY_ENV:
             out.setdefault(LEGACY_ENV[rest], _parse_env_value(raw))

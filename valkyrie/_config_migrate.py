@@ -51,6 +51,9 @@ _LOG_LEVELS = {
 }
 _MODES = {"full", "hybrid", "fallback", "compatibility", "disabled"}
 
+#: Dropped fields that are durations (their value is shown in milliseconds in the report).
+_DURATIONS = {"connection_timeout", "health_check_timeout", "metrics_interval"}
+
 _DROPPED = {
     "performance_enhancement_enabled": "placement is always measured; there is no separate enhanced path",
     "max_connections": "connections are NATS's concern (server limits), not the control plane's",
@@ -138,13 +141,15 @@ def migrate_ancestor(doc: dict[str, Any]) -> MigrationReport:
         elif name == "health_check_interval":
             ms = _ms(value)
             if ms and ms >= 50:
+                stale = max(int(ms) * 3, 5000)
                 changed(
                     name,
                     "health.report_interval_ms",
                     int(ms),
-                    "health is reported by every worker at this interval",
+                    "health is reported by every worker at this interval; "
+                    f"health.stale_after_ms becomes {stale} (3 intervals) to stay above it",
                 )
-                report.values.setdefault("health.stale_after_ms", max(int(ms) * 3, 5000))
+                report.values.setdefault("health.stale_after_ms", stale)
             else:
                 dropped(name, value, "below 50 ms or unreadable")
         elif name in ("failure_threshold", "recovery_threshold"):
@@ -186,10 +191,11 @@ def migrate_ancestor(doc: dict[str, Any]) -> MigrationReport:
             mapped(name, "security.audit_enabled", bool(value))
         elif name == "dispatch_timeout":
             ms = _ms(value)
+            shown = f"{ms:g} ms" if ms is not None else repr(value)
             dropped(
                 name,
                 value,
-                f"the ancestor's {ms} ms dispatch target (100 µs, rounded to 0 ms on its wire) is not a "
+                f"the ancestor's {shown} dispatch target (100 µs, rounded to 0 ms on its wire) is not a "
                 "timeout; the acceptance window is dispatch.accept_timeout_ms (default 5000)",
             )
         elif name in _DROPPED:
@@ -200,11 +206,13 @@ def migrate_ancestor(doc: dict[str, Any]) -> MigrationReport:
                         name,
                         "http.host",
                         host,
-                        "the engine listener becomes the HTTP bridge address",
+                        f"the engine listener becomes the HTTP bridge address (http.port {port})",
                     )
                     report.values["http.port"] = int(port)
                     continue
-            dropped(name, value, _DROPPED[name])
+            ms = _ms(value) if name in _DURATIONS else None
+            read = f"{ms:g} ms: " if ms is not None else ""
+            dropped(name, value, read + _DROPPED[name])
         else:
             report.steps.append(
                 MigrationStep(name, "unknown", None, value, "not an ancestor field; ignored")

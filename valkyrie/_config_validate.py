@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args, get_origin
 
 import msgspec
 
@@ -23,6 +23,15 @@ class ValidationResult:
     warnings: list[FieldError] = field(default_factory=list)
 
 
+def _struct_items(tp: Any) -> type[msgspec.Struct] | None:
+    """The Struct type of ``list[Struct]`` (e.g. ``http.tokens``), else ``None``."""
+    if get_origin(tp) is list:
+        (item,) = get_args(tp)
+        if isinstance(item, type) and issubclass(item, msgspec.Struct):
+            return item
+    return None
+
+
 def _unknown(tp: type[msgspec.Struct], obj: Mapping[str, Any], prefix: str) -> list[FieldError]:
     errors: list[FieldError] = []
     fields = {f.encode_name: f for f in msgspec.structs.fields(tp)}
@@ -33,6 +42,11 @@ def _unknown(tp: type[msgspec.Struct], obj: Mapping[str, Any], prefix: str) -> l
         sub = fields[key].type
         if isinstance(sub, type) and issubclass(sub, msgspec.Struct) and isinstance(value, dict):
             errors.extend(_unknown(sub, value, f"{prefix}{key}."))
+        item = _struct_items(sub)
+        if item is not None and isinstance(value, list):
+            for index, entry in enumerate(value):
+                if isinstance(entry, dict):
+                    errors.extend(_unknown(item, entry, f"{prefix}{key}[{index}]."))
     return errors
 
 
@@ -43,20 +57,67 @@ def _path(error: FieldError) -> FieldError:
 
 
 def validate_dotted(dotted: Mapping[str, Any]) -> ValidationResult:
-    """Validate a dotted mapping as a whole config."""
+    """Validate a dotted mapping as a whole config.
+
+    Every problem comes back at once: unknown keys, bad values, and the cross-field rules of the
+    keys that are themselves valid (checked on the config with the bad keys left at their
+    defaults, leaving out rules that involve a bad key).
+    """
     from valkyrie._config_load import unflatten
 
     nested = unflatten(dotted)
     errors = _unknown(ValkyrieConfig, nested, "")
-    errors += [_path(e) for e in collect_errors(ValkyrieConfig, nested)]
+    errors += [
+        _path(e)
+        for e in collect_errors(ValkyrieConfig, nested)
+        # reported above with the exact path of the unknown key
+        if not e.reason.startswith("Object contains unknown field")
+    ]
     if errors:
-        return ValidationResult(None, _dedupe(errors))
+        errors = _dedupe(errors)
+        warnings: list[FieldError] = []
+        salvaged = _salvage(dotted, errors)
+        if salvaged is not None:
+            config, bad = salvaged
+            rule_errors, warnings = _rules(config)
+            errors += [e for e in rule_errors if not any(_involves(e, key) for key in bad)]
+            warnings = [w for w in warnings if not any(_involves(w, key) for key in bad)]
+        return ValidationResult(None, errors, warnings)
     try:
         config = msgspec.convert(nested, ValkyrieConfig)
     except msgspec.ValidationError as e:
         return ValidationResult(None, [FieldError(path="(root)", reason=str(e))])
     errors, warnings = _rules(config)
     return ValidationResult(None if errors else config, errors, warnings)
+
+
+def _covers(key: str, path: str) -> bool:
+    """Whether dotted ``key`` is, contains, or is inside the value at error ``path``."""
+    return (
+        key == path
+        or path.startswith((f"{key}.", f"{key}["))
+        or key.startswith((f"{path}.", f"{path}["))
+    )
+
+
+def _involves(problem: FieldError, key: str) -> bool:
+    return _covers(key, problem.path) or key in problem.reason
+
+
+def _salvage(
+    dotted: Mapping[str, Any], errors: list[FieldError]
+) -> tuple[ValkyrieConfig, set[str]] | None:
+    """The config without the keys that have errors (they keep their defaults), and those keys."""
+    from valkyrie._config_load import unflatten
+
+    bad = {key for key in dotted if any(_covers(key, e.path) for e in errors)}
+    try:
+        config = msgspec.convert(
+            unflatten({k: v for k, v in dotted.items() if k not in bad}), ValkyrieConfig
+        )
+    except (msgspec.ValidationError, TypeError):
+        return None
+    return config, bad
 
 
 def _dedupe(errors: list[FieldError]) -> list[FieldError]:

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from valkyrie._bus import Bus
 from valkyrie._errors import ConfigError
+from valkyrie._health import HealthReporter
 from valkyrie._live import LiveConfig, config_for
 from valkyrie._metrics import HandlerMetrics
 
@@ -92,11 +93,16 @@ async def run_workers(
         )
         for n in wanted
     ]
+    reporter = HealthReporter(bus, live, wanted, stop)
     async with anyio.create_task_group() as tg:
         await tg.start(live.watch, bus)
+        await tg.start(reporter.run)
         async with anyio.create_task_group() as running:
-            for worker in workers:
-                await running.start(worker.run, stop)
+            for name, worker in zip(wanted, workers, strict=True):
+                await running.start(reporter.track(name, worker.run), stop)
+            reporter.started()
             log.info("handlers running: %s (config revision %d)", ", ".join(wanted), live.revision)
             task_status.started(wanted)
+        # a deliberate stop is not a stall: tell the monitor before going quiet
+        await reporter.goodbye()
         tg.cancel_scope.cancel()

@@ -11,7 +11,7 @@ from valkyrie._bus import Bus
 from valkyrie._codec import JOB_DECODER, RUNNER_DECODER, now_ms
 from valkyrie._events import EventPublisher
 from valkyrie._kvstore import Versioned, cas_update
-from valkyrie._lifecycle import release_slot, requeue_job
+from valkyrie._lifecycle import release_slot, retry_after_failure
 
 __all__ = ["JobOps"]
 
@@ -85,7 +85,9 @@ class JobOps:
                 return None
             if record.state in TERMINAL_STATES or record.state == JobState.QUEUED:
                 return None
-            return requeue_job(record, now_ms=now, reason=reason, outcome=outcome)
+            # a taken-back attempt is a failed one: it counts against the retry budget, and a
+            # job whose cancel was requested ends cancelled instead of going to another runner
+            return retry_after_failure(record, outcome, now_ms=now, reason=reason)
 
         jobs = await self._bus.kv("jobs")
         latest, written = await cas_update(jobs, job_id, JOB_DECODER, decide, known=known)
@@ -125,6 +127,7 @@ class JobOps:
                 record.state.value,
                 data={
                     "runner_id": from_runner,
+                    "job_type": record.spec.job_type,
                     "exit_code": res.exit_code if res else None,
                     "duration_ms": res.duration_ms if res else None,
                     "reason": record.reason,
@@ -133,3 +136,21 @@ class JobOps:
                 correlation_id=record.spec.correlation_id,
                 event_id=f"{record.id}.{record.state.value}.{record.attempt}",
             )
+            targets = record.spec.performance_targets
+            took_ms = (record.finished_at_ms or 0) - record.submitted_at_ms
+            if (
+                targets is not None
+                and targets.target_completion_time_s is not None
+                and took_ms > targets.target_completion_time_s * 1000
+            ):
+                await self._events.emit(
+                    "job",
+                    record.id,
+                    "target_missed",
+                    data={
+                        "target_completion_time_s": targets.target_completion_time_s,
+                        "took_ms": took_ms,
+                    },
+                    attempt=record.attempt,
+                    event_id=f"{record.id}.target_missed",
+                )

@@ -47,6 +47,12 @@ def config_for(settings: Settings, environ: Mapping[str, str] | None = None) -> 
     )
 
 
+def _set_log_level(level: str) -> None:
+    """Apply ``observability.log_level`` to Valkyrie's own loggers (it is a live key)."""
+    for name in ("valkyrie", "handlers"):
+        logging.getLogger(name).setLevel(level.upper())
+
+
 class LiveConfig:
     """The effective config of this process and the runtime revision it runs.
 
@@ -85,6 +91,14 @@ class LiveConfig:
         self.runtime = dict(revision.values)
         self.applied_at = time.time()
         self.last_error = []
+        if old.observability.log_level != result.config.observability.log_level:
+            _set_log_level(result.config.observability.log_level)
+        log.info(
+            "config revision %d applied (%s); epoch_ms=%.3f",
+            revision.revision,
+            ", ".join(sorted(revision.diff)) or "no change here",
+            self.applied_at * 1000,
+        )
         for listener in self._listeners:
             try:
                 listener(old, result.config)

@@ -1,6 +1,7 @@
 """Placement as pure logic: hard constraints filter runners, a documented score ranks the rest.
 
-Every rejection carries a reason code so that "why is my job pending?" can be answered.
+Every rejection carries a reason code so that "why is my job pending?" can be answered; the codes,
+in the order they are checked, are listed in ``CONSTRAINTS`` (docs/scheduling.md explains each).
 """
 
 from __future__ import annotations
@@ -11,18 +12,52 @@ from dataclasses import dataclass, field
 
 from schemas import JobSubmission, RunnerRecord, RunnerState
 
-__all__ = ["Placement", "ScoreWeights", "Scored", "check_runner", "place", "score_runner"]
+__all__ = [
+    "CONSTRAINTS",
+    "Placement",
+    "ScoreWeights",
+    "Scored",
+    "check_runner",
+    "failing_constraints",
+    "place",
+    "runner_labels",
+    "score_runner",
+]
+
+#: Hard-constraint reason codes, in checking order.
+CONSTRAINTS = (
+    "offline",
+    "draining",
+    "excluded",
+    "job_type",
+    "capabilities",
+    "cpu",
+    "memory",
+    "storage",
+    "gpu",
+    "labels",
+    "affinity",
+    "anti_affinity",
+    "qos_latency",
+    "qos_reliability",
+    "qos_throughput",
+    "capacity",
+)
+#: A runner measured on fewer jobs than this is not judged on its statistics yet.
+MIN_SAMPLES = 5
 
 
 @dataclass(frozen=True, slots=True)
 class ScoreWeights:
-    """Weights of the placement score (each term is in [0, 1])."""
+    """Weights of the placement score (each term is in [0, 1] before weighting)."""
 
     free_capacity: float = 0.4
     success_rate: float = 0.2
     preferred_runner: float = 0.3
     region: float = 0.1
     affinity: float = 0.1
+    accept_latency: float = 0.1
+    efficiency: float = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,18 +70,24 @@ class Scored:
 
 @dataclass(frozen=True, slots=True)
 class Placement:
-    """The outcome of placing one job."""
+    """The outcome of placing one job.
+
+    ``waiting_for_preferred`` is set when a preferred runner is only busy and the job may still
+    wait for it (``routing_hints.preferred_wait_s``) instead of spilling over.
+    """
 
     runner_id: str | None
     ranked: list[Scored] = field(default_factory=list)
     rejected: dict[str, list[str]] = field(default_factory=dict)
+    waiting_for_preferred: bool = False
 
     def reasons(self) -> Counter[str]:
         """How many runners each constraint rejected."""
         return Counter({k: len(v) for k, v in self.rejected.items()})
 
 
-def _runner_labels(runner: RunnerRecord) -> dict[str, str]:
+def runner_labels(runner: RunnerRecord) -> dict[str, str]:
+    """Labels and metadata of a runner, plus ``region``/``zone`` from its location."""
     reg = runner.registration
     merged = dict(reg.metadata)
     merged.update(reg.labels)
@@ -62,55 +103,126 @@ def _capabilities(runner: RunnerRecord) -> set[str]:
     return {*caps.languages, *caps.frameworks, *caps.job_types, *caps.custom}
 
 
+def _measured(runner: RunnerRecord) -> bool:
+    stats = runner.stats
+    return stats.jobs_completed + stats.jobs_failed >= MIN_SAMPLES
+
+
+def failing_constraints(
+    job: JobSubmission,
+    runner: RunnerRecord,
+    *,
+    now_ms: int,
+    lost_after_ms: int | None = None,
+    advanced: bool = True,
+    first_only: bool = False,
+) -> list[str]:
+    """Every hard constraint ``runner`` fails for ``job`` (reason codes in ``CONSTRAINTS`` order).
+
+    ``lost_after_ms``, when given, also treats a runner whose recorded heartbeat is older as
+    offline (the dispatcher leaves liveness to the supervisor and passes ``None``). Without
+    ``advanced`` placement, affinity rules and QoS filters do not apply (integration modes).
+    """
+    out: list[str] = []
+
+    def fail(code: str) -> bool:
+        out.append(code)
+        return first_only
+
+    reg = runner.registration
+    silent = lost_after_ms is not None and now_ms - runner.last_heartbeat_at_ms > lost_after_ms
+    if (runner.state == RunnerState.OFFLINE or silent) and fail("offline"):
+        return out
+    if (runner.drain_requested or runner.state == RunnerState.DRAINING) and fail("draining"):
+        return out
+    hints = job.routing_hints
+    if hints is not None and reg.runner_id in hints.excluded_runners and fail("excluded"):
+        return out
+    if job.job_type not in reg.capabilities.job_types and fail("job_type"):
+        return out
+    needed = job.requirements.required_capabilities
+    if needed and not set(needed) <= _capabilities(runner) and fail("capabilities"):
+        return out
+    req, res = job.requirements, reg.resources
+    for code, wanted, offered in (
+        ("cpu", req.cpu_cores, res.cpu_cores),
+        ("memory", req.memory_mb, res.memory_mb),
+        ("storage", req.storage_gb, res.storage_gb),
+        ("gpu", req.gpu_count, res.gpu_count),
+    ):
+        if wanted > offered and fail(code):
+            return out
+    labels = runner_labels(runner)
+    if any(labels.get(k) != v for k, v in job.labels.items()) and fail("labels"):
+        return out
+    if advanced and hints is not None:
+        for rule in hints.affinity_rules:
+            have = labels.get(rule.key)
+            if rule.rule_type == "required" and have not in rule.values:
+                if fail("affinity"):
+                    return out
+                break
+        for rule in hints.affinity_rules:
+            have = labels.get(rule.key)
+            hit = have in rule.values if rule.values else have is not None
+            if rule.rule_type == "anti_affinity" and rule.weight is None and hit:
+                if fail("anti_affinity"):
+                    return out
+                break
+    qos = job.qos_requirements
+    if advanced and qos is not None:
+        stats = runner.stats
+        if (
+            qos.max_latency_ms is not None
+            and _measured(runner)
+            and stats.accept_latency_ms > qos.max_latency_ms
+            and fail("qos_latency")
+        ):
+            return out
+        if (
+            qos.reliability_threshold is not None
+            and _measured(runner)
+            and stats.success_rate < qos.reliability_threshold
+            and fail("qos_reliability")
+        ):
+            return out
+        if qos.min_throughput_bytes_per_s is not None:
+            declared = labels.get("network_bytes_per_s", "")
+            ok = declared.isdigit() and int(declared) >= qos.min_throughput_bytes_per_s
+            if not ok and fail("qos_throughput"):
+                return out
+    if len(runner.assigned_jobs) >= reg.max_concurrent_jobs:
+        fail("capacity")
+    return out
+
+
 def check_runner(
     job: JobSubmission,
     runner: RunnerRecord,
     *,
     now_ms: int,
-    lost_after_ms: int,
+    lost_after_ms: int | None = None,
     advanced: bool = True,
 ) -> str | None:
     """The first hard constraint ``runner`` fails for ``job`` (a reason code), or ``None``."""
-    reg = runner.registration
-    if runner.state == RunnerState.OFFLINE or now_ms - runner.last_heartbeat_at_ms > lost_after_ms:
-        return "offline"
-    if runner.drain_requested or runner.state == RunnerState.DRAINING:
-        return "draining"
+    failing = failing_constraints(
+        job, runner, now_ms=now_ms, lost_after_ms=lost_after_ms, advanced=advanced, first_only=True
+    )
+    return failing[0] if failing else None
+
+
+def _geo(job: JobSubmission, runner: RunnerRecord) -> float:
+    """1 for the preferred zone, 0.7 for the preferred region, graded for preferred_regions."""
+    loc = runner.registration.location
     hints = job.routing_hints
-    if hints is not None and reg.runner_id in hints.excluded_runners:
-        return "excluded"
-    if job.job_type not in reg.capabilities.job_types:
-        return "job_type"
-    needed = job.requirements.required_capabilities
-    if needed and not set(needed) <= _capabilities(runner):
-        return "capabilities"
-    req, res = job.requirements, reg.resources
-    if req.cpu_cores > res.cpu_cores:
-        return "cpu"
-    if req.memory_mb > res.memory_mb:
-        return "memory"
-    if req.storage_gb > res.storage_gb:
-        return "storage"
-    if req.gpu_count > res.gpu_count:
-        return "gpu"
-    labels = _runner_labels(runner)
-    for key, value in job.labels.items():
-        if labels.get(key) != value:
-            return "labels"
-    if hints is not None and advanced:
-        for rule in hints.affinity_rules:
-            have = labels.get(rule.key)
-            if rule.rule_type == "required" and have not in rule.values:
-                return "affinity"
-            if (
-                rule.rule_type == "anti_affinity"
-                and rule.weight is None
-                and (have in rule.values if rule.values else have is not None)
-            ):
-                return "anti_affinity"
-    if len(runner.assigned_jobs) >= reg.max_concurrent_jobs:
-        return "capacity"
-    return None
+    if hints is not None and hints.geographic_preference:
+        region, _, zone = hints.geographic_preference.partition("/")
+        if loc.region == region:
+            return 1.0 if not zone or loc.zone == zone else 0.7
+    regions = job.requirements.preferred_regions
+    if loc.region in regions:
+        return 0.7 * (1.0 - regions.index(loc.region) / len(regions))
+    return 0.0
 
 
 def score_runner(
@@ -125,17 +237,16 @@ def score_runner(
     free = (capacity - len(runner.assigned_jobs)) / capacity
     if not advanced:
         return free
-    score = weights.free_capacity * free + weights.success_rate * runner.stats.success_rate
+    stats = runner.stats
+    score = weights.free_capacity * free + weights.success_rate * stats.success_rate
+    score -= weights.success_rate * min(stats.recent_failures, 5) / 10
+    score += weights.accept_latency / (1.0 + stats.accept_latency_ms / 100.0)
     hints = job.routing_hints
     if hints is not None and reg.runner_id in hints.preferred_runners:
         score += weights.preferred_runner
-    regions = list(job.requirements.preferred_regions)
-    if hints is not None and hints.geographic_preference:
-        regions.insert(0, hints.geographic_preference)
-    if regions and reg.location.region in regions:
-        score += weights.region * (1.0 - regions.index(reg.location.region) / len(regions))
+    score += weights.region * _geo(job, runner)
     if hints is not None:
-        labels = _runner_labels(runner)
+        labels = runner_labels(runner)
         for rule in hints.affinity_rules:
             have = labels.get(rule.key)
             weight = (rule.weight if rule.weight is not None else 1.0) * weights.affinity
@@ -147,6 +258,15 @@ def score_runner(
                 and have in rule.values
             ):
                 score -= weight
+    targets = job.performance_targets
+    if targets is not None and targets.resource_efficiency_target:
+        res, req = reg.resources, job.requirements
+        shares = [
+            req.cpu_cores / res.cpu_cores if res.cpu_cores else 0.0,
+            req.memory_mb / res.memory_mb if res.memory_mb else 0.0,
+        ]
+        # a runner the job fills well (little left idle) scores higher: bin packing
+        score += weights.efficiency * targets.resource_efficiency_target * (sum(shares) / 2)
     return score
 
 
@@ -155,11 +275,16 @@ def place(
     runners: Iterable[RunnerRecord],
     *,
     now_ms: int,
-    lost_after_ms: int,
+    lost_after_ms: int | None = None,
     weights: ScoreWeights | None = None,
     advanced: bool = True,
+    queued_for_ms: int = 0,
 ) -> Placement:
-    """Pick the best feasible runner for ``job`` (ties go to the lexically smallest id)."""
+    """Pick the best feasible runner for ``job`` (ties go to the lexically smallest id).
+
+    Preferred runners that are only busy make the job wait for them while it has been queued for
+    less than ``routing_hints.preferred_wait_s``; after that it spills over to the best other one.
+    """
     weights = weights or ScoreWeights()
     rejected: dict[str, list[str]] = {}
     ranked: list[Scored] = []
@@ -176,4 +301,15 @@ def place(
             )
         )
     ranked.sort(key=lambda s: (-s.score, s.runner_id))
+    hints = job.routing_hints
+    if advanced and hints is not None and hints.preferred_runners and hints.preferred_wait_s > 0:
+        preferred = set(hints.preferred_runners)
+        chosen_preferred = bool(ranked) and ranked[0].runner_id in preferred
+        busy_preferred = preferred & set(rejected.get("capacity", ()))
+        if (
+            not chosen_preferred
+            and busy_preferred
+            and queued_for_ms < hints.preferred_wait_s * 1000
+        ):
+            return Placement(None, ranked, rejected, waiting_for_preferred=True)
     return Placement(ranked[0].runner_id if ranked else None, ranked, rejected)

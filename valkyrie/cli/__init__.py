@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from valkyrie.cli._admin import cancel, dead, drain, undrain
+from valkyrie.cli._admin import cancel, dead, drain, explain, undrain
 from valkyrie.cli._common import ExitCode
 from valkyrie.cli._config import config
 from valkyrie.cli._jobs import jobs, submit
@@ -30,6 +30,7 @@ def cli(ctx: click.Context, nats_url: str | None, prefix: str | None) -> None:
 for _command in (up, worker, provision, handlers_cmd, submit, jobs, tail, runner, runners, dead, config):
     cli.add_command(_command)
 jobs.add_command(cancel)
+jobs.add_command(explain)
 runners.add_command(drain)
 runners.add_command(undrain)
 

@@ -7,14 +7,14 @@ import sys
 
 import click
 
-from schemas import TERMINAL_STATES, JobState
+from schemas import TERMINAL_STATES, JobExplanation, JobState
 from valkyrie._admin import Admin, StoredDeadLetter
 from valkyrie._bus import Bus
 from valkyrie._client import Client
 from valkyrie._codec import encode
 from valkyrie.cli._common import ExitCode, fmt_ms, print_table, run_async, settings_from, with_bus
 
-__all__ = ["cancel", "dead", "drain", "undrain"]
+__all__ = ["cancel", "dead", "drain", "explain", "undrain"]
 
 
 def _actor() -> str:
@@ -154,3 +154,43 @@ def dead_replay(ctx: click.Context, seqs: tuple[int, ...], replay_all: bool) -> 
             click.echo(f"replayed #{seq} as #{new_seq}")
 
     run_async(lambda: with_bus(settings_from(ctx), go))
+
+
+@click.command()
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def explain(ctx: click.Context, job_id: str, as_json: bool) -> None:
+    """Why is this job pending (or why did it go where it went)?"""
+
+    async def go(bus: Bus) -> JobExplanation:
+        return await Client(bus).explain(job_id)
+
+    e = run_async(lambda: with_bus(settings_from(ctx), go))
+    if as_json:
+        click.echo(encode(e).decode())
+        return
+    click.echo(f"{e.job_id}: {e.state}")
+    click.echo(f"  {e.summary}")
+    if e.causes:
+        click.echo(f"  causes: {', '.join(e.causes)}")
+    if e.queue_position is not None:
+        click.echo(
+            f"  queue position {e.queue_position + 1} of {e.queue_length}"
+            + (
+                f", effective priority {e.effective_priority}"
+                if e.effective_priority is not None
+                else ""
+            )
+        )
+    if e.estimated_start_at_ms is not None:
+        click.echo(f"  estimated start {fmt_ms(e.estimated_start_at_ms)}")
+    if e.predicted_finish_at_ms is not None:
+        click.echo(f"  predicted finish {fmt_ms(e.predicted_finish_at_ms)}")
+    for group in e.rejected:
+        sample = f" (e.g. {', '.join(group.runners)})" if group.runners else ""
+        click.echo(f"  {group.count} runner(s) rejected: {group.detail}{sample}")
+    for hint in e.suggestions:
+        click.echo(f"  hint: {hint}")
+    if e.placement:
+        click.echo(f"  decision: {e.placement}")

@@ -14,6 +14,7 @@ import msgspec
 
 from schemas import ConfigRevision, ConfigVerdict, FieldError
 from valkyrie._bus import Bus
+from valkyrie._config import profile_overrides
 from valkyrie._config_client import ConfigClient
 from valkyrie._config_load import file_layer, known_keys, unflatten
 from valkyrie._config_migrate import migrate_ancestor
@@ -110,14 +111,20 @@ def show(ctx: click.Context, effective: bool, as_json: bool, prefix: str) -> Non
 
 @config.command("validate")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-def validate(file: Path) -> None:
-    """Check a TOML config file: every error with its key; exit 3 when there is one."""
+@click.pass_context
+def validate(ctx: click.Context, file: Path) -> None:
+    """Check a TOML config file: every error with its key; exit 3 when there is one.
+
+    The file is checked over its profile (its ``profile`` key, else VALKYRIE_PROFILE), as a
+    process would load it.
+    """
     try:
         values = file_layer(file)
     except ConfigError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(ExitCode.REJECTED)
-    result = validate_dotted(values)
+    profile = str(values.get("profile") or settings_from(ctx).profile)
+    result = validate_dotted({**profile_overrides(profile), **values})
     _print_problems(result.errors, result.warnings)
     if result.config is None:
         click.echo(f"{file}: {len(result.errors)} error(s)", err=True)

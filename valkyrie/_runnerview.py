@@ -1,0 +1,73 @@
+"""An in-memory view of the runners bucket, kept current by a KV watch."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import anyio
+import msgspec
+import nats.errors
+from anyio.abc import TaskStatus
+from nats.js.kv import KeyValue
+
+from schemas import RunnerRecord
+from valkyrie._codec import RUNNER_DECODER
+from valkyrie._kvstore import Versioned
+
+__all__ = ["RunnerView"]
+
+log = logging.getLogger("valkyrie.runners")
+Listener = Callable[[str, Versioned[RunnerRecord] | None], None]
+
+
+class RunnerView:
+    """Every runner record at its latest revision; ``listener`` hears each change."""
+
+    def __init__(self, kv: KeyValue, listener: Listener | None = None) -> None:
+        self.kv = kv
+        self.records: dict[str, Versioned[RunnerRecord]] = {}
+        self._listener = listener
+
+    def offer(self, runner_id: str, versioned: Versioned[RunnerRecord]) -> bool:
+        """Adopt a record we wrote ourselves if it is newer than what we hold."""
+        known = self.records.get(runner_id)
+        if known is not None and known.revision >= versioned.revision:
+            return False
+        self.records[runner_id] = versioned
+        if self._listener is not None:
+            self._listener(runner_id, versioned)
+        return True
+
+    async def watch(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Follow the bucket forever (started once the initial records are loaded)."""
+        started = False
+        while True:
+            watcher = await self.kv.watchall()
+            try:
+                while True:
+                    try:
+                        entry = await watcher.updates(timeout=5.0)
+                    except TimeoutError:  # nats raises its own subclass or the builtin
+                        entry = None
+                    if entry is None:
+                        if not started:
+                            started = True
+                            task_status.started()
+                        continue
+                    if entry.operation in ("DEL", "PURGE") or not entry.value:
+                        if self.records.pop(entry.key, None) is not None and self._listener:
+                            self._listener(entry.key, None)
+                        continue
+                    try:
+                        record = RUNNER_DECODER.decode(entry.value)
+                    except msgspec.DecodeError:
+                        log.warning("unreadable runner record %s", entry.key)
+                        continue
+                    self.offer(entry.key, Versioned(record, int(entry.revision or 0)))
+            except nats.errors.Error as e:
+                log.warning("runners watch interrupted (%r); restarting", e)
+                await anyio.sleep(0.5)
+            finally:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                    await watcher.stop()

@@ -1,0 +1,135 @@
+"""What every route reaches: the bus, the live config, metrics, and the caller's identity."""
+
+from __future__ import annotations
+
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+from litestar.connection import ASGIConnection
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from valkyrie._admin import Admin
+from valkyrie._bus import Bus
+from valkyrie._client import Client
+from valkyrie._config import ValkyrieConfig
+from valkyrie._config_client import ConfigClient
+from valkyrie._events import EventPublisher
+from valkyrie._live import LiveConfig
+from valkyrie.gateway._ratelimit import RateLimiter
+
+__all__ = ["ANONYMOUS", "Gateway", "HttpMetrics", "Identity", "gateway_of", "identity_of"]
+
+EVENT_SOURCE = "gateway"
+
+
+@dataclass(frozen=True)
+class HttpMetrics:
+    """The gateway's request counter and latency histogram (labels: method, route, status)."""
+
+    requests: Counter
+    duration: Histogram
+
+    @classmethod
+    def on(cls, registry: CollectorRegistry) -> HttpMetrics:
+        """The collectors on ``registry``, registered on first use (a registry takes a name once)."""
+        found = _METRICS.get(registry)
+        if found is None:
+            found = cls(
+                requests=Counter(
+                    "valkyrie_http_requests",
+                    "HTTP requests the gateway answered, by method, route template and status.",
+                    ["method", "route", "status"],
+                    registry=registry,
+                ),
+                duration=Histogram(
+                    "valkyrie_http_request_duration_seconds",
+                    "Time from request to the end of the response (streams: their whole life).",
+                    ["method", "route"],
+                    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+                    registry=registry,
+                ),
+            )
+            _METRICS[registry] = found
+        return found
+
+
+_METRICS: weakref.WeakKeyDictionary[CollectorRegistry, HttpMetrics] = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who is calling: a configured token's name and scopes, or ``anonymous``."""
+
+    name: str
+    scopes: frozenset[str] = frozenset()
+    authenticated: bool = False
+    rate_limit_per_s: float | None = None
+
+
+ANONYMOUS = Identity("anonymous")
+
+
+@dataclass
+class Gateway:
+    """The gateway's dependencies; it holds no job or runner state, only these handles.
+
+    Attributes:
+        bus: the NATS connection every call is translated onto.
+        live: the process's live config (auth, limits and mode are read from it on every request).
+        registry: where the gateway's metrics are registered and what ``/metrics`` exposes.
+        limiter: per-caller token buckets.
+        started_at: when the gateway was created (for uptime).
+        closing: set when the server shuts down, so that event streams end.
+    """
+
+    bus: Bus
+    live: LiveConfig
+    registry: CollectorRegistry
+    limiter: RateLimiter = field(default_factory=RateLimiter)
+    started_at: float = field(default_factory=time.time)
+    closing: bool = False
+    metrics: HttpMetrics = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.metrics = HttpMetrics.on(self.registry)
+
+    @property
+    def config(self) -> ValkyrieConfig:
+        """The config in force now."""
+        return self.live.current
+
+    @property
+    def timeout_s(self) -> float:
+        """How long one call may wait on the bus (``http.request_timeout_s``)."""
+        return self.live.current.http.request_timeout_s
+
+    def client(self) -> Client:
+        """A client over the bus (cheap: it is a thin wrapper)."""
+        return Client(self.bus)
+
+    def admin(self, who: Identity) -> Admin:
+        """Operator actions attributed to ``who``."""
+        return Admin(self.bus, actor=f"http:{who.name}")
+
+    def config_client(self, who: Identity) -> ConfigClient:
+        """Config changes attributed to ``who``."""
+        return ConfigClient(self.bus, actor=f"http:{who.name}")
+
+    def events(self) -> EventPublisher:
+        """An event publisher whose events name the gateway as their source."""
+        return EventPublisher(self.bus, EVENT_SOURCE)
+
+
+def gateway_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Gateway:
+    """The :class:`Gateway` of the app serving ``connection``."""
+    gateway = connection.app.state["gateway"]
+    assert isinstance(gateway, Gateway)
+    return gateway
+
+
+def identity_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Identity:
+    """Who made the request (set by the auth guard; ``anonymous`` before it ran)."""
+    found = connection.scope.get("state", {}).get("identity")
+    return found if isinstance(found, Identity) else ANONYMOUS

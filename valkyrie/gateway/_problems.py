@@ -1,0 +1,206 @@
+"""RFC 9457 problem details: the one error shape of the HTTP bridge, and the handlers producing it.
+
+Every error names what went wrong (``type`` is a stable URI per kind of problem) and, for input
+errors, every offending field with the same ``{path, reason}`` pairs the bus verdicts carry.
+"""
+
+from __future__ import annotations
+
+import http
+import logging
+from typing import Any
+
+import msgspec
+import nats.errors
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi.datastructures import ResponseSpec
+
+from schemas import FieldError
+from valkyrie._errors import BusError, NotFoundError
+
+__all__ = [
+    "PROBLEM_MEDIA_TYPE",
+    "Problem",
+    "ProblemError",
+    "exception_handlers",
+    "problem_responses",
+]
+
+log = logging.getLogger("valkyrie.gateway")
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+_TYPE_BASE = "https://valkyrie.dev/problems/"
+
+#: status -> the problem type slug used when a raiser does not choose a more specific one
+_DEFAULT_SLUGS = {
+    400: "bad-request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not-found",
+    405: "method-not-allowed",
+    409: "conflict",
+    413: "body-too-large",
+    415: "unsupported-media-type",
+    422: "validation-error",
+    429: "rate-limited",
+    500: "internal-error",
+    503: "bus-unavailable",
+}
+
+
+class Problem(msgspec.Struct, kw_only=True):
+    """An RFC 9457 problem document (``application/problem+json``).
+
+    ``errors`` lists each offending input field as a JSON path (``$.requirements.cpu_cores``,
+    ``query.limit``) with the reason, when the problem is about input.
+    """
+
+    type: str
+    title: str
+    status: int
+    detail: str | None = None
+    instance: str | None = None
+    errors: list[FieldError] = msgspec.field(default_factory=list)
+
+
+class ProblemError(Exception):
+    """Raised anywhere in the gateway to answer with a problem document."""
+
+    def __init__(
+        self,
+        status: int,
+        detail: str | None = None,
+        *,
+        slug: str | None = None,
+        errors: list[FieldError] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.status = status
+        self.detail = detail
+        self.slug = slug or _DEFAULT_SLUGS.get(status, "error")
+        self.errors = errors or []
+        self.headers = headers or {}
+        super().__init__(detail or http.HTTPStatus(status).phrase)
+
+
+_ENCODER = msgspec.json.Encoder()
+
+
+def problem_response(
+    request: Request[Any, Any, Any] | None,
+    status: int,
+    detail: str | None = None,
+    *,
+    slug: str | None = None,
+    errors: list[FieldError] | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response[bytes]:
+    """A ``application/problem+json`` response."""
+    problem = Problem(
+        type=_TYPE_BASE + (slug or _DEFAULT_SLUGS.get(status, "error")),
+        title=http.HTTPStatus(status).phrase,
+        status=status,
+        detail=detail,
+        instance=request.url.path if request is not None else None,
+        errors=errors or [],
+    )
+    return Response(
+        _ENCODER.encode(problem),
+        status_code=status,
+        media_type=PROBLEM_MEDIA_TYPE,
+        headers=headers,
+    )
+
+
+def _on_problem(request: Request[Any, Any, Any], exc: ProblemError) -> Response[bytes]:
+    return problem_response(
+        request, exc.status, exc.detail, slug=exc.slug, errors=exc.errors, headers=exc.headers
+    )
+
+
+def _on_validation(request: Request[Any, Any, Any], exc: ValidationException) -> Response[bytes]:
+    # Litestar raises this for query, path and header parameters (bodies are decoded here): they
+    # are well-formed requests with invalid values, hence 422 with every parameter named.
+    errors: list[FieldError] = []
+    extra = exc.extra if isinstance(exc.extra, list) else []
+    for item in extra:
+        if isinstance(item, dict):
+            source = str(item.get("source") or "query")
+            key = str(item.get("key") or "")
+            errors.append(
+                FieldError(
+                    path=f"{source}.{key}" if key else source,
+                    reason=str(item.get("message") or "invalid"),
+                )
+            )
+    return problem_response(
+        request, 422, "invalid request parameters", slug="invalid-parameters", errors=errors
+    )
+
+
+def _on_http(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
+    status = exc.status_code
+    headers = dict(exc.headers or {})
+    return problem_response(request, status, exc.detail or None, headers=headers or None)
+
+
+def _on_not_found(request: Request[Any, Any, Any], exc: NotFoundError) -> Response[bytes]:
+    return problem_response(request, 404, str(exc))
+
+
+def _on_bus(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    log.warning("bus unavailable for %s %s: %r", request.method, request.url.path, exc)
+    return problem_response(
+        request,
+        503,
+        f"the message bus did not answer: {exc}",
+        headers={"Retry-After": "1"},
+    )
+
+
+def _on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    log.exception("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
+    return problem_response(request, 500, "internal error (logged by the gateway)")
+
+
+def exception_handlers() -> dict[type[Exception], Any]:
+    """Exception type -> handler; Litestar picks the most specific one by the exception's MRO."""
+    return {
+        ProblemError: _on_problem,
+        ValidationException: _on_validation,
+        HTTPException: _on_http,
+        NotFoundError: _on_not_found,
+        BusError: _on_bus,
+        nats.errors.Error: _on_bus,
+        TimeoutError: _on_bus,
+        Exception: _on_unexpected,
+    }
+
+
+_DESCRIPTIONS = {
+    400: "Broken JSON or a missing body.",
+    401: "No or unknown bearer token (when `http.auth_required`).",
+    403: "The token lacks the scope this route needs.",
+    404: "No such job or runner.",
+    409: "The request conflicts with the current state (e.g. the job already finished).",
+    413: "The body exceeds `http.max_body_bytes` (or `limits.submission_max_bytes`).",
+    415: "The body is not `application/json`.",
+    422: "The body or a parameter is invalid; `errors` names every field.",
+    429: "Rate limited; retry after the `Retry-After` seconds.",
+    503: "NATS is unavailable or did not answer in time.",
+}
+
+
+def problem_responses(*statuses: int) -> dict[int, ResponseSpec]:
+    """OpenAPI response entries (problem documents) for ``statuses``."""
+    return {
+        status: ResponseSpec(
+            data_container=Problem,
+            description=_DESCRIPTIONS.get(status, http.HTTPStatus(status).phrase),
+            media_type=PROBLEM_MEDIA_TYPE,
+            generate_examples=False,
+        )
+        for status in statuses
+    }
+
