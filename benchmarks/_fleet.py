@@ -177,12 +177,20 @@ class LeanFleet:
             )
         await self.nc.flush()
 
-    async def register_all(self, *, timeout_s: float = 60.0, concurrency: int = 16) -> None:
+    async def register_all(
+        self,
+        *,
+        timeout_s: float = 60.0,
+        concurrency: int = 16,
+        alive: Callable[[], str | None] = lambda: None,
+    ) -> None:
         """Register every runner (request/reply, retried until the registry answers).
+
+        ``alive`` returns why the control plane is gone (then this gives up at once), or ``None``.
 
         Raises:
             TimeoutError: not all registered within ``timeout_s``.
-            RuntimeError: the registry refused a registration.
+            RuntimeError: the registry refused a registration, or ``alive`` reported a problem.
         """
         limiter = anyio.Semaphore(concurrency)
 
@@ -193,6 +201,9 @@ class LeanFleet:
                     try:
                         reply = await self.nc.request(self.names.register, body, timeout=2)
                     except (nats.errors.Error, TimeoutError):
+                        problem = alive()
+                        if problem:
+                            raise RuntimeError(problem) from None
                         await anyio.sleep(0.1)
                         continue
                     verdict = _VERDICT.decode(reply.data)

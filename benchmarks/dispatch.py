@@ -445,7 +445,7 @@ async def valkyrie_scenario(
         stop = anyio.Event()
         async with anyio.create_task_group() as tg:
             try:
-                await fleet.register_all(timeout_s=60)
+                await fleet.register_all(timeout_s=60, alive=alive)
             except TimeoutError as e:
                 raise RuntimeError(
                     f"runners not registered within 60s; {alive() or 'worker running'}"

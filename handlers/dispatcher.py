@@ -297,14 +297,16 @@ class DispatcherWorker:
             )
             ready.append(p)
 
-        def key(p: Pending) -> tuple[int, float, int]:
+        def key(p: Pending) -> tuple[int, float, int, int]:
             assert p.record is not None
             share = (
                 self._fair.share_key(tenant_of(p.record.value.spec, s.tenant_key), now_s)
                 if features.fair_share
                 else 0.0
             )
-            return (p.effective, share, p.order)
+            # submission order, not arrival of this attempt's event: a job taken back from a lost
+            # runner keeps its place in line instead of waiting behind the whole backlog again
+            return (p.effective, share, p.record.value.submitted_at_ms, p.order)
 
         ready.sort(key=key)
         return ready

@@ -85,6 +85,7 @@ class IntakeWorker:
                 msg.data,
                 received_at_ms=now,
                 max_bytes=self._ctx.config.current.limits.submission_max_bytes,
+                max_metadata_entries=self._ctx.config.current.limits.max_metadata_entries,
             )
             current = self._ctx.config.current
             mode_errors = check_intake_mode(

@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 import nats
 import nats.errors
 import nats.js.errors
@@ -209,7 +210,8 @@ async def connect(settings: Settings, *, url: str | None = None, name: str = "va
             retry=retry_if_exception_type((nats.errors.NoServersError, OSError, TimeoutError)),
             reraise=True,
         ):
-            with attempt:
+            with attempt, anyio.fail_after(max(2.0, settings.connect_timeout_s)):
+                # nats-py's first connect retries forever when reconnects are unlimited
                 nc = await nats.connect(
                     servers=servers,
                     name=name,

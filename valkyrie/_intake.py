@@ -47,7 +47,13 @@ class ParsedSubmission:
     api_version: Literal["v1", "v2"]
 
 
-def parse_submission(data: bytes, *, received_at_ms: int, max_bytes: int) -> ParsedSubmission:
+def parse_submission(
+    data: bytes,
+    *,
+    received_at_ms: int,
+    max_bytes: int,
+    max_metadata_entries: int = MAX_METADATA_ENTRIES,
+) -> ParsedSubmission:
     """Decode a v2 or v1 body and check it; v1 is detected by a ``type`` key without ``job_type``.
 
     Raises:
@@ -73,7 +79,9 @@ def parse_submission(data: bytes, *, received_at_ms: int, max_bytes: int) -> Par
     legacy = "job_type" not in obj and "type" in obj
     parsed, errors = _convert(obj, legacy=legacy, received_at_ms=received_at_ms)
     if parsed is not None:
-        problems = _rule_errors(parsed, legacy=legacy, now_ms=received_at_ms)
+        problems = _rule_errors(
+            parsed, legacy=legacy, now_ms=received_at_ms, max_metadata=max_metadata_entries
+        )
         if problems:
             raise SchemaError(problems)
         return parsed
@@ -82,7 +90,9 @@ def parse_submission(data: bytes, *, received_at_ms: int, max_bytes: int) -> Par
     salvaged = _salvage(obj, errors, legacy=legacy, received_at_ms=received_at_ms)
     if salvaged is not None:
         repaired, removed = salvaged
-        for problem in _rule_errors(repaired, legacy=legacy, now_ms=received_at_ms):
+        for problem in _rule_errors(
+            repaired, legacy=legacy, now_ms=received_at_ms, max_metadata=max_metadata_entries
+        ):
             if not any(_related(problem.path, path) for path in removed):
                 errors.append(problem)
     raise SchemaError(errors)
@@ -102,8 +112,10 @@ def _convert(
     return ParsedSubmission(spec, "v2"), []
 
 
-def _rule_errors(parsed: ParsedSubmission, *, legacy: bool, now_ms: int) -> list[FieldError]:
-    problems = check_submission(parsed.spec, now_ms=now_ms)
+def _rule_errors(
+    parsed: ParsedSubmission, *, legacy: bool, now_ms: int, max_metadata: int
+) -> list[FieldError]:
+    problems = check_submission(parsed.spec, now_ms=now_ms, max_metadata_entries=max_metadata)
     if legacy:  # name the v1 field the publisher sent
         problems = [
             FieldError(path=_V1_PATHS.get(p.path, p.path), reason=p.reason) for p in problems
@@ -215,7 +227,9 @@ def _within(path: str, outer: str) -> bool:
     return path == outer or path.startswith((outer + ".", outer + "["))
 
 
-def check_submission(spec: JobSubmission, *, now_ms: int) -> list[FieldError]:
+def check_submission(
+    spec: JobSubmission, *, now_ms: int, max_metadata_entries: int = MAX_METADATA_ENTRIES
+) -> list[FieldError]:
     """Rules the types cannot express; returns every violation."""
     errors: list[FieldError] = []
     if not spec.job_type.strip():
@@ -227,9 +241,9 @@ def check_submission(spec: JobSubmission, *, now_ms: int) -> list[FieldError]:
                 reason=f"deadline {spec.deadline_at_ms} is in the past (now {now_ms})",
             )
         )
-    if len(spec.metadata) > MAX_METADATA_ENTRIES:
+    if len(spec.metadata) > max_metadata_entries:
         errors.append(
-            FieldError(path="$.metadata", reason=f"at most {MAX_METADATA_ENTRIES} entries")
+            FieldError(path="$.metadata", reason=f"at most {max_metadata_entries} entries")
         )
     hints = spec.routing_hints
     if hints is not None:

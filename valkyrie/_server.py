@@ -165,6 +165,8 @@ class NatsServer:
             proc.kill()
             proc.wait(5)
         stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+        if proc.stderr:
+            proc.stderr.close()
         log = self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
         fatal = [line for line in (log + stderr).splitlines() if "[FTL]" in line or "rror" in line]
         detail = fatal[-1] if fatal else f"not ready within {timeout_s:.0f}s"

@@ -80,7 +80,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-        """Build settings from ``VALKYRIE_*`` variables, then ``overrides`` (``None`` values skipped)."""
+        """Build settings from ``VALKYRIE_*`` variables, then ``overrides`` (``None`` values skipped).
+
+        Only variables naming a field are read (other ``VALKYRIE_*`` names belong to the runtime
+        config's env layer); an unknown override or a bad value raises :class:`ConfigError`.
+        """
         env = os.environ if environ is None else environ
         names = {f.name for f in msgspec.structs.fields(cls)}
         raw: dict[str, Any] = {}

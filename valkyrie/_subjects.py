@@ -22,7 +22,7 @@ class Names:
     prefix: str = "valkyrie"
 
     def __post_init__(self) -> None:
-        if not _PREFIX.match(self.prefix):
+        if not _PREFIX.fullmatch(self.prefix):
             raise ConfigError(
                 f"subject prefix {self.prefix!r} is invalid: use letters, digits, '_' or '-' "
                 "(it becomes a subject token and part of stream names)"

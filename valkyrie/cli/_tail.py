@@ -47,8 +47,11 @@ def tail(
     as_json: bool,
     idle_exit: float | None,
 ) -> None:
-    """Follow events live. FILTER is a subject pattern after `<prefix>.events.`, e.g. `job.>`,
-    `job.<id>.>`, `*.*.rejected`; a bare job id means `job.<id>.>`."""
+    """Follow events live.
+
+    FILTER is a subject pattern after `<prefix>.events.`, e.g. `job.>`, `job.<id>.>`,
+    `*.*.rejected`; a bare job id means `job.<id>.>`.
+    """
     pattern = filter_
     if "." not in pattern and pattern not in (">", "*"):
         pattern = f"job.{pattern}.>"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -19,9 +20,24 @@ from valkyrie._events import EventPublisher
 from valkyrie._live import LiveConfig
 from valkyrie.gateway._ratelimit import RateLimiter
 
-__all__ = ["ANONYMOUS", "Gateway", "HttpMetrics", "Identity", "gateway_of", "identity_of"]
+__all__ = [
+    "ANONYMOUS",
+    "Gateway",
+    "HttpMetrics",
+    "Identity",
+    "gateway_of",
+    "identity_of",
+    "valid_id",
+]
 
 EVENT_SOURCE = "gateway"
+#: job and runner ids (schemas ``Identifier``); anything else cannot exist, so it is a 404
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,127}")
+
+
+def valid_id(value: str) -> bool:
+    """Whether ``value`` can be a job or runner id."""
+    return _ID.fullmatch(value) is not None
 
 
 @dataclass(frozen=True)

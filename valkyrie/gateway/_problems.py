@@ -20,6 +20,7 @@ from schemas import FieldError
 from valkyrie._errors import BusError, NotFoundError
 
 __all__ = [
+    "COMMON",
     "PROBLEM_MEDIA_TYPE",
     "Problem",
     "ProblemError",
@@ -30,6 +31,8 @@ __all__ = [
 log = logging.getLogger("valkyrie.gateway")
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
+#: statuses every API route may answer with besides its own
+COMMON = (401, 403, 429, 503)
 _TYPE_BASE = "https://valkyrie.dev/problems/"
 
 #: status -> the problem type slug used when a raiser does not choose a more specific one

@@ -1,0 +1,65 @@
+"""Smoke test of the benchmarks: ``benchmarks/dispatch.py --quick`` runs end to end and every job it
+submitted was dispatched, for both systems, so the benchmark cannot silently rot."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = [pytest.mark.slow, pytest.mark.nats]
+
+PHASES = ("warmup", "paced", "saturating")
+
+
+@pytest.mark.timeout(300)
+def test_dispatch_benchmark_quick_run(tmp_path: Path) -> None:
+    out = tmp_path / "dispatch.json"
+    argv = [sys.executable, str(ROOT / "benchmarks" / "dispatch.py"), "--quick", "--json", str(out)]
+    existing = os.environ.get("VALKYRIE_TEST_NATS_URL")
+    if existing:  # the session's server; otherwise the benchmark starts its own
+        argv += ["--nats-url", existing]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VALKYRIE_")}
+    proc = subprocess.run(
+        argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240, check=False
+    )
+    report = f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, report
+
+    doc = json.loads(out.read_text())
+    assert doc["errors"] == [], report
+    assert doc["missing_total"] == 0, report
+    params = doc["parameters"]
+    expected = {
+        "warmup": params["warmup"],
+        "paced": params["paced_jobs"],
+        "saturating": params["jobs"],
+    }
+    for system in ("valkyrie", "raw"):
+        results = doc["results"][system]
+        assert results["worker_exit_code"] == 0, report
+        for phase in PHASES:
+            figures = results[phase]
+            assert figures["requested"] == expected[phase] > 0
+            assert figures["submitted"] == figures["requested"], (system, phase, figures)
+            assert figures["dispatched"] == figures["submitted"], (system, phase, figures)
+            assert figures["missing"] == 0
+            latency = figures["latency_ms"]
+            assert latency["count"] == figures["dispatched"]
+            assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"] <= latency["max"]
+            assert figures["throughput_per_s"] > 0
+        assert results["paced"]["submit_rate_per_s"] > 0
+    for phase in ("paced", "saturating"):
+        assert doc["ratios"][phase]["throughput"] is not None
+        assert doc["ratios"][phase]["latency_p50"] is not None
+    versions = doc["environment"]["versions"]
+    for name in ("python", "nats_server", "nats-py", "msgspec"):
+        assert versions[name], name
+    assert doc["environment"]["machine"]["nproc"]
+    assert "valkyrie/raw" in proc.stdout

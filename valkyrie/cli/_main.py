@@ -1,0 +1,51 @@
+"""The root command and every sub-command, registered in one place."""
+
+from __future__ import annotations
+
+import click
+
+from valkyrie.cli._admin import cancel, dead, drain, explain, undrain
+from valkyrie.cli._config import config
+from valkyrie.cli._jobs import jobs, submit
+from valkyrie.cli._runner import runner, runners
+from valkyrie.cli._tail import tail
+from valkyrie.cli._up import handlers_cmd, provision, up, worker
+
+__all__ = ["cli", "main"]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--nats-url", envvar="VALKYRIE_NATS_URL", help="NATS URL (default: the local embedded server)."
+)
+@click.option("--prefix", envvar="VALKYRIE_PREFIX", help="Subject prefix (default: valkyrie).")
+@click.version_option(package_name="valkyrie")
+@click.pass_context
+def cli(ctx: click.Context, nats_url: str | None, prefix: str | None) -> None:
+    """Valkyrie: dispatch CI jobs to runners over NATS JetStream."""
+    ctx.obj = {"nats_url": nats_url, "prefix": prefix}
+
+
+for _command in (
+    up,
+    worker,
+    provision,
+    handlers_cmd,
+    submit,
+    jobs,
+    tail,
+    runner,
+    runners,
+    dead,
+    config,
+):
+    cli.add_command(_command)
+jobs.add_command(cancel)
+jobs.add_command(explain)
+runners.add_command(drain)
+runners.add_command(undrain)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli()

@@ -1,0 +1,142 @@
+"""Submitting a job over HTTP: the same decoding and checks as intake, then ``Client.submit``."""
+
+from __future__ import annotations
+
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Union, get_args, get_origin
+
+import msgspec
+from litestar import Request
+
+from schemas import FieldError, JobRecord, JobSubmission, LegacyJobV1
+from valkyrie._codec import encode, now_ms
+from valkyrie._errors import SchemaError
+from valkyrie._intake import parse_submission
+from valkyrie.gateway._body import json_body
+from valkyrie.gateway._context import gateway_of
+from valkyrie.gateway._problems import ProblemError
+
+__all__ = ["Submitted", "submit_from_request", "unknown_fields"]
+
+#: ancestor field names a v2 body may still carry -> the field that replaced them
+_RENAMED = {
+    "$.deadline": "deadline_at_ms (milliseconds since the epoch)",
+    "$.requirements.max_execution_time": "requirements.max_execution_time_s",
+    "$.qos_requirements.max_latency": "qos_requirements.max_latency_ms",
+    "$.qos_requirements.min_throughput": "qos_requirements.min_throughput_bytes_per_s",
+    "$.performance_targets.max_dispatch_latency": "performance_targets.max_dispatch_latency_ms",
+    "$.performance_targets.target_completion_time": "performance_targets.target_completion_time_s",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    """The outcome of an accepted submission."""
+
+    record: JobRecord
+    duplicate: bool
+    api_version: str
+    warnings: list[FieldError]
+
+
+def _struct_of(tp: Any) -> type[msgspec.Struct] | None:
+    while get_origin(tp) is typing.Annotated:
+        tp = get_args(tp)[0]
+    if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
+        return tp
+    if get_origin(tp) in (Union, types.UnionType):
+        for arg in get_args(tp):
+            found = _struct_of(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _list_item(tp: Any) -> Any | None:
+    while get_origin(tp) is typing.Annotated:
+        tp = get_args(tp)[0]
+    if get_origin(tp) is list:
+        return get_args(tp)[0]
+    return None
+
+
+def unknown_fields(tp: type[msgspec.Struct], obj: Any, path: str = "$") -> list[FieldError]:
+    """Members of ``obj`` that ``tp`` does not have: the bus ignores them, so the caller is told.
+
+    Wire messages tolerate unknown fields (old readers must skip new ones), which would let a typo
+    or an ancestor field name (``deadline``, ``max_execution_time``) pass silently.
+    """
+    if not isinstance(obj, dict):
+        return []
+    fields = {f.encode_name: f for f in msgspec.structs.fields(tp)}
+    found: list[FieldError] = []
+    for key, value in obj.items():
+        member = f"{path}.{key}"
+        field = fields.get(key)
+        if field is None:
+            hint = _RENAMED.get(member)
+            found.append(
+                FieldError(
+                    path=member,
+                    reason=f"unknown field, ignored{f' (use {hint})' if hint else ''}",
+                )
+            )
+            continue
+        nested = _struct_of(field.type)
+        if nested is not None:
+            found.extend(unknown_fields(nested, value, member))
+            continue
+        item = _list_item(field.type)
+        item_struct = _struct_of(item) if item is not None else None
+        if item_struct is not None and isinstance(value, list):
+            for index, entry in enumerate(value):
+                found.extend(unknown_fields(item_struct, entry, f"{member}[{index}]"))
+    return found
+
+
+async def submit_from_request(
+    request: Request[Any, Any, Any], idempotency_key: str | None
+) -> Submitted:
+    """Validate the body like intake does, publish it, and return the job intake recorded.
+
+    Raises:
+        ProblemError: 400/413/415 (body), 422 (invalid, or rejected by intake), 503 (bus).
+    """
+    gateway = gateway_of(request)
+    body, obj = await json_body(request)
+    if idempotency_key is not None and isinstance(obj, dict):
+        given = obj.get("idempotency_key")
+        if given is not None and given != idempotency_key:
+            raise ProblemError(
+                422,
+                "the body's idempotency_key differs from the Idempotency-Key header",
+                errors=[
+                    FieldError(
+                        path="$.idempotency_key", reason="differs from the Idempotency-Key header"
+                    )
+                ],
+            )
+        if given is None:
+            obj["idempotency_key"] = idempotency_key
+            body = encode(obj)
+    limit = gateway.config.limits.submission_max_bytes
+    if len(body) > limit:
+        raise ProblemError(
+            413, f"the submission is {len(body)} bytes; the limit is {limit} (limits.submission_max_bytes)"
+        )
+    try:
+        parsed = parse_submission(body, received_at_ms=now_ms(), max_bytes=limit)
+    except SchemaError as e:
+        raise ProblemError(422, "the submission is invalid", errors=e.errors) from e
+    warnings = unknown_fields(LegacyJobV1 if parsed.api_version == "v1" else JobSubmission, obj)
+    client = gateway.client()
+    verdict = await client.submit(body, timeout_s=gateway.timeout_s)
+    assert verdict is not None  # wait_verdict is on
+    if not verdict.accepted or verdict.job_id is None:
+        raise ProblemError(
+            422, "intake rejected the submission", slug="rejected", errors=verdict.errors
+        )
+    record = await client.get_job(verdict.job_id)
+    return Submitted(record, verdict.duplicate, parsed.api_version, warnings)
