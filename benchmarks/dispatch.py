@@ -113,6 +113,7 @@ class Params:
     raw_concurrency: int
     raw_batch: int
     wait_idle_s: float
+    idle_s: float
     quick: bool
     skip_raw: bool
     skip_valkyrie: bool
@@ -281,6 +282,12 @@ async def run_all_phases(target: Target, p: Params) -> dict[str, Any]:
     if p.warmup:
         log(f"{target.name}: warm-up, {p.warmup} jobs")
         out["warmup"] = await run_phase(target, "w", p.warmup, rate=None, p=p)
+    if p.idle_s > 0:
+        # background load with no jobs (heartbeats, timers): the floor under every phase's CPU
+        clock = CpuClock(target.cpu_pids)
+        before = clock.sample()
+        await anyio.sleep(p.idle_s)
+        out["idle_cpu_cores"] = CpuClock.usage(before, clock.sample())
     if p.paced_jobs:
         log(f"{target.name}: paced, {p.paced_jobs} jobs at {p.rate:g}/s")
         out["paced"] = await run_phase(target, "p", p.paced_jobs, rate=p.rate, p=p)
@@ -776,6 +783,22 @@ def render(doc: dict[str, Any]) -> str:
     ]
     cpu_rows = []
     for system in ("valkyrie", "raw"):
+        idle = (results.get(system) or {}).get("idle_cpu_cores")
+        if idle:
+            cpu_rows.append(
+                [
+                    system,
+                    "idle (no jobs)",
+                    idle.get("benchmark"),
+                    idle.get("worker"),
+                    idle.get("nats_server"),
+                    idle.get("others"),
+                    idle.get("cpu_pressure"),
+                    None,
+                    None,
+                    None,
+                ]
+            )
         for phase in PHASES:
             r = (results.get(system) or {}).get(phase)
             if r:
@@ -934,6 +957,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Params, Path, bool]:
         help="give up waiting after this many seconds without a dispatch",
     )
     parser.add_argument(
+        "--idle",
+        type=float,
+        default=None,
+        help="seconds of CPU measurement with no jobs after the warm-up (default 3; quick 1)",
+    )
+    parser.add_argument(
         "--json", type=Path, default=DEFAULT_JSON, help="where to write the JSON figures"
     )
     parser.add_argument("--nats-url", default=None, help="use this server instead of starting one")
@@ -985,6 +1014,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Params, Path, bool]:
         raw_concurrency=a.raw_concurrency,
         raw_batch=a.raw_batch,
         wait_idle_s=a.wait_idle,
+        idle_s=a.idle if a.idle is not None else (1.0 if a.quick else 3.0),
         quick=a.quick,
         skip_raw=a.skip_raw,
         skip_valkyrie=a.skip_valkyrie,

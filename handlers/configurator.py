@@ -174,8 +174,10 @@ class ConfigWorker:
             current, last = None, 0
         number = current.revision if current else 0
         overrides = current.values if current else {}
+        # the history is read only for a rollback (it is up to 64 revisions)
+        history = await self._history() if change.rollback_to is not None else {}
         new, diff, errors, warnings = plan_change(
-            change, overrides, self._ctx.config.loaded.base(), await self._history()
+            change, overrides, self._ctx.config.loaded.base(), history
         )
         who = change.requested_by
         if new is None:

@@ -98,6 +98,7 @@ class DispatcherWorker:
         self._wake = anyio.Event()
         self._commits = anyio.Semaphore(COMMIT_CONCURRENCY)
         self._stopping = False
+        self._consumed = anyio.Event()
         self._ack_later: list[Msg] = []
         self._fair = FairShare()
         self._durations: dict[str, float] = {}
@@ -164,6 +165,8 @@ class DispatcherWorker:
                 with anyio.move_on_after(10):
                     for _ in range(COMMIT_CONCURRENCY):
                         await self._commits.acquire()
+                    # and let the last fetch end: messages delivered to a pull request left open
+                    # would wait out the ack wait before anyone could place them
                 tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
@@ -200,7 +203,8 @@ class DispatcherWorker:
         async with anyio.create_task_group() as tg:
             while not stop.is_set():
                 try:
-                    msgs = await psub.fetch(batch=256, timeout=0.5)
+                    batch = self._cfg().performance.fetch_batch
+                    msgs = await psub.fetch(batch=batch, timeout=0.5)
                 except TimeoutError:  # nats raises its own subclass or the builtin
                     continue
                 except (nats.errors.Error, nats.js.errors.Error) as e:
@@ -226,6 +230,7 @@ class DispatcherWorker:
                     )
                     self._pending[job_id] = pending
                     tg.start_soon(self._load, pending)
+        self._consumed.set()
 
     async def _load(self, pending: Pending) -> None:
         while True:
@@ -544,8 +549,11 @@ class DispatcherWorker:
         queued_ms: int,
         tenant: str,
     ) -> dict[str, object]:
+        assert pending.record is not None
+        hints = pending.record.value.spec.routing_hints
+        rid = runner.registration.runner_id
         return {
-            "runner_id": runner.registration.runner_id,
+            "runner_id": rid,
             "score": round(placement.ranked[0].score, 4) if placement.ranked else None,
             "runners_up": [
                 {"runner_id": s.runner_id, "score": round(s.score, 4)}
@@ -560,6 +568,7 @@ class DispatcherWorker:
             "boosted": pending.boosted,
             "tenant": tenant,
             "mode": self._cfg().mode.value,
+            "preferred": hints is not None and rid in hints.preferred_runners,
         }
 
     # -- explain ----------------------------------------------------------------------------------
@@ -569,6 +578,17 @@ class DispatcherWorker:
         except msgspec.DecodeError as e:
             await self._answer(
                 msg, JobExplanation(job_id="", state="", summary="", error=f"bad request: {e}")
+            )
+            return
+        if not self._cfg().features.explain:
+            await self._answer(
+                msg,
+                JobExplanation(
+                    job_id=request.job_id,
+                    state="",
+                    summary="",
+                    error="explanations are switched off (features.explain)",
+                ),
             )
             return
         try:

@@ -62,6 +62,7 @@ class ResultsWorker:
             concurrency=self._ctx.config.current.performance.handler_concurrency,
             max_deliver=self._ctx.config.current.performance.max_deliver,
             ack_wait_s=self._ctx.config.current.performance.ack_wait_s,
+            fetch_batch=self._ctx.config.current.performance.fetch_batch,
         )
         await consumer.run(stop, task_status=task_status)
 

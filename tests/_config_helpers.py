@@ -6,6 +6,7 @@ import re
 import subprocess
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ async def control_plane(
     async with open_bus(settings, embed=False) as (bus, _):
         stop = anyio.Event()
         async with anyio.create_task_group() as tg:
-            await tg.start(run_workers, bus, registry, stop, list(handlers), config=live)
+            await tg.start(partial(run_workers, config=live), bus, registry, stop, list(handlers))
             try:
                 yield bus, live
             finally:
@@ -94,6 +95,13 @@ def applied_revisions(log: Path) -> list[int]:
     return [int(m.group(1)) for m in APPLIED.finditer(text)]
 
 
+def _tail(log: Path, chars: int = 3000) -> str:
+    try:
+        return log.read_text(errors="replace")[-chars:]
+    except OSError:
+        return ""
+
+
 async def wait_log(
     log: Path, needle: str, proc: subprocess.Popen[bytes], *, timeout_s: float = 60.0
 ) -> None:
@@ -101,13 +109,10 @@ async def wait_log(
 
     async def check() -> bool:
         if proc.poll() is not None:
-            raise AssertionError(f"worker exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            return needle in log.read_text(errors="replace")
-        except OSError:
-            return False
+            raise AssertionError(f"worker exited with {proc.returncode}:\n{_tail(log)}")
+        return needle in _tail(log, chars=10**9)
 
     try:
         await wait_until(check, timeout_s=timeout_s, interval_s=0.05)
     except TimeoutError as e:
-        raise AssertionError(f"{needle!r} not in {log} after {timeout_s}s:\n{log.read_text()[-3000:]}") from e
+        raise AssertionError(f"{needle!r} not in {log} after {timeout_s}s:\n{_tail(log)}") from e

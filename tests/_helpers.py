@@ -250,3 +250,21 @@ def percentile(values: Sequence[float], q: float) -> float:
         raise ValueError("no values")
     rank = max(0, min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1))
     return ordered[rank]
+
+
+def spawn_with_env(
+    args: Sequence[str], settings: Settings, log: Path, env: dict[str, str]
+) -> subprocess.Popen[bytes]:
+    """Like :func:`spawn` with every setting, plus ``env`` (config overrides such as
+    ``VALKYRIE_HEALTH__REPORT_INTERVAL_MS``)."""
+    out = log.open("ab")
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "valkyrie", *args],
+            env={**env_with_settings(settings), **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+    finally:
+        out.close()

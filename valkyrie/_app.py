@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -15,9 +16,11 @@ from prometheus_client import CollectorRegistry
 
 from valkyrie._bus import Bus, connect
 from valkyrie._handlers import run_workers
+from valkyrie._live import LiveConfig, config_for, settings_with_config
 from valkyrie._metrics import serve_metrics
 from valkyrie._server import NatsServer
 from valkyrie._settings import Settings
+from valkyrie._tls import tls_context
 
 __all__ = ["default_data_dir", "open_bus", "run_control_plane"]
 
@@ -35,6 +38,8 @@ async def open_bus(
 ) -> AsyncIterator[tuple[Bus, NatsServer | None]]:
     """Connect (starting an embedded server first when ``embed``), provision, and clean up after."""
     server: NatsServer | None = None
+    loaded = config_for(settings)
+    settings = settings_with_config(settings, loaded.config)
     url = settings.nats_url
     if embed and not url:
         store = Path(settings.data_dir) if settings.data_dir else default_data_dir()
@@ -43,7 +48,7 @@ async def open_bus(
         url = server.url
         log.info("embedded nats-server on %s (store %s)", url, server.store_dir)
     try:
-        bus = await connect(settings, url=url, name=name)
+        bus = await connect(settings, url=url, name=name, tls=tls_context(loaded.config.security))
         try:
             await bus.provision()
             yield bus, server
@@ -80,15 +85,23 @@ async def run_control_plane(
     ``extras`` are further coroutine functions ``f(bus, stop)`` run alongside (e.g. local runners).
     """
     registry = CollectorRegistry()
+    live = LiveConfig(config_for(settings))
+    observability = live.current.observability
     async with open_bus(settings, embed=embed) as (bus, _server):
-        if settings.metrics_port:
-            port = serve_metrics(registry, settings.metrics_host, settings.metrics_port)
-            log.info("metrics on http://%s:%d/metrics", settings.metrics_host, port)
+        if observability.metrics_enabled and observability.metrics_port:
+            port = serve_metrics(registry, observability.metrics_host, observability.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", observability.metrics_host, port)
         stop = anyio.Event()
         async with anyio.create_task_group() as tg:
             tg.start_soon(_watch_signals, stop, tg)
             async with anyio.create_task_group() as workers:
-                await workers.start(run_workers, bus, registry, stop, list(handlers or []) or None)
+                await workers.start(
+                    functools.partial(run_workers, config=live),
+                    bus,
+                    registry,
+                    stop,
+                    list(handlers or []) or None,
+                )
                 for extra in extras:
                     workers.start_soon(extra, bus, stop)  # type: ignore[arg-type]
                 if on_ready is not None:

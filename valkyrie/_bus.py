@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -177,7 +178,13 @@ class Bus:
             await self.nc.close()
 
 
-async def connect(settings: Settings, *, url: str | None = None, name: str = "valkyrie") -> Bus:
+async def connect(
+    settings: Settings,
+    *,
+    url: str | None = None,
+    name: str = "valkyrie",
+    tls: ssl.SSLContext | None = None,
+) -> Bus:
     """Connect to NATS (retrying until ``settings.connect_timeout_s``) and return a :class:`Bus`.
 
     Raises:
@@ -220,6 +227,7 @@ async def connect(settings: Settings, *, url: str | None = None, name: str = "va
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=0.25,
                     drain_timeout=5,
+                    tls=tls,
                     error_cb=_on_error,
                     disconnected_cb=_on_disconnect,
                     reconnected_cb=_on_reconnect,

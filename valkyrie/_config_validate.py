@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, get_args, get_origin
@@ -32,9 +33,15 @@ def _struct_items(tp: Any) -> type[msgspec.Struct] | None:
     return None
 
 
+@functools.cache
+def _fields(tp: type[msgspec.Struct]) -> dict[str, msgspec.structs.FieldInfo]:
+    # resolving a Struct's annotations takes milliseconds: once per type is enough
+    return {f.encode_name: f for f in msgspec.structs.fields(tp)}
+
+
 def _unknown(tp: type[msgspec.Struct], obj: Mapping[str, Any], prefix: str) -> list[FieldError]:
     errors: list[FieldError] = []
-    fields = {f.encode_name: f for f in msgspec.structs.fields(tp)}
+    fields = _fields(tp)
     for key, value in obj.items():
         if key not in fields:
             errors.append(FieldError(path=f"{prefix}{key}", reason="unknown key"))
@@ -66,6 +73,13 @@ def validate_dotted(dotted: Mapping[str, Any]) -> ValidationResult:
     from valkyrie._config_load import unflatten
 
     nested = unflatten(dotted)
+    try:  # the common case, valid: one conversion, then the rules
+        config = msgspec.convert(nested, ValkyrieConfig)
+    except msgspec.ValidationError as e:
+        refused = e
+    else:
+        errors, warnings = _rules(config)
+        return ValidationResult(None if errors else config, errors, warnings)
     errors = _unknown(ValkyrieConfig, nested, "")
     errors += [
         _path(e)
@@ -73,22 +87,17 @@ def validate_dotted(dotted: Mapping[str, Any]) -> ValidationResult:
         # reported above with the exact path of the unknown key
         if not e.reason.startswith("Object contains unknown field")
     ]
-    if errors:
-        errors = _dedupe(errors)
-        warnings: list[FieldError] = []
-        salvaged = _salvage(dotted, errors)
-        if salvaged is not None:
-            config, bad = salvaged
-            rule_errors, warnings = _rules(config)
-            errors += [e for e in rule_errors if not any(_involves(e, key) for key in bad)]
-            warnings = [w for w in warnings if not any(_involves(w, key) for key in bad)]
-        return ValidationResult(None, errors, warnings)
-    try:
-        config = msgspec.convert(nested, ValkyrieConfig)
-    except msgspec.ValidationError as e:
-        return ValidationResult(None, [FieldError(path="(root)", reason=str(e))])
-    errors, warnings = _rules(config)
-    return ValidationResult(None if errors else config, errors, warnings)
+    if not errors:  # msgspec refused it but no field check found why: say what msgspec said
+        return ValidationResult(None, [FieldError(path="(root)", reason=str(refused))])
+    errors = _dedupe(errors)
+    warnings = []
+    salvaged = _salvage(dotted, errors)
+    if salvaged is not None:
+        valid_part, bad = salvaged
+        rule_errors, rule_warnings = _rules(valid_part)
+        errors += [e for e in rule_errors if not any(_involves(e, key) for key in bad)]
+        warnings = [w for w in rule_warnings if not any(_involves(w, key) for key in bad)]
+    return ValidationResult(None, errors, warnings)
 
 
 def _covers(key: str, path: str) -> bool:

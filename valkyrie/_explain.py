@@ -104,6 +104,7 @@ def explain_queued(
     groups: dict[str, list[str]] = {}
     single: Counter[str] = Counter()
     feasible: list[RunnerRecord] = []
+    full: list[RunnerRecord] = []  # runners that only lack a free slot
     for runner in runners:
         failing = failing_constraints(spec, runner, now_ms=now_ms, advanced=facts.advanced)
         rid = runner.registration.runner_id
@@ -113,6 +114,8 @@ def explain_queued(
         groups.setdefault(failing[0], []).append(rid)
         if len(failing) == 1:
             single[failing[0]] += 1
+        if failing == ["capacity"]:
+            full.append(runner)
     if not runners:
         causes.append("no_runners")
     rejected = [
@@ -148,6 +151,8 @@ def explain_queued(
         summary = f"{len(feasible)} runner(s) can take it; " + (
             "placement is paused (mode disabled)"
             if "mode_disabled" in causes
+            else "it waits for a busy preferred runner (routing_hints.preferred_wait_s)"
+            if "preferred_wait" in causes
             else "it is waiting its turn"
         )
     elif not runners:
@@ -155,22 +160,23 @@ def explain_queued(
     else:
         top = rejected[0] if rejected else None
         summary = (
-            f"no runner can take it: {top.count} {top.detail}" if top else "no runner can take it"
+            f"no runner can take it: {top.count} runner(s) rejected because {top.detail}"
+            if top
+            else "no runner can take it"
         )
     estimate = None
-    if (
-        facts.position is not None
-        and facts.avg_duration_ms
-        and (feasible or single.get("capacity"))
-    ):
-        slots = (
-            sum(r.registration.max_concurrent_jobs for r in feasible)
-            or single.get("capacity", 0)
-            or 1
-        )
-        estimate = now_ms + int((facts.position // slots) * facts.avg_duration_ms)
-    if feasible and "mode_disabled" not in causes and "retry_backoff" not in causes:
+    if facts.position is not None and facts.avg_duration_ms and (feasible or full):
+        if feasible:  # the jobs ahead fill the feasible slots, one round per average duration
+            slots = sum(r.registration.max_concurrent_jobs for r in feasible)
+            rounds = facts.position // slots
+        else:  # every slot is taken: the first one frees after (about) one average duration
+            slots = sum(r.registration.max_concurrent_jobs for r in full)
+            rounds = facts.position // slots + 1
+        estimate = now_ms + int(rounds * facts.avg_duration_ms)
+    if feasible and "mode_disabled" not in causes:
         estimate = now_ms if estimate is None else estimate
+    if estimate is not None and record.not_before_at_ms is not None:
+        estimate = max(estimate, record.not_before_at_ms)  # not before its retry backoff ends
     finish = (
         estimate + int(facts.avg_duration_ms)
         if estimate is not None and facts.avg_duration_ms
@@ -199,6 +205,8 @@ def explain_dispatched(record: JobRecord, decision: Mapping[str, Any] | None) ->
     score = placement.get("score")
     ups = placement.get("runners_up") or []
     summary = f"placed on {winner}" + (f" with score {score}" if score is not None else "")
+    if placement.get("preferred"):
+        summary += " (a preferred runner: those go first)"
     if ups:
         summary += "; runners-up: " + ", ".join(f"{u['runner_id']} ({u['score']})" for u in ups)
     rejected = [

@@ -90,9 +90,7 @@ async def _lag(bus: Bus, durable: Durable, timeout_s: float) -> ConsumerLag:
                     durable.stream, subjects_filter=durable.filter_subject
                 )
                 waiting = sum((stream.state.subjects or {}).values())
-                return msgspec.structs.replace(
-                    base, pending=waiting, detail="no consumer yet: messages waiting for it"
-                )
+                return msgspec.structs.replace(base, pending=waiting, detail="no consumer yet")
     except nats.js.errors.NotFoundError:
         return msgspec.structs.replace(base, detail="stream not found")
     except (nats.errors.Error, TimeoutError, OSError) as e:

@@ -6,14 +6,19 @@ A crash between steps leaves a state the reconciler or a redelivery completes.
 
 from __future__ import annotations
 
+import msgspec
+import nats.js.errors
+
 from schemas import TERMINAL_STATES, JobRecord, JobState
 from valkyrie._bus import Bus
-from valkyrie._codec import JOB_DECODER, RUNNER_DECODER, now_ms
+from valkyrie._codec import JOB_DECODER, RUNNER_DECODER, UPDATE_DECODER, now_ms
 from valkyrie._events import EventPublisher
-from valkyrie._kvstore import Versioned, cas_update
+from valkyrie._kvstore import Versioned, cas_update, get_versioned
 from valkyrie._lifecycle import release_slot, retry_after_failure
 
 __all__ = ["JobOps"]
+
+MAX_UNAPPLIED_SCAN = 500  # unapplied updates of one runner looked through before giving it time
 
 
 class JobOps:
@@ -79,17 +84,33 @@ class JobOps:
         job had moved on (nothing to do).
         """
         now = now_ms()
+        unaccepted = outcome == "not_accepted"
+
+        def on_runner(record: JobRecord) -> bool:
+            if record.attempt != attempt or record.runner_id != runner_id:
+                return False
+            if unaccepted:  # accepted meanwhile: it is not ours to take back
+                return record.state == JobState.DISPATCHED
+            return record.state not in TERMINAL_STATES and record.state != JobState.QUEUED
 
         def decide(record: JobRecord) -> JobRecord | None:
-            if record.attempt != attempt or record.runner_id != runner_id:
-                return None
-            if record.state in TERMINAL_STATES or record.state == JobState.QUEUED:
+            if not on_runner(record):
                 return None
             # a taken-back attempt is a failed one: it counts against the retry budget, and a
             # job whose cancel was requested ends cancelled instead of going to another runner
             return retry_after_failure(record, outcome, now_ms=now, reason=reason)
 
         jobs = await self._bus.kv("jobs")
+        if unaccepted:
+            known = known or await get_versioned(jobs, job_id, JOB_DECODER)
+            if (
+                known is not None
+                and on_runner(known.value)
+                and await self.unapplied_update(runner_id, job_id, attempt)
+            ):
+                # The runner did answer; its update waits to be applied (e.g. it was held by a
+                # results handler that died): taking the job back would run it twice.
+                return None
         latest, written = await cas_update(jobs, job_id, JOB_DECODER, decide, known=known)
         await self.release(runner_id, job_id, attempt)
         if latest is None:
@@ -102,6 +123,29 @@ class JobOps:
         # Also on a redo after a crash (written False but the record already moved for this attempt).
         await self.announce_outcome(record, from_runner=runner_id)
         return record if written else None
+
+    async def unapplied_update(self, runner_id: str, job_id: str, attempt: int) -> bool:
+        """Whether ``runner_id`` sent an update of ``job_id`` at ``attempt`` not yet applied.
+
+        The updates stream is a work queue: what it still holds is what the results handler has
+        not settled. A longer backlog than ``MAX_UNAPPLIED_SCAN`` also counts as "not yet".
+        """
+        stream = self._bus.names.stream("updates")
+        subject = self._bus.names.updates(runner_id)
+        seq = 1
+        for _ in range(MAX_UNAPPLIED_SCAN):
+            try:
+                msg = await self._bus.js.get_msg(stream, seq=seq, subject=subject, next=True)
+            except nats.js.errors.NotFoundError:
+                return False
+            try:
+                update = UPDATE_DECODER.decode(msg.data or b"")
+            except msgspec.DecodeError:
+                update = None
+            if update is not None and update.job_id == job_id and update.attempt == attempt:
+                return True
+            seq = int(msg.seq or seq) + 1
+        return True
 
     async def announce_outcome(self, record: JobRecord, *, from_runner: str | None) -> None:
         """Emit the events for a record that left its runner: re-queued, or its terminal state."""

@@ -19,7 +19,7 @@ from valkyrie._config_load import LEGACY_ENV, LoadedConfig, load_config
 from valkyrie._config_validate import validate_dotted
 from valkyrie._settings import Settings
 
-__all__ = ["CONFIG_KEY", "LiveConfig", "config_for"]
+__all__ = ["CONFIG_KEY", "LiveConfig", "config_for", "settings_with_config"]
 
 log = logging.getLogger("valkyrie.config")
 CONFIG_KEY = "current"
@@ -51,6 +51,19 @@ def _set_log_level(level: str) -> None:
     """Apply ``observability.log_level`` to Valkyrie's own loggers (it is a live key)."""
     for name in ("valkyrie", "handlers"):
         logging.getLogger(name).setLevel(level.upper())
+
+
+def settings_with_config(settings: Settings, config: ValkyrieConfig) -> Settings:
+    """``settings`` with its flat fields that are also config keys taken from ``config``.
+
+    Code that reads those fields from the process settings then sees the layered config's values
+    (profile, file, environment) too.
+    """
+    from valkyrie._config import flatten
+
+    values = flatten(config)
+    changes = {name: values[key] for name, key in LEGACY_ENV.items() if key in values}
+    return msgspec.structs.replace(settings, **changes)
 
 
 class LiveConfig:

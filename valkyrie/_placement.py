@@ -250,13 +250,12 @@ def score_runner(
         for rule in hints.affinity_rules:
             have = labels.get(rule.key)
             weight = (rule.weight if rule.weight is not None else 1.0) * weights.affinity
-            if rule.rule_type == "preferred" and have in rule.values:
+            hit = have in rule.values
+            if rule.rule_type == "anti_affinity" and not rule.values:
+                hit = have is not None  # like the hard rule: "has the key at all"
+            if rule.rule_type == "preferred" and hit:
                 score += weight
-            elif (
-                rule.rule_type == "anti_affinity"
-                and rule.weight is not None
-                and have in rule.values
-            ):
+            elif rule.rule_type == "anti_affinity" and rule.weight is not None and hit:
                 score -= weight
     targets = job.performance_targets
     if targets is not None and targets.resource_efficiency_target:
@@ -282,8 +281,10 @@ def place(
 ) -> Placement:
     """Pick the best feasible runner for ``job`` (ties go to the lexically smallest id).
 
-    Preferred runners that are only busy make the job wait for them while it has been queued for
-    less than ``routing_hints.preferred_wait_s``; after that it spills over to the best other one.
+    A feasible preferred runner always wins (the best-scoring one) unless
+    ``weights.preferred_runner`` is 0; ``ranked`` lists the winner first. Preferred runners that
+    are only busy make the job wait for them while it has been queued for less than
+    ``routing_hints.preferred_wait_s``; after that it spills over to the best other one.
     """
     weights = weights or ScoreWeights()
     rejected: dict[str, list[str]] = {}
@@ -302,6 +303,10 @@ def place(
         )
     ranked.sort(key=lambda s: (-s.score, s.runner_id))
     hints = job.routing_hints
+    if advanced and hints is not None and hints.preferred_runners and weights.preferred_runner > 0:
+        # preferred runners go first (the score bonus alone could lose to e.g. free capacity)
+        preferred = set(hints.preferred_runners)
+        ranked.sort(key=lambda s: s.runner_id not in preferred)  # stable: by score within
     if advanced and hints is not None and hints.preferred_runners and hints.preferred_wait_s > 0:
         preferred = set(hints.preferred_runners)
         chosen_preferred = bool(ranked) and ranked[0].runner_id in preferred

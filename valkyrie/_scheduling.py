@@ -3,8 +3,8 @@
 Effective priority (lower runs first)::
 
     base      = min(spec.priority, sla_classes[qos.priority_class])      # SLA class can raise it
-    aging     = min(max_aging_boost, floor(waited_s / aging_step_s))     # waiting raises it
-    effective = base - aging            (- 1 - base when boosted: above every unboosted job)
+    aging     = min(max_aging_boost, floor(max(0, waited_s) / aging_step_s))   # waiting raises it
+    effective = base - aging            (- 5 - max_aging_boost when boosted: above every unboosted job)
 
 Jobs of equal effective priority are ordered by their tenant's fair-share usage (decayed count of
 recent dispatches divided by the tenant's weight), then by arrival.
@@ -41,10 +41,11 @@ def effective_priority(
     qos = spec.qos_requirements
     if qos is not None and qos.priority_class is not None:
         base = min(base, sla_classes.get(qos.priority_class, base))
-    steps = int(waited_ms / 1000 // aging_step_s) if aging else 0
+    steps = int(max(0, waited_ms) / 1000 // aging_step_s) if aging else 0  # clocks may skew
     effective = base - min(max_aging_boost, steps)
     if boosted:
-        effective -= 1 + 4  # ahead of every job that is not boosted
+        # ahead of every job that is not boosted: those are at least 0 - max_aging_boost
+        effective -= 5 + max_aging_boost
     return effective
 
 

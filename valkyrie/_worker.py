@@ -70,6 +70,7 @@ class StreamConsumer:
     concurrency: int = 64
     fetch_timeout_s: float = 0.5
     max_deliver: int | None = None
+    fetch_batch: int = 256
     ack_wait_s: float | None = None
 
     def __post_init__(self) -> None:
@@ -114,7 +115,9 @@ class StreamConsumer:
                         slots.release()
                         continue
                     try:
-                        msgs = await psub.fetch(batch=free, timeout=self.fetch_timeout_s)
+                        msgs = await psub.fetch(
+                            batch=min(free, self.fetch_batch), timeout=self.fetch_timeout_s
+                        )
                     except TimeoutError:  # nats raises its own subclass or the builtin
                         continue
                     except (nats.errors.Error, nats.js.errors.Error) as e:

@@ -6,8 +6,10 @@ import click
 
 from valkyrie.cli._admin import cancel, dead, drain, explain, undrain
 from valkyrie.cli._config import config
+from valkyrie.cli._gateway import gateway
 from valkyrie.cli._jobs import jobs, submit
 from valkyrie.cli._runner import runner, runners
+from valkyrie.cli._status import status
 from valkyrie.cli._tail import tail
 from valkyrie.cli._up import handlers_cmd, provision, up, worker
 
@@ -38,6 +40,8 @@ for _command in (
     runners,
     dead,
     config,
+    gateway,
+    status,
 ):
     cli.add_command(_command)
 jobs.add_command(cancel)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
+import anyio
 import click
 
 from valkyrie._app import open_bus, run_control_plane
+from valkyrie._bus import Bus
 from valkyrie._handlers import discover_handlers
+from valkyrie._live import config_for
 from valkyrie.cli._common import run_async, settings_from
 from valkyrie.runner import run_reference_runner
 
@@ -33,29 +37,47 @@ def _logging(verbose: bool) -> None:
     show_default=True,
     help="Also run this many reference runners in this process (they execute job commands).",
 )
+@click.option(
+    "--http-port",
+    type=click.IntRange(0, 65535),
+    help="Port of the HTTP API (default: http.port; the API runs when http.enabled).",
+)
 @click.option("-v", "--verbose", is_flag=True)
 @click.pass_context
-def up(ctx: click.Context, only: str | None, local_runners: int, verbose: bool) -> None:
+def up(
+    ctx: click.Context, only: str | None, local_runners: int, http_port: int | None, verbose: bool
+) -> None:
     """Run the control plane and every handler in one process.
 
     It embeds a nats-server unless VALKYRIE_NATS_URL is set. With --runners N it also runs N
-    reference runners, which execute job commands on this host. Ctrl-C finishes in-flight work and
-    stops cleanly.
+    reference runners, which execute job commands on this host. The HTTP API (docs/http-api.md)
+    runs too unless http.enabled is false. Ctrl-C finishes in-flight work and stops cleanly.
     """
     _logging(verbose)
     settings = settings_from(ctx)
     names = [n.strip() for n in only.split(",")] if only else None
-    extras = [run_reference_runner] * local_runners
+    extras: list[Callable[[Bus, anyio.Event], object]] = [run_reference_runner] * local_runners
 
-    def ready(_bus: object) -> None:
-        with_runners = f" with {local_runners} local runner(s)" if local_runners else ""
-        click.echo(f"valkyrie is up{with_runners}; Ctrl-C to stop", err=True)
+    async def go() -> None:
+        http = config_for(settings).config.http
+        api = ""
+        if http.enabled:
+            # imported here: the web stack is not worth loading for every other command
+            from valkyrie.gateway import gateway_extra
 
-    run_async(
-        lambda: run_control_plane(
-            settings, handlers=names, embed=True, extras=extras, on_ready=ready
-        )
-    )
+            extras.append(gateway_extra(port=http_port))
+            port = http.port if http_port is None else http_port
+            api = (
+                f"; HTTP API on http://{http.host}:{port}" if port else "; HTTP API on a free port"
+            )
+
+        def ready(_bus: object) -> None:
+            with_runners = f" with {local_runners} local runner(s)" if local_runners else ""
+            click.echo(f"valkyrie is up{with_runners}{api}; Ctrl-C to stop", err=True)
+
+        await run_control_plane(settings, handlers=names, embed=True, extras=extras, on_ready=ready)
+
+    run_async(go)
 
 
 @click.command()

@@ -82,6 +82,9 @@ def authorize(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRoute
     gateway = gateway_of(connection)
     http = gateway.config.http
     identity = authenticate(connection.headers.get("authorization"), http)
+    state = connection.scope.setdefault("state", {})
+    if identity is not None:
+        state["identity"] = identity  # known before a 403, so that the refusal is audited by name
     if http.auth_required:
         if identity is None:
             raise ProblemError(
@@ -99,7 +102,7 @@ def authorize(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRoute
             )
     elif identity is None:
         identity = ANONYMOUS
-    connection.scope.setdefault("state", {})["identity"] = identity
+    state["identity"] = identity
     if identity.authenticated:
         key = f"token:{identity.name}"
     else:

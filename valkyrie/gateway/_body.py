@@ -22,7 +22,9 @@ _DECODER: msgspec.json.Decoder[Any] = msgspec.json.Decoder()
 
 def _is_json(content_type: str) -> bool:
     media = content_type.split(";", 1)[0].strip().lower()
-    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
 
 
 async def raw_body(request: Request[Any, Any, Any]) -> bytes:
@@ -51,9 +53,7 @@ def _too_large(size: int, limit: int) -> ProblemError:
     )
 
 
-async def json_body(
-    request: Request[Any, Any, Any], *, required: bool = True
-) -> tuple[bytes, Any]:
+async def json_body(request: Request[Any, Any, Any], *, required: bool = True) -> tuple[bytes, Any]:
     """The raw body and its decoded JSON (``None`` for an empty optional body).
 
     Raises:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from litestar.connection import ASGIConnection
+from litestar.di import NamedDependency
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from valkyrie._admin import Admin
@@ -23,6 +24,7 @@ from valkyrie.gateway._ratelimit import RateLimiter
 __all__ = [
     "ANONYMOUS",
     "Gateway",
+    "GatewayDep",
     "HttpMetrics",
     "Identity",
     "gateway_of",
@@ -136,6 +138,10 @@ class Gateway:
     def events(self) -> EventPublisher:
         """An event publisher whose events name the gateway as their source."""
         return EventPublisher(self.bus, EVENT_SOURCE)
+
+
+#: how routes receive the gateway (Litestar injects it by this parameter name)
+GatewayDep = NamedDependency[Gateway]
 
 
 def gateway_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Gateway:

@@ -17,7 +17,6 @@ __all__ = [
     "FallbackResponse",
     "JobList",
     "Pagination",
-    "RegisterResponse",
     "ReloadResponse",
     "RunnerList",
     "RunnerStatusChange",
@@ -94,15 +93,6 @@ class RunnerStatusResponse(msgspec.Struct, kw_only=True):
     runner_id: str
     state: RunnerState | None
     drain_requested: bool
-
-
-class RegisterResponse(msgspec.Struct, kw_only=True):
-    """The registry's verdict on a registration made over HTTP."""
-
-    runner_id: str
-    state: RunnerState | None
-    accepted: bool
-    abandon_jobs: list[str] = msgspec.field(default_factory=list)
 
 
 #: a config document: nested sections (``{"dispatch": {"accept_timeout_ms": 3000}}``) or dotted
@@ -201,4 +191,3 @@ class V1RunnerList(msgspec.Struct, kw_only=True):
     runners: list[V1RunnerSummary]
     count: int
     message: str
-

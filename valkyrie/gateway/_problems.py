@@ -15,6 +15,7 @@ import nats.errors
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi.datastructures import ResponseSpec
+from litestar.types import ExceptionHandlersMap
 
 from schemas import FieldError
 from valkyrie._errors import BusError, NotFoundError
@@ -129,7 +130,8 @@ def _on_validation(request: Request[Any, Any, Any], exc: ValidationException) ->
     extra = exc.extra if isinstance(exc.extra, list) else []
     for item in extra:
         if isinstance(item, dict):
-            source = str(item.get("source") or "query")
+            raw = item.get("source") or "query"
+            source = str(getattr(raw, "value", raw))
             key = str(item.get("key") or "")
             errors.append(
                 FieldError(
@@ -167,7 +169,7 @@ def _on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[
     return problem_response(request, 500, "internal error (logged by the gateway)")
 
 
-def exception_handlers() -> dict[type[Exception], Any]:
+def exception_handlers() -> ExceptionHandlersMap:
     """Exception type -> handler; Litestar picks the most specific one by the exception's MRO."""
     return {
         ProblemError: _on_problem,
@@ -206,4 +208,3 @@ def problem_responses(*statuses: int) -> dict[int, ResponseSpec]:
         )
         for status in statuses
     }
-

@@ -6,21 +6,21 @@ from typing import Annotated, Any, Literal
 
 from litestar import Request, Response, delete, get, post
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.params import Parameter
+from litestar.params import FromPath, FromQuery, HeaderParameter, QueryParameter
 
 from schemas import TERMINAL_STATES, FieldError, JobRecord, JobState
 from valkyrie._errors import NotFoundError
 from valkyrie.gateway._auth import route_opt
-from valkyrie.gateway._context import Gateway, identity_of, valid_id
+from valkyrie.gateway._context import Gateway, GatewayDep, identity_of, valid_id
 from valkyrie.gateway._models import CancelResponse, JobList, Pagination, SubmitResponse
 from valkyrie.gateway._problems import COMMON, ProblemError, problem_responses
 from valkyrie.gateway._submit import submit_from_request
 
-__all__ = ["ROUTES", "fetch_job", "parse_states", "request_cancel"]
+__all__ = ["ROUTES", "IdempotencyKey", "fetch_job", "parse_states", "request_cancel"]
 IdempotencyKey = Annotated[
     str | None,
-    Parameter(
-        header="Idempotency-Key",
+    HeaderParameter(
+        name="Idempotency-Key",
         min_length=1,
         max_length=512,
         required=False,
@@ -43,7 +43,9 @@ async def fetch_job(gateway: Gateway, job_id: str) -> JobRecord:
         raise ProblemError(404, f"no job {job_id!r}") from e
 
 
-async def request_cancel(request: Request[Any, Any, Any], gateway: Gateway, job_id: str) -> JobRecord:
+async def request_cancel(
+    request: Request[Any, Any, Any], gateway: Gateway, job_id: str
+) -> JobRecord:
     """Store a cancel request for a job that is not finished; return its record as it was.
 
     Raises:
@@ -104,14 +106,16 @@ def parse_states(raw: str | None) -> set[JobState] | None:
     ),
     responses={
         200: ResponseSpec(
-            data_container=SubmitResponse, description="A retry: the original job."
+            data_container=SubmitResponse,
+            description="A retry: the original job.",
+            generate_examples=False,
         ),
         **problem_responses(400, 413, 415, 422, *COMMON),
     },
     tags=["jobs"],
 )
 async def submit_job(
-    request: Request[Any, Any, Any], gateway: Gateway, idempotency_key: IdempotencyKey = None
+    request: Request[Any, Any, Any], gateway: GatewayDep, idempotency_key: IdempotencyKey = None
 ) -> Response[SubmitResponse]:
     """Submit a job."""
     done = await submit_from_request(request, idempotency_key)
@@ -137,7 +141,7 @@ async def submit_job(
     responses=problem_responses(404, *COMMON),
     tags=["jobs"],
 )
-async def get_job(job_id: str, gateway: Gateway) -> JobRecord:
+async def get_job(job_id: FromPath[str], gateway: GatewayDep) -> JobRecord:
     """The job's current record (from the jobs KV bucket)."""
     return await fetch_job(gateway, job_id)
 
@@ -155,7 +159,7 @@ async def get_job(job_id: str, gateway: Gateway) -> JobRecord:
     tags=["jobs"],
 )
 async def cancel_job(
-    job_id: str, request: Request[Any, Any, Any], gateway: Gateway
+    job_id: FromPath[str], request: Request[Any, Any, Any], gateway: GatewayDep
 ) -> CancelResponse:
     """Request cancellation."""
     record = await request_cancel(request, gateway, job_id)
@@ -173,16 +177,18 @@ _STATE_ORDER = {state: n for n, state in enumerate(JobState)}
     tags=["jobs"],
 )
 async def list_jobs(
-    gateway: Gateway,
+    gateway: GatewayDep,
     status: Annotated[
         str | None,
-        Parameter(description="Comma-separated states, e.g. `queued,running`.", required=False),
+        QueryParameter(
+            description="Comma-separated states, e.g. `queued,running`.", required=False
+        ),
     ] = None,
-    runner_id: Annotated[str | None, Parameter(required=False)] = None,
-    limit: Annotated[int, Parameter(ge=1, le=1000)] = 50,
-    offset: Annotated[int, Parameter(ge=0)] = 0,
-    sort_by: Literal["submitted_at", "priority", "state"] = "submitted_at",
-    sort_order: Literal["asc", "desc"] = "desc",
+    runner_id: Annotated[str | None, QueryParameter(required=False)] = None,
+    limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 50,
+    offset: Annotated[int, QueryParameter(ge=0)] = 0,
+    sort_by: FromQuery[Literal["submitted_at", "priority", "state"]] = "submitted_at",
+    sort_order: FromQuery[Literal["asc", "desc"]] = "desc",
 ) -> JobList:
     """A page of jobs, filtered and sorted."""
     states = parse_states(status)
@@ -190,8 +196,7 @@ async def list_jobs(
     matching = [
         r
         for r in everything
-        if (states is None or r.state in states)
-        and (runner_id is None or r.runner_id == runner_id)
+        if (states is None or r.state in states) and (runner_id is None or r.runner_id == runner_id)
     ]
 
     def key(r: JobRecord) -> tuple[int, int, str]:

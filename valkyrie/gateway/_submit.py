@@ -124,7 +124,8 @@ async def submit_from_request(
     limit = gateway.config.limits.submission_max_bytes
     if len(body) > limit:
         raise ProblemError(
-            413, f"the submission is {len(body)} bytes; the limit is {limit} (limits.submission_max_bytes)"
+            413,
+            f"the submission is {len(body)} bytes; the limit is {limit} (limits.submission_max_bytes)",
         )
     try:
         parsed = parse_submission(body, received_at_ms=now_ms(), max_bytes=limit)

@@ -1,0 +1,89 @@
+"""Property-based fuzzing of every route from the checked-in OpenAPI document (schemathesis).
+
+The gateway runs under uvicorn, with all handlers, against the session's nats-server, in a thread
+of its own (schemathesis calls it synchronously). Every response must be a documented status with
+a documented content type and body, and never a 5xx. Routes that change the runtime config are
+fuzzed too; the config is reset after each of their cases, so that one generated document (say, a
+tiny ``http.request_timeout_s``) cannot spoil the cases after it. The event stream never ends, so
+it is left to tests/test_gateway_sse.py.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+import schemathesis
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+from hypothesis import HealthCheck, settings
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from tests._gateway_helpers import Served, served
+from tests._helpers import ROOT, settings_for, unique_prefix
+from valkyrie._config_client import ConfigClient
+from valkyrie.gateway._routes_config import wait_applied
+
+pytestmark = [pytest.mark.nats, pytest.mark.slow]
+
+SCHEMA = schemathesis.openapi.from_dict(
+    json.loads((ROOT / "docs" / "openapi.json").read_text())
+).exclude(path="/api/v2/events")
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+]
+#: operations whose accepted cases change the runtime config
+MUTATING = {
+    ("PUT", "/api/v2/config/valkyrie"),
+    ("POST", "/api/v2/integration/fallback"),
+}
+
+
+@dataclass
+class Stack:
+    served: Served
+    portal: BlockingPortal
+
+    def reset_config(self) -> None:
+        async def reset() -> None:
+            verdict = await ConfigClient(self.served.bus).change(replace={})
+            assert verdict.accepted, verdict.errors
+            if verdict.revision is not None:
+                assert await wait_applied(self.served.live, verdict.revision, 10)
+
+        self.portal.call(reset)
+
+
+@pytest.fixture(scope="module")
+def stack(nats_url: str) -> Iterator[Stack]:
+    config = settings_for(nats_url, unique_prefix())
+    with (
+        start_blocking_portal(backend="asyncio") as portal,
+        portal.wrap_async_context_manager(served(config)) as gateway,
+    ):
+        yield Stack(gateway, portal)
+
+
+@SCHEMA.parametrize()
+@settings(
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=list(HealthCheck),
+)
+def test_no_server_errors_and_no_schema_violations(case: schemathesis.Case, stack: Stack) -> None:
+    response = case.call(base_url=stack.served.url, timeout=30)
+    try:
+        case.validate_response(response, checks=CHECKS)
+    finally:
+        if (case.method.upper(), case.path) in MUTATING and response.status_code < 300:
+            stack.reset_config()

@@ -1,0 +1,138 @@
+"""Serving the app with uvicorn inside an anyio task group, stopped by an event, not by signals."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import socket
+from collections.abc import Callable, Iterator
+
+import anyio
+import uvicorn
+from anyio.abc import TaskStatus
+from prometheus_client import CollectorRegistry
+
+from valkyrie._bus import Bus
+from valkyrie._errors import ConfigError
+from valkyrie._live import LiveConfig, config_for
+from valkyrie.gateway._app import build_app
+from valkyrie.gateway._context import Gateway
+
+__all__ = ["gateway_extra", "run_gateway", "serve_gateway"]
+
+log = logging.getLogger("valkyrie.gateway")
+
+#: how long open responses (event streams) get to finish when the gateway stops
+SHUTDOWN_GRACE_S = 5.0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its signal handlers: the process's own handler owns SIGINT/SIGTERM."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket (bound here so that port 0 resolves before the server reports ready)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(
+            f"cannot serve the HTTP API on {host}:{port} ({e.strerror or e}): choose another "
+            "http.port (or --http-port / --port), or set http.enabled=false"
+        ) from e
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+async def serve_gateway(
+    bus: Bus,
+    live: LiveConfig,
+    stop: anyio.Event,
+    *,
+    host: str,
+    port: int,
+    registry: CollectorRegistry | None = None,
+    task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the HTTP bridge on ``host:port`` until ``stop`` is set; report the bound port.
+
+    ``live`` is not watched here: whoever owns it runs ``live.watch(bus)`` (see
+    :func:`run_gateway`).
+    """
+    gateway = Gateway(bus=bus, live=live, registry=registry or CollectorRegistry())
+    app = build_app(gateway)
+    config = uvicorn.Config(
+        app,
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=int(SHUTDOWN_GRACE_S),
+    )
+    server = _Server(config)
+    sock = _bind(host, port)
+    bound = int(sock.getsockname()[1])
+    async with anyio.create_task_group() as tg:
+
+        async def stopper() -> None:
+            await stop.wait()
+            gateway.closing = True  # event streams end at their next poll
+            server.should_exit = True
+
+        tg.start_soon(stopper)
+        tg.start_soon(server.serve, [sock])
+        with anyio.fail_after(10):
+            while not server.started:
+                if server.should_exit:
+                    break
+                await anyio.sleep(0.01)
+        log.info("HTTP gateway on http://%s:%d", host, bound)
+        task_status.started(bound)
+    sock.close()
+
+
+async def run_gateway(
+    bus: Bus,
+    stop: anyio.Event,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    live: LiveConfig | None = None,
+    registry: CollectorRegistry | None = None,
+    task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Watch the live config and serve the gateway (host and port default to ``http.*``)."""
+    live = live if live is not None else LiveConfig(config_for(bus.settings))
+    http = live.current.http
+    serve = functools.partial(
+        serve_gateway,
+        bus,
+        live,
+        stop,
+        host=host if host is not None else http.host,
+        port=port if port is not None else http.port,
+        registry=registry,
+    )
+    async with anyio.create_task_group() as watching:
+        await watching.start(live.watch, bus)
+        async with anyio.create_task_group() as serving:
+            bound = await serving.start(serve)
+            task_status.started(bound)
+        watching.cancel_scope.cancel()
+
+
+def gateway_extra(*, port: int | None = None) -> Callable[[Bus, anyio.Event], object]:
+    """An ``extras`` entry for ``run_control_plane``: the gateway alongside the handlers."""
+
+    async def extra(bus: Bus, stop: anyio.Event) -> None:
+        await run_gateway(bus, stop, port=port)
+
+    return extra
