@@ -167,9 +167,13 @@ class DispatcherWorker:
                         await self._commits.acquire()
                     # and let the last fetch end: messages delivered to a pull request left open
                     # would wait out the ack wait before anyone could place them
+                    await self._consumed.wait()
                 tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                acks, self._ack_later = self._ack_later, []
+                for msg in acks:
+                    await self._settle(msg)
                 for pending in list(self._pending.values()):
                     if not pending.committing:
                         await self._settle(pending.msg, nak=True)
@@ -203,8 +207,7 @@ class DispatcherWorker:
         async with anyio.create_task_group() as tg:
             while not stop.is_set():
                 try:
-                    batch = self._cfg().performance.fetch_batch
-                    msgs = await psub.fetch(batch=batch, timeout=0.5)
+                    msgs = await psub.fetch(batch=256, timeout=0.5)
                 except TimeoutError:  # nats raises its own subclass or the builtin
                     continue
                 except (nats.errors.Error, nats.js.errors.Error) as e:
@@ -578,17 +581,6 @@ class DispatcherWorker:
         except msgspec.DecodeError as e:
             await self._answer(
                 msg, JobExplanation(job_id="", state="", summary="", error=f"bad request: {e}")
-            )
-            return
-        if not self._cfg().features.explain:
-            await self._answer(
-                msg,
-                JobExplanation(
-                    job_id=request.job_id,
-                    state="",
-                    summary="",
-                    error="explanations are switched off (features.explain)",
-                ),
             )
             return
         try:

@@ -157,7 +157,11 @@ class RegistryWorker:
         await self._reply(
             msg,
             RegistrationVerdict(
-                accepted=True, runner_id=rid, state=state, abandon_jobs=sorted(abandon)
+                accepted=True,
+                runner_id=rid,
+                state=state,
+                abandon_jobs=sorted(abandon),
+                lost_after_ms=self._ctx.config.current.dispatch.runner_lost_after_ms,
             ),
         )
 

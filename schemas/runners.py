@@ -187,6 +187,7 @@ class RegistrationVerdict(msgspec.Struct, frozen=True, kw_only=True):
     state: RunnerState | None = None
     errors: list[FieldError] = msgspec.field(default_factory=list)
     abandon_jobs: list[str] = msgspec.field(default_factory=list)
+    lost_after_ms: int | None = None
 
 
 class UpdateVerdict(msgspec.Struct, frozen=True, kw_only=True):

@@ -308,13 +308,13 @@ async def test_priority_order_and_sla_class_with_one_runner(settings: Settings) 
 async def test_slo_breach_emits_an_event_and_boosts_the_job_ahead(
     nats_url: str, prefix: str, tmp_path: Path
 ) -> None:
-    # fast aging, so the critical jobs have aged to the maximum (-2) when the breach happens
-    settings = settings_with(nats_url, prefix, tmp_path, "[scheduling]\naging_step_s = 0.5\n")
-    async with plane(settings) as (bus, _), fleet(bus, runners(bus, ("solo", 1))) as client:
-        blocker = await submit(client, payload=sim(3.0))
-        await decision(bus, blocker)
+    # aging in 1 s steps: the critical jobs reach the maximum aging (-2) before the late job
+    # breaches its target, while the late job itself has not aged yet when the runner appears
+    settings = settings_with(nats_url, prefix, tmp_path, "[scheduling]\naging_step_s = 1.0\n")
+    async with plane(settings) as (bus, _):
+        client = Client(bus)
         critical = [await submit(client, payload=sim(), priority=0) for _ in range(3)]
-        await anyio.sleep(1.2)
+        await anyio.sleep(2.2)
         late = await submit(
             client,
             payload=sim(),
@@ -326,13 +326,15 @@ async def test_slo_breach_emits_an_event_and_boosts_the_job_ahead(
         assert breach.data["limit_ms"] == 300
         assert breach.data["waited_ms"] > 300
         assert (await client.get_job(late)).state == JobState.QUEUED
-        order = await _order_of(bus, [late, *critical])
+        async with fleet(bus, runners(bus, ("solo", 1))):
+            order = await _order_of(bus, [late, *critical])
         assert order[0] == late
         data = await decision(bus, late)
         assert data["boosted"] is True
         for job_id in critical:
             other = await decision(bus, job_id)
             assert other["boosted"] is False
+            assert other["effective_priority"] == -2  # aged to the maximum
             assert data["effective_priority"] < other["effective_priority"]
 
 

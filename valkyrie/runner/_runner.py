@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -35,6 +36,7 @@ from valkyrie.runner._protocol import COMMAND_DECODER, publish_update, register
 
 __all__ = ["Runner"]
 
+FENCE_CHECK_S = 0.2
 log = logging.getLogger("valkyrie.runner")
 
 JobKey = tuple[str, int]
@@ -121,6 +123,8 @@ class Runner:
         self._fatal: RegistrationRejected | None = None
         self._job_group: TaskGroup | None = None
         self._started = False
+        self._fence_after_s: float | None = None
+        self._last_contact = time.monotonic()
 
     # -- public state ---------------------------------------------------------------------------
     @property
@@ -221,9 +225,11 @@ class Runner:
             "runner %s registered (session %s, capacity %d)", rid, self.session_id, self.capacity
         )
         self._abandon(verdict.abandon_jobs, "the registry no longer assigns it here")
+        self._adopt_lost_after(verdict.lost_after_ms)
         async with anyio.create_task_group() as jobs:
             self._job_group = jobs
             tg.start_soon(self._heartbeats)
+            tg.start_soon(self._fence)
             tg.start_soon(self._take_dispatches, dispatches, tg)
             tg.start_soon(self._take_commands, commands)
             tg.start_soon(self._register_again_on_reconnect)
@@ -302,6 +308,32 @@ class Runner:
                 reconnects = now
                 self._reregister.set()
 
+    def _adopt_lost_after(self, lost_after_ms: int | None) -> None:
+        if lost_after_ms:
+            # Stop our jobs a safe margin before the control plane declares us lost and hands
+            # them to another runner: never the same job on two runners at once.
+            beat_s = self.registration.heartbeat_interval_ms / 1000
+            self._fence_after_s = max(0.5 * lost_after_ms / 1000, lost_after_ms / 1000 - beat_s / 2)
+
+    async def _fence(self) -> None:
+        """Kill every job when NATS has been out of reach for ``fence_after``: self-fencing."""
+        while True:
+            await anyio.sleep(FENCE_CHECK_S)
+            if self._fence_after_s is None or not self._jobs:
+                continue
+            silent = time.monotonic() - self._last_contact
+            if silent <= self._fence_after_s:
+                continue
+            log.error(
+                "runner %s: no contact with NATS for %.1fs: stopping %d job(s); the control plane "
+                "re-dispatches them",
+                self.runner_id,
+                silent,
+                len(self._jobs),
+            )
+            for job in list(self._jobs.values()):
+                self._stop(job, "abandon", 0.0, f"fenced: no contact with NATS for {silent:.1f}s")
+
     def _reconnects(self) -> int:
         return int(self._nc.stats.get("reconnects", 0))
 
@@ -317,8 +349,11 @@ class Runner:
         )
         try:
             await self._nc.publish(self._names.heartbeat(self.runner_id), encode(beat))
-            if flush:
-                await self._nc.flush(timeout=2)
+            # a flush is a round trip: proof the heartbeat reached the server (fencing needs it)
+            await self._nc.flush(
+                timeout=2 if flush else max(1, self.registration.heartbeat_interval_ms // 1000)
+            )
+            self._last_contact = time.monotonic()
         except (nats.errors.Error, OSError) as e:
             log.debug("heartbeat not sent: %r", e)
 

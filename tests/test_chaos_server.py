@@ -1,0 +1,119 @@
+"""A single nats-server restarted (SIGTERM, then SIGKILL) under load, on the same store and port.
+
+Publishers retry with the same ``Nats-Msg-Id``: every job is recorded exactly once and succeeds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+import pytest
+
+from schemas import JobRecord, JobState
+from tests._helpers import running, settings_for, wait_until
+from valkyrie import BusError, Client, NatsServer
+from valkyrie.testing import SimulatedRunner
+
+pytestmark = [
+    pytest.mark.nats,
+    pytest.mark.chaos,
+    pytest.mark.slow,
+    pytest.mark.xdist_group("chaos"),
+]
+
+TOTAL = 400
+PER_S = 25.0
+
+
+async def submit_with_retry(client: Client, n: int, attempts: list[int]) -> None:
+    """Submit job ``n``; on failure publish again with the same Nats-Msg-Id until it is stored."""
+    body = {"job_type": "shell", "metadata": {"n": str(n)}, "payload": {"sim": {"work_s": 0.2}}}
+    with anyio.fail_after(120):
+        while True:
+            attempts[n] += 1
+            try:
+                await client.submit(body, msg_id=f"job-{n}", wait_verdict=False, timeout_s=2)
+                return
+            except BusError:
+                await anyio.sleep(0.2)
+
+
+@pytest.mark.timeout(240)
+async def test_server_restarts_lose_and_double_nothing(prefix: str, tmp_path: Path) -> None:
+    server = NatsServer(
+        store_dir=tmp_path / "nats", name="restarted", max_mem="256M", max_file="2G"
+    )
+    await server.astart()
+    try:
+        settings = settings_for(server.url, prefix, connect_timeout_s=30.0)
+        async with running(settings) as bus:
+            client = Client(bus)
+            stop = anyio.Event()
+            runners = [SimulatedRunner(bus, f"r{i}", capacity=4) for i in range(4)]
+            attempts = [0] * TOTAL
+            outages: list[tuple[str, float]] = []
+            async with anyio.create_task_group() as tg:
+                for runner in runners:
+                    await tg.start(runner.run, stop)
+
+                async def publish_all() -> None:
+                    async with anyio.create_task_group() as pubs:
+                        started = time.monotonic()
+                        for n in range(TOTAL):
+                            delay = started + n / PER_S - time.monotonic()
+                            if delay > 0:
+                                await anyio.sleep(delay)
+                            pubs.start_soon(submit_with_retry, client, n, attempts)
+
+                async with anyio.create_task_group() as load:
+                    load.start_soon(publish_all)
+                    port = server.port
+                    for how in ("stop", "kill"):
+                        await anyio.sleep(4)
+                        began = time.monotonic()
+                        if how == "stop":
+                            await server.astop()  # SIGTERM: a clean shutdown
+                        else:
+                            await anyio.to_thread.run_sync(server.kill)  # SIGKILL
+                        await anyio.sleep(1.0)
+                        await server.astart()
+                        assert server.port == port
+                        outages.append((how, time.monotonic() - began))
+                records = await _wait_all_succeeded(client, timeout_s=120)
+                await anyio.sleep(1.0)  # late duplicates, if any, would show up now
+                records = {r.id: r for r in await client.list_jobs()}
+                stop.set()
+    finally:
+        await server.astop()
+
+    retried = sum(1 for a in attempts if a > 1)
+    print(f"\nserver restarts {outages}: {retried} submissions were published again")
+    assert retried > 0, "the restarts must land while jobs are being submitted"
+    numbers = Counter(int(r.spec.metadata["n"]) for r in records.values())
+    assert sorted(numbers) == list(range(TOTAL)), "a submission was lost"
+    assert max(numbers.values()) == 1, "a submission was recorded twice"
+    assert {r.state for r in records.values()} == {JobState.SUCCEEDED}
+    runs = Counter((e.job_id, e.outcome) for runner in runners for e in runner.executions)
+    for record in records.values():
+        assert runs[(record.id, "succeeded")] == 1, (record, runs)
+
+
+async def _wait_all_succeeded(client: Client, timeout_s: float) -> dict[str, JobRecord]:
+    async def done() -> bool:
+        try:
+            records = await client.list_jobs()
+        except BusError:
+            return False
+        return len(records) >= TOTAL and all(r.state == JobState.SUCCEEDED for r in records)
+
+    try:
+        await wait_until(done, timeout_s=timeout_s, interval_s=1.0)
+    except TimeoutError:
+        records = await client.list_jobs()
+        states = Counter(r.state.value for r in records)
+        pytest.fail(f"not every job succeeded: {dict(states)} of {len(records)}/{TOTAL}")
+    return {r.id: r for r in await client.list_jobs()}
