@@ -47,7 +47,11 @@ class CancellerWorker:
         self._ctx = ctx
         self._bus = ctx.bus
         self._events = EventPublisher(ctx.bus, ctx.name)
-        self._ops = JobOps(ctx.bus, self._events)
+        self._ops = JobOps(
+            ctx.bus,
+            self._events,
+            lambda: ctx.config.current.limits.job_retention_s,
+        )
 
     async def run(
         self, stop: anyio.Event, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -95,7 +99,9 @@ class CancellerWorker:
                 record, JobState.CANCELLED, now_ms=now, reason=f"{reason}; runner did not confirm"
             )
 
-        latest, _written = await cas_update(self._jobs, request.job_id, JOB_DECODER, decide)
+        latest, _written = await cas_update(
+            self._jobs, request.job_id, JOB_DECODER, decide, ttl_for=self._ops.job_ttl()
+        )
         if latest is None:
             raise GiveUp(f"no job {request.job_id!r}")
         record = latest.value

@@ -89,7 +89,11 @@ class DispatcherWorker:
         self._ctx = ctx
         self._bus = ctx.bus
         self._events = EventPublisher(ctx.bus, ctx.name)
-        self._ops = JobOps(ctx.bus, self._events)
+        self._ops = JobOps(
+            ctx.bus,
+            self._events,
+            lambda: ctx.config.current.limits.job_retention_s,
+        )
         self._index = RunnerIndex()
         self._locks: dict[str, anyio.Lock] = {}
         self._pending: dict[str, Pending] = {}
@@ -420,7 +424,12 @@ class DispatcherWorker:
 
         try:
             latest, _ = await cas_update(
-                self._jobs, pending.job_id, JOB_DECODER, decide, known=pending.record
+                self._jobs,
+                pending.job_id,
+                JOB_DECODER,
+                decide,
+                known=pending.record,
+                ttl_for=self._ops.job_ttl(),
             )
             if latest is not None and latest.value.state == JobState.EXPIRED:
                 await self._ops.announce_outcome(latest.value, from_runner=None)

@@ -11,6 +11,7 @@ import logging
 import anyio
 import msgspec
 import nats.errors
+import nats.js.errors
 from anyio.abc import TaskStatus
 from nats.aio.msg import Msg
 
@@ -46,7 +47,11 @@ class RegistryWorker:
         self._ctx = ctx
         self._bus = ctx.bus
         self._events = EventPublisher(ctx.bus, ctx.name)
-        self._ops = JobOps(ctx.bus, self._events)
+        self._ops = JobOps(
+            ctx.bus,
+            self._events,
+            lambda: ctx.config.current.limits.job_retention_s,
+        )
 
     async def run(
         self, stop: anyio.Event, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -258,6 +263,9 @@ class RegistryWorker:
                 ),
             )
             return
+        if action == "deregister":
+            await self._deregister(msg, rid, body.get("session_id"))
+            return
         if action not in ("drain", "undrain"):
             await self._reply(
                 msg,
@@ -296,6 +304,43 @@ class RegistryWorker:
         await self._reply(
             msg, RegistrationVerdict(accepted=True, runner_id=rid, state=latest.value.state)
         )
+
+    async def _deregister(self, msg: Msg, rid: str, session_id: object) -> None:
+        """A runner leaving cleanly: forget it (only its own session, only with no jobs held)."""
+        current = await get_versioned(self._runners, rid, RUNNER_DECODER)
+        problem = None
+        if current is None:
+            problem = f"no runner {rid!r}"
+        elif current.value.registration.session_id not in (None, session_id):
+            problem = "a newer session of this runner is registered"
+        elif current.value.assigned_jobs:
+            problem = f"it still holds {len(current.value.assigned_jobs)} job(s)"
+        if problem is not None or current is None:
+            await self._reply(
+                msg,
+                RegistrationVerdict(
+                    accepted=False,
+                    runner_id=rid,
+                    errors=[FieldError(path="$.runner_id", reason=problem or "unknown")],
+                ),
+            )
+            return
+        try:
+            await self._runners.delete(rid, last=current.revision)
+        except nats.js.errors.APIError as e:
+            if e.err_code not in (10071, 10164):  # wrong last sequence: it changed meanwhile
+                raise
+            await self._reply(
+                msg,
+                RegistrationVerdict(
+                    accepted=False,
+                    runner_id=rid,
+                    errors=[FieldError(path="$", reason="the record changed meanwhile; retry")],
+                ),
+            )
+            return
+        await self._events.emit("runner", rid, "deregistered", data={"session_id": session_id})
+        await self._reply(msg, RegistrationVerdict(accepted=True, runner_id=rid))
 
 
 def create(ctx: HandlerContext) -> RegistryWorker:

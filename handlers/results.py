@@ -43,7 +43,11 @@ class ResultsWorker:
         self._ctx = ctx
         self._bus = ctx.bus
         self._events = EventPublisher(ctx.bus, ctx.name)
-        self._ops = JobOps(ctx.bus, self._events)
+        self._ops = JobOps(
+            ctx.bus,
+            self._events,
+            lambda: ctx.config.current.limits.job_retention_s,
+        )
         self._locks: dict[str, anyio.Lock] = {}
 
     async def run(
@@ -90,7 +94,9 @@ class ResultsWorker:
             verdict.append(result)
             return result.record
 
-        latest, written = await cas_update(self._jobs, update.job_id, JOB_DECODER, decide)
+        latest, written = await cas_update(
+            self._jobs, update.job_id, JOB_DECODER, decide, ttl_for=self._ops.job_ttl()
+        )
         if latest is None:
             raise GiveUp(f"update for unknown job {update.job_id!r}")
         result = verdict[-1]

@@ -16,6 +16,7 @@ import logging
 import anyio
 import msgspec
 import nats.errors
+import nats.js.errors
 from anyio.abc import TaskStatus
 from nats.aio.msg import Msg
 
@@ -43,7 +44,11 @@ class SupervisorWorker:
         self._ctx = ctx
         self._bus = ctx.bus
         self._events = EventPublisher(ctx.bus, ctx.name)
-        self._ops = JobOps(ctx.bus, self._events)
+        self._ops = JobOps(
+            ctx.bus,
+            self._events,
+            lambda: ctx.config.current.limits.job_retention_s,
+        )
         self._seen: dict[str, int] = {}
         self._started_ms = 0
         self._first_seen: dict[tuple[str, int], int] = {}
@@ -103,6 +108,9 @@ class SupervisorWorker:
             if record.state == RunnerState.OFFLINE:
                 for job_id, attempt in list(record.assigned_jobs.items()):
                     await self._take_back(rid, job_id, attempt, seen)
+                retention_ms = self._ctx.config.current.limits.offline_runner_retention_s * 1000
+                if not record.assigned_jobs and now - seen > retention_ms:
+                    await self._forget(rid, versioned)
                 continue
             for job_id, attempt in record.assigned_jobs.items():
                 key = (job_id, attempt)
@@ -119,6 +127,16 @@ class SupervisorWorker:
             if key not in live:
                 self._first_seen.pop(key, None)
                 self._deadline.pop(key, None)
+
+    async def _forget(self, rid: str, versioned: Versioned[RunnerRecord]) -> None:
+        """Remove a runner offline for longer than ``limits.offline_runner_retention_s``."""
+        try:
+            await self._runners_kv.delete(rid, last=versioned.revision)
+        except nats.js.errors.APIError as e:
+            if e.err_code not in (10071, 10164):  # it changed meanwhile: look again next pass
+                raise
+            return
+        await self._events.emit("runner", rid, "forgotten", data={"reason": "offline too long"})
 
     async def _lose(self, rid: str, versioned: Versioned[RunnerRecord], seen: int) -> None:
         now = now_ms()
@@ -233,7 +251,9 @@ class SupervisorWorker:
                 f" + {self._cfg().execution_grace_ms} ms grace (runner {rid} silent)",
             )
 
-        latest, written = await cas_update(self._jobs, job_id, JOB_DECODER, decide)
+        latest, written = await cas_update(
+            self._jobs, job_id, JOB_DECODER, decide, ttl_for=self._ops.job_ttl()
+        )
         self._deadline.pop((job_id, attempt), None)
         if latest is None or not written:
             return

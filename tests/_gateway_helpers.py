@@ -7,10 +7,11 @@ import json
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import httpx
+from litestar import Litestar
 from prometheus_client import CollectorRegistry
 
 from tests._helpers import running
@@ -47,6 +48,11 @@ def bearer(name: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {TOKENS[name][0]}"}
 
 
+def asgi_transport(app: Litestar, **kwargs: Any) -> httpx.ASGITransport:
+    """httpx's in-process transport over ``app`` (its ASGI types are looser than Litestar's)."""
+    return httpx.ASGITransport(app=cast(Any, app), **kwargs)
+
+
 @dataclass
 class Gw:
     """An in-process gateway: its HTTP client, the bus behind it and its live config."""
@@ -71,7 +77,7 @@ async def gateway(
         async with anyio.create_task_group() as tg:
             await tg.start(live.watch, bus)
             app = create_app(bus, live, registry)
-            transport = httpx.ASGITransport(app=app, client=("10.0.0.1", 40000))
+            transport = asgi_transport(app, client=("10.0.0.1", 40000))
             async with httpx.AsyncClient(
                 transport=transport, base_url="http://gateway", timeout=30
             ) as client:

@@ -27,6 +27,7 @@ pytestmark = [
 
 TOTAL = 400
 PER_S = 25.0
+DOWN_S = 4.0
 
 
 async def submit_with_retry(client: Client, n: int, attempts: list[int]) -> None:
@@ -79,7 +80,8 @@ async def test_server_restarts_lose_and_double_nothing(prefix: str, tmp_path: Pa
                             await server.astop()  # SIGTERM: a clean shutdown
                         else:
                             await anyio.to_thread.run_sync(server.kill)  # SIGKILL
-                        await anyio.sleep(1.0)
+                        # down longer than runner_lost_after_ms: every runner falls silent
+                        await anyio.sleep(DOWN_S)
                         await server.astart()
                         assert server.port == port
                         outages.append((how, time.monotonic() - began))

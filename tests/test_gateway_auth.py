@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import anyio
 import pytest
 
@@ -80,7 +82,9 @@ def test_authenticate_matches_hashes_only() -> None:
         tokens=[TokenConfig(name="a", sha256=hash_token("t-a"), scopes=["jobs:read"])]
     )
     identity = authenticate("Bearer t-a", http)
-    assert identity is not None and identity.name == "a" and identity.authenticated
+    assert identity is not None
+    assert identity.name == "a"
+    assert identity.authenticated
     assert authenticate("Bearer " + hash_token("t-a"), http) is None
     assert authenticate("Basic t-a", http) is None
     assert authenticate("Bearer", http) is None
@@ -152,7 +156,8 @@ async def test_audit_events_name_the_caller(settings: Settings) -> None:
             ("reader", "audit.job_cancel", 403),
         ]
         assert audits[1].data["path_params"] == {"job_id": job_id}
-        assert audits[0].subject_id == "writer" and audits[0].source == "gateway"
+        assert audits[0].subject_id == "writer"
+        assert audits[0].source == "gateway"
         # the cancel request carries the caller too
         record = await gw.http.get(f"/api/v2/jobs/{job_id}", headers=bearer("reader"))
         assert "writer" in (record.json()["reason"] or "")
@@ -169,14 +174,15 @@ async def test_body_limit_is_live(settings: Settings) -> None:
         body = {"job_type": "x", "payload": "a" * 3000}
         assert (await gw.http.post("/api/v2/jobs", json=body)).status_code == 201
         verdict = await ConfigClient(gw.bus).change(set_values={"http.max_body_bytes": 2048})
-        assert verdict.accepted and verdict.revision is not None
+        assert verdict.accepted
+        assert verdict.revision is not None
         assert await wait_applied(gw.live, verdict.revision, 5)
         too_big = await gw.http.post("/api/v2/jobs", json=body)
         assert too_big.status_code == 413
         # a chunked upload without Content-Length is measured as it arrives
         chunks = [b'{"job_type": "x", "payload": "', b"a" * 3000, b'"}']
 
-        async def stream():  # type: ignore[no-untyped-def]
+        async def stream() -> AsyncIterator[bytes]:
             for chunk in chunks:
                 yield chunk
 
@@ -193,7 +199,8 @@ async def test_cors_is_off_unless_configured(settings: Settings) -> None:
         verdict = await ConfigClient(gw.bus).change(
             set_values={"http.cors_origins": ["https://ci.example"]}
         )
-        assert verdict.accepted and verdict.revision is not None
+        assert verdict.accepted
+        assert verdict.revision is not None
         assert await wait_applied(gw.live, verdict.revision, 5)
         allowed = await gw.http.get("/api/v2/jobs", headers={"Origin": "https://ci.example"})
         assert allowed.headers["access-control-allow-origin"] == "https://ci.example"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -16,7 +17,8 @@ pytestmark = pytest.mark.nats
 async def test_read_and_change_the_config(settings: Settings) -> None:
     async with gateway(settings) as gw:
         view = (await gw.http.get("/api/v2/config/valkyrie")).json()
-        assert view["revision"] == 0 and view["config"]["mode"] == "full"
+        assert view["revision"] == 0
+        assert view["config"]["mode"] == "full"
         assert view["sources"]["dispatch.accept_timeout_ms"] == "default"
         assert view["sources"]["profile"] == "profile"
 
@@ -27,10 +29,13 @@ async def test_read_and_change_the_config(settings: Settings) -> None:
         )
         assert merged.status_code == 200, merged.text
         change = merged.json()
-        assert change["accepted"] and change["revision"] == 1 and change["applied_here"]
+        assert change["accepted"]
+        assert change["revision"] == 1
+        assert change["applied_here"]
         assert change["diff"]["dispatch.accept_timeout_ms"] == {"old": 5000, "new": 3000}
         view = (await gw.http.get("/api/v2/config/valkyrie")).json()
-        assert view["revision"] == 1 and view["config"]["dispatch"]["accept_timeout_ms"] == 3000
+        assert view["revision"] == 1
+        assert view["config"]["dispatch"]["accept_timeout_ms"] == 3000
         assert view["sources"]["dispatch.accept_timeout_ms"] == "runtime"
         assert view["runtime"] == {
             "dispatch.accept_timeout_ms": 3000,
@@ -82,7 +87,7 @@ async def test_config_changes_are_refused_with_every_error(settings: Settings) -
 async def test_validate_never_fails_on_odd_documents(settings: Settings) -> None:
     async with gateway(settings) as gw:
 
-        async def validate(doc: object, **params: str) -> dict[str, object]:
+        async def validate(doc: object, **params: str) -> dict[str, Any]:
             response = await gw.http.post(
                 "/api/v2/config/valkyrie/validate",
                 content=json.dumps(doc),
@@ -90,7 +95,7 @@ async def test_validate_never_fails_on_odd_documents(settings: Settings) -> None
                 params=params,
             )
             assert response.status_code == 200, response.text
-            result: dict[str, object] = response.json()
+            result: dict[str, Any] = response.json()
             return result
 
         assert await validate({"dispatch": {"accept_timeout_ms": 2000}}) == {
@@ -108,7 +113,8 @@ async def test_validate_never_fails_on_odd_documents(settings: Settings) -> None
         ]
         restart = await validate({"http": {"port": 1234}})
         assert restart["valid"] is True
-        assert any(w["path"] == "http.port" for w in restart["warnings"])  # type: ignore[union-attr, index]
+        assert any(w["path"] == "http.port" for w in restart["warnings"])
+        odd: object
         for odd in (
             [],
             "text",
@@ -144,11 +150,13 @@ async def test_reload_reports_the_revision_in_force(settings: Settings) -> None:
 async def test_integration_status_capabilities_and_fallback(settings: Settings) -> None:
     async with gateway(settings) as gw:
         status = (await gw.http.get("/api/v2/integration/status")).json()
-        assert status["integration_mode"] == "full" and status["fallback_mode"] is False
+        assert status["integration_mode"] == "full"
+        assert status["fallback_mode"] is False
         assert status["health"] in ("healthy", "degraded", "unhealthy")
         caps = (await gw.http.get("/api/v2/integration/capabilities")).json()
         assert caps["api_versions"] == ["v1", "v2"]
-        assert "fallback" in caps["modes"] and caps["features"]["legacy_v1_api"] is True
+        assert "fallback" in caps["modes"]
+        assert caps["features"]["legacy_v1_api"] is True
 
         hybrid = await gw.http.put(
             "/api/v2/config/valkyrie", params={"merge": "true"}, json={"mode": "hybrid"}
@@ -156,10 +164,12 @@ async def test_integration_status_capabilities_and_fallback(settings: Settings) 
         assert hybrid.status_code == 200
         on = await gw.http.post("/api/v2/integration/fallback", json={"enable": True})
         assert on.status_code == 200, on.text
-        assert on.json()["fallback_mode"] is True and on.json()["previous_mode"] == "hybrid"
+        assert on.json()["fallback_mode"] is True
+        assert on.json()["previous_mode"] == "hybrid"
         assert gw.live.current.mode == "fallback"
         status = (await gw.http.get("/api/v2/integration/status")).json()
-        assert status["integration_mode"] == "fallback" and status["fallback_mode"] is True
+        assert status["integration_mode"] == "fallback"
+        assert status["fallback_mode"] is True
         again = await gw.http.post("/api/v2/integration/fallback", json={"enable": True})
         assert again.json()["revision"] == on.json()["revision"]  # nothing changed
 
@@ -169,6 +179,7 @@ async def test_integration_status_capabilities_and_fallback(settings: Settings) 
         assert gw.live.current.mode == "hybrid"
 
         bad = await gw.http.post("/api/v2/integration/fallback", json={"enable": "yes"})
-        assert bad.status_code == 422 and problem(bad)["errors"][0]["path"] == "$.enable"
+        assert bad.status_code == 422
+        assert problem(bad)["errors"][0]["path"] == "$.enable"
         # an empty body means {"enable": false}
         assert (await gw.http.post("/api/v2/integration/fallback")).status_code == 200

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import schemathesis
@@ -87,18 +88,12 @@ def stack(nats_url: str) -> Iterator[Stack]:
     derandomize=True,
     suppress_health_check=list(HealthCheck),
 )
-def test_no_server_errors_and_no_schema_violations(case: schemathesis.Case, stack: Stack) -> None:
+def test_no_server_errors_and_no_schema_violations(
+    case: schemathesis.Case[Any], stack: Stack
+) -> None:
     response = case.call(base_url=stack.served.url, timeout=30)
     try:
         case.validate_response(response, checks=CHECKS)
     finally:
         if (case.method.upper(), case.path) in MUTATING and response.status_code < 300:
             stack.reset_config()
-
-
-def test_zz_print(stack: Stack) -> None:
-    import httpx
-    text = httpx.get(stack.served.url + "/metrics").text
-    for line in text.splitlines():
-        if line.startswith("valkyrie_http_requests_total"):
-            print(line)

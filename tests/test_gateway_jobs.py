@@ -45,11 +45,14 @@ async def test_http_and_nats_submissions_give_identical_records(settings: Settin
         response = await gw.http.post("/api/v2/jobs", json=body)
         assert response.status_code == 201, response.text
         created = response.json()
-        assert created["duplicate"] is False and created["state"] == "queued"
+        assert created["duplicate"] is False
+        assert created["state"] == "queued"
         assert response.headers["location"] == f"/api/v2/jobs/{created['job_id']}"
         client = Client(gw.bus)
         verdict = await client.submit(body)
-        assert verdict is not None and verdict.accepted and verdict.job_id
+        assert verdict is not None
+        assert verdict.accepted
+        assert verdict.job_id
         over_nats = await client.get_job(verdict.job_id)
         over_http = await client.get_job(created["job_id"])
         assert over_http.id != over_nats.id
@@ -69,10 +72,12 @@ async def test_v1_and_ancestor_shaped_bodies(settings: Settings) -> None:
         assert response.status_code == 201, response.text
         assert response.json()["api_version"] == "v1"
         verdict = await client.submit(v1)
-        assert verdict is not None and verdict.job_id
+        assert verdict is not None
+        assert verdict.job_id
         record = await client.get_job(response.json()["job_id"])
         assert record.spec == (await client.get_job(verdict.job_id)).spec
-        assert record.spec.job_type == "build" and record.spec.metadata["pipeline_id"] == "pl-1"
+        assert record.spec.job_type == "build"
+        assert record.spec.metadata["pipeline_id"] == "pl-1"
         # the ancestor's v2 request: fields the bus knows are taken, the others named as ignored
         ancestor = {
             "job_type": "test",
@@ -93,10 +98,12 @@ async def test_v1_and_ancestor_shaped_bodies(settings: Settings) -> None:
         response = await gw.http.post("/api/v1/jobs", json={"type": "deploy", "payload": {}})
         assert response.status_code == 201
         legacy = response.json()
-        assert legacy["status"] == "submitted" and legacy["message"]
+        assert legacy["status"] == "submitted"
+        assert legacy["message"]
         status = await gw.http.get(f"/api/v1/jobs/{legacy['job_id']}")
         assert status.status_code == 200
-        assert status.json()["status"] == "queued" and status.json()["created_at"].isdigit()
+        assert status.json()["status"] == "queued"
+        assert status.json()["created_at"].isdigit()
 
 
 async def test_idempotent_retries_return_the_original_job(settings: Settings) -> None:
@@ -113,7 +120,8 @@ async def test_idempotent_retries_return_the_original_job(settings: Settings) ->
         in_body = await gw.http.post(
             "/api/v1/jobs", json={"type": "build", "idempotency_key": "order-42"}
         )
-        assert in_body.status_code == 200 and in_body.json()["job_id"] == first.json()["job_id"]
+        assert in_body.status_code == 200
+        assert in_body.json()["job_id"] == first.json()["job_id"]
         clash = await gw.http.post(
             "/api/v2/jobs",
             json={"job_type": "build", "idempotency_key": "other"},
@@ -169,12 +177,14 @@ async def test_submission_errors(settings: Settings) -> None:
 async def test_read_cancel_and_conflicts(settings: Settings) -> None:
     async with gateway(settings) as gw:
         missing = await gw.http.get("/api/v2/jobs/nope")
-        assert missing.status_code == 404 and problem(missing)["detail"]
+        assert missing.status_code == 404
+        assert problem(missing)["detail"]
         assert (await gw.http.get("/api/v2/jobs/not.a*valid>id")).status_code == 404
         assert (await gw.http.delete("/api/v2/jobs/nope")).status_code == 404
         job_id = (await gw.http.post("/api/v2/jobs", json={"job_type": "build"})).json()["job_id"]
         cancel = await gw.http.delete(f"/api/v2/jobs/{job_id}")
-        assert cancel.status_code == 202 and cancel.json()["cancel_requested"] is True
+        assert cancel.status_code == 202
+        assert cancel.json()["cancel_requested"] is True
         record = await Client(gw.bus).wait_for_job(job_id, timeout_s=10)
         assert record.state == JobState.CANCELLED
         again = await gw.http.delete(f"/api/v2/jobs/{job_id}")
@@ -183,7 +193,8 @@ async def test_read_cancel_and_conflicts(settings: Settings) -> None:
         v1 = await gw.http.delete(f"/api/v1/jobs/{job_id}")
         assert v1.status_code == 409
         status = await gw.http.get(f"/api/v1/jobs/{job_id}")
-        assert status.json()["status"] == "cancelled" and status.json()["completed_at"]
+        assert status.json()["status"] == "cancelled"
+        assert status.json()["completed_at"]
         assert (await gw.http.get("/api/v1/jobs/nope")).status_code == 404
 
 
@@ -200,7 +211,8 @@ async def test_list_filters_sorting_and_pagination(settings: Settings) -> None:
         await Client(gw.bus).wait_for_job(ids[0], timeout_s=10)
 
         page = (await gw.http.get("/api/v2/jobs", params={"limit": 2})).json()
-        assert page["total_count"] == 4 and page["filtered_count"] == 4
+        assert page["total_count"] == 4
+        assert page["filtered_count"] == 4
         assert [j["id"] for j in page["jobs"]] == [ids[3], ids[2]]  # newest first
         assert page["pagination"] == {"limit": 2, "offset": 0, "has_more": True}
         rest = (await gw.http.get("/api/v2/jobs", params={"limit": 2, "offset": 2})).json()
@@ -215,7 +227,8 @@ async def test_list_filters_sorting_and_pagination(settings: Settings) -> None:
         assert by_state.json()["jobs"][0]["state"] == "cancelled"
 
         queued = (await gw.http.get("/api/v2/jobs", params={"status": "queued"})).json()
-        assert queued["filtered_count"] == 3 and queued["total_count"] == 4
+        assert queued["filtered_count"] == 3
+        assert queued["total_count"] == 4
         both = await gw.http.get("/api/v2/jobs", params={"status": "queued,cancelled"})
         assert both.json()["filtered_count"] == 4
         none = await gw.http.get("/api/v2/jobs", params={"runner_id": "r-none"})
@@ -246,7 +259,8 @@ async def test_runner_filter_and_v1_runner_list(settings: Settings) -> None:
             ran = await gw.http.get("/api/v2/jobs", params={"runner_id": "r1"})
             assert [j["id"] for j in ran.json()["jobs"]] == [job_id]
             status = (await gw.http.get(f"/api/v1/jobs/{job_id}")).json()
-            assert status["status"] == "completed" and status["runner_id"] == "r1"
+            assert status["status"] == "completed"
+            assert status["runner_id"] == "r1"
             assert status["exit_code"] == 0
             legacy = (await gw.http.get("/api/v1/runners")).json()
             assert legacy["count"] == 1

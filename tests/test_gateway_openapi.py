@@ -10,6 +10,7 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
+from tests._gateway_helpers import asgi_transport
 from tests._helpers import ROOT
 from valkyrie import Settings, connect
 from valkyrie._live import LiveConfig, config_for
@@ -65,7 +66,7 @@ async def test_gateway_serves_the_same_document(settings: Settings) -> None:
     try:
         live = LiveConfig(config_for(settings, environ={}))
         app = create_app(bus, live, CollectorRegistry())
-        transport = httpx.ASGITransport(app=app)
+        transport = asgi_transport(app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as http:
             served = (await http.get("/schema/openapi.json")).json()
         assert served == json.loads(CHECKED_IN.read_text())

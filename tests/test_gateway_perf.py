@@ -8,7 +8,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from schemas import HealthSummary, JobState
-from tests._gateway_helpers import gateway, problem
+from tests._gateway_helpers import asgi_transport, gateway, problem
 from valkyrie import Client, Settings, connect, discover_handlers
 from valkyrie._codec import encode, now_ms
 from valkyrie._live import LiveConfig, config_for
@@ -52,7 +52,8 @@ async def test_metrics_are_computed_from_events(settings: Settings) -> None:
         assert metrics["throughput"]["submitted_per_s"] == round(6 / 300, 4)
         assert metrics["throughput"]["finished_per_s"] == round(5 / 300, 4)
         assert metrics["queue_depth"] == 1
-        assert metrics["events_read"] >= 6 and metrics["truncated"] is False
+        assert metrics["events_read"] >= 6
+        assert metrics["truncated"] is False
         narrow = await gw.http.get("/api/v2/performance/metrics", params={"window_s": 0})
         assert narrow.status_code == 422
 
@@ -61,7 +62,8 @@ async def test_health_prefers_a_fresh_monitor_summary(settings: Settings) -> Non
     handlers = [name for name in discover_handlers() if name != "monitor"]
     async with gateway(settings, handlers=handlers) as gw:
         own = (await gw.http.get("/api/v2/performance/health")).json()
-        assert own["source"] == "gateway" and own["monitor"] is None
+        assert own["source"] == "gateway"
+        assert own["monitor"] is None
         assert {c["component"] for c in own["checks"]} >= {"nats", "jetstream", "runner_pool"}
         assert own["overall_status"] == "healthy"
 
@@ -75,7 +77,8 @@ async def test_health_prefers_a_fresh_monitor_summary(settings: Settings) -> Non
         )
         await stats.put("health", encode(summary))
         seen = (await gw.http.get("/api/v2/performance/health")).json()
-        assert seen["source"] == "monitor" and seen["overall_status"] == "degraded"
+        assert seen["source"] == "monitor"
+        assert seen["overall_status"] == "degraded"
         assert seen["monitor"]["reasons"] == ["consumer dispatcher: 9000 pending"]
         assert "consumer dispatcher: 9000 pending" in seen["reasons"]
         status = (await gw.http.get("/api/v2/integration/status")).json()
@@ -84,23 +87,28 @@ async def test_health_prefers_a_fresh_monitor_summary(settings: Settings) -> Non
         stale = HealthSummary(status="unhealthy", at_ms=now_ms() - 60_000, mode="full")
         await stats.put("health", encode(stale))
         again = (await gw.http.get("/api/v2/performance/health")).json()
-        assert again["source"] == "gateway" and again["overall_status"] == "healthy"
+        assert again["source"] == "gateway"
+        assert again["overall_status"] == "healthy"
 
 
 async def test_diagnostics_probes_and_metrics(settings: Settings) -> None:
     async with gateway(settings) as gw:
         diagnostics = (await gw.http.get("/api/v2/performance/diagnostics")).json()
-        assert diagnostics["config_revision"] == 0 and diagnostics["mode"] == "full"
-        assert diagnostics["versions"]["litestar"] and diagnostics["versions"]["nats-server"]
+        assert diagnostics["config_revision"] == 0
+        assert diagnostics["mode"] == "full"
+        assert diagnostics["versions"]["litestar"]
+        assert diagnostics["versions"]["nats-server"]
         assert diagnostics["nats"]["connected"] is True
         streams = {s["name"]: s for s in diagnostics["streams"]}
         assert gw.bus.names.stream("submit") in streams
         submit = streams[gw.bus.names.stream("submit")]
-        assert submit["reachable"] and "intake" in {c["name"] for c in submit["consumers"]}
+        assert submit["reachable"]
+        assert "intake" in {c["name"] for c in submit["consumers"]}
 
         assert (await gw.http.get("/healthz")).json() == {"status": "alive"}
         ready = await gw.http.get("/readyz")
-        assert ready.status_code == 200 and ready.json()["status"] == "ready"
+        assert ready.status_code == 200
+        assert ready.json()["status"] == "ready"
         exposition = await gw.http.get("/metrics")
         assert exposition.headers["content-type"].startswith("text/plain")
         text = exposition.text
@@ -113,7 +121,7 @@ async def test_nats_unavailable_is_503(settings: Settings) -> None:
     await bus.nc.close()
     live = LiveConfig(config_for(settings, environ={}))
     app = create_app(bus, live, CollectorRegistry())
-    transport = httpx.ASGITransport(app=app)
+    transport = asgi_transport(app)
     async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as http:
         for method, path, body in [
             ("GET", "/readyz", None),

@@ -26,13 +26,15 @@ async def test_list_filter_and_read_runners(settings: Settings) -> None:
                 await tg.start(runner.run, stop)
             listed = (await gw.http.get("/api/v2/runners")).json()
             assert [r["registration"]["runner_id"] for r in listed["runners"]] == ["r-eu", "r-us"]
-            assert listed["total_count"] == 2 and listed["healthy_count"] == 2
+            assert listed["total_count"] == 2
+            assert listed["healthy_count"] == 2
             assert listed["total_capacity"] == 6
             assert listed["current_utilization"] == 0.0
 
             eu = (await gw.http.get("/api/v2/runners", params={"region": "eu"})).json()
             assert [r["registration"]["runner_id"] for r in eu["runners"]] == ["r-eu"]
-            assert eu["total_capacity"] == 2 and eu["total_count"] == 2
+            assert eu["total_capacity"] == 2
+            assert eu["total_count"] == 2
             tests = await gw.http.get("/api/v2/runners", params={"capabilities": "build,test"})
             assert tests.json()["filtered_count"] == 1
             none = await gw.http.get("/api/v2/runners", params={"capabilities": "gpu"})
@@ -40,9 +42,11 @@ async def test_list_filter_and_read_runners(settings: Settings) -> None:
             active = await gw.http.get("/api/v2/runners", params={"status": "active,busy"})
             assert active.json()["filtered_count"] == 2
             paged = (await gw.http.get("/api/v2/runners", params={"limit": 1})).json()
-            assert len(paged["runners"]) == 1 and paged["pagination"]["has_more"] is True
+            assert len(paged["runners"]) == 1
+            assert paged["pagination"]["has_more"] is True
             bad = await gw.http.get("/api/v2/runners", params={"status": "asleep"})
-            assert bad.status_code == 422 and problem(bad)["errors"][0]["path"] == "query.status"
+            assert bad.status_code == 422
+            assert problem(bad)["errors"][0]["path"] == "query.status"
 
             one = await gw.http.get("/api/v2/runners/r-us")
             assert one.status_code == 200
@@ -72,7 +76,8 @@ async def test_drain_and_undrain(settings: Settings) -> None:
             }
             assert await record_state() == (RunnerState.DRAINING, True)
             back = await gw.http.put("/api/v2/runners/r1/status", json={"drain": False})
-            assert back.status_code == 200 and back.json()["drain_requested"] is False
+            assert back.status_code == 200
+            assert back.json()["drain_requested"] is False
             assert (await record_state())[1] is False
             active = await gw.http.put("/api/v2/runners/r1/status", json={"status": "active"})
             assert active.status_code == 200
@@ -97,7 +102,8 @@ async def test_register_over_http(settings: Settings) -> None:
         response = await gw.http.post("/api/v2/runners/register", json=registration)
         assert response.status_code == 200, response.text
         verdict = response.json()
-        assert verdict["accepted"] is True and verdict["runner_id"] == "http-runner"
+        assert verdict["accepted"] is True
+        assert verdict["runner_id"] == "http-runner"
         assert verdict["state"] == "active"
         record = (await gw.http.get("/api/v2/runners/http-runner")).json()
         assert record["registration"]["capabilities"]["languages"] == ["rust"]

@@ -68,7 +68,8 @@ async def test_stream_and_resume(settings: Settings) -> None:
         queued = seen[-1]
         assert queued.id is not None
         event = json.loads(queued.data)
-        assert event["type"] == "job.queued" and event["subject_id"] == job
+        assert event["type"] == "job.queued"
+        assert event["subject_id"] == job
 
         # while disconnected: another job is submitted and cancelled
         other = (await http.post("/api/v2/jobs", json={"job_type": "build"})).json()["job_id"]

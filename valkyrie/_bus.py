@@ -165,6 +165,16 @@ class Bus:
         except nats.js.errors.BadRequestError as e:
             if e.err_code != 10058:
                 raise
+            # It exists with other settings (say replicas 1 -> 3): update its stream in place.
+            stream = f"KV_{self.names.bucket(name)}"
+            current = (await self.js.stream_info(stream)).config
+            wanted = current.evolve(
+                num_replicas=self.settings.replicas,
+                max_msgs_per_subject=history,
+                max_age=ttl,
+            )
+            if wanted.as_dict() != current.as_dict():
+                await self.js.update_stream(wanted)
             self._kv[name] = await self.js.key_value(self.names.bucket(name))
 
     async def close(self) -> None:
@@ -194,13 +204,23 @@ async def connect(
     if not target:
         raise ConnectError("no NATS URL: set VALKYRIE_NATS_URL or let `valkyrie up` embed a server")
     servers = [u.strip() for u in target.split(",") if u.strip()]
+    if tls is None:
+        # imported here: the config layer imports nothing from the bus
+        from valkyrie._live import config_for
+        from valkyrie._tls import tls_context
+
+        tls = tls_context(config_for(settings).config.security)
     holder: list[NatsClient] = []
 
     def closing() -> bool:
         return bool(holder) and (holder[0].is_closed or holder[0].is_draining)
 
+    last_error: list[Exception] = []
+
     async def _on_error(e: Exception) -> None:
-        if not closing():
+        last_error[:] = [e]
+        # before the first connection succeeds, the final ConnectError says it all
+        if holder and not closing():
             log.warning("NATS error: %r", e)
 
     async def _on_disconnect() -> None:
@@ -235,7 +255,8 @@ async def connect(
                 holder[:] = [nc]
     except (nats.errors.NoServersError, OSError, TimeoutError) as e:
         raise ConnectError(
-            f"cannot connect to NATS at {target} within {settings.connect_timeout_s:g}s ({e!r}): "
+            f"cannot connect to NATS at {target} within {settings.connect_timeout_s:g}s "
+            f"({last_error[0] if last_error else e!r}): "
             "check that the server runs and the URL (VALKYRIE_NATS_URL) is right"
         ) from e
     return Bus(nc=nc, js=nc.jetstream(), names=Names(settings.prefix), settings=settings)

@@ -176,6 +176,8 @@ class LimitsConfig(_Section, frozen=True, kw_only=True):
 
     submission_max_bytes: Annotated[int, msgspec.Meta(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
     max_metadata_entries: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 64
+    job_retention_s: Annotated[int, msgspec.Meta(ge=60, le=10 * 365 * 86_400)] = 7 * 86_400
+    offline_runner_retention_s: Annotated[int, msgspec.Meta(ge=60, le=365 * 86_400)] = 86_400
 
 
 class ValkyrieConfig(_Section, frozen=True, kw_only=True):

@@ -177,6 +177,8 @@ def explain_queued(
         estimate = now_ms if estimate is None else estimate
     if estimate is not None and record.not_before_at_ms is not None:
         estimate = max(estimate, record.not_before_at_ms)  # not before its retry backoff ends
+    if "mode_disabled" in causes:
+        estimate = None  # nothing starts until the mode changes
     finish = (
         estimate + int(facts.avg_duration_ms)
         if estimate is not None and facts.avg_duration_ms

@@ -6,6 +6,8 @@ A crash between steps leaves a state the reconciler or a redelivery completes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import msgspec
 import nats.js.errors
 
@@ -16,17 +18,39 @@ from valkyrie._events import EventPublisher
 from valkyrie._kvstore import Versioned, cas_update, get_versioned
 from valkyrie._lifecycle import release_slot, retry_after_failure
 
-__all__ = ["JobOps"]
+__all__ = ["JobOps", "terminal_ttl"]
 
 MAX_UNAPPLIED_SCAN = 500  # unapplied updates of one runner looked through before giving it time
 
 
-class JobOps:
-    """Take jobs back, free slots, announce queued jobs."""
+def terminal_ttl(retention_s: float | None) -> Callable[[JobRecord], float | None]:
+    """Time to live for a job record: ended jobs are removed after ``retention_s``."""
 
-    def __init__(self, bus: Bus, events: EventPublisher) -> None:
+    def ttl(record: JobRecord) -> float | None:
+        return retention_s if retention_s and record.state in TERMINAL_STATES else None
+
+    return ttl
+
+
+class JobOps:
+    """Take jobs back, free slots, announce queued jobs.
+
+    ``retention_s`` (read on every write, so it can change live) bounds how long ended jobs stay.
+    """
+
+    def __init__(
+        self,
+        bus: Bus,
+        events: EventPublisher,
+        retention_s: Callable[[], float | None] | None = None,
+    ) -> None:
         self._bus = bus
         self._events = events
+        self._retention_s = retention_s or (lambda: None)
+
+    def job_ttl(self) -> Callable[[JobRecord], float | None]:
+        """The TTL function for job-record writes now."""
+        return terminal_ttl(self._retention_s())
 
     async def announce_queued(self, record: JobRecord) -> None:
         """Emit ``job.queued`` for the record's current attempt (dispatchers consume these)."""
@@ -111,7 +135,9 @@ class JobOps:
                 # The runner did answer; its update waits to be applied (e.g. it was held by a
                 # results handler that died): taking the job back would run it twice.
                 return None
-        latest, written = await cas_update(jobs, job_id, JOB_DECODER, decide, known=known)
+        latest, written = await cas_update(
+            jobs, job_id, JOB_DECODER, decide, known=known, ttl_for=self.job_ttl()
+        )
         await self.release(runner_id, job_id, attempt)
         if latest is None:
             return None

@@ -55,11 +55,13 @@ async def cas_update(
     *,
     known: Versioned[T] | None = None,
     attempts: int = 20,
+    ttl_for: Callable[[T], float | None] | None = None,
 ) -> tuple[Versioned[T] | None, bool]:
     """Apply ``decide`` to the current record until the write wins a compare-and-set.
 
     ``decide`` returns the new record, or ``None`` to leave it unchanged. ``known`` (a recent read)
-    saves the first get. Returns ``(latest, written)``; latest is ``None`` when the key is absent.
+    saves the first get. ``ttl_for`` may give the new record a time to live (seconds; the server
+    removes it then). Returns ``(latest, written)``; latest is ``None`` when the key is absent.
 
     Raises:
         BusError: when the record kept changing under us for ``attempts`` tries.
@@ -73,8 +75,13 @@ async def cas_update(
         new = decide(current.value)
         if new is None:
             return current, False
+        ttl = ttl_for(new) if ttl_for is not None else None
         try:
-            revision = await kv.update(key, encode(new), last=current.revision)
+            if ttl is None:
+                revision = await kv.update(key, encode(new), last=current.revision)
+            else:
+                # the public update() does not take a TTL; _update is what it calls
+                revision = await kv._update(key, encode(new), last=current.revision, msg_ttl=ttl)
         except nats.js.errors.KeyWrongLastSequenceError:
             current = None
             continue

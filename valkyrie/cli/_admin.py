@@ -169,7 +169,12 @@ def explain(ctx: click.Context, job_id: str, as_json: bool) -> None:
     e = run_async(lambda: with_bus(settings_from(ctx), go))
     if as_json:
         click.echo(encode(e).decode())
+        if e.error:
+            sys.exit(ExitCode.ERROR)
         return
+    if e.error:
+        click.echo(f"error: {e.error}", err=True)
+        sys.exit(ExitCode.ERROR)
     click.echo(f"{e.job_id}: {e.state}")
     click.echo(f"  {e.summary}")
     if e.causes:

@@ -238,7 +238,18 @@ class Runner:
             await self._finish_jobs()
             jobs.cancel_scope.cancel()
         await self._heartbeat(flush=True)
+        await self._deregister()
         log.info("runner %s: drained", rid)
+
+    async def _deregister(self) -> None:
+        """Tell the registry we leave cleanly, so we are not reported lost (best effort)."""
+        body = encode({"runner_id": self.runner_id, "session_id": self.session_id})
+        try:
+            await self._nc.request(
+                self._names.runner_admin("deregister"), body, timeout=self._request_timeout_s
+            )
+        except (nats.errors.Error, OSError) as e:
+            log.debug("runner %s: deregistration not confirmed: %r", self.runner_id, e)
 
     async def _drain_when_set(self, stop: anyio.Event) -> None:
         await stop.wait()

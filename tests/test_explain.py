@@ -1,0 +1,471 @@
+"""``explain``: why a job is pending (every cause code) or why it went where it went.
+
+The pure function first, then the same answers over the bus (``Client.explain``) and the CLI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+import pytest
+
+from schemas import (
+    JobRecord,
+    JobState,
+    JobSubmission,
+    RunnerCapabilities,
+    RunnerRecord,
+    RunnerRegistration,
+    RunnerResources,
+    RunnerState,
+    RunnerStats,
+)
+from tests._helpers import ROOT, env_for
+from tests._sched_helpers import (
+    SimRunner,
+    decision,
+    explained,
+    finished,
+    fleet,
+    plane,
+    rejected,
+    set_mode,
+    settings_with,
+    sim,
+    submit,
+    wait_event,
+    write_stats,
+)
+from valkyrie import Client, NotFoundError, Settings
+from valkyrie._admin import Admin
+from valkyrie._explain import QueueFacts, explain_dispatched, explain_queued
+
+NOW = 1_700_000_000_000
+FULL = QueueFacts(mode="full", advanced=True, effective_priority=2, position=0, length=1)
+
+
+def runner(rid: str = "r1", **changes: Any) -> RunnerRecord:
+    """A linux build runner with one free slot; ``changes`` replace record fields."""
+    record = RunnerRecord(
+        registration=RunnerRegistration(
+            runner_id=rid,
+            capabilities=RunnerCapabilities(job_types=["build"], languages=["python"]),
+            resources=RunnerResources(cpu_cores=4, memory_mb=8192, storage_gb=50, gpu_count=0),
+            max_concurrent_jobs=1,
+            labels={"os": "linux"},
+        ),
+        state=RunnerState.ACTIVE,
+        registered_at_ms=NOW,
+        last_heartbeat_at_ms=NOW,
+    )
+    return msgspec.structs.replace(record, **changes)
+
+
+def queued(**spec: Any) -> JobRecord:
+    spec.setdefault("job_type", "build")
+    return JobRecord(
+        id="j1",
+        state=JobState.QUEUED,
+        spec=msgspec.convert(spec, JobSubmission),
+        submitted_at_ms=NOW - 1000,
+        updated_at_ms=NOW - 1000,
+    )
+
+
+MEASURED_BAD = RunnerStats(jobs_completed=10, success_rate=0.5, accept_latency_ms=900)
+
+#: cause -> (job spec, runner changes, a suggestion that must be offered)
+CASES: dict[str, tuple[dict[str, Any], dict[str, Any], str | None]] = {
+    "job_type": ({"job_type": "deploy"}, {}, "1 runner(s) match without the job type 'deploy'"),
+    "labels": (
+        {"labels": {"os": "windows"}},
+        {},
+        "1 runner(s) match without labels {'os': 'windows'}",
+    ),
+    "capabilities": (
+        {"requirements": {"required_capabilities": ["cuda"]}},
+        {},
+        "1 runner(s) match without required capabilities ['cuda']",
+    ),
+    "cpu": ({"requirements": {"cpu_cores": 16}}, {}, "1 runner(s) match with cpu_cores"),
+    "memory": ({"requirements": {"memory_mb": 65536}}, {}, "1 runner(s) match with less memory"),
+    "storage": ({"requirements": {"storage_gb": 500}}, {}, "with less storage_gb"),
+    "gpu": ({"requirements": {"gpu_count": 1}}, {}, "1 runner(s) match with fewer GPUs"),
+    "excluded": (
+        {"routing_hints": {"excluded_runners": ["r1"]}},
+        {},
+        "1 runner(s) match if they were not excluded",
+    ),
+    "affinity": (
+        {
+            "routing_hints": {
+                "affinity_rules": [{"rule_type": "required", "key": "os", "values": ["windows"]}]
+            }
+        },
+        {},
+        "without the required affinity rule",
+    ),
+    "anti_affinity": (
+        {
+            "routing_hints": {
+                "affinity_rules": [{"rule_type": "anti_affinity", "key": "os", "values": ["linux"]}]
+            }
+        },
+        {},
+        "without the anti-affinity rule",
+    ),
+    "qos_latency": (
+        {"qos_requirements": {"max_latency_ms": 100}},
+        {"stats": MEASURED_BAD},
+        "without qos_requirements.max_latency_ms",
+    ),
+    "qos_reliability": (
+        {"qos_requirements": {"reliability_threshold": 0.9}},
+        {"stats": MEASURED_BAD},
+        "without qos_requirements.reliability_threshold",
+    ),
+    "qos_throughput": (
+        {"qos_requirements": {"min_throughput_bytes_per_s": 10**6}},
+        {},
+        "without qos_requirements.min_throughput_bytes_per_s",
+    ),
+    "draining": ({}, {"drain_requested": True}, "1 runner(s) match once they are undrained"),
+    "offline": ({}, {"state": RunnerState.OFFLINE}, "1 runner(s) match once they come back online"),
+    "capacity": ({}, {"assigned_jobs": {"other": 1}}, None),
+}
+
+
+@pytest.mark.parametrize("cause", list(CASES))
+def test_each_constraint_is_named_with_what_would_help(cause: str) -> None:
+    spec, changes, suggestion = CASES[cause]
+    e = explain_queued(queued(**spec), [runner(**changes)], FULL, now_ms=NOW)
+    assert e.causes == [cause]
+    assert [(g.constraint, g.count, g.runners) for g in e.rejected] == [(cause, 1, ["r1"])]
+    assert e.summary.startswith("no runner can take it: 1 runner(s) rejected because ")
+    assert e.rejected[0].detail in e.summary
+    if suggestion is not None:
+        assert any(suggestion in s for s in e.suggestions), e.suggestions
+    else:
+        assert e.suggestions == []  # a busy runner needs no change to the job
+    assert e.state == "queued"
+    assert e.mode == "full"
+    assert (e.queue_position, e.queue_length, e.effective_priority) == (0, 1, 2)
+
+
+def test_details_name_the_values_asked_for() -> None:
+    e = explain_queued(
+        queued(job_type="deploy", labels={"os": "bsd"}), [runner()], FULL, now_ms=NOW
+    )
+    assert e.rejected[0].detail == "they do not take job type 'deploy'"
+    e = explain_queued(queued(requirements={"cpu_cores": 16}), [runner()], FULL, now_ms=NOW)
+    assert e.rejected[0].detail == "they have fewer than 16.0 CPU cores"
+
+
+def test_no_runners() -> None:
+    e = explain_queued(queued(), [], FULL, now_ms=NOW)
+    assert e.causes == ["no_runners"]
+    assert e.summary == "no runner is registered"
+    assert e.rejected == []
+    assert e.estimated_start_at_ms is None
+
+
+def test_runners_are_grouped_by_the_first_constraint_they_fail() -> None:
+    runners = [
+        runner("a", drain_requested=True),
+        runner("b", state=RunnerState.OFFLINE),
+        runner("c"),  # labels only
+        runner("d", assigned_jobs={"x": 1}),  # labels and capacity
+        msgspec.structs.replace(
+            runner("e"),
+            registration=msgspec.structs.replace(
+                runner("e").registration, labels={"os": "windows"}
+            ),
+        ),
+    ]
+    e = explain_queued(queued(labels={"os": "windows"}), runners, FULL, now_ms=NOW)
+    assert {g.constraint: g.runners for g in e.rejected} == {
+        "offline": ["b"],
+        "draining": ["a"],
+        "labels": ["c", "d"],
+    }
+    assert e.causes == ["offline", "draining", "labels"]  # in checking order
+    assert e.summary == "1 runner(s) can take it; it is waiting its turn"
+    # only runners one change away are counted in suggestions
+    assert "1 runner(s) match without labels {'os': 'windows'}" in e.suggestions
+    assert "labels offered: os=linux (4), os=windows (1)" in e.suggestions
+
+
+def test_capacity_gives_the_queue_position_and_an_estimate() -> None:
+    busy = [runner("a", assigned_jobs={"x": 1}), runner("b", assigned_jobs={"y": 1})]
+    facts = dataclasses.replace(FULL, position=3, length=5, avg_duration_ms=10_000)
+    e = explain_queued(queued(), busy, facts, now_ms=NOW)
+    assert e.causes == ["capacity"]
+    assert (e.queue_position, e.queue_length) == (3, 5)
+    # two slots, three jobs ahead: the 4th job starts in the second round after a slot frees
+    assert e.estimated_start_at_ms == NOW + 20_000
+    assert e.predicted_finish_at_ms == NOW + 30_000
+    # first in line still waits for a running job to end (it used to say "now")
+    first = explain_queued(queued(), busy, dataclasses.replace(facts, position=0), now_ms=NOW)
+    assert first.estimated_start_at_ms == NOW + 10_000
+    # a feasible runner: the first in line starts now
+    free = explain_queued(queued(), [runner()], dataclasses.replace(facts, position=0), now_ms=NOW)
+    assert free.estimated_start_at_ms == NOW
+    assert free.predicted_finish_at_ms == NOW + 10_000
+
+
+def test_mode_disabled_retry_backoff_and_preferred_wait() -> None:
+    disabled = dataclasses.replace(FULL, mode="disabled", advanced=False)
+    e = explain_queued(queued(), [runner()], disabled, now_ms=NOW)
+    assert e.causes == ["mode_disabled"]
+    assert e.summary == "1 runner(s) can take it; placement is paused (mode disabled)"
+    assert e.estimated_start_at_ms is None
+
+    record = msgspec.structs.replace(queued(), not_before_at_ms=NOW + 5000, attempt=1)
+    e = explain_queued(record, [runner()], FULL, now_ms=NOW)
+    assert e.causes == ["retry_backoff"]
+    assert e.estimated_start_at_ms == NOW + 5000  # not before the backoff ends
+
+    waiting = dataclasses.replace(FULL, waiting_for_preferred=True)
+    job = queued(routing_hints={"preferred_runners": ["busy"], "preferred_wait_s": 30})
+    e = explain_queued(job, [runner(), runner("busy", assigned_jobs={"x": 1})], waiting, now_ms=NOW)
+    assert e.causes == ["preferred_wait", "capacity"]
+    assert "waits for a busy preferred runner" in e.summary
+
+
+def test_without_advanced_placement_affinity_and_qos_are_not_checked() -> None:
+    spec = {
+        "routing_hints": {
+            "affinity_rules": [{"rule_type": "anti_affinity", "key": "os", "values": ["linux"]}]
+        },
+        "qos_requirements": {"max_latency_ms": 100},
+    }
+    bad = runner(stats=MEASURED_BAD)
+    assert explain_queued(queued(**spec), [bad], FULL, now_ms=NOW).causes == ["anti_affinity"]
+    fallback = dataclasses.replace(FULL, mode="fallback", advanced=False)
+    e = explain_queued(queued(**spec), [bad], fallback, now_ms=NOW)
+    assert e.causes == []
+    assert e.summary.startswith("1 runner(s) can take it")
+
+
+def test_dispatched_job_explains_its_score_against_the_runners_up() -> None:
+    record = msgspec.structs.replace(queued(), state=JobState.RUNNING, runner_id="r2", attempt=1)
+    data = {
+        "runner_id": "r2",
+        "score": 0.81,
+        "runners_up": [{"runner_id": "r1", "score": 0.7}, {"runner_id": "r3", "score": 0.5}],
+        "rejected": {"labels": 2, "capacity": 1},
+        "preferred": False,
+    }
+    e = explain_dispatched(record, data)
+    assert e.summary == "placed on r2 with score 0.81; runners-up: r1 (0.7), r3 (0.5)"
+    assert e.placement == data
+    assert [(g.constraint, g.count) for g in e.rejected] == [("capacity", 1), ("labels", 2)]
+    assert e.rejected[1].detail == "their labels do not match"
+    preferred = explain_dispatched(record, {**data, "preferred": True})
+    assert "(a preferred runner: those go first)" in preferred.summary
+    assert explain_dispatched(record, None).summary == "placed on r2"
+
+
+# -- over the bus ----------------------------------------------------------------------------------
+def _has(cause: str) -> Any:
+    return lambda e: cause in e.causes
+
+
+@pytest.mark.nats
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_explain_over_the_bus_names_every_pending_cause(settings: Settings) -> None:
+    async with plane(settings) as (bus, live):
+        client = Client(bus)
+        with pytest.raises(NotFoundError):
+            await client.explain("no-such-job")
+        first = await submit(client, job_type="build", payload=sim(0.3))
+        e = await explained(client, first, _has("no_runners"))
+        assert e.summary == "no runner is registered"
+
+        linux = SimRunner(
+            bus,
+            "linux-1",
+            job_types=["build"],
+            labels={"os": "linux"},
+            languages=["python"],
+            resources=RunnerResources(cpu_cores=4, memory_mb=8192, gpu_count=0),
+        )
+        windows = SimRunner(bus, "win-1", job_types=["test"], labels={"os": "windows"})
+        async with fleet(bus, [linux, windows]):
+            assert (await finished(client, first)).runner_id == "linux-1"
+            await wait_event(bus, f"job.{first}.succeeded")  # the dispatcher learns durations
+
+            async def pending(cause: str, **spec: Any) -> Any:
+                spec.setdefault("job_type", "build")
+                job_id = await submit(client, payload=sim(), **spec)
+                e = await explained(client, job_id, _has(cause))
+                assert e.state == "queued"
+                return e
+
+            e = await pending("job_type", job_type="deploy")
+            assert rejected(e) == {"job_type": {"linux-1", "win-1"}}
+            e = await pending("labels", labels={"os": "windows"})
+            assert rejected(e) == {"job_type": {"win-1"}, "labels": {"linux-1"}}
+            assert "1 runner(s) match without labels {'os': 'windows'}" in e.suggestions
+            assert "1 runner(s) match without the job type 'build'" in e.suggestions
+            e = await pending("capabilities", requirements={"required_capabilities": ["cuda"]})
+            e = await pending("cpu", requirements={"cpu_cores": 16})
+            e = await pending("memory", requirements={"memory_mb": 65536})
+            e = await pending("gpu", requirements={"gpu_count": 1})
+            e = await pending("excluded", routing_hints={"excluded_runners": ["linux-1"]})
+            rule = {"key": "os", "values": ["linux"]}
+            e = await pending(
+                "anti_affinity",
+                routing_hints={"affinity_rules": [{"rule_type": "anti_affinity", **rule}]},
+            )
+            e = await pending(
+                "affinity",
+                routing_hints={
+                    "affinity_rules": [
+                        {"rule_type": "required", "key": "os", "values": ["windows"]}
+                    ]
+                },
+            )
+            assert "1 runner(s) match without the required affinity rule" in e.suggestions
+
+            # a failed attempt waits out its retry backoff
+            retry = await submit(
+                client,
+                job_type="build",
+                payload=sim(exit_code=1),
+                retry_policy={
+                    "retry_on_exit_code": True,
+                    "initial_backoff_ms": 120_000,
+                    "max_attempts": 3,
+                },
+            )
+            await wait_event(bus, f"job.{retry}.requeued")
+            e = await explained(client, retry, _has("retry_backoff"))
+            record = await client.get_job(retry)
+            assert record.not_before_at_ms is not None
+            assert e.estimated_start_at_ms is not None
+            assert e.estimated_start_at_ms >= record.not_before_at_ms
+
+            # measured statistics below the job's QoS demands (a throughput no runner declares
+            # keeps this job queued whether or not the dispatcher has seen the new stats yet)
+            await write_stats(bus, "linux-1", MEASURED_BAD)
+            e = await pending(
+                "qos_latency",
+                qos_requirements={"max_latency_ms": 100, "min_throughput_bytes_per_s": 10**15},
+            )
+            assert rejected(e) == {"job_type": {"win-1"}, "qos_latency": {"linux-1"}}
+            assert e.rejected[-1].detail == (
+                "their measured accept latency exceeds max_latency_ms=100.0"
+            )
+            e = await pending("qos_reliability", qos_requirements={"reliability_threshold": 0.9})
+
+            # all busy: queue position and an estimate from the average duration
+            blocker = await submit(client, job_type="build", payload=sim(60))
+            await decision(bus, blocker)
+            e = await pending("capacity")
+            waiting = e.job_id
+            assert e.queue_position is not None
+            assert e.queue_length is not None
+            assert e.queue_position < e.queue_length
+            assert e.estimated_start_at_ms is not None
+            assert e.predicted_finish_at_ms is not None
+            assert e.predicted_finish_at_ms > e.estimated_start_at_ms
+            assert e.effective_priority == 2
+
+            # a busy preferred runner the job waits for
+            e = await pending(
+                "preferred_wait",
+                routing_hints={"preferred_runners": ["linux-1"], "preferred_wait_s": 300},
+            )
+            assert e.causes == ["preferred_wait", "capacity"]
+
+            # placement switched off: feasible, but paused
+            free_test = await submit(client, job_type="test", payload=sim())
+            assert (await finished(client, free_test)).runner_id == "win-1"
+            await set_mode(bus, live, "disabled")
+            e = await pending("mode_disabled", job_type="test")
+            assert e.summary == "1 runner(s) can take it; placement is paused (mode disabled)"
+            assert e.mode == "disabled"
+            await set_mode(bus, live, "full")
+
+            # a drained runner (once the dispatcher has seen it: draining is checked first)
+            await Admin(bus, actor="test").set_drain("win-1", drain=True)
+            await explained(client, waiting, lambda e: "win-1" in rejected(e).get("draining", ()))
+            e = await pending("draining", job_type="test")
+            assert "1 runner(s) match once they are undrained" in e.suggestions
+
+
+@pytest.mark.nats
+@pytest.mark.timeout(90)
+async def test_explain_offline_runner_and_dispatched_decision(
+    nats_url: str, prefix: str, tmp_path: Path
+) -> None:
+    settings = settings_with(nats_url, prefix, tmp_path, "[dispatch]\nrunner_lost_after_ms = 600\n")
+    async with plane(settings) as (bus, _):
+        client = Client(bus)
+        stays = [SimRunner(bus, rid, heartbeat_ms=100) for rid in ("r-a", "r-b")]
+        async with fleet(bus, stays):
+            gone = SimRunner(bus, "gone", job_types=["gpu"], heartbeat_ms=100)
+            async with fleet(bus, [gone]):
+                pass  # registered, then its heartbeats stop
+            await wait_event(bus, "runner.gone.lost", timeout_s=10)
+            job_id = await submit(client, job_type="gpu", payload=sim())
+            e = await explained(client, job_id, _has("offline"))
+            assert rejected(e) == {"offline": {"gone"}, "job_type": {"r-a", "r-b"}}
+            assert "1 runner(s) match once they come back online" in e.suggestions
+
+            # a placed job: its runner against the runners-up
+            placed = await submit(
+                client, payload=sim(), routing_hints={"preferred_runners": ["r-b"]}
+            )
+            await finished(client, placed)
+            e = await client.explain(placed)
+            assert e.state == "succeeded"
+            assert e.placement is not None
+            assert e.placement["runner_id"] == "r-b"
+            assert e.summary.startswith(f"placed on r-b with score {e.placement['score']}")
+            assert "(a preferred runner: those go first)" in e.summary
+            assert "runners-up: r-a (" in e.summary
+
+            plain = await submit(client, payload=sim())
+            await finished(client, plain)
+            e = await client.explain(plain)
+            assert e.placement is not None
+            ups = e.placement["runners_up"]
+            assert ups
+            assert all(u["score"] <= e.placement["score"] for u in ups)
+            assert e.placement["rejected"] == {}
+
+            # the CLI prints the same explanation
+            result = await _cli(settings, "jobs", "explain", job_id)
+            assert result.returncode == 0, result.stderr
+            out = result.stdout.decode()
+            assert out.startswith(f"{job_id}: queued\n")
+            assert "  causes: offline, job_type\n" in out
+            assert "  1 runner(s) rejected: they are offline (e.g. gone)\n" in out
+            assert "  hint: 1 runner(s) match once they come back online\n" in out
+            result = await _cli(settings, "jobs", "explain", plain, "--json")
+            assert result.returncode == 0, result.stderr
+            shown = json.loads(result.stdout)
+            assert shown["state"] == "succeeded"
+            assert shown["placement"]["runner_id"] == e.placement["runner_id"]
+            result = await _cli(settings, "jobs", "explain", "no-such-job")
+            assert result.returncode != 0
+            assert b"no-such-job" in result.stderr
+
+
+async def _cli(settings: Settings, *args: str) -> Any:
+    with anyio.fail_after(60):
+        return await anyio.run_process(
+            [sys.executable, "-m", "valkyrie", *args],
+            env=env_for(settings),
+            cwd=ROOT,
+            check=False,
+        )
