@@ -149,7 +149,13 @@ class IntakeWorker:
         )
         self._ctx.metrics.jobs.labels(self.name, "queued").inc()
         await self._reply(
-            reply_to, SubmitVerdict(accepted=True, job_id=job_id, state=JobState.QUEUED)
+            reply_to,
+            SubmitVerdict(
+                accepted=True,
+                job_id=job_id,
+                state=JobState.QUEUED,
+                warnings=list(parsed.warnings),
+            ),
         )
 
     async def _duplicate(self, first_id: str, reply_to: str | None, seq: int) -> None:

@@ -5,7 +5,7 @@ their name. New fields always get defaults and no field ever changes type, so ol
 """
 
 from schemas._catalog import CATALOG, json_schema, json_schemas
-from schemas._validate import collect_errors, convert_or_errors, json_type_name
+from schemas._validate import collect_errors, convert_or_errors, json_type_name, unknown_fields
 from schemas.config import ConfigChange, ConfigRevision, ConfigVerdict
 from schemas.events import DeadLetter, Event
 from schemas.explain import ConstraintGroup, ExplainRequest, JobExplanation
@@ -118,5 +118,6 @@ __all__ = [
     "json_schema",
     "json_schemas",
     "json_type_name",
+    "unknown_fields",
     "v1_to_v2",
 ]

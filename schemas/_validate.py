@@ -17,7 +17,7 @@ import msgspec
 
 from schemas.jobs import FieldError
 
-__all__ = ["collect_errors", "convert_or_errors", "json_type_name"]
+__all__ = ["collect_errors", "convert_or_errors", "json_type_name", "unknown_fields"]
 
 T = TypeVar("T", bound=msgspec.Struct)
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -135,3 +135,29 @@ def convert_or_errors(tp: type[T], obj: Any) -> tuple[T | None, list[FieldError]
         return msgspec.convert(obj, tp), []
     except msgspec.ValidationError as first:
         return None, _value_errors(tp, obj, "$") or [_error("$", first)]
+
+
+def unknown_fields(tp: type[msgspec.Struct], obj: Any, path: str = "$") -> list[str]:
+    """Paths of keys in ``obj`` that ``tp`` (and its nested Structs) does not define.
+
+    Wire messages accept unknown fields (old readers must skip new ones); this lets a receiver
+    warn about them, which catches typos such as ``requirments``.
+    """
+    if not isinstance(obj, dict):
+        return []
+    fields = {f.encode_name: f for f in msgspec.structs.fields(tp)}
+    found: list[str] = []
+    for key, value in obj.items():
+        field = fields.get(key)
+        if field is None:
+            found.append(f"{path}.{key}")
+            continue
+        nested = _struct_in(field.type)
+        if nested is not None and isinstance(value, dict):
+            found.extend(unknown_fields(nested, value, f"{path}.{key}"))
+        item_type = _container_arg(field.type, list)
+        item = _struct_in(item_type) if item_type is not None else None
+        if item is not None and isinstance(value, list):
+            for index, entry in enumerate(value):
+                found.extend(unknown_fields(item, entry, f"{path}.{key}[{index}]"))
+    return found

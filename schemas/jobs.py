@@ -209,3 +209,4 @@ class SubmitVerdict(msgspec.Struct, frozen=True, kw_only=True):
     duplicate: bool = False
     state: JobState | None = None
     errors: list[FieldError] = msgspec.field(default_factory=list)
+    warnings: list[FieldError] = msgspec.field(default_factory=list)

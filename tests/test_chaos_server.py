@@ -6,7 +6,7 @@ Publishers retry with the same ``Nats-Msg-Id``: every job is recorded exactly on
 from __future__ import annotations
 
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import anyio
@@ -14,7 +14,7 @@ import anyio.to_thread
 import pytest
 
 from schemas import JobRecord, JobState
-from tests._helpers import running, settings_for, wait_until
+from tests._helpers import events_of, overlaps, running, settings_for, wait_until
 from valkyrie import BusError, Client, NatsServer
 from valkyrie.testing import SimulatedRunner
 
@@ -88,12 +88,16 @@ async def test_server_restarts_lose_and_double_nothing(prefix: str, tmp_path: Pa
                 records = await _wait_all_succeeded(client, timeout_s=120)
                 await anyio.sleep(1.0)  # late duplicates, if any, would show up now
                 records = {r.id: r for r in await client.list_jobs()}
+                lost = await events_of(bus, "runner.*.lost")
                 stop.set()
     finally:
         await server.astop()
 
     retried = sum(1 for a in attempts if a > 1)
-    print(f"\nserver restarts {outages}: {retried} submissions were published again")
+    print(
+        f"\nserver restarts {outages}: {retried} submissions were published again; "
+        f"runners declared lost: {[e.subject_id for e in lost]}"
+    )
     assert retried > 0, "the restarts must land while jobs are being submitted"
     numbers = Counter(int(r.spec.metadata["n"]) for r in records.values())
     assert sorted(numbers) == list(range(TOTAL)), "a submission was lost"
@@ -102,6 +106,13 @@ async def test_server_restarts_lose_and_double_nothing(prefix: str, tmp_path: Pa
     runs = Counter((e.job_id, e.outcome) for runner in runners for e in runner.executions)
     for record in records.values():
         assert runs[(record.id, "succeeded")] == 1, (record, runs)
+    spans: dict[str, list[tuple[int, int, str]]] = defaultdict(list)
+    for runner in runners:
+        for e in runner.executions:
+            spans[e.job_id].append((e.started_ns, e.ended_ns, f"{e.runner_id}#{e.attempt}"))
+    assert overlaps(spans) == []
+    # the server was down, not the runners: none of them may be taken for lost
+    assert lost == []
 
 
 async def _wait_all_succeeded(client: Client, timeout_s: float) -> dict[str, JobRecord]:

@@ -343,6 +343,7 @@ async def test_explain_over_the_bus_names_every_pending_cause(settings: Settings
                 retry_policy={
                     "retry_on_exit_code": True,
                     "initial_backoff_ms": 120_000,
+                    "max_backoff_ms": 120_000,
                     "max_attempts": 3,
                 },
             )
@@ -384,7 +385,8 @@ async def test_explain_over_the_bus_names_every_pending_cause(settings: Settings
                 "preferred_wait",
                 routing_hints={"preferred_runners": ["linux-1"], "preferred_wait_s": 300},
             )
-            assert e.causes == ["preferred_wait", "capacity"]
+            assert e.causes == ["preferred_wait", "job_type", "capacity"]
+            assert rejected(e) == {"job_type": {"win-1"}, "capacity": {"linux-1"}}
 
             # placement switched off: feasible, but paused
             free_test = await submit(client, job_type="test", payload=sim())

@@ -20,6 +20,7 @@ from schemas import (
     LegacyJobV1,
     convert_or_errors,
     json_type_name,
+    unknown_fields,
     v1_to_v2,
 )
 from valkyrie._errors import SchemaError
@@ -45,6 +46,7 @@ class ParsedSubmission:
 
     spec: JobSubmission
     api_version: Literal["v1", "v2"]
+    warnings: tuple[FieldError, ...] = ()
 
 
 def parse_submission(
@@ -84,6 +86,13 @@ def parse_submission(
         )
         if problems:
             raise SchemaError(problems)
+        unknown = unknown_fields(LegacyJobV1 if legacy else JobSubmission, obj)
+        if unknown:
+            parsed = ParsedSubmission(
+                parsed.spec,
+                parsed.api_version,
+                tuple(FieldError(path=p, reason="unknown field, ignored") for p in unknown),
+            )
         return parsed
     # Report the rules too, for the fields that are well-typed: drop (or fill) every field with a
     # type error and check what is left, so that one verdict lists every problem.

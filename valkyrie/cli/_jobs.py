@@ -128,6 +128,8 @@ def submit(
             for err in verdict.errors:
                 click.echo(f"rejected: {err.path}: {err.reason}", err=True)
             return ExitCode.REJECTED
+        for warning in verdict.warnings:
+            click.echo(f"warning: {warning.path}: {warning.reason}", err=True)
         if not wait:
             click.echo(encode(verdict).decode() if as_json else verdict.job_id)
             return ExitCode.OK
