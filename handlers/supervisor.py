@@ -12,6 +12,7 @@ Several supervisors may run: every action is a compare-and-set that only one of 
 from __future__ import annotations
 
 import logging
+import time
 
 import anyio
 import msgspec
@@ -51,6 +52,7 @@ class SupervisorWorker:
         )
         self._seen: dict[str, int] = {}
         self._started_ms = 0
+        self._last_pass = time.monotonic()
         self._first_seen: dict[tuple[str, int], int] = {}
         self._deadline: dict[tuple[str, int], int] = {}
         self._suspect: set[tuple[str, int]] = set()
@@ -77,6 +79,7 @@ class SupervisorWorker:
         self._started_ms = now_ms()
         # Every supervisor hears every heartbeat (no queue group): liveness is judged live.
         sub = await self._bus.nc.subscribe(self._bus.names.heartbeat("*"), cb=self._on_heartbeat)
+        self._beats = sub
         try:
             async with anyio.create_task_group() as tg:
                 await tg.start(self._view.watch)
@@ -97,12 +100,23 @@ class SupervisorWorker:
 
     async def _check(self) -> None:
         now = now_ms()
+        if not self._bus.nc.is_connected:
+            # Deaf while disconnected: that silence is ours, not the runners'. Count from the
+            # reconnection on, as from a start (else a server restart "loses" every runner).
+            self._started_ms = now
+            return
         live: set[tuple[str, int]] = set()
         lost_after = self._cfg().runner_lost_after_ms
+        # Silence we caused ourselves is not a runner's fault: after a pass that came late (this
+        # process was starved) or while heartbeats wait unread in our buffer, judge nobody.
+        mono = time.monotonic()
+        late = mono - self._last_pass > 2 * self._cfg().supervise_interval_ms / 1000 + 0.5
+        self._last_pass = mono
+        judge = not late and self._beats.pending_msgs == 0
         for rid, versioned in list(self._view.records.items()):
             record = versioned.value
             seen = self._last_seen(rid, record)
-            if record.state != RunnerState.OFFLINE and now - seen > lost_after:
+            if judge and record.state != RunnerState.OFFLINE and now - seen > lost_after:
                 await self._lose(rid, versioned, seen)
                 continue
             if record.state == RunnerState.OFFLINE:

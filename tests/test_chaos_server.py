@@ -5,18 +5,28 @@ Publishers retry with the same ``Nats-Msg-Id``: every job is recorded exactly on
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import anyio
 import anyio.to_thread
+import nats.js.errors
 import pytest
 
 from schemas import JobRecord, JobState
-from tests._helpers import events_of, overlaps, running, settings_for, wait_until
-from valkyrie import BusError, Client, NatsServer
-from valkyrie.testing import SimulatedRunner
+from tests._helpers import (
+    events_of,
+    overlaps,
+    read_journals,
+    running,
+    settings_for,
+    spawn_runner,
+    stop_process,
+    wait_until,
+)
+from valkyrie import Bus, BusError, Client, NatsServer
 
 pytestmark = [
     pytest.mark.nats,
@@ -49,48 +59,49 @@ async def test_server_restarts_lose_and_double_nothing(prefix: str, tmp_path: Pa
         store_dir=tmp_path / "nats", name="restarted", max_mem="256M", max_file="2G"
     )
     await server.astart()
+    runners: dict[str, subprocess.Popen[bytes]] = {}
     try:
         settings = settings_for(server.url, prefix, connect_timeout_s=30.0)
         async with running(settings) as bus:
             client = Client(bus)
-            stop = anyio.Event()
-            runners = [SimulatedRunner(bus, f"r{i}", capacity=4) for i in range(4)]
+            for i in range(4):
+                rid = f"r{i}"
+                runners[rid] = spawn_runner(rid, settings, tmp_path, capacity=4)
+            await wait_until(lambda: _registered(bus, len(runners)), timeout_s=60, interval_s=0.2)
             attempts = [0] * TOTAL
             outages: list[tuple[str, float]] = []
-            async with anyio.create_task_group() as tg:
-                for runner in runners:
-                    await tg.start(runner.run, stop)
 
-                async def publish_all() -> None:
-                    async with anyio.create_task_group() as pubs:
-                        started = time.monotonic()
-                        for n in range(TOTAL):
-                            delay = started + n / PER_S - time.monotonic()
-                            if delay > 0:
-                                await anyio.sleep(delay)
-                            pubs.start_soon(submit_with_retry, client, n, attempts)
+            async def publish_all() -> None:
+                async with anyio.create_task_group() as pubs:
+                    started = time.monotonic()
+                    for n in range(TOTAL):
+                        delay = started + n / PER_S - time.monotonic()
+                        if delay > 0:
+                            await anyio.sleep(delay)
+                        pubs.start_soon(submit_with_retry, client, n, attempts)
 
-                async with anyio.create_task_group() as load:
-                    load.start_soon(publish_all)
-                    port = server.port
-                    for how in ("stop", "kill"):
-                        await anyio.sleep(4)
-                        began = time.monotonic()
-                        if how == "stop":
-                            await server.astop()  # SIGTERM: a clean shutdown
-                        else:
-                            await anyio.to_thread.run_sync(server.kill)  # SIGKILL
-                        # down longer than runner_lost_after_ms: every runner falls silent
-                        await anyio.sleep(DOWN_S)
-                        await server.astart()
-                        assert server.port == port
-                        outages.append((how, time.monotonic() - began))
-                records = await _wait_all_succeeded(client, timeout_s=120)
-                await anyio.sleep(1.0)  # late duplicates, if any, would show up now
-                records = {r.id: r for r in await client.list_jobs()}
-                lost = await events_of(bus, "runner.*.lost")
-                stop.set()
+            async with anyio.create_task_group() as load:
+                load.start_soon(publish_all)
+                port = server.port
+                for how in ("stop", "kill"):
+                    await anyio.sleep(4)
+                    began = time.monotonic()
+                    if how == "stop":
+                        await server.astop()  # SIGTERM: a clean shutdown
+                    else:
+                        await anyio.to_thread.run_sync(server.kill)  # SIGKILL
+                    # down longer than runner_lost_after_ms: every runner falls silent
+                    await anyio.sleep(DOWN_S)
+                    await server.astart()
+                    assert server.port == port
+                    outages.append((how, time.monotonic() - began))
+            await _wait_all_succeeded(client, timeout_s=120)
+            await anyio.sleep(1.0)  # late duplicates, if any, would show up now
+            records = {r.id: r for r in await client.list_jobs()}
+            lost = await events_of(bus, "runner.*.lost")
     finally:
+        for proc in runners.values():
+            await anyio.to_thread.run_sync(stop_process, proc)
         await server.astop()
 
     retried = sum(1 for a in attempts if a > 1)
@@ -103,16 +114,26 @@ async def test_server_restarts_lose_and_double_nothing(prefix: str, tmp_path: Pa
     assert sorted(numbers) == list(range(TOTAL)), "a submission was lost"
     assert max(numbers.values()) == 1, "a submission was recorded twice"
     assert {r.state for r in records.values()} == {JobState.SUCCEEDED}
-    runs = Counter((e.job_id, e.outcome) for runner in runners for e in runner.executions)
+    journal = read_journals(tmp_path)
+    runs = Counter((line.job_id, line.outcome) for line in journal)
     for record in records.values():
         assert runs[(record.id, "succeeded")] == 1, (record, runs)
     spans: dict[str, list[tuple[int, int, str]]] = defaultdict(list)
-    for runner in runners:
-        for e in runner.executions:
-            spans[e.job_id].append((e.started_ns, e.ended_ns, f"{e.runner_id}#{e.attempt}"))
+    for line in journal:
+        spans[line.job_id].append(
+            (line.started_ns, line.ended_ns, f"{line.runner_id}#{line.attempt}:{line.outcome}")
+        )
     assert overlaps(spans) == []
     # the server was down, not the runners: none of them may be taken for lost
     assert lost == []
+
+
+async def _registered(bus: Bus, n: int) -> bool:
+    kv = await bus.kv("runners")
+    try:
+        return len(await kv.keys()) >= n
+    except nats.js.errors.NoKeysError:
+        return False
 
 
 async def _wait_all_succeeded(client: Client, timeout_s: float) -> dict[str, JobRecord]:

@@ -44,7 +44,11 @@ from tests._sched_helpers import (
 )
 from valkyrie import Client, NotFoundError, Settings
 from valkyrie._admin import Admin
+from valkyrie._codec import now_ms
+from valkyrie._config_client import ConfigClient
 from valkyrie._explain import QueueFacts, explain_dispatched, explain_queued
+
+pytestmark = pytest.mark.timeout(60)
 
 NOW = 1_700_000_000_000
 FULL = QueueFacts(mode="full", advanced=True, effective_priority=2, position=0, length=1)
@@ -370,8 +374,11 @@ async def test_explain_over_the_bus_names_every_pending_cause(settings: Settings
             # all busy: queue position and an estimate from the average duration
             blocker = await submit(client, job_type="build", payload=sim(60))
             await decision(bus, blocker)
+            before = now_ms()
             e = await pending("capacity")
             waiting = e.job_id
+            assert e.estimated_start_at_ms is not None
+            assert e.estimated_start_at_ms > before  # every slot is taken: not "now"
             assert e.queue_position is not None
             assert e.queue_length is not None
             assert e.queue_position < e.queue_length
@@ -403,8 +410,21 @@ async def test_explain_over_the_bus_names_every_pending_cause(settings: Settings
             e = await pending("draining", job_type="test")
             assert "1 runner(s) match once they are undrained" in e.suggestions
 
+            # features.explain switches the answer off (placement goes on)
+            verdict = await ConfigClient(bus, actor="test").change(
+                set_values={"features.explain": False}
+            )
+            assert verdict.revision is not None
+            with anyio.fail_after(10):
+                while live.revision < verdict.revision:
+                    await live.changed()
+            off = await client.explain(e.job_id)
+            assert off.error == "explain is switched off (features.explain = false)"
+            assert off.causes == []
+
 
 @pytest.mark.nats
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 async def test_explain_offline_runner_and_dispatched_decision(
     nats_url: str, prefix: str, tmp_path: Path

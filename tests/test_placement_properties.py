@@ -200,6 +200,7 @@ def violations(
 
 
 # -- placement -------------------------------------------------------------------------------------
+@pytest.mark.slow
 @PROPS
 @hypothesis.given(job=jobs(), runners=fleets(), queued_for_ms=st.sampled_from([0, 10_000]))
 def test_place_never_breaks_a_hard_constraint_or_capacity(
@@ -286,6 +287,7 @@ def preferred_cases(draw: st.DrawFn) -> tuple[JobSubmission, list[RunnerRecord],
     return job, runners, set(preferred)
 
 
+@pytest.mark.slow
 @PROPS
 @hypothesis.given(case=preferred_cases())
 def test_a_feasible_preferred_runner_wins(
@@ -424,6 +426,7 @@ def affinity_cases(draw: st.DrawFn) -> tuple[JobSubmission, list[RunnerRecord]]:
     return job, runners
 
 
+@pytest.mark.slow
 @PROPS
 @hypothesis.given(case=affinity_cases())
 def test_hard_anti_affinity_and_required_affinity_hold(

@@ -78,7 +78,13 @@ class Client:
             if ack.duplicate:
                 # The stream dropped it as a Nats-Msg-Id duplicate: no verdict will come, so answer
                 # with the verdict the first submission got.
-                return await self._duplicate_verdict(body, msg_id, timeout_s)
+                try:
+                    return await self._duplicate_verdict(body, msg_id, timeout_s)
+                except (nats.errors.Error, nats.js.errors.Error) as e:
+                    raise BusError(
+                        f"duplicate of an earlier submission (Nats-Msg-Id {msg_id!r}) whose "
+                        f"verdict could not be read: {e!r}"
+                    ) from e
             try:
                 msg = await sub.next_msg(timeout=timeout_s)
             except nats.errors.TimeoutError as e:

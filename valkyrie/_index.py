@@ -172,6 +172,16 @@ class RunnerIndex:
                 chosen.add(rid)
         return [self._view(rid) for rid in sorted(chosen)]
 
+    def free_count(self, job_type: str) -> int:
+        """How many runners of ``job_type`` have a free slot."""
+        members = self._free_by_type.get(job_type)
+        return len(members) if members else 0
+
+    def free_views(self, job_type: str) -> list[RunnerRecord]:
+        """Every runner of ``job_type`` with a free slot (the exhaustive fallback)."""
+        members = self._free_by_type.get(job_type)
+        return [self._view(rid) for rid in sorted(members)] if members else []
+
     def all_views(self) -> list[RunnerRecord]:
         """Every runner (for explanations, which may scan)."""
         return [self._view(rid) for rid in sorted(self.records)]

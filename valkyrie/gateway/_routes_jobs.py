@@ -17,6 +17,8 @@ from valkyrie.gateway._problems import COMMON, ProblemError, problem_responses
 from valkyrie.gateway._submit import submit_from_request
 
 __all__ = ["ROUTES", "IdempotencyKey", "fetch_job", "parse_states", "request_cancel"]
+
+#: the ``Idempotency-Key`` header of the submit routes (v2 and v1)
 IdempotencyKey = Annotated[
     str | None,
     HeaderParameter(

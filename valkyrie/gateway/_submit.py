@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import types
-import typing
 from dataclasses import dataclass
-from typing import Any, Union, get_args, get_origin
+from typing import Any
 
-import msgspec
 from litestar import Request
 
-from schemas import FieldError, JobRecord, JobSubmission, LegacyJobV1
+from schemas import FieldError, JobRecord
 from valkyrie._codec import encode, now_ms
 from valkyrie._errors import SchemaError
 from valkyrie._intake import parse_submission
@@ -18,9 +15,9 @@ from valkyrie.gateway._body import json_body
 from valkyrie.gateway._context import gateway_of
 from valkyrie.gateway._problems import ProblemError
 
-__all__ = ["Submitted", "submit_from_request", "unknown_fields"]
+__all__ = ["Submitted", "submit_from_request"]
 
-#: ancestor field names a v2 body may still carry -> the field that replaced them
+#: ancestor field names a v2 body may still carry (the bus ignores them) -> what replaced them
 _RENAMED = {
     "$.deadline": "deadline_at_ms (milliseconds since the epoch)",
     "$.requirements.max_execution_time": "requirements.max_execution_time_s",
@@ -41,59 +38,14 @@ class Submitted:
     warnings: list[FieldError]
 
 
-def _struct_of(tp: Any) -> type[msgspec.Struct] | None:
-    while get_origin(tp) is typing.Annotated:
-        tp = get_args(tp)[0]
-    if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
-        return tp
-    if get_origin(tp) in (Union, types.UnionType):
-        for arg in get_args(tp):
-            found = _struct_of(arg)
-            if found is not None:
-                return found
-    return None
-
-
-def _list_item(tp: Any) -> Any | None:
-    while get_origin(tp) is typing.Annotated:
-        tp = get_args(tp)[0]
-    if get_origin(tp) is list:
-        return get_args(tp)[0]
-    return None
-
-
-def unknown_fields(tp: type[msgspec.Struct], obj: Any, path: str = "$") -> list[FieldError]:
-    """Members of ``obj`` that ``tp`` does not have: the bus ignores them, so the caller is told.
-
-    Wire messages tolerate unknown fields (old readers must skip new ones), which would let a typo
-    or an ancestor field name (``deadline``, ``max_execution_time``) pass silently.
-    """
-    if not isinstance(obj, dict):
-        return []
-    fields = {f.encode_name: f for f in msgspec.structs.fields(tp)}
-    found: list[FieldError] = []
-    for key, value in obj.items():
-        member = f"{path}.{key}"
-        field = fields.get(key)
-        if field is None:
-            hint = _RENAMED.get(member)
-            found.append(
-                FieldError(
-                    path=member,
-                    reason=f"unknown field, ignored{f' (use {hint})' if hint else ''}",
-                )
-            )
-            continue
-        nested = _struct_of(field.type)
-        if nested is not None:
-            found.extend(unknown_fields(nested, value, member))
-            continue
-        item = _list_item(field.type)
-        item_struct = _struct_of(item) if item is not None else None
-        if item_struct is not None and isinstance(value, list):
-            for index, entry in enumerate(value):
-                found.extend(unknown_fields(item_struct, entry, f"{member}[{index}]"))
-    return found
+def _with_hints(warnings: tuple[FieldError, ...]) -> list[FieldError]:
+    """Intake's unknown-field warnings, naming the field that replaced an ancestor's."""
+    hinted = []
+    for warning in warnings:
+        hint = _RENAMED.get(warning.path)
+        reason = f"{warning.reason} (use {hint})" if hint else warning.reason
+        hinted.append(FieldError(path=warning.path, reason=reason))
+    return hinted
 
 
 async def submit_from_request(
@@ -131,7 +83,7 @@ async def submit_from_request(
         parsed = parse_submission(body, received_at_ms=now_ms(), max_bytes=limit)
     except SchemaError as e:
         raise ProblemError(422, "the submission is invalid", errors=e.errors) from e
-    warnings = unknown_fields(LegacyJobV1 if parsed.api_version == "v1" else JobSubmission, obj)
+    warnings = _with_hints(parsed.warnings)
     client = gateway.client()
     verdict = await client.submit(body, timeout_s=gateway.timeout_s)
     assert verdict is not None  # wait_verdict is on
