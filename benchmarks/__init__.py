@@ -1,6 +1,7 @@
 """Benchmarks: programs (not tests) that measure Valkyrie against raw NATS baselines.
 
-Run them from the repository root, e.g. ``.venv/bin/python benchmarks/dispatch.py --quick``.
-Shared helpers live in ``benchmarks._report`` (figures, tables, JSON) and ``benchmarks._procs``
-(subprocesses, the nats-server, CPU accounting).
+Run them from the repository root, e.g. ``.venv/bin/python benchmarks/dispatch.py --quick``; see
+``benchmarks/README.md``. Shared helpers: ``_report`` (percentiles, tables, JSON, environment),
+``_procs`` (subprocesses, CPU accounting), ``_fleet`` (simulated runners, receipt recorder) and
+``_profile`` (py-spy and cProfile summaries).
 """

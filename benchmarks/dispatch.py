@@ -922,13 +922,15 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Params, Path, bool]:
     """Command-line options; ``--quick`` sets small defaults that explicit options override."""
     parser = argparse.ArgumentParser(
         description="Valkyrie dispatch benchmark vs a raw-NATS baseline.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
         "--runners", type=int, default=None, help="simulated runners (default 100; quick 10)"
     )
     parser.add_argument(
-        "--runner-capacity", type=int, default=50, help="max concurrent jobs per runner"
+        "--runner-capacity",
+        type=int,
+        default=50,
+        help="max concurrent jobs per runner (default %(default)s)",
     )
     parser.add_argument(
         "--jobs", type=int, default=None, help="saturating-phase jobs (default 5000; quick 500)"
@@ -936,25 +938,44 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Params, Path, bool]:
     parser.add_argument(
         "--paced-jobs", type=int, default=None, help="paced-phase jobs (default 1000; quick 100)"
     )
-    parser.add_argument("--rate", type=float, default=200.0, help="paced-phase jobs per second")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=200.0,
+        help="paced-phase jobs per second (default %(default)s)",
+    )
     parser.add_argument(
         "--warmup", type=int, default=None, help="warm-up jobs, excluded (default 100; quick 20)"
     )
     parser.add_argument(
-        "--publish-concurrency", type=int, default=64, help="concurrent publishers when saturating"
+        "--publish-concurrency",
+        type=int,
+        default=64,
+        help="concurrent publishers when saturating (default %(default)s)",
     )
-    parser.add_argument("--heartbeat-ms", type=int, default=1000, help="runner heartbeat interval")
     parser.add_argument(
-        "--raw-concurrency", type=int, default=256, help="messages the raw worker processes at once"
+        "--heartbeat-ms",
+        type=int,
+        default=1000,
+        help="runner heartbeat interval (default %(default)s)",
     )
     parser.add_argument(
-        "--raw-batch", type=int, default=256, help="largest fetch of the raw worker"
+        "--raw-concurrency",
+        type=int,
+        default=256,
+        help="messages the raw worker processes at once (default %(default)s)",
+    )
+    parser.add_argument(
+        "--raw-batch",
+        type=int,
+        default=256,
+        help="largest fetch of the raw worker (default %(default)s)",
     )
     parser.add_argument(
         "--wait-idle",
         type=float,
         default=20.0,
-        help="give up waiting after this many seconds without a dispatch",
+        help="give up waiting after this many seconds without a dispatch (default %(default)s)",
     )
     parser.add_argument(
         "--idle",
@@ -963,7 +984,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Params, Path, bool]:
         help="seconds of CPU measurement with no jobs after the warm-up (default 3; quick 1)",
     )
     parser.add_argument(
-        "--json", type=Path, default=DEFAULT_JSON, help="where to write the JSON figures"
+        "--json",
+        type=Path,
+        default=DEFAULT_JSON,
+        help="where to write the JSON figures (default %(default)s)",
     )
     parser.add_argument("--nats-url", default=None, help="use this server instead of starting one")
     parser.add_argument("--skip-raw", action="store_true", help="do not run the raw-NATS baseline")

@@ -56,7 +56,7 @@ KEEPALIVE_S = 10.0
 COMMIT_CONCURRENCY = 64
 FULL_SCAN_EVERY_MS = 1000
 _TAKEN = frozenset(
-    {"accepted", "started", "succeeded", "failed", "cancelled", "timed_out", "expired", "requeued"}
+    {"accepted", "succeeded", "failed", "cancelled", "timed_out", "expired", "requeued"}
 )
 _EXPLAIN = msgspec.json.Decoder(ExplainRequest)
 
@@ -137,7 +137,11 @@ class DispatcherWorker:
         self._view = RunnerView(self._runners_kv, self._on_runner)
         self._ctx.config.on_change(lambda _old, _new: self._poke())
         subs = [
-            await bus.nc.subscribe(bus.names.event("job", "*", "*"), cb=self._on_progress),
+            # only the kinds that matter here: every job emits several others we need not decode
+            *[
+                await bus.nc.subscribe(bus.names.event("job", "*", kind), cb=self._on_progress)
+                for kind in sorted(_TAKEN)
+            ],
             await bus.nc.subscribe(
                 bus.names.explain, queue=f"{bus.names.prefix}-dispatcher", cb=self._on_explain
             ),
@@ -343,7 +347,6 @@ class DispatcherWorker:
         mode = config.mode
         weights = self._weights(config)
         sample = config.scheduling.candidate_sample
-        free = self._index.free_slots()
         for pending in self._ordered(now, config)[: config.dispatch.max_queue_scan]:
             assert pending.record is not None
             record = pending.record.value
@@ -364,7 +367,7 @@ class DispatcherWorker:
                 tg.start_soon(self._slo_breach, pending, waited)
             if record.not_before_at_ms is not None and record.not_before_at_ms > now:
                 continue
-            if free <= 0 or mode == IntegrationMode.DISABLED:
+            if mode == IntegrationMode.DISABLED:
                 continue  # still evaluate deadlines and SLOs of the rest
             if not self._index.has_free(spec.job_type) and not (
                 spec.routing_hints and spec.routing_hints.preferred_runners
@@ -402,7 +405,6 @@ class DispatcherWorker:
             rid = placement.runner_id
             self._index.reserve(rid, pending.job_id)
             pending.committing = True
-            free -= 1
             await self._commits.acquire()
             tg.start_soon(self._commit, pending, rid, placement)
 

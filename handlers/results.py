@@ -7,6 +7,7 @@ that job. Every step is idempotent: job record first, then the runner slot, then
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 
 import anyio
 import msgspec
@@ -27,12 +28,13 @@ from schemas import (
 from valkyrie import EventPublisher, GiveUp, HandlerContext, StreamConsumer
 from valkyrie._codec import JOB_DECODER, UPDATE_DECODER, encode, now_ms
 from valkyrie._jobops import JobOps
-from valkyrie._kvstore import cas_update
+from valkyrie._kvstore import Versioned, cas_update
 from valkyrie._lifecycle import UpdateOutcome, UpdateResult, apply_update
 
 __all__ = ["ResultsWorker", "create"]
 
 log = logging.getLogger("valkyrie.results")
+RECENT_RECORDS = 10_000
 
 
 class ResultsWorker:
@@ -49,6 +51,9 @@ class ResultsWorker:
             lambda: ctx.config.current.limits.job_retention_s,
         )
         self._locks: dict[str, anyio.Lock] = {}
+        # Records this process wrote last: the next update of the same job (finished after
+        # accepted) then skips a read. A stale entry only costs the compare-and-set a retry.
+        self._recent: OrderedDict[str, Versioned[JobRecord]] = OrderedDict()
 
     async def run(
         self, stop: anyio.Event, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -95,10 +100,19 @@ class ResultsWorker:
             return result.record
 
         latest, written = await cas_update(
-            self._jobs, update.job_id, JOB_DECODER, decide, ttl_for=self._ops.job_ttl()
+            self._jobs,
+            update.job_id,
+            JOB_DECODER,
+            decide,
+            known=self._recent.pop(update.job_id, None),
+            ttl_for=self._ops.job_ttl(),
         )
         if latest is None:
             raise GiveUp(f"update for unknown job {update.job_id!r}")
+        if written and latest.value.state not in TERMINAL_STATES:
+            self._recent[update.job_id] = latest
+            if len(self._recent) > RECENT_RECORDS:
+                self._recent.popitem(last=False)
         result = verdict[-1]
         record = latest.value
         if result.outcome == UpdateOutcome.STALE:

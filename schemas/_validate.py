@@ -7,6 +7,7 @@ converted.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import types
@@ -145,19 +146,31 @@ def unknown_fields(tp: type[msgspec.Struct], obj: Any, path: str = "$") -> list[
     """
     if not isinstance(obj, dict):
         return []
-    fields = {f.encode_name: f for f in msgspec.structs.fields(tp)}
+    fields = _shape(tp)
     found: list[str] = []
     for key, value in obj.items():
-        field = fields.get(key)
-        if field is None:
+        if key not in fields:
             found.append(f"{path}.{key}")
             continue
-        nested = _struct_in(field.type)
+        nested, item = fields[key]
         if nested is not None and isinstance(value, dict):
             found.extend(unknown_fields(nested, value, f"{path}.{key}"))
-        item_type = _container_arg(field.type, list)
-        item = _struct_in(item_type) if item_type is not None else None
         if item is not None and isinstance(value, list):
             for index, entry in enumerate(value):
                 found.extend(unknown_fields(item, entry, f"{path}.{key}[{index}]"))
     return found
+
+
+@functools.cache
+def _shape(
+    tp: type[msgspec.Struct],
+) -> dict[str, tuple[type[msgspec.Struct] | None, type[msgspec.Struct] | None]]:
+    """Per field: the nested Struct, and the Struct of list items (resolving types is slow)."""
+    out: dict[str, tuple[type[msgspec.Struct] | None, type[msgspec.Struct] | None]] = {}
+    for f in msgspec.structs.fields(tp):
+        item_type = _container_arg(f.type, list)
+        out[f.encode_name] = (
+            _struct_in(f.type),
+            _struct_in(item_type) if item_type is not None else None,
+        )
+    return out

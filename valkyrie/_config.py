@@ -88,7 +88,7 @@ class SchedulingConfig(_Section, frozen=True, kw_only=True):
     aging_step_s: Annotated[float, msgspec.Meta(gt=0, le=86_400)] = 30.0
     max_aging_boost: Annotated[int, msgspec.Meta(ge=0, le=8)] = 2
     fair_share_half_life_s: Annotated[float, msgspec.Meta(gt=0, le=86_400)] = 60.0
-    candidate_sample: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 64
+    candidate_sample: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 16
     tenant_key: str = "project_id"
     tenant_weights: dict[str, Weight] = msgspec.field(default_factory=dict)
     sla_classes: dict[str, Annotated[int, msgspec.Meta(ge=0, le=4)]] = msgspec.field(

@@ -8,6 +8,7 @@ dead-lettered, so one poison message cannot stall a handler.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -31,6 +32,18 @@ __all__ = ["StreamConsumer", "delivery_count", "headers_of"]
 log = logging.getLogger("valkyrie.worker")
 
 Handle = Callable[[Msg], Awaitable[None]]
+#: errors that say the bus is unavailable for now (a leader election, a reconnect), not that the
+#: message is bad: the handler is tried again in place, without using up a delivery
+UNAVAILABLE: tuple[type[Exception], ...] = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.StaleConnectionError,
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
+)
+OUTAGE_PATIENCE_S = 120.0  # how long one message waits out an outage before it counts as failed
 
 
 def delivery_count(msg: Msg) -> int:
@@ -76,6 +89,7 @@ class StreamConsumer:
     def __post_init__(self) -> None:
         self._events = EventPublisher(self.bus, self.name)
         self._max_deliver = self.max_deliver or self.bus.settings.max_deliver
+        self._stop: anyio.Event | None = None
 
     def consumer_config(self) -> ConsumerConfig:
         """The durable consumer's configuration."""
@@ -105,6 +119,7 @@ class StreamConsumer:
             config=self.consumer_config(),
         )
         slots = anyio.Semaphore(self.concurrency)
+        self._stop = stop
         task_status.started()
         try:
             async with anyio.create_task_group() as tg:
@@ -146,7 +161,7 @@ class StreamConsumer:
     async def _settle(self, msg: Msg) -> str:
         deliveries = delivery_count(msg)
         try:
-            await self.handle(msg)
+            await self._handle_through_outages(msg)
         except RetryLater as r:
             if deliveries >= self._max_deliver:
                 await self._dead(msg, f"gave up after {deliveries} deliveries: {r.reason}", [])
@@ -171,6 +186,32 @@ class StreamConsumer:
             # The state is durable; a lost ack only means a redelivery the handler absorbs.
             log.warning("%s: ack failed (%r); message will be redelivered", self.name, e)
         return "ack"
+
+    async def _handle_through_outages(self, msg: Msg) -> None:
+        """Run the handler; while the bus is unavailable, run it again in place.
+
+        An outage is no fault of the message: naking would use up its deliveries within seconds
+        and dead-letter a good message (or strand it, when the dead-letter stream is out too). The
+        delivery is kept alive with ``in_progress`` meanwhile. On stop, or after
+        ``OUTAGE_PATIENCE_S``, the error takes the usual way.
+        """
+        delay, give_up = 0.1, time.monotonic() + OUTAGE_PATIENCE_S
+        for tries in itertools.count():
+            try:
+                await self.handle(msg)
+                return
+            except UNAVAILABLE as e:
+                stopping = self._stop is not None and self._stop.is_set()
+                if stopping or time.monotonic() >= give_up:
+                    raise
+                if tries == 0:
+                    log.warning("%s: bus unavailable (%r); retrying %s", self.name, e, msg.subject)
+            try:
+                await msg.in_progress()
+            except (nats.errors.Error, OSError):
+                pass  # then it comes back after ack_wait, which handlers absorb
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
     async def _nak(self, msg: Msg, delay_s: float) -> None:
         try:

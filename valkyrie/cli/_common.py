@@ -44,10 +44,19 @@ def client_url(settings: Settings) -> str:
     return settings.nats_url or f"nats://127.0.0.1:{settings.embedded_port}"
 
 
+def _backend_options() -> dict[str, object]:
+    """Use uvloop when installed: a faster event loop for handlers and commands (NATS notes)."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return {}
+    return {"use_uvloop": True}
+
+
 def run_async(fn: Callable[[], Awaitable[T]]) -> T:
     """Run ``fn`` and map Valkyrie errors to exit codes with a one-line message."""
     try:
-        return anyio.run(fn)
+        return anyio.run(fn, backend_options=_backend_options())
     except ConnectError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(ExitCode.UNAVAILABLE)
