@@ -22,7 +22,6 @@ from schemas import (
     convert_or_errors,
 )
 from valkyrie import (
-    EventPublisher,
     GiveUp,
     HandlerContext,
     RetryLater,
@@ -30,7 +29,7 @@ from valkyrie import (
     delivery_count,
 )
 from valkyrie._codec import ANY_DECODER, JOB_DECODER, encode, now_ms
-from valkyrie._jobops import JobOps
+from valkyrie._handler_base import HandlerBase
 from valkyrie._kvstore import cas_update
 from valkyrie._lifecycle import finish_job
 
@@ -39,19 +38,11 @@ __all__ = ["CancellerWorker", "create"]
 FORCE_AFTER_S = 5.0  # beyond the runner's grace period
 
 
-class CancellerWorker:
+class CancellerWorker(HandlerBase):
     """Consumes cancel requests through the durable consumer ``canceller``."""
 
     def __init__(self, ctx: HandlerContext) -> None:
-        self.name = ctx.name
-        self._ctx = ctx
-        self._bus = ctx.bus
-        self._events = EventPublisher(ctx.bus, ctx.name)
-        self._ops = JobOps(
-            ctx.bus,
-            self._events,
-            lambda: ctx.config.current.limits.job_retention_s,
-        )
+        super().__init__(ctx)
 
     async def run(
         self, stop: anyio.Event, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED

@@ -20,7 +20,6 @@ from nats.aio.msg import Msg
 from schemas import ConfigChange, ConfigRevision, ConfigVerdict, FieldError, convert_or_errors
 from valkyrie import (
     REPLY_TO_HEADER,
-    EventPublisher,
     GiveUp,
     HandlerContext,
     RetryLater,
@@ -31,6 +30,7 @@ from valkyrie._codec import ANY_DECODER, encode, now_ms
 from valkyrie._config import flatten, is_live
 from valkyrie._config_load import known_keys
 from valkyrie._config_validate import validate_dotted
+from valkyrie._handler_base import HandlerBase
 from valkyrie._live import CONFIG_KEY
 
 __all__ = ["ConfigWorker", "create", "plan_change"]
@@ -107,14 +107,11 @@ def plan_change(
     return new, diff, [], result.warnings
 
 
-class ConfigWorker:
+class ConfigWorker(HandlerBase):
     """Consumes config changes through the durable consumer ``config``."""
 
     def __init__(self, ctx: HandlerContext) -> None:
-        self.name = ctx.name
-        self._ctx = ctx
-        self._bus = ctx.bus
-        self._events = EventPublisher(ctx.bus, ctx.name)
+        super().__init__(ctx)
 
     async def run(
         self, stop: anyio.Event, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED

@@ -35,12 +35,12 @@ from schemas import (
     JobState,
     RunnerRecord,
 )
-from valkyrie import EventPublisher, HandlerContext
+from valkyrie import HandlerContext
 from valkyrie._codec import EVENT_DECODER, JOB_DECODER, RUNNER_DECODER, encode, now_ms
 from valkyrie._config import IntegrationMode, ValkyrieConfig
 from valkyrie._explain import QueueFacts, explain_dispatched, explain_queued
+from valkyrie._handler_base import HandlerBase
 from valkyrie._index import RunnerIndex
-from valkyrie._jobops import JobOps
 from valkyrie._kvstore import Versioned, cas_update, get_versioned
 from valkyrie._lifecycle import assign_slot, dispatch_job, finish_job
 from valkyrie._modes import uses_advanced_placement
@@ -83,19 +83,11 @@ class Pending:
         return rec.submitted_at_ms if rec.attempt == 0 else rec.updated_at_ms
 
 
-class DispatcherWorker:
+class DispatcherWorker(HandlerBase):
     """Places jobs; run one or more per installation."""
 
     def __init__(self, ctx: HandlerContext) -> None:
-        self.name = ctx.name
-        self._ctx = ctx
-        self._bus = ctx.bus
-        self._events = EventPublisher(ctx.bus, ctx.name)
-        self._ops = JobOps(
-            ctx.bus,
-            self._events,
-            lambda: ctx.config.current.limits.job_retention_s,
-        )
+        super().__init__(ctx)
         self._index = RunnerIndex()
         self._locks: dict[str, anyio.Lock] = {}
         self._pending: dict[str, Pending] = {}

@@ -18,7 +18,6 @@ from nats.aio.msg import Msg
 from schemas import JobState, SubmitVerdict
 from valkyrie import (
     REPLY_TO_HEADER,
-    EventPublisher,
     GiveUp,
     HandlerContext,
     SchemaError,
@@ -26,20 +25,18 @@ from valkyrie import (
     headers_of,
 )
 from valkyrie._codec import JOB_DECODER, encode, now_ms
+from valkyrie._handler_base import HandlerBase
 from valkyrie._intake import idempotency_token, job_id_for, parse_submission, queued_record
 from valkyrie._modes import check_intake_mode
 
 __all__ = ["IntakeWorker", "create"]
 
 
-class IntakeWorker:
+class IntakeWorker(HandlerBase):
     """Consumes ``<prefix>.jobs.submit`` through the durable consumer ``intake``."""
 
     def __init__(self, ctx: HandlerContext) -> None:
-        self.name = ctx.name
-        self._ctx = ctx
-        self._bus = ctx.bus
-        self._events = EventPublisher(ctx.bus, ctx.name)
+        super().__init__(ctx)
         self._source = ""
 
     async def run(

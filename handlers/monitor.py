@@ -35,10 +35,11 @@ from schemas import (
     HealthStatus,
     HealthSummary,
 )
-from valkyrie import BusError, EventPublisher, HandlerContext
+from valkyrie import BusError, HandlerContext
 from valkyrie._codec import encode, new_id, now_ms
 from valkyrie._config import IntegrationMode
 from valkyrie._config_client import ConfigClient
+from valkyrie._handler_base import HandlerBase
 from valkyrie._health import RunnerStates, consumer_lags
 from valkyrie._health_eval import (
     AUTO_ACTOR,
@@ -78,15 +79,12 @@ _RECORD = msgspec.json.Decoder(FallbackRecord)
 _RANK = {status: n for n, status in enumerate(HEALTH_STATUSES)}
 
 
-class MonitorWorker:
+class MonitorWorker(HandlerBase):
     """Evaluates the installation's health; run one or more per installation."""
 
     def __init__(self, ctx: HandlerContext) -> None:
-        self.name = ctx.name
+        super().__init__(ctx)
         self.instance = new_id()[:12]
-        self._ctx = ctx
-        self._bus = ctx.bus
-        self._events = EventPublisher(ctx.bus, ctx.name)
         self._seen: dict[str, Seen] = {}
         self._runners = RunnerStates()
         self._streak = Streak()

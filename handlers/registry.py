@@ -25,9 +25,9 @@ from schemas import (
     RunnerState,
     convert_or_errors,
 )
-from valkyrie import EventPublisher, HandlerContext
+from valkyrie import HandlerContext
 from valkyrie._codec import ANY_DECODER, HEARTBEAT_DECODER, RUNNER_DECODER, encode, now_ms
-from valkyrie._jobops import JobOps
+from valkyrie._handler_base import HandlerBase
 from valkyrie._kvstore import cas_update, get_versioned, put_new
 from valkyrie._lifecycle import runner_state
 from valkyrie._runnerview import RunnerView
@@ -39,19 +39,11 @@ log = logging.getLogger("valkyrie.registry")
 HEARTBEAT_PERSIST_MS = 5000
 
 
-class RegistryWorker:
+class RegistryWorker(HandlerBase):
     """Keeps the runners bucket current."""
 
     def __init__(self, ctx: HandlerContext) -> None:
-        self.name = ctx.name
-        self._ctx = ctx
-        self._bus = ctx.bus
-        self._events = EventPublisher(ctx.bus, ctx.name)
-        self._ops = JobOps(
-            ctx.bus,
-            self._events,
-            lambda: ctx.config.current.limits.job_retention_s,
-        )
+        super().__init__(ctx)
 
     async def run(
         self, stop: anyio.Event, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED

@@ -25,9 +25,9 @@ from schemas import (
     JobUpdate,
     RunnerCommand,
 )
-from valkyrie import EventPublisher, GiveUp, HandlerContext, StreamConsumer
+from valkyrie import GiveUp, HandlerContext, StreamConsumer
 from valkyrie._codec import JOB_DECODER, UPDATE_DECODER, encode, now_ms
-from valkyrie._jobops import JobOps
+from valkyrie._handler_base import HandlerBase
 from valkyrie._kvstore import Versioned, cas_update
 from valkyrie._lifecycle import UpdateOutcome, UpdateResult, apply_update
 
@@ -37,19 +37,11 @@ log = logging.getLogger("valkyrie.results")
 RECENT_RECORDS = 10_000
 
 
-class ResultsWorker:
+class ResultsWorker(HandlerBase):
     """Consumes ``<prefix>.updates.*`` through the durable consumer ``results``."""
 
     def __init__(self, ctx: HandlerContext) -> None:
-        self.name = ctx.name
-        self._ctx = ctx
-        self._bus = ctx.bus
-        self._events = EventPublisher(ctx.bus, ctx.name)
-        self._ops = JobOps(
-            ctx.bus,
-            self._events,
-            lambda: ctx.config.current.limits.job_retention_s,
-        )
+        super().__init__(ctx)
         self._locks: dict[str, anyio.Lock] = {}
         # Records this process wrote last: the next update of the same job (finished after
         # accepted) then skips a read. A stale entry only costs the compare-and-set a retry.

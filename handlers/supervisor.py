@@ -22,10 +22,10 @@ from anyio.abc import TaskStatus
 from nats.aio.msg import Msg
 
 from schemas import JobRecord, JobState, RunnerCommand, RunnerRecord, RunnerState
-from valkyrie import EventPublisher, HandlerContext
+from valkyrie import HandlerContext
 from valkyrie._codec import JOB_DECODER, RUNNER_DECODER, encode, now_ms
 from valkyrie._config import DispatchConfig
-from valkyrie._jobops import JobOps
+from valkyrie._handler_base import HandlerBase
 from valkyrie._kvstore import Versioned, cas_update, get_versioned
 from valkyrie._lifecycle import retry_after_failure
 from valkyrie._runnerview import RunnerView
@@ -37,19 +37,11 @@ _ON_RUNNER = (JobState.DISPATCHED, JobState.ACCEPTED, JobState.RUNNING)
 MIN_EXECUTION_MS = 1000  # the smallest max_execution_time_s: younger assignments need no check
 
 
-class SupervisorWorker:
+class SupervisorWorker(HandlerBase):
     """Liveness and execution-time enforcement."""
 
     def __init__(self, ctx: HandlerContext) -> None:
-        self.name = ctx.name
-        self._ctx = ctx
-        self._bus = ctx.bus
-        self._events = EventPublisher(ctx.bus, ctx.name)
-        self._ops = JobOps(
-            ctx.bus,
-            self._events,
-            lambda: ctx.config.current.limits.job_retention_s,
-        )
+        super().__init__(ctx)
         self._seen: dict[str, int] = {}
         self._started_ms = 0
         self._last_pass = time.monotonic()

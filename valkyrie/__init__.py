@@ -21,6 +21,7 @@ from valkyrie._errors import (
     ValkyrieError,
 )
 from valkyrie._events import EventPublisher
+from valkyrie._handler_base import HandlerBase
 from valkyrie._handlers import (
     ENTRY_POINT_GROUP,
     HandlerContext,
@@ -46,6 +47,7 @@ __all__ = [
     "ConnectError",
     "EventPublisher",
     "GiveUp",
+    "HandlerBase",
     "HandlerContext",
     "HandlerFactory",
     "HandlerMetrics",
