@@ -43,7 +43,7 @@ import time  # noqa: E402
 import traceback  # noqa: E402
 import uuid  # noqa: E402
 from collections.abc import Awaitable, Callable, Sequence  # noqa: E402
-from dataclasses import asdict, dataclass, field  # noqa: E402
+from dataclasses import asdict, dataclass, field, replace  # noqa: E402
 from types import FrameType  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -122,6 +122,8 @@ class Params:
     py_spy: str | None
     samples: bool
     breakdown: bool
+    scale_runners: int = 0
+    scale_heartbeat_ms: int = 30_000
 
 
 # -- phases -------------------------------------------------------------------------------------
@@ -411,8 +413,46 @@ async def _delete_valkyrie(bus: Bus) -> None:
             pass
 
 
-async def valkyrie_scenario(
+async def valkyrie_scale_scenario(
     p: Params, url: str, server_pid: int | None, children: Children, workdir: Path
+) -> dict[str, Any]:
+    """The same pipeline with ``--scale-runners`` registered runners (same total slots).
+
+    Heartbeats are slowed (``--scale-heartbeat-ms``, and the loss window with them) because ten
+    thousand runners beating every second would measure heartbeat handling, not placement.
+    """
+    capacity = max(1, p.runners * p.runner_capacity // p.scale_runners)
+    scaled = replace(
+        p,
+        runners=p.scale_runners,
+        runner_capacity=capacity,
+        heartbeat_ms=p.scale_heartbeat_ms,
+        py_spy=None,
+        profile=None,
+    )
+    lost_after = str(max(4 * p.scale_heartbeat_ms, 10_000))
+    return await valkyrie_scenario(
+        scaled,
+        url,
+        server_pid,
+        children,
+        workdir,
+        extra_env={"VALKYRIE_DISPATCH__RUNNER_LOST_AFTER_MS": lost_after},
+        register_timeout_s=600,
+        label="valkyrie-scale",
+    )
+
+
+async def valkyrie_scenario(
+    p: Params,
+    url: str,
+    server_pid: int | None,
+    children: Children,
+    workdir: Path,
+    *,
+    extra_env: dict[str, str] | None = None,
+    register_timeout_s: float = 60,
+    label: str = "valkyrie",
 ) -> dict[str, Any]:
     """The Valkyrie pipeline: handlers in one subprocess, lean runners here."""
     prefix = "bv" + uuid.uuid4().hex[:8]
@@ -432,8 +472,8 @@ async def valkyrie_scenario(
         child = children.spawn(
             "valkyrie-worker",
             argv,
-            env=_env_for(settings),
-            log=workdir / "valkyrie-worker.log",
+            env={**_env_for(settings), **(extra_env or {})},
+            log=workdir / f"{label}-worker.log",
             cwd=ROOT,
         )
         alive = _child_alive(child)
@@ -452,10 +492,11 @@ async def valkyrie_scenario(
         stop = anyio.Event()
         async with anyio.create_task_group() as tg:
             try:
-                await fleet.register_all(timeout_s=60, alive=alive)
+                await fleet.register_all(timeout_s=register_timeout_s, alive=alive)
             except TimeoutError as e:
                 raise RuntimeError(
-                    f"runners not registered within 60s; {alive() or 'worker running'}"
+                    f"runners not registered within {register_timeout_s:g}s; "
+                    f"{alive() or 'worker running'}"
                 ) from e
             tg.start_soon(fleet.heartbeats, stop)
             runners_kv = await bus.kv("runners")
@@ -468,8 +509,8 @@ async def valkyrie_scenario(
                     return False
                 return wanted <= set(keys)
 
-            if await _until(all_registered, 30, 0.1) is None:
-                raise RuntimeError("the runners bucket does not list every runner after 30s")
+            if await _until(all_registered, register_timeout_s, 0.5) is None:
+                raise RuntimeError("the runners bucket does not list every runner in time")
             setup_s = time.perf_counter() - setup_started
             log(f"valkyrie: {p.runners} runners registered in {setup_s:.1f}s")
             spy = _spy(children, "valkyrie-worker", child.pid, p, workdir)
@@ -713,6 +754,13 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _scale_ratio(results: dict[str, Any]) -> float | None:
+    """Saturating throughput with many runners over that with the usual count (same run)."""
+    big = ((results.get("valkyrie_scale") or {}).get("saturating") or {}).get("throughput_per_s")
+    base = ((results.get("valkyrie") or {}).get("saturating") or {}).get("throughput_per_s")
+    return ratio(big, base) if big and base else None
+
+
 def targets(results: dict[str, Any]) -> dict[str, Any]:
     """The figures the pipeline is judged against, and whether they were met."""
     v = results.get("valkyrie") or {}
@@ -736,11 +784,29 @@ def render(doc: dict[str, Any]) -> str:
     """The stdout report."""
     results, rat, p = doc["results"], doc["ratios"], doc["parameters"]
     rows: list[list[object]] = []
-    for system in ("valkyrie", "raw"):
+    for system in ("valkyrie", "raw", "valkyrie_scale"):
         for phase in PHASES:
             r = (results.get(system) or {}).get(phase)
             if r:
-                rows.append(_row(system, phase, r))
+                name = f"valkyrie@{p['scale_runners']}" if system == "valkyrie_scale" else system
+                rows.append(_row(name, phase, r))
+    scale = _scale_ratio(results)
+    if scale is not None:
+        rows.append(
+            [
+                f"@{p['scale_runners']}/@{p['runners']}",
+                "saturating",
+                None,
+                None,
+                None,
+                None,
+                scale,
+                None,
+                None,
+                None,
+                None,
+            ]
+        )
     for phase in PHASES:
         q = rat.get(phase)
         if q:
@@ -892,6 +958,8 @@ async def run(
         scenarios.append(("valkyrie", valkyrie_scenario))
     if not p.skip_raw:
         scenarios.append(("raw", raw_scenario))
+    if p.scale_runners and not p.skip_valkyrie:
+        scenarios.append(("valkyrie_scale", valkyrie_scale_scenario))
     for name, scenario in scenarios:
         try:
             results[name] = await scenario(p, url, server_pid, children, workdir)
@@ -911,7 +979,7 @@ async def run(
         "nats_url": url if p.nats_url else "embedded (temporary nats-server)",
         "environment": environment(repo=ROOT),
         "results": results,
-        "ratios": ratios(results),
+        "ratios": {**ratios(results), "scale_throughput": _scale_ratio(results)},
         "targets": targets(results),
         "errors": errors,
         "missing_total": missing,
@@ -1021,6 +1089,18 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Params, Path, bool]:
     parser.add_argument(
         "--keep", action="store_true", help="keep the temporary directory (logs, server store)"
     )
+    parser.add_argument(
+        "--scale-runners",
+        type=int,
+        default=0,
+        help="also run the pipeline with this many runners (e.g. 10000) and report the ratio",
+    )
+    parser.add_argument(
+        "--scale-heartbeat-ms",
+        type=int,
+        default=30_000,
+        help="runner heartbeat interval in the scale scenario (default 30000)",
+    )
     a = parser.parse_args(argv)
 
     def pick(value: int | None, full: int, quick: int) -> int:
@@ -1047,6 +1127,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Params, Path, bool]:
         py_spy=str(Path(a.py_spy).resolve()) if a.py_spy else None,
         samples=a.samples,
         breakdown=not a.no_breakdown,
+        scale_runners=a.scale_runners,
+        scale_heartbeat_ms=a.scale_heartbeat_ms,
     )
     problems = [
         name
