@@ -74,6 +74,11 @@ async def cas_update(
                 return None, False
         new = decide(current.value)
         if new is None:
+            if current is known:
+                # No write means no compare-and-set to expose a stale ``known``: decide again on
+                # the current record before the caller acts on "nothing to change".
+                current = known = None
+                continue
             return current, False
         ttl = ttl_for(new) if ttl_for is not None else None
         try:
