@@ -20,10 +20,12 @@ async def test_job_is_dispatched_and_completes(settings: Settings) -> None:
             await tg.start(runner.run, stop)
             client = Client(bus)
             verdict = await client.submit({"job_type": "shell", "payload": {"command": ["true"]}})
-            assert verdict is not None and verdict.job_id
+            assert verdict is not None
+            assert verdict.job_id
             record = await client.wait_for_job(verdict.job_id, timeout_s=10)
             assert record.state == JobState.SUCCEEDED
-            assert record.runner_id == "r1" and record.attempt == 1
+            assert record.runner_id == "r1"
+            assert record.attempt == 1
             kv = await bus.kv("runners")
             with anyio.fail_after(5):
                 while True:
@@ -40,7 +42,8 @@ async def test_job_waits_for_a_runner_then_runs(settings: Settings) -> None:
     async with running(settings) as bus:
         client = Client(bus)
         verdict = await client.submit({"job_type": "build"})
-        assert verdict is not None and verdict.job_id
+        assert verdict is not None
+        assert verdict.job_id
         await anyio.sleep(0.3)
         assert (await client.get_job(verdict.job_id)).state == JobState.QUEUED
         stop = anyio.Event()
@@ -48,5 +51,6 @@ async def test_job_waits_for_a_runner_then_runs(settings: Settings) -> None:
         async with anyio.create_task_group() as tg:
             await tg.start(runner.run, stop)
             record = await client.wait_for_job(verdict.job_id, timeout_s=10)
-            assert record.state == JobState.SUCCEEDED and record.runner_id == "late"
+            assert record.state == JobState.SUCCEEDED
+            assert record.runner_id == "late"
             stop.set()

@@ -42,7 +42,9 @@ async def test_two_dispatchers_never_double_dispatch_or_overfill(
                 ids = []
                 for i in range(JOBS):
                     verdict = await client.submit({"job_type": "shell", "metadata": {"n": str(i)}})
-                    assert verdict is not None and verdict.accepted and verdict.job_id
+                    assert verdict is not None
+                    assert verdict.accepted
+                    assert verdict.job_id
                     ids.append(verdict.job_id)
                 with anyio.fail_after(150):
                     for job_id in ids:
