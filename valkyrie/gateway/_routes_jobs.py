@@ -8,7 +8,7 @@ from litestar import Request, Response, delete, get, post
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, FromQuery, HeaderParameter, QueryParameter
 
-from schemas import TERMINAL_STATES, FieldError, JobRecord, JobState
+from schemas import TERMINAL_STATES, FieldError, JobExplanation, JobRecord, JobState
 from valkyrie._errors import NotFoundError
 from valkyrie.gateway._auth import route_opt
 from valkyrie.gateway._context import Gateway, GatewayDep, identity_of, valid_id
@@ -168,6 +168,32 @@ async def cancel_job(
     return CancelResponse(job_id=record.id, cancel_requested=True, state=record.state, job=record)
 
 
+@get(
+    "/api/v2/jobs/{job_id:str}/explain",
+    opt=route_opt("jobs:read"),
+    summary="Why a job is pending, or why it went where it went",
+    description=(
+        "For a queued job: which constraint rejected which runners (grouped, with counts), what "
+        "would make it placeable, its queue position and estimated start. For a placed job: its "
+        "runner's score against the runners-up. Answered by a dispatcher over the bus; 503 when "
+        "none runs."
+    ),
+    responses=problem_responses(404, *COMMON),
+    tags=["jobs"],
+)
+async def explain_job(job_id: FromPath[str], gateway: GatewayDep) -> JobExplanation:
+    """The dispatcher's explanation of a job (``<prefix>.jobs.explain``)."""
+    if not valid_id(job_id):
+        raise ProblemError(404, f"no job {job_id!r}")
+    try:
+        explanation = await gateway.client().explain(job_id)
+    except NotFoundError as e:
+        raise ProblemError(404, f"no job {job_id!r}") from e
+    if explanation.error:
+        raise ProblemError(503, f"no explanation: {explanation.error}")
+    return explanation
+
+
 _STATE_ORDER = {state: n for n, state in enumerate(JobState)}
 
 
@@ -220,4 +246,4 @@ async def list_jobs(
     )
 
 
-ROUTES = [submit_job, get_job, cancel_job, list_jobs]
+ROUTES = [submit_job, get_job, cancel_job, list_jobs, explain_job]
