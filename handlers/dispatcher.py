@@ -45,7 +45,6 @@ from valkyrie._kvstore import Versioned, cas_update, get_versioned
 from valkyrie._lifecycle import assign_slot, dispatch_job, finish_job
 from valkyrie._modes import uses_advanced_placement
 from valkyrie._placement import Placement, ScoreWeights, place
-from valkyrie._runnerview import RunnerView
 from valkyrie._scheduling import FairShare, effective_priority, tenant_of
 
 __all__ = ["DispatcherWorker", "create"]
@@ -126,7 +125,8 @@ class DispatcherWorker(HandlerBase):
         bus = self._bus
         self._jobs = await bus.kv("jobs")
         self._runners_kv = await bus.kv("runners")
-        self._view = RunnerView(self._runners_kv, self._on_runner)
+        self._view = await self._ctx.views.runners()
+        self._view.add_listener(self._on_runner)
         self._ctx.config.on_change(lambda _old, _new: self._poke())
         subs = [
             # only the kinds that matter here: every job emits several others we need not decode
@@ -142,7 +142,6 @@ class DispatcherWorker(HandlerBase):
         queued = bus.names.event("job", "*", "queued")
         try:
             async with anyio.create_task_group() as tg:
-                await tg.start(self._view.watch)
                 psub = await bus.js.pull_subscribe(
                     queued,
                     durable=self.name,

@@ -116,7 +116,8 @@ class MonitorWorker(HandlerBase):
         sub = await bus.nc.subscribe(bus.names.health(">"), cb=self._on_report)
         try:
             async with anyio.create_task_group() as tg:
-                await tg.start(self._runners.watch, bus)
+                view = await self._ctx.views.runners()
+                view.add_listener(self._runners.hear)
                 tg.start_soon(self._loop, stop, tg)
                 task_status.started()
                 await stop.wait()

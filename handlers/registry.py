@@ -30,7 +30,6 @@ from valkyrie._codec import ANY_DECODER, HEARTBEAT_DECODER, RUNNER_DECODER, enco
 from valkyrie._handler_base import HandlerBase
 from valkyrie._kvstore import cas_update, get_versioned, put_new
 from valkyrie._lifecycle import runner_state
-from valkyrie._runnerview import RunnerView
 
 __all__ = ["RegistryWorker", "create"]
 
@@ -51,10 +50,9 @@ class RegistryWorker(HandlerBase):
         """Serve until ``stop`` is set."""
         bus = self._bus
         self._runners = await bus.kv("runners")
-        self._view = RunnerView(self._runners)
+        self._view = await self._ctx.views.runners()
         queue = f"{bus.names.prefix}-registry"
         async with anyio.create_task_group() as tg:
-            await tg.start(self._view.watch)
             subs = [
                 await bus.nc.subscribe(bus.names.register, queue=queue, cb=self._on_register),
                 await bus.nc.subscribe(

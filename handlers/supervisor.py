@@ -28,7 +28,6 @@ from valkyrie._config import DispatchConfig
 from valkyrie._handler_base import HandlerBase
 from valkyrie._kvstore import Versioned, cas_update, get_versioned
 from valkyrie._lifecycle import retry_after_failure
-from valkyrie._runnerview import RunnerView
 
 __all__ = ["SupervisorWorker", "create"]
 
@@ -67,14 +66,13 @@ class SupervisorWorker(HandlerBase):
         """Supervise until ``stop`` is set."""
         self._jobs = await self._bus.kv("jobs")
         self._runners_kv = await self._bus.kv("runners")
-        self._view = RunnerView(self._runners_kv)
+        self._view = await self._ctx.views.runners()
         self._started_ms = now_ms()
         # Every supervisor hears every heartbeat (no queue group): liveness is judged live.
         sub = await self._bus.nc.subscribe(self._bus.names.heartbeat("*"), cb=self._on_heartbeat)
         self._beats = sub
         try:
             async with anyio.create_task_group() as tg:
-                await tg.start(self._view.watch)
                 task_status.started()
                 while not stop.is_set():
                     with anyio.move_on_after(self._cfg().supervise_interval_ms / 1000):

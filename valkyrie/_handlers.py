@@ -21,6 +21,7 @@ from valkyrie._errors import ConfigError
 from valkyrie._health import HealthReporter
 from valkyrie._live import LiveConfig, config_for
 from valkyrie._metrics import HandlerMetrics
+from valkyrie._runnerview import SharedViews
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -44,6 +45,7 @@ class HandlerContext:
     metrics: HandlerMetrics
     name: str
     config: LiveConfig
+    views: SharedViews
 
 
 class Worker(Protocol):
@@ -87,14 +89,17 @@ async def run_workers(
         )
     metrics = HandlerMetrics.create(registry)
     live = config if config is not None else LiveConfig(config_for(bus.settings))
-    workers = [
-        available[n](
-            HandlerContext(bus=bus, registry=registry, metrics=metrics, name=n, config=live)
-        )
-        for n in wanted
-    ]
     reporter = HealthReporter(bus, live, wanted, stop)
     async with anyio.create_task_group() as tg:
+        views = SharedViews(bus, tg)
+        workers = [
+            available[n](
+                HandlerContext(
+                    bus=bus, registry=registry, metrics=metrics, name=n, config=live, views=views
+                )
+            )
+            for n in wanted
+        ]
         await tg.start(live.watch, bus)
         await tg.start(reporter.run)
         async with anyio.create_task_group() as running:

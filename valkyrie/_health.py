@@ -28,6 +28,7 @@ from valkyrie._bus import Bus
 from valkyrie._codec import RUNNER_DECODER, encode, new_id, now_ms
 from valkyrie._errors import BusError
 from valkyrie._health_eval import kv_latency_check, worst
+from valkyrie._kvstore import Versioned
 from valkyrie._live import CONFIG_KEY, LiveConfig
 from valkyrie._subjects import Names
 
@@ -128,6 +129,13 @@ class RunnerStates:
 
     def __init__(self) -> None:
         self.states: dict[str, str] = {}
+
+    def hear(self, runner_id: str, versioned: Versioned[RunnerRecord] | None) -> None:
+        """A listener for the process's shared :class:`~valkyrie._runnerview.RunnerView`."""
+        if versioned is None:
+            self.states.pop(runner_id, None)
+        else:
+            self.states[runner_id] = versioned.value.state.value
 
     def apply(self, key: str, operation: str | None, value: bytes | None) -> None:
         """Fold one watched entry in."""
