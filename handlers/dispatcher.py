@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -80,6 +81,20 @@ class Pending:
         assert self.record is not None
         rec = self.record.value
         return rec.submitted_at_ms if rec.attempt == 0 else rec.updated_at_ms
+
+
+def _inline_record(data: dict[str, Any]) -> Versioned[JobRecord] | None:
+    """The record a ``job.queued`` event carries (small ones do), saving a read of the bucket.
+
+    It may be stale; the compare-and-set on its revision catches that when the job is placed.
+    """
+    raw, revision = data.get("record"), data.get("revision")
+    if not isinstance(raw, dict) or not isinstance(revision, int):
+        return None
+    try:
+        return Versioned(msgspec.convert(raw, JobRecord), revision)
+    except msgspec.ValidationError:
+        return None
 
 
 class DispatcherWorker(HandlerBase):
@@ -233,7 +248,12 @@ class DispatcherWorker(HandlerBase):
                         job_id=job_id, attempt=event.attempt or 0, order=self._order, msg=msg
                     )
                     self._pending[job_id] = pending
-                    tg.start_soon(self._load, pending)
+                    inline = _inline_record(event.data)
+                    if inline is None:
+                        tg.start_soon(self._load, pending)
+                    else:
+                        pending.record = inline
+                        self._check_loaded(pending)
         self._consumed.set()
 
     async def _load(self, pending: Pending) -> None:
@@ -244,6 +264,9 @@ class DispatcherWorker(HandlerBase):
             except (nats.errors.Error, nats.js.errors.Error) as e:
                 log.warning("could not read job %s (%r); will retry", pending.job_id, e)
                 await anyio.sleep(0.5)
+        self._check_loaded(pending)
+
+    def _check_loaded(self, pending: Pending) -> None:
         record = pending.record
         if (
             record is None

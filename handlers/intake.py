@@ -122,28 +122,19 @@ class IntakeWorker(HandlerBase):
                     return
 
         record = queued_record(job_id, parsed, now_ms=now, source_seq=seq)
+        revision: int | None
         try:
-            await self._jobs.create(job_id, encode(record))
+            revision = await self._jobs.create(job_id, encode(record))
         except nats.js.errors.KeyWrongLastSequenceError:
-            existing = JOB_DECODER.decode((await self._jobs.get(job_id)).value or b"")
+            entry = await self._jobs.get(job_id)
+            existing = JOB_DECODER.decode(entry.value or b"")
             if existing.source_seq != seq:
                 await self._duplicate(job_id, reply_to, seq)
                 return
             record = existing  # our own earlier attempt: finish its remaining steps
-        await self._events.emit(
-            "job",
-            job_id,
-            "queued",
-            data={
-                "job_type": record.spec.job_type,
-                "priority": record.spec.priority,
-                "api_version": record.api_version,
-            },
-            attempt=0,
-            correlation_id=record.spec.correlation_id,
-            event_id=f"{job_id}.queued.0",
-            at_ms=record.submitted_at_ms,
-        )
+            # it may have moved on since (placed, cancelled): then the dispatcher reads it itself
+            revision = int(entry.revision or 0) if existing.attempt == 0 else None
+        await self._ops.announce_queued(record, revision=revision, at_ms=record.submitted_at_ms)
         self._ctx.metrics.jobs.labels(self.name, "queued").inc()
         await self._reply(
             reply_to,

@@ -138,7 +138,9 @@ class ResultsWorker(HandlerBase):
                     else record.state == JobState.SUCCEEDED,
                     accept_latency_ms=latency,
                 )
-                await self._ops.announce_outcome(record, from_runner=update.runner_id)
+                await self._ops.announce_outcome(
+                    record, from_runner=update.runner_id, revision=latest.revision
+                )
                 if written:
                     self._ctx.metrics.jobs.labels(self.name, record.state.value).inc()
 

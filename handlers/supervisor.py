@@ -277,7 +277,7 @@ class SupervisorWorker(HandlerBase):
         except nats.errors.Error as e:
             log.warning("could not tell %s to stop %s: %r", rid, job_id, e)
         await self._ops.release(rid, job_id, attempt, succeeded=False)
-        await self._ops.announce_outcome(latest.value, from_runner=rid)
+        await self._ops.announce_outcome(latest.value, from_runner=rid, revision=latest.revision)
 
 
 def create(ctx: HandlerContext) -> SupervisorWorker:

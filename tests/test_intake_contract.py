@@ -209,7 +209,19 @@ async def test_queued_event_describes_the_job(settings: Settings) -> None:
     assert event.source == "intake"
     assert event.correlation_id == "req-1"
     assert event.attempt == 0
-    assert event.data == {"job_type": "lint", "priority": 3, "api_version": "v2"}
+    data = dict(event.data)
+    inline = data.pop("record")
+    assert isinstance(data.pop("revision"), int)
+    assert data == {
+        "job_type": "lint",
+        "priority": 3,
+        "api_version": "v2",
+        "reason": None,
+        "not_before_at_ms": None,
+    }
+    # the record travels with the event so that a dispatcher need not read it back
+    assert inline["id"] == verdict.job_id
+    assert inline["state"] == "queued"
 
 
 async def test_submissions_published_before_intake_runs_are_processed(

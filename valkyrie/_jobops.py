@@ -13,12 +13,15 @@ import nats.js.errors
 
 from schemas import TERMINAL_STATES, JobRecord, JobState
 from valkyrie._bus import Bus
-from valkyrie._codec import JOB_DECODER, RUNNER_DECODER, UPDATE_DECODER, now_ms
+from valkyrie._codec import JOB_DECODER, RUNNER_DECODER, UPDATE_DECODER, encode, now_ms
 from valkyrie._events import EventPublisher
 from valkyrie._kvstore import Versioned, cas_update, get_versioned
 from valkyrie._lifecycle import release_slot, retry_after_failure
 
-__all__ = ["JobOps", "terminal_ttl"]
+__all__ = ["INLINE_RECORD_BYTES", "JobOps", "terminal_ttl"]
+
+#: job records up to this size travel inside their ``job.queued`` event
+INLINE_RECORD_BYTES = 4096
 
 MAX_UNAPPLIED_SCAN = 500  # unapplied updates of one runner looked through before giving it time
 
@@ -52,22 +55,35 @@ class JobOps:
         """The TTL function for job-record writes now."""
         return terminal_ttl(self._retention_s())
 
-    async def announce_queued(self, record: JobRecord) -> None:
-        """Emit ``job.queued`` for the record's current attempt (dispatchers consume these)."""
+    async def announce_queued(
+        self, record: JobRecord, *, revision: int | None = None, at_ms: int | None = None
+    ) -> None:
+        """Emit ``job.queued`` for the record's current attempt (dispatchers consume these).
+
+        With the record's KV ``revision``, a small record travels in the event (``record``,
+        ``revision``) so a dispatcher can place the job without reading it back first.
+        """
+        data: dict[str, object] = {
+            "job_type": record.spec.job_type,
+            "priority": record.spec.priority,
+            "api_version": record.api_version,
+            "reason": record.reason,
+            "not_before_at_ms": record.not_before_at_ms,
+        }
+        if revision is not None:
+            encoded = encode(record)
+            if len(encoded) <= INLINE_RECORD_BYTES:
+                data["record"] = msgspec.json.decode(encoded)
+                data["revision"] = revision
         await self._events.emit(
             "job",
             record.id,
             "queued",
-            data={
-                "job_type": record.spec.job_type,
-                "priority": record.spec.priority,
-                "api_version": record.api_version,
-                "reason": record.reason,
-                "not_before_at_ms": record.not_before_at_ms,
-            },
+            data=data,
             attempt=record.attempt,
             correlation_id=record.spec.correlation_id,
             event_id=f"{record.id}.queued.{record.attempt}",
+            at_ms=at_ms,
         )
 
     async def release(
@@ -147,7 +163,7 @@ class JobOps:
         if record.attempt != attempt or not (written or redo):
             return None
         # Also on a redo after a crash (written False but the record already moved for this attempt).
-        await self.announce_outcome(record, from_runner=runner_id)
+        await self.announce_outcome(record, from_runner=runner_id, revision=latest.revision)
         return record if written else None
 
     async def unapplied_update(self, runner_id: str, job_id: str, attempt: int) -> bool:
@@ -173,7 +189,9 @@ class JobOps:
             seq = int(msg.seq or seq) + 1
         return True
 
-    async def announce_outcome(self, record: JobRecord, *, from_runner: str | None) -> None:
+    async def announce_outcome(
+        self, record: JobRecord, *, from_runner: str | None, revision: int | None = None
+    ) -> None:
         """Emit the events for a record that left its runner: re-queued, or its terminal state."""
         if record.state == JobState.QUEUED and record.runner_id is None:
             await self._events.emit(
@@ -188,7 +206,7 @@ class JobOps:
                 attempt=record.attempt,
                 event_id=f"{record.id}.requeued.{record.attempt}",
             )
-            await self.announce_queued(record)
+            await self.announce_queued(record, revision=revision)
         elif record.state in TERMINAL_STATES:
             res = record.result
             await self._events.emit(

@@ -17,7 +17,8 @@ __all__ = ["tail"]
 
 
 def _line(seq: int, event: Event) -> str:
-    data = " ".join(f"{k}={json.dumps(v)}" for k, v in event.data.items())
+    # the record a queued event may carry is for dispatchers, not for reading
+    data = " ".join(f"{k}={json.dumps(v)}" for k, v in event.data.items() if k != "record")
     attempt = f" attempt={event.attempt}" if event.attempt else ""
     return f"{fmt_ms(event.at_ms)}  #{seq:<6} {event.type:<22} {event.subject_id or '-'}{attempt}  {data}".rstrip()
 
