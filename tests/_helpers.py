@@ -72,6 +72,9 @@ def env_for(settings: Settings) -> dict[str, str]:
             "VALKYRIE_PREFIX": settings.prefix,
             "VALKYRIE_METRICS_PORT": "0",
             "VALKYRIE_ACK_WAIT_S": str(settings.ack_wait_s),
+            # provisioning from the subprocess must not grow the streams' reserved bytes (the
+            # session server has room for a few hundred test prefixes, not for 1 GiB each)
+            "VALKYRIE_EVENTS_MAX_BYTES": str(settings.events_max_bytes),
         }
     )
     return env

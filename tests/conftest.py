@@ -38,7 +38,7 @@ def nats_url() -> Iterator[str]:
             yield container.nats_uri()
         return
     store = Path(tempfile.mkdtemp(prefix="valkyrie-test-nats-"))
-    server = NatsServer(store_dir=store, port=0, name="valkyrie-test", max_mem="2G", max_file="8G")
+    server = NatsServer(store_dir=store, port=0, name="valkyrie-test", max_mem="2G", max_file="64G")
     server.start()
     try:
         yield server.url
