@@ -103,6 +103,15 @@ class SupervisorWorker(HandlerBase):
         late = mono - self._last_pass > 2 * self._cfg().supervise_interval_ms / 1000 + 0.5
         self._last_pass = mono
         judge = not late and self._beats.pending_msgs == 0
+        silent = [
+            rid
+            for rid, versioned in self._view.records.items()
+            if versioned.value.state != RunnerState.OFFLINE
+            and now - self._last_seen(rid, versioned.value) > lost_after
+        ]
+        if judge and silent:
+            judge = await self._caught_up()
+            now = now_ms()
         for rid, versioned in list(self._view.records.items()):
             record = versioned.value
             seen = self._last_seen(rid, record)
@@ -131,6 +140,23 @@ class SupervisorWorker(HandlerBase):
             if key not in live:
                 self._first_seen.pop(key, None)
                 self._deadline.pop(key, None)
+
+    async def _caught_up(self) -> bool:
+        """Read every heartbeat the server already sent us before judging anyone silent.
+
+        A flush is a round trip: its answer comes after every message the server sent before it,
+        so once it returns and our subscription's buffer is empty, a runner still silent really
+        sent nothing (and not merely: we had not read it yet, because this process was busy).
+        """
+        try:
+            await self._bus.nc.flush(timeout=2)
+        except (nats.errors.Error, TimeoutError):
+            return False
+        with anyio.move_on_after(1):
+            while self._beats.pending_msgs:  # noqa: ASYNC110 - nats-py signals no emptied buffer
+                await anyio.sleep(0.01)
+            return True
+        return False
 
     async def _forget(self, rid: str, versioned: Versioned[RunnerRecord]) -> None:
         """Remove a runner offline for longer than ``limits.offline_runner_retention_s``."""

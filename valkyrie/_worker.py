@@ -20,6 +20,7 @@ import nats.js.errors
 from anyio.abc import TaskStatus
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.client import JetStreamContext
 
 from schemas import FieldError
 from valkyrie._bus import Bus
@@ -30,6 +31,8 @@ from valkyrie._metrics import HandlerMetrics
 __all__ = ["StreamConsumer", "delivery_count", "headers_of"]
 
 log = logging.getLogger("valkyrie.worker")
+#: how long a stopping consumer waits for answers to its last pull request
+STRAGGLER_WAIT_S = 0.2
 
 Handle = Callable[[Msg], Awaitable[None]]
 #: errors that say the bus is unavailable for now (a leader election, a reconnect), not that the
@@ -142,9 +145,27 @@ class StreamConsumer:
                     for msg in msgs:
                         await slots.acquire()
                         tg.start_soon(self._process, msg, slots)
+            await self._hand_back_stragglers(psub)
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(2):
                 await psub.unsubscribe()
+
+    async def _hand_back_stragglers(self, psub: JetStreamContext.PullSubscription) -> None:
+        """Nak what a last pull request delivered after its fetch returned.
+
+        The server may still answer a pull request that the client already gave up on; left in
+        our buffer, those messages would wait a whole ack_wait before another process got them.
+        """
+        with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+            await anyio.sleep(STRAGGLER_WAIT_S)
+            while psub.pending_msgs:
+                # fetch() would send a new pull request; read what is buffered instead
+                try:
+                    msg = await psub._sub.next_msg(timeout=0.1)
+                except (TimeoutError, nats.errors.Error):
+                    return
+                if not JetStreamContext.is_status_msg(msg):
+                    await self._nak(msg, 0)
 
     async def _process(self, msg: Msg, slots: anyio.Semaphore) -> None:
         started = time.perf_counter()
