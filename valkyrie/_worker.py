@@ -31,8 +31,8 @@ from valkyrie._metrics import HandlerMetrics
 __all__ = ["StreamConsumer", "delivery_count", "headers_of"]
 
 log = logging.getLogger("valkyrie.worker")
-#: how long a stopping consumer waits for answers to its last pull request
-STRAGGLER_WAIT_S = 0.2
+#: margin past its last pull request's expiry that a stopping consumer waits for late answers
+STRAGGLER_WAIT_S = 0.1
 
 Handle = Callable[[Msg], Awaitable[None]]
 #: errors that say the bus is unavailable for now (a leader election, a reconnect), not that the
@@ -156,8 +156,14 @@ class StreamConsumer:
         The server may still answer a pull request that the client already gave up on; left in
         our buffer, those messages would wait a whole ack_wait before another process got them.
         """
-        with anyio.CancelScope(shield=True), anyio.move_on_after(2):
-            await anyio.sleep(STRAGGLER_WAIT_S)
+        with anyio.CancelScope(shield=True), anyio.move_on_after(self.fetch_timeout_s + 3):
+            # the server may answer until the last request expires; a flush (a round trip) then
+            # makes sure everything it sent before is in our buffer
+            await anyio.sleep(self.fetch_timeout_s + STRAGGLER_WAIT_S)
+            try:
+                await self.bus.nc.flush(timeout=2)
+            except (nats.errors.Error, TimeoutError):
+                pass
             while psub.pending_msgs:
                 # fetch() would send a new pull request; read what is buffered instead
                 try:
