@@ -32,6 +32,7 @@ __all__ = ["REPLY_TO_HEADER", "Client"]
 
 #: Header naming the subject the intake handler sends its verdict to.
 REPLY_TO_HEADER = "Valkyrie-Reply-To"
+_EXPLANATION = msgspec.json.Decoder(JobExplanation)
 
 
 class Client:
@@ -243,7 +244,7 @@ class Client:
             )
         except (nats.errors.NoRespondersError, nats.errors.TimeoutError) as e:
             raise BusError("no dispatcher answered the explain request: is one running?") from e
-        explanation = msgspec.json.decode(reply.data, type=JobExplanation)
+        explanation = _EXPLANATION.decode(reply.data)
         if explanation.error and explanation.state == "unknown":
             raise NotFoundError(explanation.error)
         return explanation

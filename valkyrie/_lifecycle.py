@@ -195,16 +195,14 @@ def requeue_job(
     not_before_ms: int | None = None,
     outcome: str = "requeued",
 ) -> JobRecord:
-    """Take a job back from its runner; it is placed again as a new attempt."""
-    return msgspec.structs.replace(
-        record,
-        state=JobState.QUEUED,
-        runner_id=None,
-        updated_at_ms=now_ms,
-        reason=reason,
-        not_before_at_ms=not_before_ms,
-        attempts=_close_attempt(record, now_ms=now_ms, outcome=outcome, reason=reason),
+    """Take a job back from its runner unconditionally; it is placed again as a new attempt.
+
+    (Taking back through the retry policy is :func:`retry_after_failure`.)
+    """
+    closed = msgspec.structs.replace(
+        record, attempts=_close_attempt(record, now_ms=now_ms, outcome=outcome, reason=reason)
     )
+    return _requeued(closed, now_ms=now_ms, reason=reason, not_before_ms=not_before_ms)
 
 
 def finish_job(
