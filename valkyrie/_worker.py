@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 import nats.errors
@@ -93,6 +94,11 @@ class StreamConsumer:
         self._events = EventPublisher(self.bus, self.name)
         self._max_deliver = self.max_deliver or self.bus.settings.max_deliver
         self._stop: anyio.Event | None = None
+        # label lookups are not free: resolve this handler's children once
+        m = self.metrics
+        self._in_flight = m.in_flight.labels(self.name)
+        self._duration = m.duration.labels(self.name)
+        self._outcomes: dict[str, Any] = {}
 
     def consumer_config(self) -> ConsumerConfig:
         """The durable consumer's configuration."""
@@ -175,14 +181,16 @@ class StreamConsumer:
 
     async def _process(self, msg: Msg, slots: anyio.Semaphore) -> None:
         started = time.perf_counter()
-        m = self.metrics
-        m.in_flight.labels(self.name).inc()
+        self._in_flight.inc()
         try:
             outcome = await self._settle(msg)
-            m.messages.labels(self.name, outcome).inc()
+            counter = self._outcomes.get(outcome)
+            if counter is None:
+                counter = self._outcomes[outcome] = self.metrics.messages.labels(self.name, outcome)
+            counter.inc()
         finally:
-            m.in_flight.labels(self.name).dec()
-            m.duration.labels(self.name).observe(time.perf_counter() - started)
+            self._in_flight.dec()
+            self._duration.observe(time.perf_counter() - started)
             slots.release()
 
     async def _settle(self, msg: Msg) -> str:
