@@ -47,6 +47,7 @@ from valkyrie._lifecycle import assign_slot, dispatch_job, finish_job
 from valkyrie._modes import uses_advanced_placement
 from valkyrie._placement import Placement, ScoreWeights, place
 from valkyrie._scheduling import FairShare, effective_priority, tenant_of
+from valkyrie._worker import hand_back_stragglers
 
 __all__ = ["DispatcherWorker", "create"]
 
@@ -54,6 +55,7 @@ log = logging.getLogger("valkyrie.dispatcher")
 ACK_WAIT_S = 30.0
 KEEPALIVE_S = 10.0
 COMMIT_CONCURRENCY = 64
+FETCH_TIMEOUT_S = 0.5
 FULL_SCAN_EVERY_MS = 1000
 _TAKEN = frozenset(
     {"accepted", "succeeded", "failed", "cancelled", "timed_out", "expired", "requeued"}
@@ -184,6 +186,8 @@ class DispatcherWorker(HandlerBase):
                     # and let the last fetch end: messages delivered to a pull request left open
                     # would wait out the ack wait before anyone could place them
                     await self._consumed.wait()
+                if psub is not None:
+                    await hand_back_stragglers(self._bus, psub, request_expiry_s=FETCH_TIMEOUT_S)
                 tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
@@ -223,7 +227,8 @@ class DispatcherWorker(HandlerBase):
         async with anyio.create_task_group() as tg:
             while not stop.is_set():
                 try:
-                    msgs = await psub.fetch(batch=256, timeout=0.5)
+                    batch = self._cfg().performance.fetch_batch
+                    msgs = await psub.fetch(batch=batch, timeout=FETCH_TIMEOUT_S)
                 except TimeoutError:  # nats raises its own subclass or the builtin
                     continue
                 except (nats.errors.Error, nats.js.errors.Error) as e:

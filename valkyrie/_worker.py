@@ -29,7 +29,7 @@ from valkyrie._errors import GiveUp, RetryLater
 from valkyrie._events import EventPublisher
 from valkyrie._metrics import HandlerMetrics
 
-__all__ = ["StreamConsumer", "delivery_count", "headers_of"]
+__all__ = ["StreamConsumer", "delivery_count", "hand_back_stragglers", "headers_of"]
 
 log = logging.getLogger("valkyrie.worker")
 #: margin past its last pull request's expiry that a stopping consumer waits for late answers
@@ -61,6 +61,36 @@ def delivery_count(msg: Msg) -> int:
 def headers_of(msg: Msg) -> dict[str, str]:
     """The message's headers as a plain dict."""
     return dict(msg.headers or {})
+
+
+async def hand_back_stragglers(
+    bus: Bus, psub: JetStreamContext.PullSubscription, *, request_expiry_s: float
+) -> None:
+    """Nak what a last pull request delivered after its fetch returned (call when stopping).
+
+    The server may still answer a pull request that the client already gave up on; left in our
+    buffer, those messages would wait a whole ack_wait before another process got them.
+    """
+    with anyio.CancelScope(shield=True), anyio.move_on_after(request_expiry_s + 3):
+        # the server may answer until the last request expires; a flush (a round trip) then
+        # makes sure everything it sent before is in our buffer
+        await anyio.sleep(request_expiry_s + STRAGGLER_WAIT_S)
+        try:
+            await bus.nc.flush(timeout=2)
+        except (nats.errors.Error, TimeoutError):
+            pass
+        while psub.pending_msgs:
+            # fetch() would send a new pull request; read what is buffered instead
+            try:
+                msg = await psub._sub.next_msg(timeout=0.1)
+            except (TimeoutError, nats.errors.Error):
+                return
+            if JetStreamContext.is_status_msg(msg):
+                continue
+            try:
+                await msg.nak()
+            except (nats.errors.Error, OSError) as e:
+                log.warning("nak of a late delivery failed (%r); redelivery after ack_wait", e)
 
 
 @dataclass
@@ -157,27 +187,7 @@ class StreamConsumer:
                 await psub.unsubscribe()
 
     async def _hand_back_stragglers(self, psub: JetStreamContext.PullSubscription) -> None:
-        """Nak what a last pull request delivered after its fetch returned.
-
-        The server may still answer a pull request that the client already gave up on; left in
-        our buffer, those messages would wait a whole ack_wait before another process got them.
-        """
-        with anyio.CancelScope(shield=True), anyio.move_on_after(self.fetch_timeout_s + 3):
-            # the server may answer until the last request expires; a flush (a round trip) then
-            # makes sure everything it sent before is in our buffer
-            await anyio.sleep(self.fetch_timeout_s + STRAGGLER_WAIT_S)
-            try:
-                await self.bus.nc.flush(timeout=2)
-            except (nats.errors.Error, TimeoutError):
-                pass
-            while psub.pending_msgs:
-                # fetch() would send a new pull request; read what is buffered instead
-                try:
-                    msg = await psub._sub.next_msg(timeout=0.1)
-                except (TimeoutError, nats.errors.Error):
-                    return
-                if not JetStreamContext.is_status_msg(msg):
-                    await self._nak(msg, 0)
+        await hand_back_stragglers(self.bus, psub, request_expiry_s=self.fetch_timeout_s)
 
     async def _process(self, msg: Msg, slots: anyio.Semaphore) -> None:
         started = time.perf_counter()
