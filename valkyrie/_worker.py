@@ -211,7 +211,7 @@ class StreamConsumer:
             if deliveries >= self._max_deliver:
                 await self._dead(msg, f"gave up after {deliveries} deliveries: {r.reason}", [])
                 return "dead"
-            await self._nak(msg, r.delay_s)
+            await self._nak(msg, r.delay_s)  # the handler's own timing (e.g. a durable timer)
             return "retry"
         except GiveUp as g:
             await self._dead(msg, g.reason, g.errors)
@@ -223,7 +223,7 @@ class StreamConsumer:
             if deliveries >= self._max_deliver:
                 await self._dead(msg, f"handler error after {deliveries} deliveries: {e!r}", [])
                 return "dead"
-            await self._nak(msg, min(0.1 * 2**deliveries, 5.0))
+            await self._nak(msg, self._backoff(min(0.1 * 2**deliveries, 5.0)))
             return "error"
         try:
             await msg.ack()
@@ -257,6 +257,11 @@ class StreamConsumer:
                 pass  # then it comes back after ack_wait, which handlers absorb
             await anyio.sleep(delay)
             delay = min(delay * 2, 2.0)
+
+    def _backoff(self, delay_s: float) -> float:
+        # While stopping, hand the message back at once: another process retries it now rather
+        # than after a delay during which it still counts as unacknowledged.
+        return 0.0 if self._stop is not None and self._stop.is_set() else delay_s
 
     async def _nak(self, msg: Msg, delay_s: float) -> None:
         try:
