@@ -251,9 +251,12 @@ async def test_sigterm_finishes_in_flight_messages_and_exits_zero(
                     stopped = time.monotonic()
                     assert code == 0, f"{name} exited {code}{handlers.tail(name)}"
                     if name != "dispatcher":
-                        # everything it had taken was processed and acked: nothing is left for
-                        # the 60 s ack wait to deliver again
-                        await wait_until(functools.partial(_no_ack_pending, bus, name), timeout_s=3)
+                        # everything it had taken was processed and acked (or handed back): nothing
+                        # is left for the 60 s ack wait to deliver again (10 s: a loaded CI
+                        # machine may take a few seconds to settle the last acks)
+                        await wait_until(
+                            functools.partial(_no_ack_pending, bus, name), timeout_s=10
+                        )
                     handlers.start(name)
                     await anyio.sleep(1.5)
             # The dispatcher hands the jobs it holds back (nak) when it stops: placed again at
