@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -17,11 +18,12 @@ from pathlib import Path
 import anyio
 import msgspec
 import nats.js.errors
+import pytest
 from nats.js.api import RawStreamMsg
 from prometheus_client import CollectorRegistry
 
-from schemas import DeadLetter, Event
-from valkyrie import Bus, Settings, open_bus, run_workers
+from schemas import DeadLetter, Event, JobRecord, JobState
+from valkyrie import Bus, BusError, Client, Settings, open_bus, run_workers
 from valkyrie._codec import DEAD_DECODER, EVENT_DECODER
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -271,3 +273,28 @@ def spawn_with_env(
         )
     finally:
         out.close()
+
+
+async def wait_all_succeeded(client: Client, total: int, timeout_s: float) -> dict[str, JobRecord]:
+    """Wait until at least ``total`` jobs exist and all succeeded; fail with their states if not.
+
+    A bus error while reading (a server restarting, a leader election) just means "not yet".
+    """
+
+    async def done() -> bool:
+        try:
+            records = await client.list_jobs()
+        except BusError:
+            return False
+        return len(records) >= total and all(r.state == JobState.SUCCEEDED for r in records)
+
+    try:
+        await wait_until(done, timeout_s=timeout_s, interval_s=1.0)
+    except TimeoutError:
+        records = await client.list_jobs()
+        states = Counter(r.state.value for r in records)
+        stuck = [r for r in records if r.state != JobState.SUCCEEDED][:3]
+        pytest.fail(
+            f"not every job succeeded: {dict(states)} of {len(records)}/{total}; e.g. {stuck}"
+        )
+    return {r.id: r for r in await client.list_jobs()}

@@ -20,7 +20,7 @@ import anyio.to_thread
 import pytest
 
 from schemas import JobState
-from tests._helpers import events_of, running, settings_for, wait_until
+from tests._helpers import events_of, running, settings_for, wait_all_succeeded, wait_until
 from valkyrie import Bus, BusError, Client, NatsServer, Settings, open_bus
 from valkyrie.testing import SimulatedRunner
 
@@ -149,7 +149,7 @@ async def test_sigkill_of_the_leader_loses_nothing(prefix: str, tmp_path: Path) 
                         await submit_with_retry(client, probe, f"probe-{prefix}")
                     pause_s = time.monotonic() - killed_at
                     new_leader = await _leader_after(bus, jobs_stream, victim)
-                await _wait_all_succeeded(client, TOTAL + 1, timeout_s=120)
+                await wait_all_succeeded(client, TOTAL + 1, timeout_s=120)
                 await anyio.sleep(1.0)  # late duplicates, if any, would show up now
                 records = await client.list_jobs()
                 lost = await events_of(bus, "runner.*.lost")
@@ -187,20 +187,3 @@ async def _leader_after(bus: Bus, stream: str, old: str) -> str:
             if leader != old:
                 return leader
             await anyio.sleep(0.2)
-
-
-async def _wait_all_succeeded(client: Client, total: int, timeout_s: float) -> None:
-    async def done() -> bool:
-        try:
-            records = await client.list_jobs()
-        except BusError:
-            return False
-        return len(records) >= total and all(r.state == JobState.SUCCEEDED for r in records)
-
-    try:
-        await wait_until(done, timeout_s=timeout_s, interval_s=1.0)
-    except TimeoutError:
-        records = await client.list_jobs()
-        states = Counter(r.state.value for r in records)
-        stuck = [r for r in records if r.state != JobState.SUCCEEDED][:3]
-        pytest.fail(f"not every job succeeded: {dict(states)} of {len(records)}; e.g. {stuck}")

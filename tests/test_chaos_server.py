@@ -15,7 +15,7 @@ import anyio.to_thread
 import nats.js.errors
 import pytest
 
-from schemas import JobRecord, JobState
+from schemas import JobState
 from tests._helpers import (
     events_of,
     overlaps,
@@ -24,6 +24,7 @@ from tests._helpers import (
     settings_for,
     spawn_runner,
     stop_process,
+    wait_all_succeeded,
     wait_until,
 )
 from valkyrie import Bus, BusError, Client, NatsServer
@@ -95,7 +96,7 @@ async def test_server_restarts_lose_and_double_nothing(prefix: str, tmp_path: Pa
                     await server.astart()
                     assert server.port == port
                     outages.append((how, time.monotonic() - began))
-            await _wait_all_succeeded(client, timeout_s=120)
+            await wait_all_succeeded(client, TOTAL, timeout_s=120)
             await anyio.sleep(1.0)  # late duplicates, if any, would show up now
             records = {r.id: r for r in await client.list_jobs()}
             lost = await events_of(bus, "runner.*.lost")
@@ -134,20 +135,3 @@ async def _registered(bus: Bus, n: int) -> bool:
         return len(await kv.keys()) >= n
     except nats.js.errors.NoKeysError:
         return False
-
-
-async def _wait_all_succeeded(client: Client, timeout_s: float) -> dict[str, JobRecord]:
-    async def done() -> bool:
-        try:
-            records = await client.list_jobs()
-        except BusError:
-            return False
-        return len(records) >= TOTAL and all(r.state == JobState.SUCCEEDED for r in records)
-
-    try:
-        await wait_until(done, timeout_s=timeout_s, interval_s=1.0)
-    except TimeoutError:
-        records = await client.list_jobs()
-        states = Counter(r.state.value for r in records)
-        pytest.fail(f"not every job succeeded: {dict(states)} of {len(records)}/{TOTAL}")
-    return {r.id: r for r in await client.list_jobs()}
