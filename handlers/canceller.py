@@ -25,7 +25,6 @@ from valkyrie import (
     GiveUp,
     HandlerContext,
     RetryLater,
-    StreamConsumer,
     delivery_count,
 )
 from valkyrie._codec import ANY_DECODER, JOB_DECODER, encode, now_ms
@@ -49,18 +48,14 @@ class CancellerWorker(HandlerBase):
     ) -> None:
         """Consume cancel requests until ``stop`` is set."""
         self._jobs = await self._bus.kv("jobs")
-        consumer = StreamConsumer(
-            name=self.name,
-            bus=self._bus,
-            stream=self._bus.names.stream("commands"),
+        await self.consume(
+            stop,
+            stream="commands",
             filter_subject=self._bus.names.cancel,
             handle=self.handle,
-            metrics=self._ctx.metrics,
             concurrency=16,
-            max_deliver=self._ctx.config.current.performance.max_deliver,
-            ack_wait_s=self._ctx.config.current.performance.ack_wait_s,
+            task_status=task_status,
         )
-        await consumer.run(stop, task_status=task_status)
 
     async def handle(self, msg: Msg) -> None:
         """Process one cancel request (first delivery: request; a later one: enforce)."""

@@ -23,7 +23,6 @@ from valkyrie import (
     GiveUp,
     HandlerContext,
     RetryLater,
-    StreamConsumer,
     headers_of,
 )
 from valkyrie._codec import ANY_DECODER, encode, now_ms
@@ -118,16 +117,14 @@ class ConfigWorker(HandlerBase):
     ) -> None:
         """Consume changes until ``stop`` is set."""
         self._kv = await self._bus.kv("config")
-        consumer = StreamConsumer(
-            name=self.name,
-            bus=self._bus,
-            stream=self._bus.names.stream("commands"),
+        await self.consume(
+            stop,
+            stream="commands",
             filter_subject=self._bus.names.config_change,
             handle=self.handle,
-            metrics=self._ctx.metrics,
             concurrency=1,  # revisions are sequential
+            task_status=task_status,
         )
-        await consumer.run(stop, task_status=task_status)
 
     async def _reply(self, msg: Msg, verdict: ConfigVerdict) -> None:
         reply_to = headers_of(msg).get(REPLY_TO_HEADER)

@@ -21,7 +21,6 @@ from valkyrie import (
     GiveUp,
     HandlerContext,
     SchemaError,
-    StreamConsumer,
     headers_of,
 )
 from valkyrie._codec import JOB_DECODER, encode, now_ms
@@ -50,19 +49,13 @@ class IntakeWorker(HandlerBase):
         created = str(getattr(info, "created", "") or "")
         # Ids derive from (stream incarnation, sequence): a recreated stream cannot reuse old ids.
         self._source = hashlib.sha256(f"{info.config.name}:{created}".encode()).hexdigest()[:12]
-        consumer = StreamConsumer(
-            name=self.name,
-            bus=bus,
-            stream=bus.names.stream("submit"),
+        await self.consume(
+            stop,
+            stream="submit",
             filter_subject=bus.names.submit,
             handle=self.handle,
-            metrics=self._ctx.metrics,
-            concurrency=self._ctx.config.current.performance.handler_concurrency,
-            max_deliver=self._ctx.config.current.performance.max_deliver,
-            ack_wait_s=self._ctx.config.current.performance.ack_wait_s,
-            fetch_batch=self._ctx.config.current.performance.fetch_batch,
+            task_status=task_status,
         )
-        await consumer.run(stop, task_status=task_status)
 
     async def _reply(self, reply_to: str | None, verdict: SubmitVerdict) -> None:
         if not reply_to:

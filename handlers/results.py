@@ -25,7 +25,7 @@ from schemas import (
     JobUpdate,
     RunnerCommand,
 )
-from valkyrie import GiveUp, HandlerContext, StreamConsumer
+from valkyrie import GiveUp, HandlerContext
 from valkyrie._codec import JOB_DECODER, UPDATE_DECODER, encode, now_ms
 from valkyrie._handler_base import HandlerBase
 from valkyrie._kvstore import Versioned, cas_update
@@ -53,19 +53,13 @@ class ResultsWorker(HandlerBase):
         """Consume updates until ``stop`` is set."""
         bus = self._bus
         self._jobs = await bus.kv("jobs")
-        consumer = StreamConsumer(
-            name=self.name,
-            bus=bus,
-            stream=bus.names.stream("updates"),
+        await self.consume(
+            stop,
+            stream="updates",
             filter_subject=bus.names.updates("*"),
             handle=self.handle,
-            metrics=self._ctx.metrics,
-            concurrency=self._ctx.config.current.performance.handler_concurrency,
-            max_deliver=self._ctx.config.current.performance.max_deliver,
-            ack_wait_s=self._ctx.config.current.performance.ack_wait_s,
-            fetch_batch=self._ctx.config.current.performance.fetch_batch,
+            task_status=task_status,
         )
-        await consumer.run(stop, task_status=task_status)
 
     async def handle(self, msg: Msg) -> None:
         """Apply one update."""

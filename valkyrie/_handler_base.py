@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
+import anyio
+from anyio.abc import TaskStatus
+from nats.aio.msg import Msg
+
 from valkyrie._events import EventPublisher
 from valkyrie._handlers import HandlerContext
 from valkyrie._jobops import JobOps
+from valkyrie._worker import StreamConsumer
 
 __all__ = ["HandlerBase"]
 
@@ -18,3 +25,33 @@ class HandlerBase:
         self._bus = ctx.bus
         self._events = EventPublisher(ctx.bus, ctx.name)
         self._ops = JobOps(ctx.bus, self._events, lambda: ctx.config.current.limits.job_retention_s)
+
+    async def consume(
+        self,
+        stop: anyio.Event,
+        *,
+        stream: str,
+        filter_subject: str,
+        handle: Callable[[Msg], Awaitable[None]],
+        concurrency: int | None = None,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Consume ``stream`` through this handler's durable consumer until ``stop`` is set.
+
+        Sizes come from the ``performance`` config section (read at start: not live);
+        ``concurrency`` overrides ``handler_concurrency`` for handlers that must go one by one.
+        """
+        perf = self._ctx.config.current.performance
+        consumer = StreamConsumer(
+            name=self.name,
+            bus=self._bus,
+            stream=self._bus.names.stream(stream),
+            filter_subject=filter_subject,
+            handle=handle,
+            metrics=self._ctx.metrics,
+            concurrency=concurrency or perf.handler_concurrency,
+            max_deliver=perf.max_deliver,
+            ack_wait_s=perf.ack_wait_s,
+            fetch_batch=perf.fetch_batch,
+        )
+        await consumer.run(stop, task_status=task_status)
