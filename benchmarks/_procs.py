@@ -74,17 +74,25 @@ class CpuSample:
     pressure_us: int | None
 
 
+def _total_cpu(pids: int | tuple[int, ...] | None) -> float | None:
+    if pids is None or isinstance(pids, int):
+        return cpu_seconds(pids)
+    each = [cpu_seconds(pid) for pid in pids]
+    return None if any(v is None for v in each) else sum(v for v in each if v is not None)
+
+
 @dataclass
 class CpuClock:
     """CPU used by named processes, and by the whole machine, between samples."""
 
-    pids: Mapping[str, int | None]
+    #: name -> a pid, or several whose CPU counts together (one role split over processes)
+    pids: Mapping[str, int | tuple[int, ...] | None]
 
     def sample(self) -> CpuSample:
         """The counters now."""
         return CpuSample(
             wall=time.perf_counter(),
-            process_s={name: cpu_seconds(pid) for name, pid in self.pids.items()},
+            process_s={name: _total_cpu(pids) for name, pids in self.pids.items()},
             machine_busy_s=_machine_busy_s(),
             pressure_us=_cpu_pressure_us(),
         )

@@ -2,8 +2,10 @@
 
 Two systems, measured in the same run against the same nats-server:
 
-* **valkyrie**: the control-plane handlers ``intake registry dispatcher results`` in one subprocess
-  (``python -m valkyrie worker ...``) and, in this process, ``--runners`` simulated runners
+* **valkyrie**: the control-plane handlers, by default in two worker subprocesses, one per core:
+  ``intake dispatcher`` (so intake hands new jobs straight to its dispatcher) and ``registry
+  results`` (``python -m valkyrie worker ...``; ``--processes`` changes the layout) and, in this
+  process, ``--runners`` simulated runners
   (:class:`benchmarks._fleet.LeanFleet`) that accept and complete every dispatch at once.
 * **raw**: the minimal equivalent in plain nats-py: JetStream publish to a work-queue stream -> a
   worker subprocess (``benchmarks/_raw_worker.py``) with a durable pull consumer doing one KV create
@@ -85,7 +87,8 @@ from schemas import JobSubmission  # noqa: E402
 from valkyrie import BUCKETS, Bus, NatsServer, Settings, connect  # noqa: E402
 
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "dispatch.json"
-HANDLERS = ("intake", "registry", "dispatcher", "results")
+#: default worker processes: the submit->dispatch path in one, runner upkeep and results in the other
+PROCESSES = "intake+dispatcher,registry+results"
 #: events and logs streams reserve their max_bytes on the server: keep it modest but far above what
 #: a run stores (about 2 KB of events per job), since old events are discarded when it is reached
 EVENTS_MAX_BYTES = 256 * 1024 * 1024
@@ -124,6 +127,12 @@ class Params:
     breakdown: bool
     scale_runners: int = 0
     scale_heartbeat_ms: int = 30_000
+    processes: str = PROCESSES
+    raw_processes: int = 1
+
+    def process_groups(self) -> list[list[str]]:
+        """The handlers of each worker process (``--processes``)."""
+        return [group.split("+") for group in self.processes.split(",")]
 
 
 # -- phases -------------------------------------------------------------------------------------
@@ -139,7 +148,7 @@ class Target:
     recorder: Recorder
     alive: Callable[[], str | None]
     settle: Callable[[], Awaitable[float | None]]
-    cpu_pids: dict[str, int | None]
+    cpu_pids: dict[str, int | tuple[int, ...] | None]
     tag: str
     extra: Callable[[], dict[str, Any]] = field(default=lambda: {})
     #: name of an intermediate step the recorder marks (``Recorder.milestones``), if any
@@ -463,20 +472,27 @@ async def valkyrie_scenario(
     log(f"valkyrie: prefix {names}, {p.runners} runners x capacity {p.runner_capacity}")
     bus = await connect(settings, name="bench-valkyrie-submit")
     fleet_nc: NatsClient | None = None
-    child: Child | None = None
+    workers: list[Child] = []
     try:
         await bus.provision()
-        argv = _profiled(
-            "valkyrie-worker", p, [sys.executable, "-m", "valkyrie", "worker", *HANDLERS]
-        )
-        child = children.spawn(
-            "valkyrie-worker",
-            argv,
-            env={**_env_for(settings), **(extra_env or {})},
-            log=workdir / f"{label}-worker.log",
-            cwd=ROOT,
-        )
-        alive = _child_alive(child)
+        groups = p.process_groups()
+        for i, group in enumerate(groups, 1):
+            name = "valkyrie-worker" if len(groups) == 1 else f"valkyrie-worker-{i}"
+            argv = _profiled(name, p, [sys.executable, "-m", "valkyrie", "worker", *group])
+            workers.append(
+                children.spawn(
+                    name,
+                    argv,
+                    env={**_env_for(settings), **(extra_env or {})},
+                    log=workdir / f"{label}-{name.removeprefix('valkyrie-')}.log",
+                    cwd=ROOT,
+                )
+            )
+        checks = [_child_alive(w) for w in workers]
+
+        def alive() -> str | None:
+            return next((m for m in (c() for c in checks) if m), None)
+
         fleet_nc = await nats.connect(url, name="bench-valkyrie-fleet", error_cb=_nats_error)
         recorder = Recorder()
         fleet = LeanFleet(
@@ -513,7 +529,7 @@ async def valkyrie_scenario(
                 raise RuntimeError("the runners bucket does not list every runner in time")
             setup_s = time.perf_counter() - setup_started
             log(f"valkyrie: {p.runners} runners registered in {setup_s:.1f}s")
-            spy = _spy(children, "valkyrie-worker", child.pid, p, workdir)
+            spies = [_spy(children, w.name, w.pid, p, workdir) for w in workers]
 
             if p.breakdown:
                 # the queued event (intake done) as a milestone: splits latency into intake and
@@ -555,7 +571,11 @@ async def valkyrie_scenario(
                 recorder=recorder,
                 alive=alive,
                 settle=settle,
-                cpu_pids={"benchmark": os.getpid(), "worker": child.pid, "nats_server": server_pid},
+                cpu_pids={
+                    "benchmark": os.getpid(),
+                    "worker": tuple(w.pid for w in workers if w.pid is not None),
+                    "nats_server": server_pid,
+                },
                 tag="v",
                 extra=extra,
                 milestone="queued_event" if p.breakdown else None,
@@ -563,17 +583,22 @@ async def valkyrie_scenario(
             results = await run_all_phases(target, p)
             stop.set()
             await fleet.close()
-        code = await anyio.to_thread.run_sync(children.stop, child)
-        results["worker_exit_code"] = code
-        if code != 0:
-            log(f"valkyrie worker exited with {code}; log tail:\n{child.tail()}")
-        _profile_summary("valkyrie-worker", p)
-        await _spy_finish(children, spy, "valkyrie-worker", p)
+        results["worker_processes"] = [" ".join(g) for g in groups]
+        codes = []
+        for worker, spy in zip(workers, spies, strict=True):
+            code = await anyio.to_thread.run_sync(children.stop, worker)
+            codes.append(code)
+            if code != 0:
+                log(f"{worker.name} exited with {code}; log tail:\n{worker.tail()}")
+            _profile_summary(worker.name, p)
+            await _spy_finish(children, spy, worker.name, p)
+        results["worker_exit_code"] = next((c for c in codes if c != 0), 0)
         return results
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(20):
-            if child is not None and child in children.started:
-                await anyio.to_thread.run_sync(children.stop, child)
+            for worker in workers:
+                if worker in children.started:
+                    await anyio.to_thread.run_sync(children.stop, worker)
             await _delete_valkyrie(bus)
             if fleet_nc is not None:
                 await fleet_nc.close()
@@ -601,7 +626,7 @@ async def raw_scenario(
     log(f"raw: prefix {prefix}, {p.runners} receivers, worker concurrency {p.raw_concurrency}")
     nc = await nats.connect(url, name="bench-raw-submit", error_cb=_nats_error)
     recv_nc: NatsClient | None = None
-    child: Child | None = None
+    raw_workers: list[Child] = []
     js = nc.jetstream()
     try:
         await js.add_stream(
@@ -648,10 +673,16 @@ async def raw_scenario(
             ],
         )
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        child = children.spawn(
-            "raw-worker", argv, env=env, log=workdir / "raw-worker.log", cwd=ROOT
-        )
-        alive = _child_alive(child)
+        for i in range(p.raw_processes):
+            name = "raw-worker" if p.raw_processes == 1 else f"raw-worker-{i + 1}"
+            raw_workers.append(
+                children.spawn(name, argv, env=env, log=workdir / f"{name}.log", cwd=ROOT)
+            )
+        child = raw_workers[0]
+        checks = [_child_alive(w) for w in raw_workers]
+
+        def alive() -> str | None:
+            return next((m for m in (c() for c in checks) if m), None)
 
         async def ready() -> bool:
             if alive():
@@ -663,9 +694,9 @@ async def raw_scenario(
             return True
 
         if await _until(ready, 30, 0.05) is None:
-            raise RuntimeError(f"raw worker not ready within 30s: {child.tail(2000)}")
+            raise RuntimeError(f"raw worker not ready within 30s: {alive() or child.tail(2000)}")
         recv_nc = await nats.connect(url, name="bench-raw-receivers", error_cb=_nats_error)
-        spy = _spy(children, "raw-worker", child.pid, p, workdir)
+        spies = [_spy(children, w.name, w.pid, p, workdir) for w in raw_workers]
         recorder = Recorder()
         receivers = RawReceivers(recv_nc, prefix, runner_ids(p.runners), recorder)
         await receivers.subscribe()
@@ -685,22 +716,31 @@ async def raw_scenario(
             recorder=recorder,
             alive=alive,
             settle=settle,
-            cpu_pids={"benchmark": os.getpid(), "worker": child.pid, "nats_server": server_pid},
+            cpu_pids={
+                "benchmark": os.getpid(),
+                "worker": tuple(w.pid for w in raw_workers if w.pid is not None),
+                "nats_server": server_pid,
+            },
             tag="r",
         )
         results = await run_all_phases(target, p)
         await receivers.close()
-        code = await anyio.to_thread.run_sync(children.stop, child)
-        results["worker_exit_code"] = code
-        if code != 0:
-            log(f"raw worker exited with {code}; log tail:\n{child.tail()}")
-        _profile_summary("raw-worker", p)
-        await _spy_finish(children, spy, "raw-worker", p)
+        results["worker_processes"] = len(raw_workers)
+        codes = []
+        for worker, spy in zip(raw_workers, spies, strict=True):
+            code = await anyio.to_thread.run_sync(children.stop, worker)
+            codes.append(code)
+            if code != 0:
+                log(f"{worker.name} exited with {code}; log tail:\n{worker.tail()}")
+            _profile_summary(worker.name, p)
+            await _spy_finish(children, spy, worker.name, p)
+        results["worker_exit_code"] = next((c for c in codes if c != 0), 0)
         return results
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(20):
-            if child is not None and child in children.started:
-                await anyio.to_thread.run_sync(children.stop, child)
+            for worker in raw_workers:
+                if worker in children.started:
+                    await anyio.to_thread.run_sync(children.stop, worker)
             try:
                 await js.delete_stream(stream)
             except (nats.errors.Error, nats.js.errors.Error):
@@ -1101,6 +1141,18 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Params, Path, bool]:
         default=30_000,
         help="runner heartbeat interval in the scale scenario (default 30000)",
     )
+    parser.add_argument(
+        "--processes",
+        default=PROCESSES,
+        help="worker processes and their handlers: ',' between processes, '+' between handlers "
+        "(default %(default)s; 'intake+registry+dispatcher+results' runs all in one)",
+    )
+    parser.add_argument(
+        "--raw-processes",
+        type=int,
+        default=1,
+        help="raw baseline worker processes sharing its durable consumer (default %(default)s)",
+    )
     a = parser.parse_args(argv)
 
     def pick(value: int | None, full: int, quick: int) -> int:
@@ -1129,6 +1181,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Params, Path, bool]:
         breakdown=not a.no_breakdown,
         scale_runners=a.scale_runners,
         scale_heartbeat_ms=a.scale_heartbeat_ms,
+        processes=a.processes,
+        raw_processes=a.raw_processes,
     )
     problems = [
         name

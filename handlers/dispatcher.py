@@ -26,7 +26,6 @@ import nats.js.errors
 from anyio.abc import TaskStatus
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.client import JetStreamContext
 
 from schemas import (
     Dispatch,
@@ -45,9 +44,10 @@ from valkyrie._index import RunnerIndex
 from valkyrie._kvstore import Versioned, cas_update, get_versioned
 from valkyrie._lifecycle import assign_slot, dispatch_job, finish_job
 from valkyrie._modes import uses_advanced_placement
+from valkyrie._outbox import Outbox
 from valkyrie._placement import Placement, ScoreWeights, place
+from valkyrie._pullfeed import PullFeed, ensure_consumer
 from valkyrie._scheduling import FairShare, effective_priority, tenant_of
-from valkyrie._worker import hand_back_stragglers
 
 __all__ = ["DispatcherWorker", "create"]
 
@@ -57,6 +57,8 @@ KEEPALIVE_S = 10.0
 COMMIT_CONCURRENCY = 64
 FETCH_TIMEOUT_S = 0.5
 FULL_SCAN_EVERY_MS = 1000
+#: how long a job placed the usual way holds back direct placement until its queued event arrives
+DECLINED_WAIT_S = 2.0
 _TAKEN = frozenset(
     {"accepted", "succeeded", "failed", "cancelled", "timed_out", "expired", "requeued"}
 )
@@ -70,7 +72,7 @@ class Pending:
     job_id: str
     attempt: int
     order: int
-    msg: Msg
+    msg: Msg | None  # None: handed over by intake in this process, not by an event
     record: Versioned[JobRecord] | None = None
     committing: bool = False
     boosted: bool = False
@@ -117,6 +119,9 @@ class DispatcherWorker(HandlerBase):
         self._fair = FairShare()
         self._durations: dict[str, float] = {}
         self._job_types: dict[str, str] = {}
+        # jobs this process's intake queued the usual way whose queued event has not arrived yet
+        # (job id -> monotonic time to stop waiting for it): new jobs must not pass them
+        self._declined: dict[str, float] = {}
 
     def _cfg(self) -> ValkyrieConfig:
         return self._ctx.config.current
@@ -155,15 +160,15 @@ class DispatcherWorker(HandlerBase):
                 bus.names.explain, queue=f"{bus.names.prefix}-dispatcher", cb=self._on_explain
             ),
         ]
-        psub: JetStreamContext.PullSubscription | None = None
         queued = bus.names.event("job", "*", "queued")
         try:
             async with anyio.create_task_group() as tg:
-                psub = await bus.js.pull_subscribe(
-                    queued,
-                    durable=self.name,
-                    stream=bus.names.stream("events"),
-                    config=ConsumerConfig(
+                self._tg = tg
+                stream = bus.names.stream("events")
+                await ensure_consumer(
+                    bus,
+                    stream,
+                    ConsumerConfig(
                         durable_name=self.name,
                         deliver_policy=DeliverPolicy.ALL,
                         ack_policy=AckPolicy.EXPLICIT,
@@ -172,22 +177,34 @@ class DispatcherWorker(HandlerBase):
                         filter_subject=queued,
                     ),
                 )
-                tg.start_soon(self._consume, psub, stop)
+                batch = self._cfg().performance.fetch_batch
+                feed = PullFeed(
+                    bus,
+                    stream=stream,
+                    durable=self.name,
+                    # held jobs do not count: they wait for runners, not for this process
+                    room=lambda: batch,
+                    deliver=self._on_queued,
+                    expires_s=FETCH_TIMEOUT_S,
+                    min_batch=max(1, batch // 4),
+                    max_batch=batch,
+                )
+                tg.start_soon(self._consume, feed, stop)
                 tg.start_soon(self._place_loop)
                 tg.start_soon(self._upkeep_loop, stop)
+                self._ctx.views.placer = self
                 task_status.started()
                 await stop.wait()
                 self._stopping = True
+                if self._ctx.views.placer is self:
+                    self._ctx.views.placer = None
                 self._poke()
                 # let commits in flight finish, then hand held jobs to other dispatchers at once
                 with anyio.move_on_after(10):
                     for _ in range(COMMIT_CONCURRENCY):
                         await self._commits.acquire()
-                    # and let the last fetch end: messages delivered to a pull request left open
-                    # would wait out the ack wait before anyone could place them
+                    # and let the last pull requests end: what they deliver is handed back
                     await self._consumed.wait()
-                if psub is not None:
-                    await hand_back_stragglers(self._bus, psub, request_expiry_s=FETCH_TIMEOUT_S)
                 tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
@@ -199,8 +216,6 @@ class DispatcherWorker(HandlerBase):
                         await self._settle(pending.msg, nak=True)
                 for sub in subs:
                     await sub.unsubscribe()
-                if psub is not None:
-                    await psub.unsubscribe()
 
     # -- inputs -----------------------------------------------------------------------------------
     async def _on_progress(self, msg: Msg) -> None:
@@ -223,43 +238,39 @@ class DispatcherWorker(HandlerBase):
                 old = self._durations.get(job_type)
                 self._durations[job_type] = duration if old is None else 0.9 * old + 0.1 * duration
 
-    async def _consume(self, psub: JetStreamContext.PullSubscription, stop: anyio.Event) -> None:
-        async with anyio.create_task_group() as tg:
-            while not stop.is_set():
-                try:
-                    batch = self._cfg().performance.fetch_batch
-                    msgs = await psub.fetch(batch=batch, timeout=FETCH_TIMEOUT_S)
-                except TimeoutError:  # nats raises its own subclass or the builtin
-                    continue
-                except (nats.errors.Error, nats.js.errors.Error) as e:
-                    log.warning("fetch failed (%r)", e)
-                    await anyio.sleep(0.25)
-                    continue
-                for msg in msgs:
-                    try:
-                        event = EVENT_DECODER.decode(msg.data)
-                    except msgspec.DecodeError:
-                        await self._settle(msg)
-                        continue
-                    job_id = event.subject_id or ""
-                    old = self._pending.get(job_id)
-                    if old is not None:
-                        if old.committing or old.attempt >= (event.attempt or 0):
-                            await self._settle(msg)
-                            continue
-                        await self._settle(old.msg)
-                    self._order += 1
-                    pending = Pending(
-                        job_id=job_id, attempt=event.attempt or 0, order=self._order, msg=msg
-                    )
-                    self._pending[job_id] = pending
-                    inline = _inline_record(event.data)
-                    if inline is None:
-                        tg.start_soon(self._load, pending)
-                    else:
-                        pending.record = inline
-                        self._check_loaded(pending)
-        self._consumed.set()
+    async def _consume(self, feed: PullFeed, stop: anyio.Event) -> None:
+        try:
+            await feed.run(stop)
+        finally:
+            self._consumed.set()
+
+    async def _on_queued(self, msg: Msg) -> None:
+        try:
+            event = EVENT_DECODER.decode(msg.data)
+        except msgspec.DecodeError:
+            await self._settle(msg)
+            return
+        job_id = event.subject_id or ""
+        self._declined.pop(job_id, None)
+        placed = event.data.get("placed_attempt")
+        if isinstance(placed, int) and placed > (event.attempt or 0):
+            await self._settle(msg)  # a dispatcher placed it as it was queued
+            return
+        old = self._pending.get(job_id)
+        if old is not None:
+            if old.committing or old.attempt >= (event.attempt or 0):
+                await self._settle(msg)
+                return
+            await self._settle(old.msg)
+        self._order += 1
+        pending = Pending(job_id=job_id, attempt=event.attempt or 0, order=self._order, msg=msg)
+        self._pending[job_id] = pending
+        inline = _inline_record(event.data)
+        if inline is None:
+            self._tg.start_soon(self._load, pending)
+        else:
+            pending.record = inline
+            self._check_loaded(pending)
 
     async def _load(self, pending: Pending) -> None:
         while True:
@@ -285,10 +296,13 @@ class DispatcherWorker(HandlerBase):
     def _drop(self, pending: Pending) -> None:
         if self._pending.get(pending.job_id) is pending:
             del self._pending[pending.job_id]
-        self._ack_later.append(pending.msg)  # the job is no longer ours to place
+        if pending.msg is not None:
+            self._ack_later.append(pending.msg)  # the job is no longer ours to place
         self._poke()
 
-    async def _settle(self, msg: Msg, *, nak: bool = False) -> None:
+    async def _settle(self, msg: Msg | None, *, nak: bool = False) -> None:
+        if msg is None:
+            return
         try:
             if nak:
                 await msg.nak()
@@ -298,6 +312,95 @@ class DispatcherWorker(HandlerBase):
             log.debug("ack/nak failed (%r): the message will be redelivered and dropped", e)
 
     # -- placement --------------------------------------------------------------------------------
+    async def place_now(self, record: JobRecord, revision: int) -> bool:
+        """Place a job intake has just recorded, unless others wait ahead of it (LocalPlacer).
+
+        ``True`` when it was dispatched (its ``queued`` and ``dispatched`` events emitted);
+        ``False`` when it should take the usual way through its ``job.queued`` event.
+        """
+        placed = await self._place_now(record, revision)
+        if not placed:
+            self._declined[record.id] = time.monotonic() + DECLINED_WAIT_S
+        return placed
+
+    async def _place_now(self, record: JobRecord, revision: int) -> bool:
+        if self._stopping or record.attempt != 0:
+            return False
+        if self._declined:
+            now_s = time.monotonic()
+            for job_id, until in list(self._declined.items()):
+                if until <= now_s:
+                    del self._declined[job_id]
+            if self._declined:
+                return False  # an earlier job is on its way here: the new one queues behind it
+        if any(not p.committing for p in self._pending.values()):
+            return False  # jobs already wait here: the new one queues behind them
+        config = self._cfg()
+        now = now_ms()
+        spec = record.spec
+        if (
+            config.mode == IntegrationMode.DISABLED
+            or record.state != JobState.QUEUED
+            or (record.not_before_at_ms is not None and record.not_before_at_ms > now)
+            or (spec.deadline_at_ms is not None and spec.deadline_at_ms <= now)
+            or not self._index.has_free(spec.job_type)
+        ):
+            return False
+        placement = place(
+            spec,
+            self._index.candidates(spec, config.scheduling.candidate_sample),
+            now_ms=now,
+            weights=self._weights(config),
+            advanced=uses_advanced_placement(spec, config.mode),
+            queued_for_ms=0,
+        )
+        rid = placement.runner_id
+        if rid is None:
+            return False
+        self._order += 1
+        pending = Pending(
+            job_id=record.id,
+            attempt=0,
+            order=self._order,
+            msg=None,
+            record=Versioned(record, revision),
+            committing=True,
+            last=placement,
+            effective=effective_priority(
+                spec,
+                waited_ms=0,
+                aging_step_s=config.scheduling.aging_step_s,
+                max_aging_boost=config.scheduling.max_aging_boost,
+                sla_classes=config.scheduling.sla_classes if config.features.qos_routing else {},
+                aging=config.features.priority_aging,
+            ),
+        )
+        self._index.reserve(rid, record.id)
+        try:
+            with anyio.fail_after(10):
+                await self._commits.acquire()
+            try:
+                await self._try_commit(pending, rid, placement, announce_queued=True)
+            finally:
+                self._commits.release()
+        except Exception:
+            if self._dispatched(pending):
+                raise  # placed, but not announced: the caller's message must come back
+            log.exception("placing %s at once failed; it takes the usual way", record.id)
+            return False
+        finally:
+            self._index.unreserve(rid, record.id)
+        return self._dispatched(pending)
+
+    @staticmethod
+    def _dispatched(pending: Pending) -> bool:
+        record = pending.record
+        return (
+            record is not None
+            and record.value.state != JobState.QUEUED
+            and record.value.attempt == pending.attempt + 1
+        )
+
     async def _place_loop(self) -> None:
         async with anyio.create_task_group() as tg:
             while not self._stopping:
@@ -496,8 +599,11 @@ class DispatcherWorker(HandlerBase):
             pending.committing = False
             self._poke()
 
-    async def _try_commit(self, pending: Pending, rid: str, placement: Placement) -> bool:
+    async def _try_commit(
+        self, pending: Pending, rid: str, placement: Placement, *, announce_queued: bool = False
+    ) -> bool:
         assert pending.record is not None
+        queued = pending.record.value
         job_id = pending.job_id
         queued_at = pending.queued_at_ms()
         attempt = pending.record.value.attempt + 1
@@ -561,6 +667,11 @@ class DispatcherWorker(HandlerBase):
         targets = dispatched.spec.performance_targets
         if avg is not None:
             data["predicted_finish_at_ms"] = now + int(avg)
+        outbox = Outbox(self._bus)
+        if announce_queued:
+            await self._ops.announce_queued(
+                queued, at_ms=queued.submitted_at_ms, placed_attempt=attempt, outbox=outbox
+            )
         await self._events.emit(
             "job",
             job_id,
@@ -570,6 +681,7 @@ class DispatcherWorker(HandlerBase):
             correlation_id=dispatched.spec.correlation_id,
             event_id=f"{job_id}.dispatched.{attempt}",
             at_ms=now,
+            outbox=outbox,
         )
         if (
             targets is not None
@@ -587,7 +699,9 @@ class DispatcherWorker(HandlerBase):
                 },
                 attempt=attempt,
                 event_id=f"{job_id}.target_at_risk.{attempt}",
+                outbox=outbox,
             )
+        await outbox.confirm()
         self._ctx.metrics.jobs.labels(self.name, "dispatched").inc()
         self._pending.pop(job_id, None)
         await self._settle(pending.msg)
@@ -703,6 +817,8 @@ class DispatcherWorker(HandlerBase):
                 if time.monotonic() - last_keepalive >= KEEPALIVE_S:
                     last_keepalive = time.monotonic()
                     for pending in list(self._pending.values()):
+                        if pending.msg is None:
+                            continue
                         try:
                             await pending.msg.in_progress()
                         except (nats.errors.Error, OSError):

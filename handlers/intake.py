@@ -127,7 +127,9 @@ class IntakeWorker(HandlerBase):
             record = existing  # our own earlier attempt: finish its remaining steps
             # it may have moved on since (placed, cancelled): then the dispatcher reads it itself
             revision = int(entry.revision or 0) if existing.attempt == 0 else None
-        await self._ops.announce_queued(record, revision=revision, at_ms=record.submitted_at_ms)
+        placer = self._ctx.views.placer
+        if revision is None or placer is None or not await placer.place_now(record, revision):
+            await self._ops.announce_queued(record, revision=revision, at_ms=record.submitted_at_ms)
         self._ctx.metrics.jobs.labels(self.name, "queued").inc()
         await self._reply(
             reply_to,

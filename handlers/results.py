@@ -30,6 +30,7 @@ from valkyrie._codec import JOB_DECODER, UPDATE_DECODER, encode, now_ms
 from valkyrie._handler_base import HandlerBase
 from valkyrie._kvstore import Versioned, cas_update
 from valkyrie._lifecycle import UpdateOutcome, UpdateResult, apply_update
+from valkyrie._outbox import Outbox
 
 __all__ = ["ResultsWorker", "create"]
 
@@ -68,14 +69,16 @@ class ResultsWorker(HandlerBase):
         except msgspec.DecodeError as e:
             raise GiveUp(f"invalid job update: {e}") from e
         lock = self._locks.setdefault(update.job_id, anyio.Lock())
+        outbox = Outbox(self._bus)
         try:
             async with lock:
-                await self._apply(update)
+                await self._apply(update, outbox)
         finally:
             if not lock.locked() and lock.statistics().tasks_waiting == 0:
                 self._locks.pop(update.job_id, None)
+        await outbox.confirm()  # events stored before the update is acked
 
-    async def _apply(self, update: JobUpdate) -> None:
+    async def _apply(self, update: JobUpdate, outbox: Outbox) -> None:
         now = now_ms()
         verdict: list[UpdateResult] = []
 
@@ -108,9 +111,9 @@ class ResultsWorker(HandlerBase):
             return
         match update:
             case JobAccepted():
-                await self._emit(record, "accepted", {"runner_id": update.runner_id})
+                await self._emit(record, "accepted", {"runner_id": update.runner_id}, outbox)
             case JobStarted():
-                await self._emit(record, "started", {"runner_id": update.runner_id})
+                await self._emit(record, "started", {"runner_id": update.runner_id}, outbox)
             case JobFinished():
                 if record.attempt != update.attempt or record.state not in (
                     {JobState.QUEUED} | TERMINAL_STATES
@@ -133,12 +136,14 @@ class ResultsWorker(HandlerBase):
                     accept_latency_ms=latency,
                 )
                 await self._ops.announce_outcome(
-                    record, from_runner=update.runner_id, revision=latest.revision
+                    record, from_runner=update.runner_id, revision=latest.revision, outbox=outbox
                 )
                 if written:
                     self._ctx.metrics.jobs.labels(self.name, record.state.value).inc()
 
-    async def _emit(self, record: JobRecord, kind: str, data: dict[str, object]) -> None:
+    async def _emit(
+        self, record: JobRecord, kind: str, data: dict[str, object], outbox: Outbox
+    ) -> None:
         await self._events.emit(
             "job",
             record.id,
@@ -147,6 +152,7 @@ class ResultsWorker(HandlerBase):
             attempt=record.attempt,
             correlation_id=record.spec.correlation_id,
             event_id=f"{record.id}.{kind}.{record.attempt}",
+            outbox=outbox,
         )
 
     async def _refuse(self, update: JobUpdate, record: JobRecord, reason: str) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 from schemas import DeadLetter, Event, FieldError
 from valkyrie._bus import Bus
 from valkyrie._codec import encode, new_id, now_ms
+from valkyrie._outbox import Outbox
 
 __all__ = ["EventPublisher"]
 
@@ -33,8 +34,12 @@ class EventPublisher:
         correlation_id: str | None = None,
         event_id: str | None = None,
         at_ms: int | None = None,
+        outbox: Outbox | None = None,
     ) -> Event:
-        """Publish one event and wait for the stream to store it."""
+        """Publish one event and wait for the stream to store it.
+
+        With an ``outbox`` the event is only sent; the caller confirms the outbox later.
+        """
         event = Event(
             id=event_id or new_id(),
             type=f"{entity}.{event_type}",
@@ -45,12 +50,12 @@ class EventPublisher:
             correlation_id=correlation_id,
             data=data or {},
         )
-        await self._bus.js.publish(
-            self._bus.names.event(entity, subject_id, event_type),
-            encode(event),
-            headers={"Nats-Msg-Id": event.id},
-            timeout=5.0,
-        )
+        subject = self._bus.names.event(entity, subject_id, event_type)
+        headers = {"Nats-Msg-Id": event.id}
+        if outbox is not None:
+            await outbox.publish(subject, encode(event), headers)
+        else:
+            await self._bus.js.publish(subject, encode(event), headers=headers, timeout=5.0)
         return event
 
     async def dead_letter(

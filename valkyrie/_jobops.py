@@ -17,6 +17,7 @@ from valkyrie._codec import JOB_DECODER, RUNNER_DECODER, UPDATE_DECODER, encode,
 from valkyrie._events import EventPublisher
 from valkyrie._kvstore import Versioned, cas_update, get_versioned
 from valkyrie._lifecycle import release_slot, retry_after_failure
+from valkyrie._outbox import Outbox
 
 __all__ = ["INLINE_RECORD_BYTES", "JobOps", "terminal_ttl"]
 
@@ -56,12 +57,20 @@ class JobOps:
         return terminal_ttl(self._retention_s())
 
     async def announce_queued(
-        self, record: JobRecord, *, revision: int | None = None, at_ms: int | None = None
+        self,
+        record: JobRecord,
+        *,
+        revision: int | None = None,
+        at_ms: int | None = None,
+        placed_attempt: int | None = None,
+        outbox: Outbox | None = None,
     ) -> None:
         """Emit ``job.queued`` for the record's current attempt (dispatchers consume these).
 
         With the record's KV ``revision``, a small record travels in the event (``record``,
-        ``revision``) so a dispatcher can place the job without reading it back first.
+        ``revision``) so a dispatcher can place the job without reading it back first. A job a
+        dispatcher placed the moment it was queued says so (``placed_attempt``): dispatchers
+        then settle the event without placing it again.
         """
         data: dict[str, object] = {
             "job_type": record.spec.job_type,
@@ -70,7 +79,9 @@ class JobOps:
             "reason": record.reason,
             "not_before_at_ms": record.not_before_at_ms,
         }
-        if revision is not None:
+        if placed_attempt is not None:
+            data["placed_attempt"] = placed_attempt
+        elif revision is not None:
             encoded = encode(record)
             if len(encoded) <= INLINE_RECORD_BYTES:
                 data["record"] = msgspec.json.decode(encoded)
@@ -84,6 +95,7 @@ class JobOps:
             correlation_id=record.spec.correlation_id,
             event_id=f"{record.id}.queued.{record.attempt}",
             at_ms=at_ms,
+            outbox=outbox,
         )
 
     async def release(
@@ -190,7 +202,12 @@ class JobOps:
         return True
 
     async def announce_outcome(
-        self, record: JobRecord, *, from_runner: str | None, revision: int | None = None
+        self,
+        record: JobRecord,
+        *,
+        from_runner: str | None,
+        revision: int | None = None,
+        outbox: Outbox | None = None,
     ) -> None:
         """Emit the events for a record that left its runner: re-queued, or its terminal state."""
         if record.state == JobState.QUEUED and record.runner_id is None:
@@ -205,8 +222,9 @@ class JobOps:
                 },
                 attempt=record.attempt,
                 event_id=f"{record.id}.requeued.{record.attempt}",
+                outbox=outbox,
             )
-            await self.announce_queued(record, revision=revision)
+            await self.announce_queued(record, revision=revision, outbox=outbox)
         elif record.state in TERMINAL_STATES:
             res = record.result
             await self._events.emit(
@@ -223,6 +241,7 @@ class JobOps:
                 attempt=record.attempt,
                 correlation_id=record.spec.correlation_id,
                 event_id=f"{record.id}.{record.state.value}.{record.attempt}",
+                outbox=outbox,
             )
             targets = record.spec.performance_targets
             took_ms = (record.finished_at_ms or 0) - record.submitted_at_ms
@@ -241,4 +260,5 @@ class JobOps:
                     },
                     attempt=record.attempt,
                     event_id=f"{record.id}.target_missed",
+                    outbox=outbox,
                 )

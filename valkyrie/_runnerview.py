@@ -15,6 +15,7 @@ from schemas import RunnerRecord
 from valkyrie._bus import Bus
 from valkyrie._codec import RUNNER_DECODER
 from valkyrie._kvstore import Versioned
+from valkyrie._placer import LocalPlacer
 
 __all__ = ["RunnerView", "SharedViews"]
 
@@ -84,10 +85,11 @@ class RunnerView:
 
 
 class SharedViews:
-    """Views one process's handlers share: one watch of the runners bucket, not one each.
+    """What one process's handlers share: one watch of the runners bucket, not one each.
 
     Every runner-record write (two per job) reaches each watcher; with the dispatcher, registry,
     supervisor and monitor in one process that was four deliveries and four decodes per write.
+    A dispatcher also offers itself here (``placer``) so intake can hand it new jobs directly.
     """
 
     def __init__(self, bus: Bus, task_group: TaskGroup) -> None:
@@ -95,6 +97,8 @@ class SharedViews:
         self._tg = task_group
         self._runners: RunnerView | None = None
         self._lock = anyio.Lock()
+        #: a dispatcher of this process that places new jobs at once (None: there is none)
+        self.placer: LocalPlacer | None = None
 
     async def runners(self) -> RunnerView:
         """The process's runner view, loaded (started on first use)."""

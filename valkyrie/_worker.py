@@ -21,19 +21,17 @@ import nats.js.errors
 from anyio.abc import TaskStatus
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.client import JetStreamContext
 
 from schemas import FieldError
 from valkyrie._bus import Bus
 from valkyrie._errors import GiveUp, RetryLater
 from valkyrie._events import EventPublisher
 from valkyrie._metrics import HandlerMetrics
+from valkyrie._pullfeed import PullFeed, ensure_consumer
 
-__all__ = ["StreamConsumer", "delivery_count", "hand_back_stragglers", "headers_of"]
+__all__ = ["StreamConsumer", "delivery_count", "headers_of"]
 
 log = logging.getLogger("valkyrie.worker")
-#: margin past its last pull request's expiry that a stopping consumer waits for late answers
-STRAGGLER_WAIT_S = 0.1
 
 Handle = Callable[[Msg], Awaitable[None]]
 #: errors that say the bus is unavailable for now (a leader election, a reconnect), not that the
@@ -61,36 +59,6 @@ def delivery_count(msg: Msg) -> int:
 def headers_of(msg: Msg) -> dict[str, str]:
     """The message's headers as a plain dict."""
     return dict(msg.headers or {})
-
-
-async def hand_back_stragglers(
-    bus: Bus, psub: JetStreamContext.PullSubscription, *, request_expiry_s: float
-) -> None:
-    """Nak what a last pull request delivered after its fetch returned (call when stopping).
-
-    The server may still answer a pull request that the client already gave up on; left in our
-    buffer, those messages would wait a whole ack_wait before another process got them.
-    """
-    with anyio.CancelScope(shield=True), anyio.move_on_after(request_expiry_s + 3):
-        # the server may answer until the last request expires; a flush (a round trip) then
-        # makes sure everything it sent before is in our buffer
-        await anyio.sleep(request_expiry_s + STRAGGLER_WAIT_S)
-        try:
-            await bus.nc.flush(timeout=2)
-        except (nats.errors.Error, TimeoutError):
-            pass
-        while psub.pending_msgs:
-            # fetch() would send a new pull request; read what is buffered instead
-            try:
-                msg = await psub._sub.next_msg(timeout=0.1)
-            except (TimeoutError, nats.errors.Error):
-                return
-            if JetStreamContext.is_status_msg(msg):
-                continue
-            try:
-                await msg.nak()
-            except (nats.errors.Error, OSError) as e:
-                log.warning("nak of a late delivery failed (%r); redelivery after ack_wait", e)
 
 
 @dataclass
@@ -151,45 +119,29 @@ class StreamConsumer:
         task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         """Consume until ``stop`` is set, then finish the messages in flight and return."""
-        psub = await self.bus.js.pull_subscribe(
-            self.filter_subject,
-            durable=self.name,
-            stream=self.stream,
-            config=self.consumer_config(),
-        )
-        slots = anyio.Semaphore(self.concurrency)
+        await ensure_consumer(self.bus, self.stream, self.consumer_config())
         self._stop = stop
-        task_status.started()
-        try:
-            async with anyio.create_task_group() as tg:
-                while not stop.is_set():
-                    free = slots.value
-                    if free == 0:
-                        await slots.acquire()
-                        slots.release()
-                        continue
-                    try:
-                        msgs = await psub.fetch(
-                            batch=min(free, self.fetch_batch), timeout=self.fetch_timeout_s
-                        )
-                    except TimeoutError:  # nats raises its own subclass or the builtin
-                        continue
-                    except (nats.errors.Error, nats.js.errors.Error) as e:
-                        log.warning("%s: fetch failed (%r); retrying", self.name, e)
-                        await anyio.sleep(0.25)
-                        continue
-                    for msg in msgs:
-                        await slots.acquire()
-                        tg.start_soon(self._process, msg, slots)
-            await self._hand_back_stragglers(psub)
-        finally:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
-                await psub.unsubscribe()
+        self._active = 0
+        async with anyio.create_task_group() as tg:
 
-    async def _hand_back_stragglers(self, psub: JetStreamContext.PullSubscription) -> None:
-        await hand_back_stragglers(self.bus, psub, request_expiry_s=self.fetch_timeout_s)
+            async def deliver(msg: Msg) -> None:
+                self._active += 1
+                tg.start_soon(self._process, msg)
 
-    async def _process(self, msg: Msg, slots: anyio.Semaphore) -> None:
+            self._feed = PullFeed(
+                self.bus,
+                stream=self.stream,
+                durable=self.name,
+                room=lambda: self.concurrency - self._active,
+                deliver=deliver,
+                expires_s=self.fetch_timeout_s,
+                min_batch=max(1, self.concurrency // 4),
+                max_batch=self.fetch_batch,
+            )
+            await tg.start(self._feed.run, stop)
+            task_status.started()
+
+    async def _process(self, msg: Msg) -> None:
         started = time.perf_counter()
         self._in_flight.inc()
         try:
@@ -201,7 +153,8 @@ class StreamConsumer:
         finally:
             self._in_flight.dec()
             self._duration.observe(time.perf_counter() - started)
-            slots.release()
+            self._active -= 1
+            self._feed.wake()
 
     async def _settle(self, msg: Msg) -> str:
         deliveries = delivery_count(msg)
