@@ -148,6 +148,7 @@ class DispatcherWorker(HandlerBase):
         self._jobs = await bus.kv("jobs")
         self._runners_kv = await bus.kv("runners")
         self._view = await self._ctx.views.runners()
+        self._ops.runners = self._view
         self._view.add_listener(self._on_runner)
         self._ctx.config.on_change(lambda _old, _new: self._poke())
         subs = [
@@ -312,29 +313,30 @@ class DispatcherWorker(HandlerBase):
             log.debug("ack/nak failed (%r): the message will be redelivered and dropped", e)
 
     # -- placement --------------------------------------------------------------------------------
-    async def place_now(self, record: JobRecord, revision: int) -> bool:
-        """Place a job intake has just recorded, unless others wait ahead of it (LocalPlacer).
+    async def place_new(self, record: JobRecord) -> bool:
+        """Place a job intake has accepted but not stored, unless others wait ahead (LocalPlacer).
 
-        ``True`` when it was dispatched (its ``queued`` and ``dispatched`` events emitted);
-        ``False`` when it should take the usual way through its ``job.queued`` event.
+        ``True`` when it was dispatched: its record created in the dispatched state, its ``queued``
+        and ``dispatched`` events emitted. ``False`` when nothing was stored: intake stores it as
+        queued and it takes the usual way through its ``job.queued`` event.
         """
-        placed = await self._place_now(record, revision)
-        if not placed:
+        outcome = await self._place_new(record)
+        if outcome == "declined":
             self._declined[record.id] = time.monotonic() + DECLINED_WAIT_S
-        return placed
+        return outcome == "placed"
 
-    async def _place_now(self, record: JobRecord, revision: int) -> bool:
+    async def _place_new(self, record: JobRecord) -> str:
         if self._stopping or record.attempt != 0:
-            return False
+            return "declined"
         if self._declined:
             now_s = time.monotonic()
             for job_id, until in list(self._declined.items()):
                 if until <= now_s:
                     del self._declined[job_id]
             if self._declined:
-                return False  # an earlier job is on its way here: the new one queues behind it
+                return "declined"  # an earlier job is on its way here: the new one queues behind it
         if any(not p.committing for p in self._pending.values()):
-            return False  # jobs already wait here: the new one queues behind them
+            return "declined"  # jobs already wait here: the new one queues behind them
         config = self._cfg()
         now = now_ms()
         spec = record.spec
@@ -345,7 +347,7 @@ class DispatcherWorker(HandlerBase):
             or (spec.deadline_at_ms is not None and spec.deadline_at_ms <= now)
             or not self._index.has_free(spec.job_type)
         ):
-            return False
+            return "declined"
         placement = place(
             spec,
             self._index.candidates(spec, config.scheduling.candidate_sample),
@@ -356,14 +358,14 @@ class DispatcherWorker(HandlerBase):
         )
         rid = placement.runner_id
         if rid is None:
-            return False
+            return "declined"
         self._order += 1
         pending = Pending(
             job_id=record.id,
             attempt=0,
             order=self._order,
             msg=None,
-            record=Versioned(record, revision),
+            record=Versioned(record, 0),  # not stored yet: the commit creates it
             committing=True,
             last=placement,
             effective=effective_priority(
@@ -380,17 +382,20 @@ class DispatcherWorker(HandlerBase):
             with anyio.fail_after(10):
                 await self._commits.acquire()
             try:
-                await self._try_commit(pending, rid, placement, announce_queued=True)
+                await self._try_commit(pending, rid, placement, fresh=True)
             finally:
                 self._commits.release()
         except Exception:
             if self._dispatched(pending):
                 raise  # placed, but not announced: the caller's message must come back
             log.exception("placing %s at once failed; it takes the usual way", record.id)
-            return False
+            return "declined"
         finally:
             self._index.unreserve(rid, record.id)
-        return self._dispatched(pending)
+        if self._dispatched(pending):
+            return "placed"
+        # the record exists already (a redelivered submission): intake looks at it
+        return "exists" if pending.record is None else "declined"
 
     @staticmethod
     def _dispatched(pending: Pending) -> bool:
@@ -600,8 +605,13 @@ class DispatcherWorker(HandlerBase):
             self._poke()
 
     async def _try_commit(
-        self, pending: Pending, rid: str, placement: Placement, *, announce_queued: bool = False
+        self, pending: Pending, rid: str, placement: Placement, *, fresh: bool = False
     ) -> bool:
+        """Claim a slot on ``rid``, then move the job record to dispatched, then publish.
+
+        ``fresh``: the record is not stored yet (intake's hand-over); it is created dispatched,
+        and its ``queued`` event is emitted here, before ``dispatched``.
+        """
         assert pending.record is not None
         queued = pending.record.value
         job_id = pending.job_id
@@ -636,8 +646,14 @@ class DispatcherWorker(HandlerBase):
                 break
             new = dispatch_job(record.value, rid, now_ms=now)
             try:
-                revision = await self._jobs.update(job_id, encode(new), last=record.revision)
+                if fresh:
+                    revision = await self._jobs.create(job_id, encode(new))
+                else:
+                    revision = await self._jobs.update(job_id, encode(new), last=record.revision)
             except nats.js.errors.KeyWrongLastSequenceError:
+                if fresh:
+                    record = pending.record = None
+                    break
                 record = await get_versioned(self._jobs, job_id, JOB_DECODER)
                 continue
             dispatched = new
@@ -668,7 +684,7 @@ class DispatcherWorker(HandlerBase):
         if avg is not None:
             data["predicted_finish_at_ms"] = now + int(avg)
         outbox = Outbox(self._bus)
-        if announce_queued:
+        if fresh:
             await self._ops.announce_queued(
                 queued, at_ms=queued.submitted_at_ms, placed_attempt=attempt, outbox=outbox
             )

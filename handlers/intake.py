@@ -2,20 +2,24 @@
 
 Order of effects, each idempotent so that a crash at any line is repaired by redelivery:
 idempotency claim -> job record (KV create) -> ``job.queued`` event (de-duplicated id) -> verdict
--> ack.
+-> ack. When a dispatcher runs in the same process and nothing waits ahead, intake hands it the
+job first (``LocalPlacer.place_new``): it claims a runner slot and creates the record already
+dispatched, so the job skips the queued record, the event round trip and a second write.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 
 import anyio
+import msgspec
 import nats.errors
 import nats.js.errors
 from anyio.abc import TaskStatus
 from nats.aio.msg import Msg
 
-from schemas import JobState, SubmitVerdict
+from schemas import FieldError, JobState, SubmitVerdict
 from valkyrie import (
     REPLY_TO_HEADER,
     GiveUp,
@@ -115,7 +119,12 @@ class IntakeWorker(HandlerBase):
                     return
 
         record = queued_record(job_id, parsed, now_ms=now, source_seq=seq)
-        revision: int | None
+        placer = self._ctx.views.placer
+        if placer is not None and await placer.place_new(record):
+            await self._accepted(job_id, parsed.warnings, reply_to)
+            return
+        revision: int | None = None
+        placed_attempt: int | None = None
         try:
             revision = await self._jobs.create(job_id, encode(record))
         except nats.js.errors.KeyWrongLastSequenceError:
@@ -124,20 +133,27 @@ class IntakeWorker(HandlerBase):
             if existing.source_seq != seq:
                 await self._duplicate(job_id, reply_to, seq)
                 return
-            record = existing  # our own earlier attempt: finish its remaining steps
-            # it may have moved on since (placed, cancelled): then the dispatcher reads it itself
-            revision = int(entry.revision or 0) if existing.attempt == 0 else None
-        placer = self._ctx.views.placer
-        if revision is None or placer is None or not await placer.place_now(record, revision):
-            await self._ops.announce_queued(record, revision=revision, at_ms=record.submitted_at_ms)
+            # our own earlier attempt: finish its remaining steps
+            if existing.attempt == 0:
+                record, revision = existing, int(entry.revision or 0)
+            else:
+                # placed since (perhaps by a placer that died before announcing it): the queued
+                # event says so, and is a no-op if it was stored before
+                record = msgspec.structs.replace(record, submitted_at_ms=existing.submitted_at_ms)
+                placed_attempt = existing.attempt
+        await self._ops.announce_queued(
+            record, revision=revision, at_ms=record.submitted_at_ms, placed_attempt=placed_attempt
+        )
+        await self._accepted(job_id, parsed.warnings, reply_to)
+
+    async def _accepted(
+        self, job_id: str, warnings: Sequence[FieldError], reply_to: str | None
+    ) -> None:
         self._ctx.metrics.jobs.labels(self.name, "queued").inc()
         await self._reply(
             reply_to,
             SubmitVerdict(
-                accepted=True,
-                job_id=job_id,
-                state=JobState.QUEUED,
-                warnings=list(parsed.warnings),
+                accepted=True, job_id=job_id, state=JobState.QUEUED, warnings=list(warnings)
             ),
         )
 

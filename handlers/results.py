@@ -36,6 +36,21 @@ __all__ = ["ResultsWorker", "create"]
 
 log = logging.getLogger("valkyrie.results")
 RECENT_RECORDS = 10_000
+FOLLOW_TIMEOUT_S = 60.0  # an update waiting for another task to apply it with its job's others
+
+
+class _Queued:
+    """An update waiting to be applied by whichever task holds its job."""
+
+    def __init__(self, update: JobUpdate) -> None:
+        self.update = update
+        self.done = anyio.Event()
+        self.error: BaseException | None = None
+
+    def fail(self, error: BaseException) -> None:
+        if not self.done.is_set():
+            self.error = error
+            self.done.set()
 
 
 class ResultsWorker(HandlerBase):
@@ -43,7 +58,8 @@ class ResultsWorker(HandlerBase):
 
     def __init__(self, ctx: HandlerContext) -> None:
         super().__init__(ctx)
-        self._locks: dict[str, anyio.Lock] = {}
+        # updates of one job being applied, and those waiting to join the next write
+        self._queues: dict[str, list[_Queued]] = {}
         # Records this process wrote last: the next update of the same job (finished after
         # accepted) then skips a read. A stale entry only costs the compare-and-set a retry.
         self._recent: OrderedDict[str, Versioned[JobRecord]] = OrderedDict()
@@ -54,6 +70,7 @@ class ResultsWorker(HandlerBase):
         """Consume updates until ``stop`` is set."""
         bus = self._bus
         self._jobs = await bus.kv("jobs")
+        self._ops.runners = await self._ctx.views.runners()
         await self.consume(
             stop,
             stream="updates",
@@ -63,47 +80,108 @@ class ResultsWorker(HandlerBase):
         )
 
     async def handle(self, msg: Msg) -> None:
-        """Apply one update."""
+        """Apply one update (together with others of the same job that arrived meanwhile)."""
         try:
             update = UPDATE_DECODER.decode(msg.data)
         except msgspec.DecodeError as e:
             raise GiveUp(f"invalid job update: {e}") from e
-        lock = self._locks.setdefault(update.job_id, anyio.Lock())
-        outbox = Outbox(self._bus)
+        item = _Queued(update)
+        queue = self._queues.get(update.job_id)
+        if queue is not None:
+            # another task is applying this job's updates: it applies ours in its next write
+            queue.append(item)
+            with anyio.fail_after(FOLLOW_TIMEOUT_S):
+                await item.done.wait()
+            if item.error is not None:
+                raise item.error
+            return
+        queue = self._queues[update.job_id] = [item]
         try:
-            async with lock:
-                await self._apply(update, outbox)
+            while queue:
+                batch = list(queue)
+                queue.clear()
+                try:
+                    await self._apply(batch)
+                except Exception as e:
+                    for other in [*batch, *queue]:
+                        other.fail(e)  # each message is handed back and tried again
+                    break
+                except BaseException:  # cancelled: the waiting ones try again on their own
+                    for other in [*batch, *queue]:
+                        other.fail(RuntimeError("the task applying this update was cancelled"))
+                    raise
+                for done in batch:
+                    done.done.set()
         finally:
-            if not lock.locked() and lock.statistics().tasks_waiting == 0:
-                self._locks.pop(update.job_id, None)
-        await outbox.confirm()  # events stored before the update is acked
+            del self._queues[update.job_id]
+        if item.error is not None:
+            raise item.error
 
-    async def _apply(self, update: JobUpdate, outbox: Outbox) -> None:
+    async def _apply(self, batch: list[_Queued]) -> None:
+        """Apply a job's updates in arrival order with one write; then their effects, in order.
+
+        A runner that accepts and finishes a job at once sends two updates; applied together they
+        cost one compare-and-set of the job record instead of two.
+        """
+        updates = [q.update for q in batch]
+        job_id = updates[0].job_id
         now = now_ms()
-        verdict: list[UpdateResult] = []
+        verdicts: list[UpdateResult] = []
+        after: list[JobRecord] = []
 
         def decide(record: JobRecord) -> JobRecord | None:
-            verdict.clear()
-            result = apply_update(record, update, now_ms=now)
-            verdict.append(result)
-            return result.record
+            verdicts.clear()
+            after.clear()
+            current, changed = record, False
+            for update in updates:
+                result = apply_update(current, update, now_ms=now)
+                verdicts.append(result)
+                if result.record is not None:
+                    current, changed = result.record, True
+                after.append(current)
+            return current if changed else None
 
         latest, written = await cas_update(
             self._jobs,
-            update.job_id,
+            job_id,
             JOB_DECODER,
             decide,
-            known=self._recent.pop(update.job_id, None),
+            known=self._recent.pop(job_id, None),
             ttl_for=self._ops.job_ttl(),
         )
         if latest is None:
-            raise GiveUp(f"update for unknown job {update.job_id!r}")
+            raise GiveUp(f"update for unknown job {job_id!r}")
         if written and latest.value.state not in TERMINAL_STATES:
-            self._recent[update.job_id] = latest
+            self._recent[job_id] = latest
             if len(self._recent) > RECENT_RECORDS:
                 self._recent.popitem(last=False)
-        result = verdict[-1]
-        record = latest.value
+        if not verdicts:  # no decision ran (nothing to decide on): every update saw the record
+            verdicts = [UpdateResult(UpdateOutcome.ALREADY)] * len(updates)
+        if not after or not written:
+            after = [latest.value] * len(updates)
+        outbox = Outbox(self._bus)
+        last = len(updates) - 1
+        for i, (update, result, record) in enumerate(zip(updates, verdicts, after, strict=True)):
+            await self._effects(
+                update,
+                result,
+                record,
+                written=written,
+                revision=latest.revision if i == last else None,
+                outbox=outbox,
+            )
+        await outbox.confirm()  # events stored before the updates are acked
+
+    async def _effects(
+        self,
+        update: JobUpdate,
+        result: UpdateResult,
+        record: JobRecord,
+        *,
+        written: bool,
+        revision: int | None,
+        outbox: Outbox,
+    ) -> None:
         if result.outcome == UpdateOutcome.STALE:
             await self._refuse(update, record, result.reason or "stale")
             return
@@ -136,7 +214,7 @@ class ResultsWorker(HandlerBase):
                     accept_latency_ms=latency,
                 )
                 await self._ops.announce_outcome(
-                    record, from_runner=update.runner_id, revision=latest.revision, outbox=outbox
+                    record, from_runner=update.runner_id, revision=revision, outbox=outbox
                 )
                 if written:
                     self._ctx.metrics.jobs.labels(self.name, record.state.value).inc()

@@ -67,6 +67,7 @@ class SupervisorWorker(HandlerBase):
         self._jobs = await self._bus.kv("jobs")
         self._runners_kv = await self._bus.kv("runners")
         self._view = await self._ctx.views.runners()
+        self._ops.runners = self._view
         self._started_ms = now_ms()
         # Every supervisor hears every heartbeat (no queue group): liveness is judged live.
         sub = await self._bus.nc.subscribe(self._bus.names.heartbeat("*"), cb=self._on_heartbeat)

@@ -18,6 +18,7 @@ from valkyrie._events import EventPublisher
 from valkyrie._kvstore import Versioned, cas_update, get_versioned
 from valkyrie._lifecycle import release_slot, retry_after_failure
 from valkyrie._outbox import Outbox
+from valkyrie._runnerview import RunnerView
 
 __all__ = ["INLINE_RECORD_BYTES", "JobOps", "terminal_ttl"]
 
@@ -51,6 +52,9 @@ class JobOps:
         self._bus = bus
         self._events = events
         self._retention_s = retention_s or (lambda: None)
+        #: the process's runner view, when its handler holds one: slot releases then start from
+        #: the record it already has instead of reading it first
+        self.runners: RunnerView | None = None
 
     def job_ttl(self) -> Callable[[JobRecord], float | None]:
         """The TTL function for job-record writes now."""
@@ -109,14 +113,18 @@ class JobOps:
     ) -> bool:
         """Free the runner's slot held for ``job_id`` (at ``attempt`` when given)."""
         kv = await self._bus.kv("runners")
-        _, written = await cas_update(
+        view = self.runners
+        latest, written = await cas_update(
             kv,
             runner_id,
             RUNNER_DECODER,
             lambda r: release_slot(
                 r, job_id, attempt, succeeded=succeeded, accept_latency_ms=accept_latency_ms
             ),
+            known=view.records.get(runner_id) if view is not None else None,
         )
+        if view is not None and latest is not None:
+            view.offer(runner_id, latest)
         return written
 
     async def take_back(

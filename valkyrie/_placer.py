@@ -10,17 +10,19 @@ __all__ = ["LocalPlacer"]
 
 
 class LocalPlacer(Protocol):
-    """A dispatcher that can place a job the moment intake has recorded it.
+    """A dispatcher that can place a job the moment intake has accepted it.
 
-    Going through the ``job.queued`` event costs a stream round trip and a consumer delivery before
-    placement even starts; a dispatcher in the same process can start at once. It declines (returns
-    ``False``) whenever that could put the job ahead of others: jobs already waiting, no free
-    runner, a delayed start. The job then takes the usual way.
+    Going through the ``job.queued`` event costs a stored record, a stored event and a consumer
+    delivery before placement even starts; a dispatcher in the same process can start at once and
+    store the record already dispatched. It declines (returns ``False``) whenever that could put
+    the job ahead of others: jobs already waiting, no free runner, a delayed start. The job then
+    takes the usual way.
     """
 
-    async def place_now(self, record: JobRecord, revision: int) -> bool:
-        """Place and announce a just-queued job; ``True`` when it was dispatched.
+    async def place_new(self, record: JobRecord) -> bool:
+        """Place and store a just-accepted job; ``True`` when it was dispatched.
 
-        On ``True`` the placer has also emitted the job's ``queued`` event (before ``dispatched``).
+        On ``True`` the record exists (dispatched) and the placer has emitted the job's ``queued``
+        and ``dispatched`` events. On ``False`` nothing was stored.
         """
         ...

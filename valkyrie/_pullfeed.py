@@ -141,7 +141,6 @@ class PullFeed:
                 # would be dropped unsettled
                 await sub.drain()
 
-
     async def _request(self, inbox: str, batch: int, now: float) -> None:
         body = {"batch": batch, "expires": int(self._expires_s * 1e9)}
         try:
