@@ -41,7 +41,7 @@ from valkyrie._config import IntegrationMode, ValkyrieConfig
 from valkyrie._explain import QueueFacts, explain_dispatched, explain_queued
 from valkyrie._handler_base import HandlerBase
 from valkyrie._index import RunnerIndex
-from valkyrie._kvstore import Versioned, cas_update, get_versioned
+from valkyrie._kvstore import Versioned, cas_update, get_versioned, kv_create, kv_write
 from valkyrie._lifecycle import assign_slot, dispatch_job, finish_job
 from valkyrie._modes import uses_advanced_placement
 from valkyrie._outbox import Outbox
@@ -647,9 +647,11 @@ class DispatcherWorker(HandlerBase):
             new = dispatch_job(record.value, rid, now_ms=now)
             try:
                 if fresh:
-                    revision = await self._jobs.create(job_id, encode(new))
+                    revision = await kv_create(self._jobs, job_id, encode(new))
                 else:
-                    revision = await self._jobs.update(job_id, encode(new), last=record.revision)
+                    revision = await kv_write(
+                        self._jobs, job_id, encode(new), last=record.revision, ttl=None
+                    )
             except nats.js.errors.KeyWrongLastSequenceError:
                 if fresh:
                     record = pending.record = None

@@ -30,6 +30,7 @@ from valkyrie import (
 from valkyrie._codec import JOB_DECODER, encode, now_ms
 from valkyrie._handler_base import HandlerBase
 from valkyrie._intake import idempotency_token, job_id_for, parse_submission, queued_record
+from valkyrie._kvstore import kv_create
 from valkyrie._modes import check_intake_mode
 
 __all__ = ["IntakeWorker", "create"]
@@ -111,7 +112,7 @@ class IntakeWorker(HandlerBase):
         token = idempotency_token(parsed.spec, headers.get("Nats-Msg-Id"))
         if token is not None:
             try:
-                await self._idem.create(token, job_id.encode())
+                await kv_create(self._idem, token, job_id.encode())
             except nats.js.errors.KeyWrongLastSequenceError:
                 first = (await self._idem.get(token)).value or b""
                 if first.decode() != job_id:
@@ -126,7 +127,7 @@ class IntakeWorker(HandlerBase):
         revision: int | None = None
         placed_attempt: int | None = None
         try:
-            revision = await self._jobs.create(job_id, encode(record))
+            revision = await kv_create(self._jobs, job_id, encode(record))
         except nats.js.errors.KeyWrongLastSequenceError:
             entry = await self._jobs.get(job_id)
             existing = JOB_DECODER.decode(entry.value or b"")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from schemas import DeadLetter, Event, FieldError
+from valkyrie._acked import acked_publisher
 from valkyrie._bus import Bus
 from valkyrie._codec import encode, new_id, now_ms
 from valkyrie._outbox import Outbox
@@ -55,7 +56,7 @@ class EventPublisher:
         if outbox is not None:
             await outbox.publish(subject, encode(event), headers)
         else:
-            await self._bus.js.publish(subject, encode(event), headers=headers, timeout=5.0)
+            await acked_publisher(self._bus.nc).publish(subject, encode(event), headers)
         return event
 
     async def dead_letter(

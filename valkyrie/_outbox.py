@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 import nats.errors
 
+from valkyrie._acked import acked_publisher
 from valkyrie._bus import Bus
 
 __all__ = ["Outbox"]
@@ -34,7 +35,7 @@ class Outbox:
 
     async def publish(self, subject: str, payload: bytes, headers: dict[str, str]) -> None:
         """Send one message to its stream; :meth:`confirm` waits for the stream's answer."""
-        future = await self._bus.js.publish_async(subject, payload, headers=headers)
+        future = await acked_publisher(self._bus.nc).send(subject, payload, headers)
         self._pending.append(future)
 
     async def confirm(self, timeout_s: float = CONFIRM_TIMEOUT_S) -> None:
