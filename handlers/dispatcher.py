@@ -619,7 +619,7 @@ class DispatcherWorker(HandlerBase):
         attempt = pending.record.value.attempt + 1
         lock = self._locks.setdefault(rid, anyio.Lock())
         async with lock:
-            latest, _ = await cas_update(
+            latest, claimed = await cas_update(
                 self._runners_kv,
                 rid,
                 RUNNER_DECODER,
@@ -662,8 +662,12 @@ class DispatcherWorker(HandlerBase):
             pending.record = Versioned(new, int(revision))
             break
         if dispatched is None:
-            # someone else dispatched, cancelled or expired it: give the slot back, drop the job
-            await self._ops.release(rid, job_id, attempt)
+            # Someone else dispatched, cancelled or expired it: give the slot back and drop the
+            # job. Only a slot this call took: one that was already there may be the slot of
+            # whoever did dispatch this attempt here (or ours from before a crash, which the
+            # supervisor frees if nobody holds it).
+            if claimed:
+                await self._ops.release(rid, job_id, attempt)
             self._drop(pending)
             return True
         accept_by = now + self._accept_ms

@@ -10,6 +10,7 @@ import logging
 from collections import OrderedDict
 
 import anyio
+import anyio.lowlevel
 import msgspec
 import nats.errors
 from anyio.abc import TaskStatus
@@ -97,6 +98,9 @@ class ResultsWorker(HandlerBase):
             return
         queue = self._queues[update.job_id] = [item]
         try:
+            # let the updates delivered with this one (a runner that accepted and finished at
+            # once sends both) reach the queue before the first write
+            await anyio.lowlevel.checkpoint()
             while queue:
                 batch = list(queue)
                 queue.clear()

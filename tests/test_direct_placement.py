@@ -1,0 +1,155 @@
+"""Intake handing new jobs to the dispatcher of its process (LocalPlacer.place_new)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+import anyio.abc
+import msgspec
+import pytest
+from prometheus_client import CollectorRegistry
+
+from handlers import dispatcher as dispatcher_module
+from handlers.dispatcher import DispatcherWorker, Pending
+from schemas import JobRecord, JobState
+from tests._helpers import events_of, running, wait_until
+from valkyrie import Bus, Client, HandlerContext, Settings
+from valkyrie._codec import JOB_DECODER, RUNNER_DECODER
+from valkyrie._intake import job_id_for, parse_submission, queued_record
+from valkyrie._live import LiveConfig, config_for
+from valkyrie._metrics import HandlerMetrics
+from valkyrie._runnerview import SharedViews
+from valkyrie.testing import SimulatedRunner
+
+pytestmark = pytest.mark.nats
+
+
+async def test_a_new_job_is_placed_at_once_and_announced_in_order(settings: Settings) -> None:
+    async with running(settings, ["intake", "dispatcher", "registry", "results"]) as bus:
+        stop = anyio.Event()
+        runner = SimulatedRunner(bus, "r1", capacity=4)
+        async with anyio.create_task_group() as tg:
+            await tg.start(runner.run, stop)
+            client = Client(bus)
+            verdict = await client.submit({"job_type": "shell", "payload": {"command": ["true"]}})
+            assert verdict is not None
+            assert verdict.job_id
+            job_id = verdict.job_id
+            record = await client.wait_for_job(job_id, timeout_s=10)
+            stop.set()
+        assert record.state == JobState.SUCCEEDED
+        assert record.attempt == 1
+        assert record.runner_id == "r1"
+        events = await events_of(bus, f"job.{job_id}.*")
+        kinds = [e.type for e in events]
+        assert (
+            kinds.index("job.queued") < kinds.index("job.dispatched") < kinds.index("job.succeeded")
+        )
+        queued = events[kinds.index("job.queued")]
+        assert queued.data["placed_attempt"] == 1
+        assert "record" not in queued.data  # nothing for a dispatcher to place
+        dispatched = events[kinds.index("job.dispatched")]
+        assert dispatched.data["runner_id"] == "r1"
+
+        # the dispatcher settled the placed job's queued event without placing it again
+        async def settled() -> bool:
+            info = await bus.js.consumer_info(bus.names.stream("events"), "dispatcher")
+            return not info.num_pending and not info.num_ack_pending
+
+        await wait_until(settled, timeout_s=10)
+
+
+@asynccontextmanager
+async def _dispatcher(bus: Bus, tg: anyio.abc.TaskGroup) -> AsyncIterator[DispatcherWorker]:
+    """A dispatcher of this process, as intake would find it."""
+    registry = CollectorRegistry()
+    ctx = HandlerContext(
+        bus=bus,
+        registry=registry,
+        metrics=HandlerMetrics.create(registry),
+        name="dispatcher",
+        config=LiveConfig(config_for(bus.settings)),
+        views=SharedViews(bus, tg),
+    )
+    worker = dispatcher_module.create(ctx)
+    stop = anyio.Event()
+    await tg.start(worker.run, stop)
+    assert ctx.views.placer is worker
+    try:
+        yield worker
+    finally:
+        stop.set()
+
+
+def _record(source: str, **spec: object) -> JobRecord:
+    parsed = parse_submission(
+        msgspec.json.encode({"job_type": "shell", **spec}),
+        received_at_ms=1_000,
+        max_bytes=1 << 20,
+        max_metadata_entries=64,
+    )
+    return queued_record(job_id_for(parsed.spec, source=source), parsed, now_ms=1_000, source_seq=1)
+
+
+async def _slots(bus: Bus, rid: str) -> dict[str, int]:
+    entry = await (await bus.kv("runners")).get(rid)
+    return dict(RUNNER_DECODER.decode(entry.value or b"").assigned_jobs)
+
+
+async def test_place_new_stores_the_record_dispatched_and_is_idempotent(settings: Settings) -> None:
+    async with running(settings, ["registry"]) as bus, anyio.create_task_group() as tg:
+        stop = anyio.Event()
+        runner = SimulatedRunner(bus, "solo", capacity=2, work_s=30.0)
+        await tg.start(runner.run, stop)
+        async with _dispatcher(bus, tg) as worker:
+            await wait_until(lambda: _has_free(worker), timeout_s=10)
+            record = _record("t-1")
+            assert await worker.place_new(record)
+            jobs = await bus.kv("jobs")
+            stored = JOB_DECODER.decode((await jobs.get(record.id)).value or b"")
+            assert stored.state == JobState.DISPATCHED
+            assert stored.attempt == 1
+            assert stored.runner_id == "solo"
+            assert (await _slots(bus, "solo")) == {record.id: 1}
+            # the same job again (a redelivered submission): nothing moves, the slot stays
+            assert not await worker.place_new(record)
+            again = JOB_DECODER.decode((await jobs.get(record.id)).value or b"")
+            assert again == stored
+            assert (await _slots(bus, "solo")) == {record.id: 1}
+        tg.cancel_scope.cancel()  # the runner would work on its job for 30 s
+
+
+async def test_place_new_declines_while_others_wait(settings: Settings) -> None:
+    async with running(settings, ["registry"]) as bus, anyio.create_task_group() as tg:
+        stop = anyio.Event()
+        runner = SimulatedRunner(bus, "solo", capacity=2, work_s=30.0)
+        await tg.start(runner.run, stop)
+        async with _dispatcher(bus, tg) as worker:
+            await wait_until(lambda: _has_free(worker), timeout_s=10)
+            # a job this dispatcher holds (its queued event arrived, not yet placed)
+            worker._pending["held"] = Pending(job_id="held", attempt=0, order=0, msg=None)
+            newcomer = _record("t-2")
+            assert not await worker.place_new(newcomer)
+            del worker._pending["held"]
+            # nothing stored: intake records it as queued and it goes through its queued event
+            assert await _missing(bus, newcomer.id)
+            # until that event arrives, later jobs queue behind it too
+            assert newcomer.id in worker._declined
+            assert not await worker.place_new(_record("t-3"))
+            worker._declined.clear()
+            assert await worker.place_new(_record("t-4"))
+        tg.cancel_scope.cancel()  # the runner would work on its job for 30 s
+
+
+async def _has_free(worker: DispatcherWorker) -> bool:
+    return worker._index.has_free("shell")
+
+
+async def _missing(bus: Bus, job_id: str) -> bool:
+    try:
+        await (await bus.kv("jobs")).get(job_id)
+    except Exception:
+        return True
+    return False
