@@ -36,6 +36,7 @@ __all__ = ["RegistryWorker", "create"]
 log = logging.getLogger("valkyrie.registry")
 #: how often a live runner's record is rewritten just to refresh its shown heartbeat time
 HEARTBEAT_PERSIST_MS = 5000
+DEREGISTER_RETRY_MS = 200
 
 
 class RegistryWorker(HandlerBase):
@@ -298,13 +299,16 @@ class RegistryWorker(HandlerBase):
     async def _deregister(self, msg: Msg, rid: str, session_id: object) -> None:
         """A runner leaving cleanly: forget it (only its own session, only with no jobs held)."""
         current = await get_versioned(self._runners, rid, RUNNER_DECODER)
-        problem = None
+        problem, retry_after_ms = None, None
         if current is None:
             problem = f"no runner {rid!r}"
         elif current.value.registration.session_id not in (None, session_id):
             problem = "a newer session of this runner is registered"
         elif current.value.assigned_jobs:
+            # a runner that finished its last jobs leaves before their slot releases are all
+            # written: it may ask again shortly
             problem = f"it still holds {len(current.value.assigned_jobs)} job(s)"
+            retry_after_ms = DEREGISTER_RETRY_MS
         if problem is not None or current is None:
             await self._reply(
                 msg,
@@ -312,6 +316,7 @@ class RegistryWorker(HandlerBase):
                     accepted=False,
                     runner_id=rid,
                     errors=[FieldError(path="$.runner_id", reason=problem or "unknown")],
+                    retry_after_ms=retry_after_ms,
                 ),
             )
             return
@@ -326,6 +331,7 @@ class RegistryWorker(HandlerBase):
                     accepted=False,
                     runner_id=rid,
                     errors=[FieldError(path="$", reason="the record changed meanwhile; retry")],
+                    retry_after_ms=DEREGISTER_RETRY_MS,
                 ),
             )
             return

@@ -188,6 +188,9 @@ class RegistrationVerdict(msgspec.Struct, frozen=True, kw_only=True):
     errors: list[FieldError] = msgspec.field(default_factory=list)
     abandon_jobs: list[str] = msgspec.field(default_factory=list)
     lost_after_ms: int | None = None
+    #: a refusal that may pass soon (a deregistration while the last slot releases are being
+    #: written): ask again after this many milliseconds
+    retry_after_ms: int | None = None
 
 
 class UpdateVerdict(msgspec.Struct, frozen=True, kw_only=True):

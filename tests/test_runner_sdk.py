@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import anyio
+import msgspec
 import pytest
+from nats.aio.msg import Msg
 
 from schemas import (
     FieldError,
@@ -358,3 +360,41 @@ async def test_log_lines_are_dropped_not_blocking_when_publishing_is_stuck() -> 
         assert logs.dropped > 0
         await logs.close(timeout_s=0.1)
         tg.cancel_scope.cancel()
+
+
+@nats
+@pytest.mark.parametrize(
+    ("answers", "asked"),
+    [
+        # slot releases still in flight: refused twice with retry_after_ms, then accepted
+        ([(False, 50, []), (False, 50, []), (True, None, [])], 3),
+        # refused for good (a newer session took over): asked once
+        ([(False, None, [FieldError(path="$.runner_id", reason="newer session")])], 1),
+    ],
+)
+async def test_deregistration_asks_again_when_told_to(
+    bus: Bus, answers: list[tuple[bool, int | None, list[FieldError]]], asked: int
+) -> None:
+    rid = new_runner_id()
+    requests: list[bytes] = []
+
+    async def answer(msg: Msg) -> None:
+        requests.append(msg.data)
+        accepted, retry_after_ms, errors = answers[min(len(requests), len(answers)) - 1]
+        verdict = RegistrationVerdict(
+            accepted=accepted, runner_id=rid, retry_after_ms=retry_after_ms, errors=errors
+        )
+        await msg.respond(msgspec.json.encode(verdict))
+
+    sub = await bus.nc.subscribe(bus.names.runner_admin("deregister"), cb=answer)
+    try:
+        async with fake_control_plane(bus, rid):
+            runner = Runner(bus, registration(rid), succeed, drain_timeout_s=1)
+            async with anyio.create_task_group() as tg:
+                with anyio.fail_after(10):
+                    await tg.start(runner.run)
+                runner.drain()
+        assert len(requests) == asked
+        assert all(msgspec.json.decode(r)["runner_id"] == rid for r in requests)
+    finally:
+        await sub.unsubscribe()

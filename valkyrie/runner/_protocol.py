@@ -22,12 +22,17 @@ from schemas import JobUpdate, RegistrationVerdict, RunnerCommand, RunnerRegistr
 from valkyrie._codec import encode
 from valkyrie.runner._errors import RegistrationRejected
 
-__all__ = ["COMMAND_DECODER", "publish_update", "register"]
+__all__ = ["COMMAND_DECODER", "decode_verdict", "publish_update", "register"]
 
 log = logging.getLogger("valkyrie.runner")
 
 COMMAND_DECODER = msgspec.json.Decoder(RunnerCommand)
 _VERDICT_DECODER = msgspec.json.Decoder(RegistrationVerdict)
+
+
+def decode_verdict(data: bytes) -> RegistrationVerdict:
+    """Decode a registry answer (raises ``msgspec.DecodeError`` when it is not one)."""
+    return _VERDICT_DECODER.decode(data)
 
 
 class _NotYet(Exception):
