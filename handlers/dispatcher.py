@@ -57,8 +57,9 @@ KEEPALIVE_S = 10.0
 COMMIT_CONCURRENCY = 64
 FETCH_TIMEOUT_S = 0.5
 FULL_SCAN_EVERY_MS = 1000
-#: how long a job placed the usual way holds back direct placement until its queued event arrives
-DECLINED_WAIT_S = 2.0
+#: how long a job sent the usual way holds back direct placement until its queued event arrives
+#: here (its event may go to another dispatcher process: then this bounds the wait)
+DECLINED_WAIT_S = 0.5
 _TAKEN = frozenset(
     {"accepted", "succeeded", "failed", "cancelled", "timed_out", "expired", "requeued"}
 )
