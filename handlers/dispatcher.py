@@ -139,7 +139,8 @@ class DispatcherWorker(HandlerBase):
             self._index.remove(runner_id)
         else:
             self._index.upsert(versioned.value)
-        self._poke()
+        if self._pending:  # a freed slot matters only to jobs waiting here
+            self._poke()
 
     async def run(
         self, stop: anyio.Event, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -380,8 +381,11 @@ class DispatcherWorker(HandlerBase):
         )
         self._index.reserve(rid, record.id)
         try:
-            with anyio.fail_after(10):
-                await self._commits.acquire()
+            try:
+                self._commits.acquire_nowait()
+            except anyio.WouldBlock:
+                with anyio.fail_after(10):
+                    await self._commits.acquire()
             try:
                 await self._try_commit(pending, rid, placement, fresh=True)
             finally:

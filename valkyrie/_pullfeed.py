@@ -102,8 +102,13 @@ class PullFeed:
         return self._outstanding
 
     def wake(self) -> None:
-        """Tell the feed the owner has more room (a message was settled)."""
-        self._wake.set()
+        """Tell the feed the owner has more room (a message was settled).
+
+        The feed only stirs when that room is worth a request: one settled message of many
+        requested is not.
+        """
+        if not self._expiries or self._room() - self._outstanding >= self._min_batch:
+            self._wake.set()
 
     async def run(
         self, stop: anyio.Event, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
