@@ -24,6 +24,7 @@ from handlers.dispatcher import ACK_WAIT_S as DISPATCHER_ACK_WAIT_S
 from schemas import JobRecord, JobState
 from tests._helpers import (
     dead_letters,
+    events_of,
     overlaps,
     read_journals,
     running,
@@ -54,8 +55,9 @@ class Handlers:
     def log(self, name: str) -> Path:
         return self.tmp / f"{name}.log"
 
-    def start(self, name: str) -> None:
-        self.procs[name] = spawn(["worker", name], self.settings, self.log(name))
+    def start(self, name: str, *, runs: list[str] | None = None) -> None:
+        """Start process ``name`` running the handler of that name, or those in ``runs``."""
+        self.procs[name] = spawn(["worker", *(runs or [name])], self.settings, self.log(name))
 
     async def stop(self, name: str, sig: int = signal.SIGTERM) -> int:
         return await anyio.to_thread.run_sync(
@@ -190,6 +192,92 @@ async def test_sigkill_each_handler_in_turn_loses_and_doubles_nothing(
     assert letters == []
     assert len(records) == total
     _check_exactly_once(tmp_path, records)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.xdist_group("chaos")
+async def test_sigkill_intake_with_its_dispatcher_loses_and_doubles_nothing(
+    nats_url: str, prefix: str, tmp_path: Path
+) -> None:
+    """Direct placement under kills: intake and a dispatcher in one process, frozen and killed.
+
+    Free runners let intake's dispatcher place most jobs the moment they arrive (slot, then the
+    record created dispatched, then the dispatch and the events, then the ack), so the kills land
+    inside that sequence; redelivered submissions must neither lose a job nor run one twice.
+    """
+    total, per_s = 900, 60.0
+    settings = settings_for(nats_url, prefix, ack_wait_s=10.0)
+    handlers = Handlers(settings, tmp_path)
+    runners: dict[str, subprocess.Popen[bytes]] = {}
+    async with open_bus(settings, embed=False) as (bus, _):
+        client = Client(bus)
+        try:
+            handlers.start("front", runs=["intake", "dispatcher"])
+            for name in ("results", "registry", "supervisor"):
+                handlers.start(name)
+            for i in range(6):
+                rid = f"r{i}"
+                runners[rid] = spawn_runner(rid, settings, tmp_path, capacity=8)
+            await wait_until(lambda: _registered(bus, len(runners)), timeout_s=60, interval_s=0.2)
+            for name in CONSUMERS:
+                await wait_until(functools.partial(_consumer_exists, bus, name), timeout_s=30)
+
+            sent: list[int] = []
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(functools.partial(_submit_paced, client, total, per_s, sent, 0.2))
+                await anyio.sleep(2)
+                for _ in range(3):
+                    proc = handlers.procs["front"]
+                    assert proc.poll() is None, handlers.tail("front")
+                    proc.send_signal(signal.SIGSTOP)  # dies holding what it fetched
+                    await anyio.sleep(0.3)
+                    assert await handlers.stop("front", signal.SIGKILL) == -signal.SIGKILL
+                    await anyio.sleep(0.5)
+                    handlers.start("front", runs=["intake", "dispatcher"])
+                    await anyio.sleep(3.0)
+            assert len(sent) == total
+            records = await _all_succeeded_by_n(client, total, timeout_s=150)
+        finally:
+            codes = {name: await handlers.stop(name) for name in list(handlers.procs)}
+            for proc in runners.values():
+                await anyio.to_thread.run_sync(stop_process, proc)
+        letters = [d for h in HANDLERS for d in await dead_letters(bus, h)]
+        placed = [e for e in await events_of(bus, "job.*.queued") if "placed_attempt" in e.data]
+        intake = await bus.js.consumer_info(bus.names.stream("submit"), "intake")
+
+    for name, code in codes.items():
+        assert code == 0, f"{name} did not stop cleanly{handlers.tail(name)}"
+    assert letters == []
+    assert len(records) == total
+    _check_exactly_once(tmp_path, records)
+    # the path under test was taken: most jobs were placed directly, and submissions the killed
+    # process held were delivered again (and redone without a second job or a second run)
+    assert len(placed) > total // 2, len(placed)
+    assert (intake.delivered.consumer_seq or 0) > (intake.delivered.stream_seq or 0)
+    # and no runner was ever sent more than its capacity: it would have refused the extra job
+    # (outcome "rejected") rather than run it, so the journals alone could not show it
+    refused = [
+        (r.id, a.attempt) for r in records.values() for a in r.attempts if a.outcome == "rejected"
+    ]
+    assert refused == []
+    busiest = _most_at_once(tmp_path)
+    assert busiest
+    assert max(busiest.values()) <= 8, busiest
+
+
+def _most_at_once(tmp: Path) -> dict[str, int]:
+    """Per runner, the most executions its journal shows running at the same time."""
+    edges: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    for line in read_journals(tmp):
+        edges[line.runner_id] += [(line.started_ns, 1), (line.ended_ns, -1)]
+    most: dict[str, int] = {}
+    for rid, points in edges.items():
+        running = peak = 0
+        for _, step in sorted(points):  # an end before a start at the same instant
+            running += step
+            peak = max(peak, running)
+        most[rid] = peak
+    return most
 
 
 async def _all_succeeded_by_n(client: Client, total: int, timeout_s: float) -> dict[str, JobRecord]:
