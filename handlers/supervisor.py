@@ -26,6 +26,7 @@ from valkyrie import HandlerContext
 from valkyrie._codec import JOB_DECODER, RUNNER_DECODER, encode, now_ms
 from valkyrie._config import DispatchConfig
 from valkyrie._handler_base import HandlerBase
+from valkyrie._jobops import through_outages
 from valkyrie._kvstore import Versioned, cas_update, get_versioned
 from valkyrie._lifecycle import retry_after_failure
 
@@ -235,7 +236,26 @@ class SupervisorWorker(HandlerBase):
         ):
             if key in self._suspect:
                 self._suspect.discard(key)
-                await self._ops.release(rid, job_id, attempt)
+                last = rec.attempts[-1] if rec is not None and rec.attempts else None
+                if (
+                    rec is not None
+                    and rec.attempt == attempt
+                    and last is not None
+                    and (last.attempt, last.runner_id) == (attempt, rid)
+                    and last.outcome is not None
+                ):
+                    # This attempt was ended here (taken back, timed out) by a process that died
+                    # before it announced the outcome and freed the slot: finish both.
+                    await self._ops.take_back(
+                        job_id,
+                        attempt=attempt,
+                        runner_id=rid,
+                        reason=last.reason or last.outcome,
+                        outcome=last.outcome,
+                        known=current,
+                    )
+                else:
+                    await self._ops.release(rid, job_id, attempt)
                 log.info("freed orphan slot of %s (attempt %d) on %s", job_id, attempt, rid)
             else:
                 self._suspect.add(key)
@@ -303,8 +323,13 @@ class SupervisorWorker(HandlerBase):
             )
         except nats.errors.Error as e:
             log.warning("could not tell %s to stop %s: %r", rid, job_id, e)
-        await self._ops.release(rid, job_id, attempt, succeeded=False)
-        await self._ops.announce_outcome(latest.value, from_runner=rid, revision=latest.revision)
+        # announce, then free the slot: while the slot is held, a scan redoes what a crash left
+        await through_outages(
+            lambda: self._ops.announce_outcome(
+                latest.value, from_runner=rid, revision=latest.revision
+            )
+        )
+        await through_outages(lambda: self._ops.release(rid, job_id, attempt, succeeded=False))
 
 
 def create(ctx: HandlerContext) -> SupervisorWorker:

@@ -6,10 +6,12 @@ A crash between steps leaves a state the reconciler or a redelivery completes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import msgspec
 import nats.js.errors
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from schemas import TERMINAL_STATES, JobRecord, JobState
 from valkyrie._bus import Bus
@@ -19,13 +21,30 @@ from valkyrie._kvstore import Versioned, cas_update, get_versioned
 from valkyrie._lifecycle import release_slot, retry_after_failure
 from valkyrie._outbox import Outbox
 from valkyrie._runnerview import RunnerView
+from valkyrie._worker import UNAVAILABLE
 
-__all__ = ["INLINE_RECORD_BYTES", "JobOps", "terminal_ttl"]
+__all__ = ["INLINE_RECORD_BYTES", "JobOps", "terminal_ttl", "through_outages"]
 
 #: job records up to this size travel inside their ``job.queued`` event
 INLINE_RECORD_BYTES = 4096
 
 MAX_UNAPPLIED_SCAN = 500  # unapplied updates of one runner looked through before giving it time
+OUTAGE_PATIENCE_S = 120.0  # how long a step that nothing else would redo waits out an outage
+
+T = TypeVar("T")
+
+
+async def through_outages(step: Callable[[], Awaitable[T]]) -> T:
+    """Run an idempotent ``step``, again and again while the bus is unavailable (then re-raise)."""
+    async for attempt in AsyncRetrying(
+        retry=retry_if_exception_type(UNAVAILABLE),
+        stop=stop_after_delay(OUTAGE_PATIENCE_S),
+        wait=wait_exponential(multiplier=0.1, max=2.0),
+        reraise=True,
+    ):
+        with attempt:
+            return await step()
+    raise AssertionError("unreachable: tenacity re-raises the last error")
 
 
 def terminal_ttl(retention_s: float | None) -> Callable[[JobRecord], float | None]:
@@ -174,16 +193,25 @@ class JobOps:
         latest, written = await cas_update(
             jobs, job_id, JOB_DECODER, decide, known=known, ttl_for=self.job_ttl()
         )
-        await self.release(runner_id, job_id, attempt)
         if latest is None:
+            await through_outages(lambda: self.release(runner_id, job_id, attempt))
             return None
         record = latest.value
         last = record.attempts[-1] if record.attempts else None
         redo = last is not None and last.attempt == attempt and last.outcome == outcome
+        if record.attempt == attempt and (written or redo):
+            # Announce before freeing the slot: a slot still held is what brings a scan back here
+            # (a crash in between is redone), and no message would. Both steps are idempotent, and
+            # a bus outage (a leader election) is waited out rather than leave a queued job that
+            # no dispatcher hears of. Also on a redo (the record moved for this attempt already).
+            await through_outages(
+                lambda: self.announce_outcome(
+                    record, from_runner=runner_id, revision=latest.revision
+                )
+            )
+        await through_outages(lambda: self.release(runner_id, job_id, attempt))
         if record.attempt != attempt or not (written or redo):
             return None
-        # Also on a redo after a crash (written False but the record already moved for this attempt).
-        await self.announce_outcome(record, from_runner=runner_id, revision=latest.revision)
         return record if written else None
 
     async def unapplied_update(self, runner_id: str, job_id: str, attempt: int) -> bool:
