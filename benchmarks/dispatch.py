@@ -326,14 +326,38 @@ async def _until(
     return None
 
 
-def _child_alive(child: Child) -> Callable[[], str | None]:
+def _all_alive(workers: Sequence[Child]) -> Callable[[], str | None]:
+    """A check that says which worker process exited (with its log tail), or ``None``."""
+
     def alive() -> str | None:
-        code = child.proc.poll()
-        if code is None:
-            return None
-        return f"{child.name} exited with {code}; log tail:\n{child.tail(2000)}"
+        for child in workers:
+            code = child.proc.poll()
+            if code is not None:
+                return f"{child.name} exited with {code}; log tail:\n{child.tail(2000)}"
+        return None
 
     return alive
+
+
+async def _stop_workers(
+    children: Children, workers: Sequence[Child], spies: Sequence[Child | None], p: Params
+) -> int:
+    """Stop the worker processes, summarize their profiles; the first non-zero exit code, or 0."""
+    codes = []
+    for worker, spy in zip(workers, spies, strict=True):
+        code = await anyio.to_thread.run_sync(children.stop, worker)
+        codes.append(code)
+        if code != 0:
+            log(f"{worker.name} exited with {code}; log tail:\n{worker.tail()}")
+        _profile_summary(worker.name, p)
+        await _spy_finish(children, spy, worker.name, p)
+    return next((c for c in codes if c != 0), 0)
+
+
+async def _stop_started(children: Children, workers: Sequence[Child]) -> None:
+    for worker in workers:
+        if worker in children.started:
+            await anyio.to_thread.run_sync(children.stop, worker)
 
 
 def _profiled(name: str, p: Params, argv: list[str]) -> list[str]:
@@ -488,10 +512,7 @@ async def valkyrie_scenario(
                     cwd=ROOT,
                 )
             )
-        checks = [_child_alive(w) for w in workers]
-
-        def alive() -> str | None:
-            return next((m for m in (c() for c in checks) if m), None)
+        alive = _all_alive(workers)
 
         fleet_nc = await nats.connect(url, name="bench-valkyrie-fleet", error_cb=_nats_error)
         recorder = Recorder()
@@ -584,21 +605,11 @@ async def valkyrie_scenario(
             stop.set()
             await fleet.close()
         results["worker_processes"] = [" ".join(g) for g in groups]
-        codes = []
-        for worker, spy in zip(workers, spies, strict=True):
-            code = await anyio.to_thread.run_sync(children.stop, worker)
-            codes.append(code)
-            if code != 0:
-                log(f"{worker.name} exited with {code}; log tail:\n{worker.tail()}")
-            _profile_summary(worker.name, p)
-            await _spy_finish(children, spy, worker.name, p)
-        results["worker_exit_code"] = next((c for c in codes if c != 0), 0)
+        results["worker_exit_code"] = await _stop_workers(children, workers, spies, p)
         return results
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(20):
-            for worker in workers:
-                if worker in children.started:
-                    await anyio.to_thread.run_sync(children.stop, worker)
+            await _stop_started(children, workers)
             await _delete_valkyrie(bus)
             if fleet_nc is not None:
                 await fleet_nc.close()
@@ -679,10 +690,7 @@ async def raw_scenario(
                 children.spawn(name, argv, env=env, log=workdir / f"{name}.log", cwd=ROOT)
             )
         child = raw_workers[0]
-        checks = [_child_alive(w) for w in raw_workers]
-
-        def alive() -> str | None:
-            return next((m for m in (c() for c in checks) if m), None)
+        alive = _all_alive(raw_workers)
 
         async def ready() -> bool:
             if alive():
@@ -726,21 +734,11 @@ async def raw_scenario(
         results = await run_all_phases(target, p)
         await receivers.close()
         results["worker_processes"] = len(raw_workers)
-        codes = []
-        for worker, spy in zip(raw_workers, spies, strict=True):
-            code = await anyio.to_thread.run_sync(children.stop, worker)
-            codes.append(code)
-            if code != 0:
-                log(f"{worker.name} exited with {code}; log tail:\n{worker.tail()}")
-            _profile_summary(worker.name, p)
-            await _spy_finish(children, spy, worker.name, p)
-        results["worker_exit_code"] = next((c for c in codes if c != 0), 0)
+        results["worker_exit_code"] = await _stop_workers(children, raw_workers, spies, p)
         return results
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(20):
-            for worker in raw_workers:
-                if worker in children.started:
-                    await anyio.to_thread.run_sync(children.stop, worker)
+            await _stop_started(children, raw_workers)
             try:
                 await js.delete_stream(stream)
             except (nats.errors.Error, nats.js.errors.Error):

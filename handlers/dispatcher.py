@@ -33,6 +33,7 @@ from schemas import (
     JobExplanation,
     JobRecord,
     JobState,
+    JobSubmission,
     RunnerRecord,
 )
 from valkyrie import HandlerContext
@@ -370,14 +371,7 @@ class DispatcherWorker(HandlerBase):
             record=Versioned(record, 0),  # not stored yet: the commit creates it
             committing=True,
             last=placement,
-            effective=effective_priority(
-                spec,
-                waited_ms=0,
-                aging_step_s=config.scheduling.aging_step_s,
-                max_aging_boost=config.scheduling.max_aging_boost,
-                sla_classes=config.scheduling.sla_classes if config.features.qos_routing else {},
-                aging=config.features.priority_aging,
-            ),
+            effective=self._effective(spec, config, waited_ms=0, boosted=False),
         )
         self._index.reserve(rid, record.id)
         try:
@@ -425,6 +419,21 @@ class DispatcherWorker(HandlerBase):
                 except Exception:
                     log.exception("placement round failed")
 
+    @staticmethod
+    def _effective(
+        spec: JobSubmission, config: ValkyrieConfig, *, waited_ms: int, boosted: bool
+    ) -> int:
+        s, features = config.scheduling, config.features
+        return effective_priority(
+            spec,
+            waited_ms=waited_ms,
+            aging_step_s=s.aging_step_s,
+            max_aging_boost=s.max_aging_boost,
+            sla_classes=s.sla_classes if features.qos_routing else {},
+            boosted=boosted,
+            aging=features.priority_aging,
+        )
+
     def _ordered(self, now: int, config: ValkyrieConfig) -> list[Pending]:
         s = config.scheduling
         features = config.features
@@ -436,14 +445,8 @@ class DispatcherWorker(HandlerBase):
             if p.record is None or p.committing:
                 continue
             spec = p.record.value.spec
-            p.effective = effective_priority(
-                spec,
-                waited_ms=now - p.queued_at_ms(),
-                aging_step_s=s.aging_step_s,
-                max_aging_boost=s.max_aging_boost,
-                sla_classes=s.sla_classes if features.qos_routing else {},
-                boosted=p.boosted,
-                aging=features.priority_aging,
+            p.effective = self._effective(
+                spec, config, waited_ms=now - p.queued_at_ms(), boosted=p.boosted
             )
             ready.append(p)
 

@@ -19,12 +19,25 @@ import anyio
 import msgspec
 import nats.js.errors
 import pytest
+from anyio.abc import TaskGroup
 from nats.js.api import RawStreamMsg
 from prometheus_client import CollectorRegistry
 
 from schemas import DeadLetter, Event, JobRecord, JobState
-from valkyrie import Bus, BusError, Client, Settings, open_bus, run_workers
+from valkyrie import (
+    Bus,
+    BusError,
+    Client,
+    HandlerContext,
+    HandlerMetrics,
+    Settings,
+    open_bus,
+    run_workers,
+)
 from valkyrie._codec import DEAD_DECODER, EVENT_DECODER
+from valkyrie._intake import job_id_for, parse_submission, queued_record
+from valkyrie._live import LiveConfig, config_for
+from valkyrie._runnerview import SharedViews
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -298,3 +311,28 @@ async def wait_all_succeeded(client: Client, total: int, timeout_s: float) -> di
             f"not every job succeeded: {dict(states)} of {len(records)}/{total}; e.g. {stuck}"
         )
     return {r.id: r for r in await client.list_jobs()}
+
+
+def queued_job(source: str, *, now_ms: int = 1_000, **spec: object) -> JobRecord:
+    """A job record as intake would create it (state queued, attempt 0), not stored anywhere."""
+    parsed = parse_submission(
+        msgspec.json.encode({"job_type": "shell", **spec}),
+        received_at_ms=now_ms,
+        max_bytes=1 << 20,
+        max_metadata_entries=64,
+    )
+    job_id = job_id_for(parsed.spec, source=source)
+    return queued_record(job_id, parsed, now_ms=now_ms, source_seq=1)
+
+
+def handler_context(bus: Bus, tg: TaskGroup, name: str) -> HandlerContext:
+    """What ``run_workers`` gives a handler, for driving one directly in a test."""
+    registry = CollectorRegistry()
+    return HandlerContext(
+        bus=bus,
+        registry=registry,
+        metrics=HandlerMetrics.create(registry),
+        name=name,
+        config=LiveConfig(config_for(bus.settings)),
+        views=SharedViews(bus, tg),
+    )

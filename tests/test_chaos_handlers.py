@@ -40,6 +40,8 @@ from valkyrie.testing import SimulatedRunner
 pytestmark = [pytest.mark.nats, pytest.mark.chaos, pytest.mark.slow]
 
 HANDLERS = ["intake", "dispatcher", "results", "registry", "supervisor"]
+#: intake with a dispatcher in its process: new jobs are placed directly
+FRONT = ["intake", "dispatcher"]
 #: the durable consumer (stream) each stream-consuming handler reads
 CONSUMERS = {"intake": "submit", "results": "updates", "dispatcher": "events"}
 
@@ -84,6 +86,27 @@ async def _consumer_exists(bus: Bus, name: str) -> bool:
     except nats.js.errors.NotFoundError:
         return False
     return True
+
+
+async def _start(
+    bus: Bus,
+    handlers: Handlers,
+    runners: dict[str, subprocess.Popen[bytes]],
+    *,
+    count: int,
+    capacity: int,
+    processes: dict[str, list[str]] | None = None,
+) -> None:
+    """Start the handler processes (one per handler by default) and ``count`` runner processes;
+    return once every runner is registered and every stream handler's consumer exists."""
+    for name, runs in (processes or {n: [n] for n in HANDLERS}).items():
+        handlers.start(name, runs=runs)
+    for i in range(count):
+        rid = f"r{i}"
+        runners[rid] = spawn_runner(rid, handlers.settings, handlers.tmp, capacity=capacity)
+    await wait_until(lambda: _registered(bus, len(runners)), timeout_s=60, interval_s=0.2)
+    for name in CONSUMERS:
+        await wait_until(functools.partial(_consumer_exists, bus, name), timeout_s=30)
 
 
 async def _ack_pending(bus: Bus, name: str) -> int:
@@ -149,14 +172,7 @@ async def test_sigkill_each_handler_in_turn_loses_and_doubles_nothing(
     async with open_bus(settings, embed=False) as (bus, _):
         client = Client(bus)
         try:
-            for name in HANDLERS:
-                handlers.start(name)
-            for i in range(8):
-                rid = f"r{i}"
-                runners[rid] = spawn_runner(rid, settings, tmp_path, capacity=4)
-            await wait_until(lambda: _registered(bus, len(runners)), timeout_s=60, interval_s=0.2)
-            for name in CONSUMERS:
-                await wait_until(functools.partial(_consumer_exists, bus, name), timeout_s=30)
+            await _start(bus, handlers, runners, count=8, capacity=4)
 
             sent: list[int] = []
             async with anyio.create_task_group() as tg:
@@ -212,15 +228,8 @@ async def test_sigkill_intake_with_its_dispatcher_loses_and_doubles_nothing(
     async with open_bus(settings, embed=False) as (bus, _):
         client = Client(bus)
         try:
-            handlers.start("front", runs=["intake", "dispatcher"])
-            for name in ("results", "registry", "supervisor"):
-                handlers.start(name)
-            for i in range(6):
-                rid = f"r{i}"
-                runners[rid] = spawn_runner(rid, settings, tmp_path, capacity=8)
-            await wait_until(lambda: _registered(bus, len(runners)), timeout_s=60, interval_s=0.2)
-            for name in CONSUMERS:
-                await wait_until(functools.partial(_consumer_exists, bus, name), timeout_s=30)
+            processes = {"front": FRONT, **{n: [n] for n in ("results", "registry", "supervisor")}}
+            await _start(bus, handlers, runners, count=6, capacity=8, processes=processes)
 
             sent: list[int] = []
             async with anyio.create_task_group() as tg:
@@ -233,7 +242,7 @@ async def test_sigkill_intake_with_its_dispatcher_loses_and_doubles_nothing(
                     await anyio.sleep(0.3)
                     assert await handlers.stop("front", signal.SIGKILL) == -signal.SIGKILL
                     await anyio.sleep(0.5)
-                    handlers.start("front", runs=["intake", "dispatcher"])
+                    handlers.start("front", runs=FRONT)
                     await anyio.sleep(3.0)
             assert len(sent) == total
             records = await _all_succeeded_by_n(client, total, timeout_s=150)
@@ -322,14 +331,7 @@ async def test_sigterm_finishes_in_flight_messages_and_exits_zero(
     async with open_bus(settings, embed=False) as (bus, _):
         client = Client(bus)
         try:
-            for name in HANDLERS:
-                handlers.start(name)
-            for i in range(4):
-                rid = f"r{i}"
-                runners[rid] = spawn_runner(rid, settings, tmp_path, capacity=4)
-            await wait_until(lambda: _registered(bus, len(runners)), timeout_s=60, interval_s=0.2)
-            for name in CONSUMERS:
-                await wait_until(functools.partial(_consumer_exists, bus, name), timeout_s=30)
+            await _start(bus, handlers, runners, count=4, capacity=4)
 
             sent: list[int] = []
             async with anyio.create_task_group() as tg:

@@ -7,20 +7,14 @@ from contextlib import asynccontextmanager
 
 import anyio
 import anyio.abc
-import msgspec
 import pytest
-from prometheus_client import CollectorRegistry
 
 from handlers import dispatcher as dispatcher_module
 from handlers.dispatcher import DispatcherWorker, Pending
-from schemas import JobRecord, JobState
-from tests._helpers import events_of, running, wait_until
-from valkyrie import Bus, Client, HandlerContext, Settings
+from schemas import JobState
+from tests._helpers import events_of, handler_context, queued_job, running, wait_until
+from valkyrie import Bus, Client, Settings
 from valkyrie._codec import JOB_DECODER, RUNNER_DECODER
-from valkyrie._intake import job_id_for, parse_submission, queued_record
-from valkyrie._live import LiveConfig, config_for
-from valkyrie._metrics import HandlerMetrics
-from valkyrie._runnerview import SharedViews
 from valkyrie.testing import SimulatedRunner
 
 pytestmark = pytest.mark.nats
@@ -64,15 +58,7 @@ async def test_a_new_job_is_placed_at_once_and_announced_in_order(settings: Sett
 @asynccontextmanager
 async def _dispatcher(bus: Bus, tg: anyio.abc.TaskGroup) -> AsyncIterator[DispatcherWorker]:
     """A dispatcher of this process, as intake would find it."""
-    registry = CollectorRegistry()
-    ctx = HandlerContext(
-        bus=bus,
-        registry=registry,
-        metrics=HandlerMetrics.create(registry),
-        name="dispatcher",
-        config=LiveConfig(config_for(bus.settings)),
-        views=SharedViews(bus, tg),
-    )
+    ctx = handler_context(bus, tg, "dispatcher")
     worker = dispatcher_module.create(ctx)
     stop = anyio.Event()
     await tg.start(worker.run, stop)
@@ -81,16 +67,6 @@ async def _dispatcher(bus: Bus, tg: anyio.abc.TaskGroup) -> AsyncIterator[Dispat
         yield worker
     finally:
         stop.set()
-
-
-def _record(source: str, **spec: object) -> JobRecord:
-    parsed = parse_submission(
-        msgspec.json.encode({"job_type": "shell", **spec}),
-        received_at_ms=1_000,
-        max_bytes=1 << 20,
-        max_metadata_entries=64,
-    )
-    return queued_record(job_id_for(parsed.spec, source=source), parsed, now_ms=1_000, source_seq=1)
 
 
 async def _slots(bus: Bus, rid: str) -> dict[str, int]:
@@ -105,7 +81,7 @@ async def test_place_new_stores_the_record_dispatched_and_is_idempotent(settings
         await tg.start(runner.run, stop)
         async with _dispatcher(bus, tg) as worker:
             await wait_until(lambda: _has_free(worker), timeout_s=10)
-            record = _record("t-1")
+            record = queued_job("t-1")
             assert await worker.place_new(record)
             jobs = await bus.kv("jobs")
             stored = JOB_DECODER.decode((await jobs.get(record.id)).value or b"")
@@ -130,16 +106,16 @@ async def test_place_new_declines_while_others_wait(settings: Settings) -> None:
             await wait_until(lambda: _has_free(worker), timeout_s=10)
             # a job this dispatcher holds (its queued event arrived, not yet placed)
             worker._pending["held"] = Pending(job_id="held", attempt=0, order=0, msg=None)
-            newcomer = _record("t-2")
+            newcomer = queued_job("t-2")
             assert not await worker.place_new(newcomer)
             del worker._pending["held"]
             # nothing stored: intake records it as queued and it goes through its queued event
             assert await _missing(bus, newcomer.id)
             # until that event arrives, later jobs queue behind it too
             assert newcomer.id in worker._declined
-            assert not await worker.place_new(_record("t-3"))
+            assert not await worker.place_new(queued_job("t-3"))
             worker._declined.clear()
-            assert await worker.place_new(_record("t-4"))
+            assert await worker.place_new(queued_job("t-4"))
         tg.cancel_scope.cancel()  # the runner would work on its job for 30 s
 
 

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import anyio
-import msgspec
 import pytest
 
 from schemas import JobState
-from tests._helpers import events_of, running, wait_until
+from tests._helpers import events_of, queued_job, running, wait_until
 from valkyrie import Client, Settings
 from valkyrie._codec import RUNNER_DECODER, encode, now_ms
-from valkyrie._intake import job_id_for, parse_submission, queued_record
 from valkyrie._kvstore import cas_update
 from valkyrie._lifecycle import assign_slot, dispatch_job, retry_after_failure
 from valkyrie.testing import SimulatedRunner
@@ -25,18 +23,11 @@ async def test_a_half_done_take_back_is_announced_and_its_slot_freed(settings: S
             await tg.start(SimulatedRunner(bus, "r1", capacity=2).run, stop)
             # what a take-back leaves when its process dies right after the record write: the
             # job re-queued (attempt 1 ended not_accepted), r1 still holding the slot, no events
-            parsed = parse_submission(
-                msgspec.json.encode({"job_type": "shell"}),
-                received_at_ms=now_ms(),
-                max_bytes=1 << 20,
-                max_metadata_entries=64,
-            )
-            job_id = job_id_for(parsed.spec, source="redo-1")
             now = now_ms()
+            queued = queued_job("redo-1", now_ms=now)
+            job_id = queued.id
             record = retry_after_failure(
-                dispatch_job(
-                    queued_record(job_id, parsed, now_ms=now, source_seq=1), "r1", now_ms=now
-                ),
+                dispatch_job(queued, "r1", now_ms=now),
                 "not_accepted",
                 now_ms=now,
                 reason="runner r1 did not accept within 5000 ms",

@@ -21,7 +21,7 @@ from valkyrie._kvstore import Versioned, cas_update, get_versioned
 from valkyrie._lifecycle import release_slot, retry_after_failure
 from valkyrie._outbox import Outbox
 from valkyrie._runnerview import RunnerView
-from valkyrie._worker import UNAVAILABLE
+from valkyrie._worker import OUTAGE_PATIENCE_S, UNAVAILABLE
 
 __all__ = ["INLINE_RECORD_BYTES", "JobOps", "terminal_ttl", "through_outages"]
 
@@ -29,7 +29,6 @@ __all__ = ["INLINE_RECORD_BYTES", "JobOps", "terminal_ttl", "through_outages"]
 INLINE_RECORD_BYTES = 4096
 
 MAX_UNAPPLIED_SCAN = 500  # unapplied updates of one runner looked through before giving it time
-OUTAGE_PATIENCE_S = 120.0  # how long a step that nothing else would redo waits out an outage
 
 T = TypeVar("T")
 

@@ -21,6 +21,7 @@ from schemas import (
     JobResult,
     JobStarted,
     JobUpdate,
+    RegistrationVerdict,
     RunnerCommand,
     RunnerHeartbeat,
     RunnerRegistration,
@@ -207,13 +208,7 @@ class Runner:
     ) -> None:
         rid = self.runner_id
         try:
-            verdict = await register(
-                self._nc,
-                self._names.register,
-                self.registration,
-                stopping=self._shutdown,
-                request_timeout_s=self._request_timeout_s,
-            )
+            verdict = await self._register()
         except RegistrationRejected as e:
             # Raised by run() itself, not wrapped in the task group's exception group.
             self._fatal = e
@@ -301,19 +296,22 @@ class Runner:
             await self._jobs_changed.wait()
 
     # -- registration and heartbeats ------------------------------------------------------------
+    async def _register(self) -> RegistrationVerdict | None:
+        return await register(
+            self._nc,
+            self._names.register,
+            self.registration,
+            stopping=self._shutdown,
+            request_timeout_s=self._request_timeout_s,
+        )
+
     async def _register_again_on_reconnect(self) -> None:
         while True:
             await self._reregister.wait()
             self._reregister = anyio.Event()
             log.info("runner %s: reconnected to NATS, registering again", self.runner_id)
             try:
-                verdict = await register(
-                    self._nc,
-                    self._names.register,
-                    self.registration,
-                    stopping=self._shutdown,
-                    request_timeout_s=self._request_timeout_s,
-                )
+                verdict = await self._register()
             except RegistrationRejected as e:
                 log.error("runner %s: %s; draining", self.runner_id, e)
                 self._fatal = e
