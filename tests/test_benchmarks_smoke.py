@@ -63,3 +63,23 @@ def test_dispatch_benchmark_quick_run(tmp_path: Path) -> None:
         assert versions[name], name
     assert doc["environment"]["machine"]["nproc"]
     assert "valkyrie/raw" in proc.stdout
+
+
+@pytest.mark.timeout(120)
+def test_kv_write_benchmark_small_run(tmp_path: Path) -> None:
+    out = tmp_path / "kv_write.json"
+    argv = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "kv_write.py"),
+        *("--writes", "256", "--rounds", "1", "--concurrency", "8", "--json", str(out)),
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VALKYRIE_")}
+    proc = subprocess.run(
+        argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=100, check=False
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    doc = json.loads(out.read_text())
+    for path in ("nats-py", "valkyrie"):
+        assert doc["results"][path]["writes_per_s"] > 0
+        assert doc["results"][path]["client_us_per_write"] > 0
+    assert doc["ratios"]["client_cpu"] is not None

@@ -1,10 +1,10 @@
 """Acknowledged JetStream publishes over one shared reply subscription.
 
 nats-py's ``JetStreamContext.publish`` (which KV writes use too) makes a request per message: a
-random reply token, a timer, a JSON parse of the answer into a dataclass. Measured on the project's
-2-vCPU machine with 64 writes in flight, that costs about 60 µs of client CPU per KV write; a
-publish whose answer comes back on a shared wildcard subscription and is decoded by msgspec costs
-about 30 µs. Handlers make several such writes per job, so the hot paths use this module.
+random reply token, a timer, a JSON parse of the answer into a dataclass. A publish whose answer
+comes back on a shared wildcard subscription and is decoded by msgspec costs 0.6-0.7 of that
+client CPU per KV write (``benchmarks/kv_write.py``, 64 writes in flight, on the project's 2-vCPU
+machine). Handlers make several such writes per job, so the hot paths use this module.
 
 Errors keep nats-py's types: a stream's refusal raises ``nats.js.errors.APIError`` (or its
 subclass), a lost answer ``nats.errors.TimeoutError``, a missing stream
