@@ -9,7 +9,9 @@ JetStream publishes) instead of one acked publish round trip each, so the benchm
 its CPU on recording, not on waiting for acks, and runner capacity or round trips never throttle
 the control plane being measured.
 
-:class:`RawReceivers` is the raw-NATS baseline's counterpart: plain subscribers that only record.
+:class:`RawReceivers` is the raw-NATS baselines' counterpart: plain subscribers that record and, for
+the lifecycle baseline, report each job done at once (one core publish with ``Nats-Msg-Id`` that a
+work-queue stream captures, as :class:`LeanFleet` sends its updates).
 """
 
 from __future__ import annotations
@@ -45,11 +47,18 @@ _DISPATCH = msgspec.json.Decoder(Dispatch)
 _VERDICT = msgspec.json.Decoder(RegistrationVerdict)
 
 
-class _JobRef(msgspec.Struct):
+class _RawDispatch(msgspec.Struct):
     job_id: str
+    revision: int = 0
 
 
-_JOB_REF = msgspec.json.Decoder(_JobRef)
+class _RawDone(msgspec.Struct):
+    job_id: str
+    revision: int
+    runner_id: str
+
+
+_RAW_DISPATCH = msgspec.json.Decoder(_RawDispatch)
 
 
 def runner_ids(count: int) -> list[str]:
@@ -288,12 +297,18 @@ class LeanFleet:
 
 @dataclass
 class RawReceivers:
-    """One plain subscriber per runner id on ``<prefix>.dispatch.<runner_id>``; records receipts."""
+    """One plain subscriber per runner id on ``<prefix>.dispatch.<runner_id>``; records receipts.
+
+    With ``complete`` each receiver also reports the job done on ``<prefix>.done.<runner_id>``.
+    """
 
     nc: NatsClient
     prefix: str
     ids: list[str]
     recorder: Recorder
+    complete: bool = False
+    completions_sent: int = 0
+    completion_errors: int = 0
     _subs: list[Subscription] = field(default_factory=list)
 
     async def subscribe(self) -> None:
@@ -306,7 +321,21 @@ class RawReceivers:
 
     async def _on_dispatch(self, msg: Msg) -> None:
         at = time.perf_counter_ns()
-        self.recorder.record(_JOB_REF.decode(msg.data).job_id, at)
+        dispatch = _RAW_DISPATCH.decode(msg.data)
+        if not self.recorder.record(dispatch.job_id, at) or not self.complete:
+            return
+        runner = msg.subject.rsplit(".", 1)[-1]
+        try:
+            await self.nc.publish(
+                f"{self.prefix}.done.{runner}",
+                _ENCODER.encode(
+                    _RawDone(job_id=dispatch.job_id, revision=dispatch.revision, runner_id=runner)
+                ),
+                headers={"Nats-Msg-Id": f"{dispatch.job_id}.done"},
+            )
+            self.completions_sent += 1
+        except nats.errors.Error:
+            self.completion_errors += 1
 
     async def close(self) -> None:
         """Unsubscribe every receiver."""

@@ -8,6 +8,15 @@ publishes the dispatch with one core publish on ``<prefix>.dispatch.<runner>``, 
 (the last message's ``num_pending`` + 1) and the free slots, with a short timeout, so a paced
 trickle is fetched one message at a time and a backlog in large batches.
 
+With ``--done-subject`` it does the least a durable lifecycle with capacity accounting can do (the
+``raw-lifecycle`` baseline): before the job record it takes a slot on the runner's counter
+(``slots.<runner>`` in the same bucket, one KV compare-and-set, re-read and retried on conflict,
+never above ``--capacity``); the dispatch carries the job record's revision; the receiving runner
+reports completion with one core publish that a second work-queue stream captures; a second durable
+pull consumer here moves the record to done (one compare-and-set on that revision), frees the slot
+(one more) and acks. No events, no validation, no redelivery bookkeeping beyond the
+compare-and-sets: a floor under a control plane that keeps the issue's guarantees, not a competitor.
+
 It answers core requests on ``<prefix>.ping`` once ready, and stops cleanly on SIGTERM/SIGINT.
 Self-contained on purpose: only nats-py, msgspec and anyio.
 """
@@ -17,7 +26,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 import msgspec
@@ -25,6 +34,9 @@ import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+_Work = Callable[[Msg], Awaitable[None]]
 
 
 class _Job(msgspec.Struct):
@@ -36,6 +48,16 @@ class _Dispatch(msgspec.Struct):
     attempt: int
     runner_id: str
     spec: msgspec.Raw
+    revision: int = 0
+
+
+class _Done(msgspec.Struct):
+    job_id: str
+    revision: int
+    runner_id: str
+
+
+_FINAL = b'{"state":"done"}'
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -50,6 +72,10 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=256)
     parser.add_argument("--batch", type=int, default=256, help="largest fetch")
     parser.add_argument("--fetch-timeout", type=float, default=0.25)
+    parser.add_argument("--done-subject", default=None, help="completions to consume (lifecycle)")
+    parser.add_argument("--done-stream", default=None)
+    parser.add_argument("--done-durable", default=None)
+    parser.add_argument("--capacity", type=int, default=50, help="slots per runner (lifecycle)")
     return parser.parse_args(argv)
 
 
@@ -67,12 +93,56 @@ async def _serve(args: argparse.Namespace) -> int:
     js = nc.jetstream()
     kv = await js.key_value(args.bucket)
     psub = await js.pull_subscribe(args.subject, durable=args.durable, stream=args.stream)
+    done_sub = (
+        await js.pull_subscribe(
+            args.done_subject, durable=args.done_durable, stream=args.done_stream
+        )
+        if args.done_subject
+        else None
+    )
     runners = [f"r{i:04d}" for i in range(args.runners)]
     subjects = [f"{args.prefix}.dispatch.{r}" for r in runners]
     decoder = msgspec.json.Decoder(_Job)
+    done_decoder = msgspec.json.Decoder(_Done)
     encoder = msgspec.json.Encoder()
-    slots = anyio.Semaphore(args.concurrency)
-    counters = {"next": 0, "processed": 0, "existed": 0, "failed": 0}
+    counters = {
+        "next": 0,
+        "processed": 0,
+        "existed": 0,
+        "finished": 0,
+        "refinished": 0,
+        "slot_conflicts": 0,
+        "failed": 0,
+    }
+
+    lifecycle = done_sub is not None
+    counts: dict[str, tuple[int, int]] = {}  # runner -> (jobs held, revision of slots.<runner>)
+
+    async def adjust(runner: str, delta: int) -> bool:
+        """Move the runner's slot counter by ``delta``; ``False`` if it is full."""
+        key = f"slots.{runner}"
+        while True:
+            held, revision = counts.get(runner, (0, 0))
+            if held + delta > args.capacity:
+                return False
+            value = str(held + delta).encode()
+            try:
+                if revision:
+                    revision = await kv.update(key, value, last=revision)
+                else:
+                    revision = await kv.create(key, value)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                counters["slot_conflicts"] += 1
+                entry = await kv.get(key)
+                counts[runner] = (int(entry.value or b"0"), entry.revision or 0)
+                continue
+            counts[runner] = (held + delta, revision)
+            return True
+
+    def failed(e: Exception) -> None:
+        counters["failed"] += 1
+        if len(errors) < 10:
+            errors.append(repr(e))
 
     async def pong(msg: Msg) -> None:
         await msg.respond(b"ok")
@@ -85,34 +155,57 @@ async def _serve(args: argparse.Namespace) -> int:
             n = counters["next"]
             counters["next"] = n + 1
             index = n % len(runners)
+            while lifecycle and not await adjust(runners[index], +1):
+                n = counters["next"]  # full: the next runner in turn
+                counters["next"] = n + 1
+                index = n % len(runners)
             try:
-                await kv.create(job_id, msg.data)
+                revision = await kv.create(job_id, msg.data)
             except nats.js.errors.KeyWrongLastSequenceError:
                 counters["existed"] += 1  # a redelivery: the job is recorded, dispatch again
+                if lifecycle:
+                    await adjust(runners[index], -1)  # its slot was taken the first time
+                entry = await kv.get(job_id)
+                revision = entry.revision or 0
             body = encoder.encode(
                 _Dispatch(
-                    job_id=job_id, attempt=1, runner_id=runners[index], spec=msgspec.Raw(msg.data)
+                    job_id=job_id,
+                    attempt=1,
+                    runner_id=runners[index],
+                    spec=msgspec.Raw(msg.data),
+                    revision=revision,
                 )
             )
             await nc.publish(subjects[index], body)
             await msg.ack()
             counters["processed"] += 1
         except Exception as e:  # count and let the message be redelivered
-            counters["failed"] += 1
-            if len(errors) < 10:
-                errors.append(repr(e))
-        finally:
-            slots.release()
+            failed(e)
 
-    async def watch_signals() -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for _ in signals:
-                stop.set()
-                return
+    async def finish(msg: Msg) -> None:
+        try:
+            done = done_decoder.decode(msg.data)
+            try:
+                await kv.update(done.job_id, _FINAL, last=done.revision)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                counters["refinished"] += 1  # a redelivery: the record already moved on
+            else:
+                await adjust(done.runner_id, -1)
+            await msg.ack()
+            counters["finished"] += 1
+        except Exception as e:  # count and let the message be redelivered
+            failed(e)
 
-    async with anyio.create_task_group() as outer:
-        outer.start_soon(watch_signals)
-        print("raw-worker: ready", flush=True)
+    async def consume(sub: JetStreamContext.PullSubscription, work: _Work) -> None:
+        """Fetch as much as the backlog and free slots allow; run ``work`` on each message."""
+        slots = anyio.Semaphore(args.concurrency)
+
+        async def run(msg: Msg) -> None:
+            try:
+                await work(msg)
+            finally:
+                slots.release()
+
         backlog = 0
         async with anyio.create_task_group() as tg:
             while not stop.is_set():
@@ -123,7 +216,7 @@ async def _serve(args: argparse.Namespace) -> int:
                     continue
                 batch = max(1, min(free, args.batch, backlog + 1))
                 try:
-                    msgs = await psub.fetch(batch=batch, timeout=args.fetch_timeout)
+                    msgs = await sub.fetch(batch=batch, timeout=args.fetch_timeout)
                 except TimeoutError:  # nats raises its own subclass or the builtin
                     backlog = 0
                     continue
@@ -133,11 +226,25 @@ async def _serve(args: argparse.Namespace) -> int:
                     continue
                 for msg in msgs:
                     await slots.acquire()
-                    tg.start_soon(handle, msg)
+                    tg.start_soon(run, msg)
                 try:
                     backlog = int(msgs[-1].metadata.num_pending) if msgs else 0
                 except (AttributeError, TypeError, ValueError, nats.errors.Error):
                     backlog = 0
+
+    async def watch_signals() -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                stop.set()
+                return
+
+    async with anyio.create_task_group() as outer:
+        outer.start_soon(watch_signals)
+        print("raw-worker: ready", flush=True)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(consume, psub, handle)
+            if done_sub is not None:
+                tg.start_soon(consume, done_sub, finish)
         outer.cancel_scope.cancel()
     await ping.unsubscribe()
     await nc.drain()

@@ -1,6 +1,6 @@
 """Dispatch benchmark: submit -> dispatch-received latency and saturating throughput.
 
-Two systems, measured in the same run against the same nats-server:
+Three systems, measured in the same run against the same nats-server:
 
 * **valkyrie**: the control-plane handlers, by default in two worker subprocesses, one per core:
   ``intake dispatcher`` (so intake hands new jobs straight to its dispatcher) and ``registry
@@ -10,6 +10,12 @@ Two systems, measured in the same run against the same nats-server:
 * **raw**: the minimal equivalent in plain nats-py: JetStream publish to a work-queue stream -> a
   worker subprocess (``benchmarks/_raw_worker.py``) with a durable pull consumer doing one KV create
   and one core publish per job -> subscribers here.
+* **raw-lifecycle** (unless ``--skip-raw-lifecycle``): the same worker also counting runner slots
+  and closing each job: a slot taken by compare-and-set before the job record, the subscribers
+  report the job done at once (captured by a second work-queue stream), the worker records it done
+  and frees the slot. The least plain NATS can do for the whole lifecycle with the issue's capacity
+  guarantee: the floor the valkyrie pipeline (which also publishes events, validates, and keeps
+  runner health) is judged against.
 
 Each system gets a unique prefix, a warm-up (excluded), a PACED phase (``--paced-jobs`` at
 ``--rate`` jobs/s: latency percentiles) and a SATURATING phase (``--jobs`` published as fast as
@@ -129,6 +135,7 @@ class Params:
     scale_heartbeat_ms: int = 30_000
     processes: str = PROCESSES
     raw_processes: int = 1
+    raw_lifecycle: bool = True
 
     def process_groups(self) -> list[list[str]]:
         """The handlers of each worker process (``--processes``)."""
@@ -623,19 +630,42 @@ async def _nats_error(e: Exception) -> None:
     log(f"NATS error: {e!r}")
 
 
-async def raw_scenario(
+async def raw_lifecycle_scenario(
     p: Params, url: str, server_pid: int | None, children: Children, workdir: Path
 ) -> dict[str, Any]:
-    """The raw-NATS baseline: work-queue stream -> pull worker (KV create + core publish) -> subscribers."""
-    prefix = "br" + uuid.uuid4().hex[:8]
+    """The raw baseline that also closes each job: receivers report done, the worker records it."""
+    return await raw_scenario(p, url, server_pid, children, workdir, lifecycle=True)
+
+
+async def raw_scenario(
+    p: Params,
+    url: str,
+    server_pid: int | None,
+    children: Children,
+    workdir: Path,
+    *,
+    lifecycle: bool = False,
+) -> dict[str, Any]:
+    """The raw-NATS baseline: work-queue stream -> pull worker (KV create + core publish) -> subscribers.
+
+    With ``lifecycle`` the subscribers report each job done (captured by a second work-queue stream)
+    and the worker records the end with one KV compare-and-set per job.
+    """
+    name = "raw-lifecycle" if lifecycle else "raw"
+    prefix = ("bl" if lifecycle else "br") + uuid.uuid4().hex[:8]
     stream, subject, bucket, durable = (
         f"{prefix.upper()}_WORK",
         f"{prefix}.jobs.submit",
         f"{prefix}_jobs",
         "worker",
     )
-    log(f"raw: prefix {prefix}, {p.runners} receivers, worker concurrency {p.raw_concurrency}")
-    nc = await nats.connect(url, name="bench-raw-submit", error_cb=_nats_error)
+    done_stream, done_subject, done_durable = (
+        f"{prefix.upper()}_DONE",
+        f"{prefix}.done.*",
+        "finisher",
+    )
+    log(f"{name}: prefix {prefix}, {p.runners} receivers, worker concurrency {p.raw_concurrency}")
+    nc = await nats.connect(url, name=f"bench-{name}-submit", error_cb=_nats_error)
     recv_nc: NatsClient | None = None
     raw_workers: list[Child] = []
     js = nc.jetstream()
@@ -655,19 +685,43 @@ async def raw_scenario(
                 bucket=bucket, history=1, storage=StorageType.FILE, replicas=1, direct=True
             )
         )
-        await js.add_consumer(
-            stream,
-            ConsumerConfig(
-                durable_name=durable,
-                deliver_policy=DeliverPolicy.ALL,
-                ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=30.0,
-                max_ack_pending=100_000,
-                filter_subject=subject,
-            ),
+        consumers = [(stream, subject, durable)]
+        if lifecycle:
+            await js.add_stream(
+                StreamConfig(
+                    name=done_stream,
+                    subjects=[done_subject],
+                    retention=RetentionPolicy.WORK_QUEUE,
+                    storage=StorageType.FILE,
+                    num_replicas=1,
+                    duplicate_window=120.0,
+                )
+            )
+            consumers.append((done_stream, done_subject, done_durable))
+        for on_stream, filtered, durable_name in consumers:
+            await js.add_consumer(
+                on_stream,
+                ConsumerConfig(
+                    durable_name=durable_name,
+                    deliver_policy=DeliverPolicy.ALL,
+                    ack_policy=AckPolicy.EXPLICIT,
+                    ack_wait=30.0,
+                    max_ack_pending=100_000,
+                    filter_subject=filtered,
+                ),
+            )
+        lifecycle_args = (
+            [
+                f"--done-subject={done_subject}",
+                f"--done-stream={done_stream}",
+                f"--done-durable={done_durable}",
+                f"--capacity={p.runner_capacity}",
+            ]
+            if lifecycle
+            else []
         )
         argv = _profiled(
-            "raw-worker",
+            f"{name}-worker",
             p,
             [
                 sys.executable,
@@ -681,13 +735,16 @@ async def raw_scenario(
                 f"--runners={p.runners}",
                 f"--concurrency={p.raw_concurrency}",
                 f"--batch={p.raw_batch}",
+                *lifecycle_args,
             ],
         )
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         for i in range(p.raw_processes):
-            name = "raw-worker" if p.raw_processes == 1 else f"raw-worker-{i + 1}"
+            child_name = f"{name}-worker" if p.raw_processes == 1 else f"{name}-worker-{i + 1}"
             raw_workers.append(
-                children.spawn(name, argv, env=env, log=workdir / f"{name}.log", cwd=ROOT)
+                children.spawn(
+                    child_name, argv, env=env, log=workdir / f"{child_name}.log", cwd=ROOT
+                )
             )
         child = raw_workers[0]
         alive = _all_alive(raw_workers)
@@ -702,23 +759,29 @@ async def raw_scenario(
             return True
 
         if await _until(ready, 30, 0.05) is None:
-            raise RuntimeError(f"raw worker not ready within 30s: {alive() or child.tail(2000)}")
-        recv_nc = await nats.connect(url, name="bench-raw-receivers", error_cb=_nats_error)
+            raise RuntimeError(f"{name} worker not ready within 30s: {alive() or child.tail(2000)}")
+        recv_nc = await nats.connect(url, name=f"bench-{name}-receivers", error_cb=_nats_error)
         spies = [_spy(children, w.name, w.pid, p, workdir) for w in raw_workers]
         recorder = Recorder()
-        receivers = RawReceivers(recv_nc, prefix, runner_ids(p.runners), recorder)
+        receivers = RawReceivers(
+            recv_nc, prefix, runner_ids(p.runners), recorder, complete=lifecycle
+        )
         await receivers.subscribe()
 
         async def idle() -> bool:
             await nc.flush()
-            info = await js.consumer_info(stream, durable)
-            return not info.num_pending and not info.num_ack_pending
+            await recv_nc.flush()
+            for on_stream, _, durable_name in consumers:
+                info = await js.consumer_info(on_stream, durable_name)
+                if info.num_pending or info.num_ack_pending:
+                    return False
+            return True
 
         async def settle() -> float | None:
             return await _until(idle, 120, 0.05)
 
         target = Target(
-            name="raw",
+            name=name,
             js=js,
             subject=subject,
             recorder=recorder,
@@ -729,20 +792,25 @@ async def raw_scenario(
                 "worker": tuple(w.pid for w in raw_workers if w.pid is not None),
                 "nats_server": server_pid,
             },
-            tag="r",
+            tag="l" if lifecycle else "r",
         )
         results = await run_all_phases(target, p)
         await receivers.close()
+        if lifecycle:
+            results["completions_sent"] = receivers.completions_sent
+            results["completion_errors"] = receivers.completion_errors
+            results["records_done"] = await _records_done(js, bucket)
         results["worker_processes"] = len(raw_workers)
         results["worker_exit_code"] = await _stop_workers(children, raw_workers, spies, p)
         return results
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(20):
             await _stop_started(children, raw_workers)
-            try:
-                await js.delete_stream(stream)
-            except (nats.errors.Error, nats.js.errors.Error):
-                pass
+            for on_stream in (stream, done_stream) if lifecycle else (stream,):
+                try:
+                    await js.delete_stream(on_stream)
+                except (nats.errors.Error, nats.js.errors.Error):
+                    pass
             try:
                 await js.delete_key_value(bucket)
             except (nats.errors.Error, nats.js.errors.Error):
@@ -750,6 +818,28 @@ async def raw_scenario(
             if recv_nc is not None:
                 await recv_nc.close()
             await nc.close()
+
+
+async def _records_done(js: JetStreamContext, bucket: str) -> dict[str, int]:
+    """Job records of the lifecycle baseline that reached their end, and slots still held at the end
+    (proof the loop closed: every record done, no slot held)."""
+    kv = await js.key_value(bucket)
+    counts = {"records": 0, "done": 0, "slots_held": 0}
+    limiter = anyio.Semaphore(64)
+
+    async def one(key: str) -> None:
+        async with limiter:
+            entry = await kv.get(key)
+        if key.startswith("slots."):
+            counts["slots_held"] += int(entry.value or b"0")
+            return
+        counts["records"] += 1
+        counts["done"] += entry.value == b'{"state":"done"}'
+
+    async with anyio.create_task_group() as tg:
+        for key in await kv.keys():
+            tg.start_soon(one, key)
+    return counts
 
 
 # -- report --------------------------------------------------------------------------------------
@@ -774,9 +864,9 @@ def _row(system: str, phase: str, r: dict[str, Any]) -> list[object]:
     ]
 
 
-def ratios(results: dict[str, Any]) -> dict[str, Any]:
-    """valkyrie/raw for throughput and latency percentiles, per phase."""
-    v, r = results.get("valkyrie") or {}, results.get("raw") or {}
+def ratios(results: dict[str, Any], baseline: str = "raw") -> dict[str, Any]:
+    """valkyrie/``baseline`` for throughput and latency percentiles, per phase."""
+    v, r = results.get("valkyrie") or {}, results.get(baseline) or {}
     out: dict[str, Any] = {}
     for phase in PHASES:
         vp, rp = v.get(phase), r.get(phase)
@@ -804,7 +894,14 @@ def targets(results: dict[str, Any]) -> dict[str, Any]:
     v = results.get("valkyrie") or {}
     sat = (v.get("saturating") or {}).get("throughput_per_s")
     p50 = ((v.get("paced") or {}).get("latency_ms") or {}).get("p50")
+    floor = ((results.get("raw_lifecycle") or {}).get("saturating") or {}).get("throughput_per_s")
     return {
+        # not a target: how far the least durable lifecycle in plain NATS gets on this machine
+        "raw_lifecycle_saturating_throughput_per_s": {
+            "target": f">= {TARGET_THROUGHPUT:g}",
+            "measured": floor,
+            "met": floor is not None and floor >= TARGET_THROUGHPUT,
+        },
         "saturating_throughput_per_s": {
             "target": f">= {TARGET_THROUGHPUT:g}",
             "measured": sat,
@@ -818,16 +915,21 @@ def targets(results: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _display(system: str, p: dict[str, Any]) -> str:
+    if system == "valkyrie_scale":
+        return f"valkyrie@{p['scale_runners']}"
+    return system.replace("_", "-")
+
+
 def render(doc: dict[str, Any]) -> str:
     """The stdout report."""
     results, rat, p = doc["results"], doc["ratios"], doc["parameters"]
     rows: list[list[object]] = []
-    for system in ("valkyrie", "raw", "valkyrie_scale"):
+    for system in ("valkyrie", "raw", "raw_lifecycle", "valkyrie_scale"):
         for phase in PHASES:
             r = (results.get(system) or {}).get(phase)
             if r:
-                name = f"valkyrie@{p['scale_runners']}" if system == "valkyrie_scale" else system
-                rows.append(_row(name, phase, r))
+                rows.append(_row(_display(system, p), phase, r))
     scale = _scale_ratio(results)
     if scale is not None:
         rows.append(
@@ -845,12 +947,17 @@ def render(doc: dict[str, Any]) -> str:
                 None,
             ]
         )
-    for phase in PHASES:
-        q = rat.get(phase)
-        if q:
+    for label, by_phase in (
+        ("valkyrie/raw", rat),
+        ("valkyrie/raw-lifecycle", rat.get("lifecycle")),
+    ):
+        for phase in PHASES:
+            q = (by_phase or {}).get(phase)
+            if not q:
+                continue
             rows.append(
                 [
-                    "valkyrie/raw",
+                    label,
                     phase,
                     None,
                     None,
@@ -883,15 +990,18 @@ def render(doc: dict[str, Any]) -> str:
         "",
         render_table(headers, rows),
         "",
-        "ratio rows: dispatch/s column = valkyrie/raw throughput, latency columns = valkyrie/raw latency",
+        "ratio rows: dispatch/s column = valkyrie/baseline throughput, latency columns = "
+        "valkyrie/baseline latency; raw-lifecycle = raw plus a runner slot taken and freed and "
+        "each job recorded done (runner report captured by a stream): 3 more KV "
+        "compare-and-sets, no events",
     ]
     cpu_rows = []
-    for system in ("valkyrie", "raw"):
+    for system in ("valkyrie", "raw", "raw_lifecycle"):
         idle = (results.get(system) or {}).get("idle_cpu_cores")
         if idle:
             cpu_rows.append(
                 [
-                    system,
+                    _display(system, p),
                     "idle (no jobs)",
                     idle.get("benchmark"),
                     idle.get("worker"),
@@ -909,7 +1019,7 @@ def render(doc: dict[str, Any]) -> str:
                 c, per_job = r["cpu_cores"], r.get("cpu_ms_per_job") or {}
                 cpu_rows.append(
                     [
-                        system,
+                        _display(system, p),
                         phase,
                         c.get("benchmark"),
                         c.get("worker"),
@@ -975,6 +1085,12 @@ def render(doc: dict[str, Any]) -> str:
                 t["paced_p50_ms"]["measured"],
             ),
         ]
+    floor = t.get("raw_lifecycle_saturating_throughput_per_s") or {}
+    if floor.get("measured") is not None:
+        lines.append(
+            "floor on this machine: raw-lifecycle (plain NATS: slots counted, job recorded "
+            f"dispatched and done, no events) saturating {floor['measured']} jobs/s"
+        )
     if doc["errors"]:
         lines += ["", "ERRORS:", *doc["errors"]]
     if doc["missing_total"]:
@@ -996,6 +1112,8 @@ async def run(
         scenarios.append(("valkyrie", valkyrie_scenario))
     if not p.skip_raw:
         scenarios.append(("raw", raw_scenario))
+        if p.raw_lifecycle:
+            scenarios.append(("raw_lifecycle", raw_lifecycle_scenario))
     if p.scale_runners and not p.skip_valkyrie:
         scenarios.append(("valkyrie_scale", valkyrie_scale_scenario))
     for name, scenario in scenarios:
@@ -1007,7 +1125,7 @@ async def run(
             errors.append(f"{name}: {e!r}")
     missing = sum(
         (results.get(s) or {}).get(ph, {}).get("missing", 0)
-        for s in ("valkyrie", "raw")
+        for s in ("valkyrie", "raw", "raw_lifecycle")
         for ph in ("warmup", *PHASES)
     )
     return {
@@ -1017,7 +1135,11 @@ async def run(
         "nats_url": url if p.nats_url else "embedded (temporary nats-server)",
         "environment": environment(repo=ROOT),
         "results": results,
-        "ratios": {**ratios(results), "scale_throughput": _scale_ratio(results)},
+        "ratios": {
+            **ratios(results),
+            "lifecycle": ratios(results, baseline="raw_lifecycle"),
+            "scale_throughput": _scale_ratio(results),
+        },
         "targets": targets(results),
         "errors": errors,
         "missing_total": missing,
@@ -1100,6 +1222,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Params, Path, bool]:
     parser.add_argument(
         "--skip-valkyrie", action="store_true", help="do not run the Valkyrie pipeline"
     )
+    parser.add_argument(
+        "--skip-raw-lifecycle",
+        action="store_true",
+        help="do not run the raw baseline that also records each job done (the lifecycle floor)",
+    )
     parser.add_argument("--quick", action="store_true", help="small numbers for a smoke run")
     parser.add_argument(
         "--profile",
@@ -1181,6 +1308,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Params, Path, bool]:
         scale_heartbeat_ms=a.scale_heartbeat_ms,
         processes=a.processes,
         raw_processes=a.raw_processes,
+        raw_lifecycle=not a.skip_raw_lifecycle,
     )
     problems = [
         name

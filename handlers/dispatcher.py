@@ -53,7 +53,7 @@ from valkyrie._scheduling import FairShare, effective_priority, tenant_of
 __all__ = ["DispatcherWorker", "create"]
 
 log = logging.getLogger("valkyrie.dispatcher")
-ACK_WAIT_S = 30.0
+#: held jobs are kept alive at least this often (more often when the ack wait is short)
 KEEPALIVE_S = 10.0
 COMMIT_CONCURRENCY = 64
 FETCH_TIMEOUT_S = 0.5
@@ -124,6 +124,8 @@ class DispatcherWorker(HandlerBase):
         # jobs this process's intake queued the usual way whose queued event has not arrived yet
         # (job id -> monotonic time to stop waiting for it): new jobs must not pass them
         self._declined: dict[str, float] = {}
+        self._hold_ack_wait_s = 30.0
+        self._keepalive_s = KEEPALIVE_S
 
     def _cfg(self) -> ValkyrieConfig:
         return self._ctx.config.current
@@ -169,6 +171,9 @@ class DispatcherWorker(HandlerBase):
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 stream = bus.names.stream("events")
+                # read once: the consumer is configured with it when this process starts
+                self._hold_ack_wait_s = self._cfg().performance.ack_wait_s
+                self._keepalive_s = min(KEEPALIVE_S, self._hold_ack_wait_s / 3)
                 await ensure_consumer(
                     bus,
                     stream,
@@ -176,7 +181,8 @@ class DispatcherWorker(HandlerBase):
                         durable_name=self.name,
                         deliver_policy=DeliverPolicy.ALL,
                         ack_policy=AckPolicy.EXPLICIT,
-                        ack_wait=ACK_WAIT_S,
+                        # a dead dispatcher's held jobs come back to another after this
+                        ack_wait=self._hold_ack_wait_s,
                         max_ack_pending=1_000_000,
                         filter_subject=queued,
                     ),
@@ -844,7 +850,7 @@ class DispatcherWorker(HandlerBase):
                 await stop.wait()
             try:
                 await self._expire_acceptance()
-                if time.monotonic() - last_keepalive >= KEEPALIVE_S:
+                if time.monotonic() - last_keepalive >= self._keepalive_s:
                     last_keepalive = time.monotonic()
                     for pending in list(self._pending.values()):
                         if pending.msg is None:

@@ -20,7 +20,6 @@ import pytest
 from nats.aio.msg import Msg
 from prometheus_client import CollectorRegistry
 
-from handlers.dispatcher import ACK_WAIT_S as DISPATCHER_ACK_WAIT_S
 from schemas import JobRecord, JobState
 from tests._helpers import (
     dead_letters,
@@ -354,7 +353,7 @@ async def test_sigterm_finishes_in_flight_messages_and_exits_zero(
             # The dispatcher hands the jobs it holds back (nak) when it stops: placed again at
             # once by its successor, long before its own ack wait could deliver anything it left
             # unsettled.
-            limit = DISPATCHER_ACK_WAIT_S - 5 - (time.monotonic() - stopped)
+            limit = settings.ack_wait_s - 5 - (time.monotonic() - stopped)
             records = await _all_succeeded_by_n(client, total, timeout_s=limit)
         finally:
             codes = {name: await handlers.stop(name) for name in list(handlers.procs)}
@@ -437,3 +436,64 @@ async def test_results_dying_with_unsettled_updates_does_not_rerun_running_jobs(
 
 async def _never_called(msg: Msg) -> None:
     raise AssertionError(f"not expected: {msg}")
+
+
+async def _holding(bus: Bus, count: int) -> bool:
+    info = await bus.js.consumer_info(bus.names.stream("events"), "dispatcher")
+    return int(info.num_ack_pending) == count
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.xdist_group("chaos")
+async def test_jobs_a_killed_dispatcher_held_come_back_after_the_ack_wait(
+    nats_url: str, prefix: str, tmp_path: Path
+) -> None:
+    """A dispatcher SIGKILLed while it holds queued jobs (no runner yet) leaves them to the next
+    dispatcher after ``performance.ack_wait_s``, which its consumer follows (it used to be a fixed
+    30 s), and while it lives it keeps them from coming back early even with a short ack wait."""
+    ack_wait, total = 3.0, 20
+    settings = settings_for(nats_url, prefix, ack_wait_s=ack_wait)
+    handlers = Handlers(settings, tmp_path)
+    runners: dict[str, subprocess.Popen[bytes]] = {}
+    async with open_bus(settings, embed=False) as (bus, _):
+        client = Client(bus)
+        try:
+            for name in HANDLERS:
+                handlers.start(name)
+            for name in CONSUMERS:
+                await wait_until(functools.partial(_consumer_exists, bus, name), timeout_s=30)
+            events = bus.names.stream("events")
+            info = await bus.js.consumer_info(events, "dispatcher")
+            assert info.config.ack_wait == pytest.approx(ack_wait)
+
+            sent: list[int] = []
+            await _submit_paced(client, total, 100.0, sent, 0.1)
+            await wait_until(functools.partial(_holding, bus, total), timeout_s=30)
+            # kept alive well past the ack wait: nothing was delivered a second time
+            await anyio.sleep(ack_wait * 2.5)
+            info = await bus.js.consumer_info(events, "dispatcher")
+            assert (info.num_ack_pending, info.num_redelivered) == (total, 0)
+
+            proc = handlers.procs["dispatcher"]
+            proc.send_signal(signal.SIGSTOP)
+            assert await handlers.stop("dispatcher", signal.SIGKILL) == -signal.SIGKILL
+            killed = time.monotonic()
+            handlers.start("dispatcher")
+            for i in range(2):
+                rid = f"r{i}"
+                runners[rid] = spawn_runner(rid, settings, tmp_path, capacity=10)
+            records = await _all_succeeded_by_n(client, total, timeout_s=60)
+            elapsed = time.monotonic() - killed
+        finally:
+            codes = {name: await handlers.stop(name) for name in list(handlers.procs)}
+            for proc in runners.values():
+                await anyio.to_thread.run_sync(stop_process, proc)
+        letters = [d for h in HANDLERS for d in await dead_letters(bus, h)]
+
+    for name, code in codes.items():
+        assert code == 0, f"{name} did not stop cleanly{handlers.tail(name)}"
+    assert letters == []
+    _check_exactly_once(tmp_path, records)
+    # back after the ack wait (plus runner start-up), far sooner than the old fixed 30 s, which
+    # with its 10 s keepalive would have brought them back 20-30 s after the kill
+    assert elapsed < ack_wait + 12, elapsed

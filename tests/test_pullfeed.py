@@ -149,3 +149,30 @@ async def test_feed_resumes_after_its_consumer_is_recreated(bus: Bus) -> None:
         await bus.js.publish(subject, b"after")
         await wait_until(lambda: owner.saw(b"after"), timeout_s=10)
         stop.set()
+
+
+async def test_ensure_consumer_brings_an_existing_consumer_up_to_date(bus: Bus) -> None:
+    """A restart with a new ack wait (or max deliver) updates the durable consumer in place."""
+    stream, _ = await _stream(bus, "tune")
+    before = await bus.js.consumer_info(stream, "w")
+    assert before.config.ack_wait == pytest.approx(60.0)
+
+    # the same settings again: left as it is (no update request, same creation time)
+    await ensure_consumer(
+        bus, stream, ConsumerConfig(durable_name="w", ack_policy=AckPolicy.EXPLICIT, ack_wait=60.0)
+    )
+    same = await bus.js.consumer_info(stream, "w")
+    assert same.config.ack_wait == pytest.approx(60.0)
+    assert same.created == before.created
+
+    await ensure_consumer(
+        bus,
+        stream,
+        ConsumerConfig(
+            durable_name="w", ack_policy=AckPolicy.EXPLICIT, ack_wait=2.5, max_deliver=7
+        ),
+    )
+    after = await bus.js.consumer_info(stream, "w")
+    assert after.config.ack_wait == pytest.approx(2.5)
+    assert after.config.max_deliver == 7
+    assert after.created == before.created  # updated, not recreated: its position is kept

@@ -228,7 +228,7 @@ _RESTART_REASONS = {
     "observability.metrics": "the metrics endpoint is bound when a process starts",
     "observability.events_max_age_s": "stream retention is provisioned at start (run `valkyrie provision`)",
     "security.tls": "TLS is negotiated when the NATS connection is made",
-    "performance.": "consumers and worker pools are sized when a handler starts",
+    "performance.": "consumers and worker pools are sized when a handler starts (a restarted handler updates its durable consumer)",
 }
 
 

@@ -42,16 +42,57 @@ _PENDING = "Nats-Pending-Messages"
 _REQUEST = msgspec.json.Encoder()
 
 
+#: consumer settings a (re)starting handler brings an existing durable consumer up to date with
+_TUNABLE = ("ack_wait", "max_deliver", "max_ack_pending")
+
+
 async def ensure_consumer(bus: Bus, stream: str, config: ConsumerConfig) -> None:
-    """Create the durable consumer unless it exists (an existing one keeps its configuration)."""
+    """Create the durable consumer, or update an existing one whose tunable settings differ.
+
+    Operators change ``performance.ack_wait_s`` and friends and restart the handler; a durable
+    consumer created by an earlier run would otherwise keep its old ack wait for ever. Only
+    ack wait, max deliver and max ack pending are compared: the server can update those in place
+    (create-or-update), and an update it refuses leaves the old consumer running, with a warning.
+    """
     assert config.durable_name is not None
-    try:
-        await bus.js.consumer_info(stream, config.durable_name)
-        return
-    except nats.js.errors.NotFoundError:
-        pass
     config.name = config.durable_name
-    await bus.js.add_consumer(stream, config=config)
+    try:
+        info = await bus.js.consumer_info(stream, config.durable_name)
+    except nats.js.errors.NotFoundError:
+        await bus.js.add_consumer(stream, config=config)
+        return
+    current = info.config
+    stale = [
+        name
+        for name in _TUNABLE
+        if getattr(config, name) is not None
+        and not _same(getattr(current, name), getattr(config, name))
+    ]
+    if not stale:
+        return
+    try:
+        await bus.js.add_consumer(stream, config=config)
+    except nats.js.errors.Error as e:
+        log.warning(
+            "consumer %s on %s keeps its settings (%s): update refused: %r",
+            config.durable_name,
+            stream,
+            ", ".join(stale),
+            e,
+        )
+        return
+    log.info(
+        "consumer %s on %s updated: %s",
+        config.durable_name,
+        stream,
+        ", ".join(f"{n} {getattr(current, n)} -> {getattr(config, n)}" for n in stale),
+    )
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, int | float) and isinstance(b, int | float):  # ack wait: s from ns
+        return abs(a - b) < 1e-3
+    return a == b
 
 
 class PullFeed:
