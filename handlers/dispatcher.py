@@ -103,6 +103,14 @@ def _inline_record(data: dict[str, Any]) -> Versioned[JobRecord] | None:
         return None
 
 
+def _same_message(a: Msg, b: Msg) -> bool:
+    """Two deliveries of one stream message (same stream sequence)."""
+    try:
+        return a.metadata.sequence.stream == b.metadata.sequence.stream
+    except (AttributeError, ValueError, nats.errors.Error):
+        return False
+
+
 class DispatcherWorker(HandlerBase):
     """Places jobs; run one or more per installation."""
 
@@ -202,6 +210,7 @@ class DispatcherWorker(HandlerBase):
                 tg.start_soon(self._consume, feed, stop)
                 tg.start_soon(self._place_loop)
                 tg.start_soon(self._upkeep_loop, stop)
+                tg.start_soon(self._keepalive_loop, stop)
                 self._ctx.views.placer = self
                 task_status.started()
                 await stop.wait()
@@ -268,6 +277,11 @@ class DispatcherWorker(HandlerBase):
             return
         old = self._pending.get(job_id)
         if old is not None:
+            if old.msg is not None and _same_message(old.msg, msg):
+                # the held message itself, delivered again (a keep-alive came too late): acking
+                # it would release the job while still held; hold the new delivery instead
+                old.msg = msg
+                return
             if old.committing or old.attempt >= (event.attempt or 0):
                 await self._settle(msg)
                 return
@@ -844,23 +858,27 @@ class DispatcherWorker(HandlerBase):
 
     # -- upkeep -----------------------------------------------------------------------------------
     async def _upkeep_loop(self, stop: anyio.Event) -> None:
-        last_keepalive = time.monotonic()
         while not stop.is_set():
             with anyio.move_on_after(self._cfg().dispatch.reconcile_interval_ms / 1000):
                 await stop.wait()
             try:
                 await self._expire_acceptance()
-                if time.monotonic() - last_keepalive >= self._keepalive_s:
-                    last_keepalive = time.monotonic()
-                    for pending in list(self._pending.values()):
-                        if pending.msg is None:
-                            continue
-                        try:
-                            await pending.msg.in_progress()
-                        except (nats.errors.Error, OSError):
-                            pass
             except Exception:
                 log.exception("upkeep pass failed")
+
+    async def _keepalive_loop(self, stop: anyio.Event) -> None:
+        # a loop of its own: take-backs waiting out an outage in the upkeep loop must not delay
+        # the keep-alives past the ack wait
+        while not stop.is_set():
+            with anyio.move_on_after(self._keepalive_s):
+                await stop.wait()
+            for pending in list(self._pending.values()):
+                if pending.msg is None:
+                    continue
+                try:
+                    await pending.msg.in_progress()
+                except (nats.errors.Error, OSError):
+                    pass
 
     async def _expire_acceptance(self) -> None:
         now = now_ms()

@@ -12,7 +12,14 @@ import pytest
 from handlers import dispatcher as dispatcher_module
 from handlers.dispatcher import DispatcherWorker, Pending
 from schemas import JobState
-from tests._helpers import events_of, handler_context, queued_job, running, wait_until
+from tests._helpers import (
+    events_of,
+    handler_context,
+    queued_job,
+    running,
+    settings_for,
+    wait_until,
+)
 from valkyrie import Bus, Client, Settings
 from valkyrie._codec import JOB_DECODER, RUNNER_DECODER
 from valkyrie.testing import SimulatedRunner
@@ -129,3 +136,39 @@ async def _missing(bus: Bus, job_id: str) -> bool:
     except Exception:
         return True
     return False
+
+
+async def test_a_held_job_delivered_again_stays_held(
+    nats_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A held job's message delivered again (its keep-alive came too late) is held, not acked:
+    acking the new delivery would release the job while this dispatcher still holds it, and a
+    crash would then leave it queued with no message to bring it back."""
+
+    async def no_keepalive(self: DispatcherWorker, stop: anyio.Event) -> None:
+        await stop.wait()
+
+    monkeypatch.setattr(DispatcherWorker, "_keepalive_loop", no_keepalive)
+    settings = settings_for(nats_url, prefix, ack_wait_s=1.0)
+    # intake alone: no runner ever registers, so the job waits in the dispatcher below
+    async with running(settings, ["intake"]) as bus, anyio.create_task_group() as tg:
+        async with _dispatcher(bus, tg) as worker:
+            verdict = await Client(bus).submit({"job_type": "shell", "payload": {}})
+            assert verdict is not None
+            assert verdict.job_id
+            job_id = verdict.job_id
+            events = bus.names.stream("events")
+
+            async def delivered_again() -> bool:
+                info = await bus.js.consumer_info(events, "dispatcher")
+                delivered = info.delivered
+                return (delivered.consumer_seq or 0) > (delivered.stream_seq or 0)
+
+            await wait_until(delivered_again, timeout_s=10)
+            await anyio.sleep(0.3)  # time to settle the second delivery, were it settled
+            info = await bus.js.consumer_info(events, "dispatcher")
+            assert info.num_ack_pending == 1
+            held = worker._pending[job_id].msg
+            assert held is not None
+            assert held.metadata.num_delivered >= 2  # the newest delivery is the one held
+        tg.cancel_scope.cancel()
