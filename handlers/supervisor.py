@@ -35,6 +35,8 @@ __all__ = ["SupervisorWorker", "create"]
 log = logging.getLogger("valkyrie.supervisor")
 _ON_RUNNER = (JobState.DISPATCHED, JobState.ACCEPTED, JobState.RUNNING)
 MIN_EXECUTION_MS = 1000  # the smallest max_execution_time_s: younger assignments need no check
+#: take-backs of lost runners' jobs in flight at once
+TAKE_BACK_CONCURRENCY = 32
 
 
 class SupervisorWorker(HandlerBase):
@@ -48,6 +50,7 @@ class SupervisorWorker(HandlerBase):
         self._first_seen: dict[tuple[str, int], int] = {}
         self._deadline: dict[tuple[str, int], int] = {}
         self._suspect: set[tuple[str, int]] = set()
+        self._take_backs = anyio.Semaphore(TAKE_BACK_CONCURRENCY)
 
     def _cfg(self) -> DispatchConfig:
         return self._ctx.config.current.dispatch
@@ -114,11 +117,23 @@ class SupervisorWorker(HandlerBase):
         if judge and silent:
             judge = await self._caught_up()
             now = now_ms()
+        lost = {
+            rid: (versioned, seen)
+            for rid, versioned in list(self._view.records.items())
+            if judge
+            and versioned.value.state != RunnerState.OFFLINE
+            and now - (seen := self._last_seen(rid, versioned.value)) > lost_after
+        }
+        if lost:
+            # first, and all at once: their jobs wait for it (one by one, runners lost together
+            # were handled a take-back round trip apart each, seconds on a busy machine)
+            async with anyio.create_task_group() as tg:
+                for rid, (versioned, seen) in lost.items():
+                    tg.start_soon(self._lose_logged, rid, versioned, seen)
         for rid, versioned in list(self._view.records.items()):
             record = versioned.value
             seen = self._last_seen(rid, record)
-            if judge and record.state != RunnerState.OFFLINE and now - seen > lost_after:
-                await self._lose(rid, versioned, seen)
+            if rid in lost:
                 continue
             if record.state == RunnerState.OFFLINE:
                 for job_id, attempt in list(record.assigned_jobs.items()):
@@ -170,6 +185,13 @@ class SupervisorWorker(HandlerBase):
             return
         await self._events.emit("runner", rid, "forgotten", data={"reason": "offline too long"})
 
+    async def _lose_logged(self, rid: str, versioned: Versioned[RunnerRecord], seen: int) -> None:
+        # one failure must not cancel the others: the next pass looks at this runner again
+        try:
+            await self._lose(rid, versioned, seen)
+        except Exception:
+            log.exception("handling lost runner %s failed", rid)
+
     async def _lose(self, rid: str, versioned: Versioned[RunnerRecord], seen: int) -> None:
         now = now_ms()
 
@@ -203,8 +225,19 @@ class SupervisorWorker(HandlerBase):
                 now - seen,
                 len(record.assigned_jobs),
             )
-        for job_id, attempt in list(record.assigned_jobs.items()):
-            await self._take_back(rid, job_id, attempt, seen)
+        async with anyio.create_task_group() as tg:
+            for job_id, attempt in list(record.assigned_jobs.items()):
+                tg.start_soon(self._take_back_logged, rid, job_id, attempt, seen)
+
+    async def _take_back_logged(
+        self, rid: str, job_id: str, attempt: int, last_heartbeat_ms: int
+    ) -> None:
+        # one failure must not cancel the others: the next pass takes back what is left
+        async with self._take_backs:
+            try:
+                await self._take_back(rid, job_id, attempt, last_heartbeat_ms)
+            except Exception:
+                log.exception("taking %s (attempt %d) back from %s failed", job_id, attempt, rid)
 
     async def _take_back(self, rid: str, job_id: str, attempt: int, last_heartbeat_ms: int) -> None:
         record = await self._ops.take_back(
