@@ -276,3 +276,16 @@ async def test_legacy_api_switched_off(settings: Settings) -> None:
         assert response.status_code == 404
         assert problem(response)["type"].endswith("/legacy-api-disabled")
         assert (await gw.http.get("/api/v1/runners")).status_code == 404
+
+
+async def test_a_stored_submission_without_a_verdict_is_504_not_503(settings: Settings) -> None:
+    """503 invites a retry; this submission is stored and will be taken in, so it must not be
+    retried as if nothing happened (a second job, without an Idempotency-Key)."""
+    environ = {"VALKYRIE_HTTP__REQUEST_TIMEOUT_S": "0.5"}
+    async with gateway(settings, handlers=[], environ=environ) as gw:
+        response = await gw.http.post("/api/v2/jobs", json={"job_type": "shell"})
+        assert response.status_code == 504, response.text
+        detail = problem(response)["detail"]
+        assert "stored (stream sequence" in detail
+        assert "Idempotency-Key" in detail
+        assert "retry-after" not in response.headers

@@ -25,7 +25,7 @@ from schemas import (
 )
 from valkyrie._bus import Bus
 from valkyrie._codec import ANY_DECODER, EVENT_DECODER, JOB_DECODER, VERDICT_DECODER, encode, now_ms
-from valkyrie._errors import BusError, NotFoundError, SchemaError
+from valkyrie._errors import BusError, NotFoundError, NoVerdictError, SchemaError
 from valkyrie._intake import parse_submission, token_for
 
 __all__ = ["REPLY_TO_HEADER", "Client"]
@@ -55,7 +55,9 @@ class Client:
         intake handler runs; the verdict then arrives when one starts.
 
         Raises:
-            BusError: the stream did not store it, or no verdict came within ``timeout_s``.
+            NoVerdictError: it was stored, but no verdict came within ``timeout_s`` (do not
+                submit it again without a message id or idempotency key: that makes a second job).
+            BusError: the stream did not store it (nothing was submitted: safe to try again).
         """
         body = job if isinstance(job, bytes) else encode(job)
         headers: dict[str, str] = {}
@@ -82,16 +84,18 @@ class Client:
                 try:
                     return await self._duplicate_verdict(body, msg_id, timeout_s)
                 except (nats.errors.Error, nats.js.errors.Error) as e:
-                    raise BusError(
+                    raise NoVerdictError(
                         f"duplicate of an earlier submission (Nats-Msg-Id {msg_id!r}) whose "
-                        f"verdict could not be read: {e!r}"
+                        f"verdict could not be read: {e!r}",
+                        seq=ack.seq,
                     ) from e
             try:
                 msg = await sub.next_msg(timeout=timeout_s)
             except nats.errors.TimeoutError as e:
-                raise BusError(
+                raise NoVerdictError(
                     f"submission stored (seq {ack.seq}) but no verdict within {timeout_s:g}s: "
-                    "is an intake handler running?"
+                    "is an intake handler running?",
+                    seq=ack.seq,
                 ) from e
             return VERDICT_DECODER.decode(msg.data)
         finally:
@@ -131,7 +135,7 @@ class Client:
                         )
         finally:
             await watcher.stop()
-        raise BusError(
+        raise NoVerdictError(
             f"duplicate of an earlier submission (Nats-Msg-Id {msg_id!r}) whose job is not known "
             f"within {timeout_s:g}s: is an intake handler running?"
         )

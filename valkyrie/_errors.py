@@ -8,7 +8,8 @@
     ├── BusError               talking to NATS failed
     │   ├── ConnectError       could not connect (the message says what to check)
     │   ├── ServerError        the embedded nats-server could not start or stopped
-    │   └── NotFoundError      a job, runner or message that does not exist
+    │   ├── NotFoundError      a job, runner or message that does not exist
+    │   └── NoVerdictError     a submission was stored, but no verdict came in time
     └── HandlerOutcome         raised inside a handler to decide a message's fate
         ├── RetryLater         nak with a delay: the message is delivered again
         └── GiveUp             dead-letter the message with a reason and stop redelivering it
@@ -24,6 +25,7 @@ __all__ = [
     "ConnectError",
     "GiveUp",
     "HandlerOutcome",
+    "NoVerdictError",
     "NotFoundError",
     "RetryLater",
     "SchemaError",
@@ -62,6 +64,19 @@ class ServerError(BusError):
 
 class NotFoundError(BusError):
     """Raised when a job, runner or stored message does not exist."""
+
+
+class NoVerdictError(BusError):
+    """Raised when a submission is stored (durable) but intake's verdict did not come in time.
+
+    Unlike other bus errors this one says the job *will* be taken in: submitting the same
+    body again without a ``Nats-Msg-Id`` or ``idempotency_key`` would make a second job. ``seq`` is
+    the submission's stream sequence (``None`` for a duplicate whose first copy is unknown here).
+    """
+
+    def __init__(self, message: str, *, seq: int | None = None) -> None:
+        self.seq = seq
+        super().__init__(message)
 
 
 class HandlerOutcome(ValkyrieError):

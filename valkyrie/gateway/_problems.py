@@ -18,7 +18,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.types import ExceptionHandlersMap
 
 from schemas import FieldError
-from valkyrie._errors import BusError, NotFoundError
+from valkyrie._errors import BusError, NotFoundError, NoVerdictError
 
 __all__ = [
     "COMMON",
@@ -50,6 +50,7 @@ _DEFAULT_SLUGS = {
     429: "rate-limited",
     500: "internal-error",
     503: "bus-unavailable",
+    504: "no-verdict",
 }
 
 
@@ -154,6 +155,18 @@ def _on_not_found(request: Request[Any, Any, Any], exc: NotFoundError) -> Respon
     return problem_response(request, 404, str(exc))
 
 
+def _on_no_verdict(request: Request[Any, Any, Any], exc: NoVerdictError) -> Response[bytes]:
+    # Not a 503: the job is stored and will be taken in; a client retrying as after a 503
+    # without an Idempotency-Key would submit it a second time.
+    stored = f"stored (stream sequence {exc.seq})" if exc.seq is not None else "stored earlier"
+    return problem_response(
+        request,
+        504,
+        f"the submission is {stored}, but intake gave no verdict in time: it will be taken in "
+        f"when an intake handler runs; do not resubmit it without an Idempotency-Key ({exc})",
+    )
+
+
 def _on_bus(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     log.warning("bus unavailable for %s %s: %r", request.method, request.url.path, exc)
     return problem_response(
@@ -176,6 +189,7 @@ def exception_handlers() -> ExceptionHandlersMap:
         ValidationException: _on_validation,
         HTTPException: _on_http,
         NotFoundError: _on_not_found,
+        NoVerdictError: _on_no_verdict,
         BusError: _on_bus,
         nats.errors.Error: _on_bus,
         TimeoutError: _on_bus,
@@ -194,6 +208,8 @@ _DESCRIPTIONS = {
     422: "The body or a parameter is invalid; `errors` names every field.",
     429: "Rate limited; retry after the `Retry-After` seconds.",
     503: "NATS is unavailable or did not answer in time.",
+    504: "Submissions: stored, but intake gave no verdict in time (the job will be taken in; "
+    "do not resubmit without an `Idempotency-Key`).",
 }
 
 
