@@ -13,7 +13,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -181,13 +181,21 @@ class HealthReporter:
     Args:
         bus: the connection.
         live: the process's live config (interval, thresholds, revision).
-        handlers: the handler names this process runs.
+        handlers: the handler names this process runs (for the gateway: ``["gateway"]``).
         stop: set when the process shuts down on purpose; handlers ending after it are expected.
+        checks: more checks of this component, by name, each evaluated for every report.
     """
 
     def __init__(
-        self, bus: Bus, live: LiveConfig, handlers: Sequence[str], stop: anyio.Event
+        self,
+        bus: Bus,
+        live: LiveConfig,
+        handlers: Sequence[str],
+        stop: anyio.Event,
+        *,
+        checks: Mapping[str, Callable[[], CheckResult]] | None = None,
     ) -> None:
+        self._extra = dict(checks or {})
         self.component = component_name(handlers)
         self.instance = new_id()[:12]
         self._bus = bus
@@ -287,6 +295,7 @@ class HealthReporter:
             "kv_latency_ms": await self._kv_check(),
             "handlers": self._handlers_check(),
             "config": self._config_check(),
+            **{name: check() for name, check in self._extra.items()},
         }
         return HealthReport(
             component=self.component,

@@ -13,8 +13,10 @@ import uvicorn
 from anyio.abc import TaskStatus
 from prometheus_client import CollectorRegistry
 
+from schemas import CheckResult
 from valkyrie._bus import Bus
 from valkyrie._errors import ConfigError
+from valkyrie._health import HealthReporter
 from valkyrie._live import LiveConfig, config_for
 from valkyrie.gateway._app import build_app
 from valkyrie.gateway._context import Gateway
@@ -25,6 +27,8 @@ log = logging.getLogger("valkyrie.gateway")
 
 #: how long open responses (event streams) get to finish when the gateway stops
 SHUTDOWN_GRACE_S = 5.0
+#: the component the gateway reports its health as (``<prefix>.health.gateway``)
+COMPONENT = "gateway"
 
 
 class _Server(uvicorn.Server):
@@ -80,6 +84,18 @@ async def serve_gateway(
     server = _Server(config)
     sock = _bind(host, port)
     bound = int(sock.getsockname()[1])
+    address = f"http://{host}:{bound}"
+
+    def http_check() -> CheckResult:
+        if gateway.closing:
+            return CheckResult(status="degraded", detail=f"{address}: stopping")
+        if not server.started:
+            return CheckResult(status="unhealthy", detail=f"{address}: not serving")
+        return CheckResult(status="healthy", detail=address)
+
+    # the gateway is a component like any worker process: the monitor and `valkyrie status` see it
+    reporter = HealthReporter(bus, live, [COMPONENT], stop, checks={"http": http_check})
+    reporting = anyio.CancelScope()
     async with anyio.create_task_group() as tg:
 
         async def stopper() -> None:
@@ -87,14 +103,28 @@ async def serve_gateway(
             gateway.closing = True  # event streams end at their next poll
             server.should_exit = True
 
+        async def serve() -> None:
+            try:
+                await server.serve([sock])
+            finally:
+                reporting.cancel()
+
+        async def report() -> None:
+            with reporting:
+                await reporter.run()
+            with anyio.CancelScope(shield=True):
+                await reporter.goodbye()
+
         tg.start_soon(stopper)
-        tg.start_soon(server.serve, [sock])
+        tg.start_soon(serve)
         with anyio.fail_after(10):
             while not server.started:
                 if server.should_exit:
                     break
                 await anyio.sleep(0.01)
-        log.info("HTTP gateway on http://%s:%d", host, bound)
+        log.info("HTTP gateway on %s", address)
+        reporter.started()
+        tg.start_soon(report)
         task_status.started(bound)
     sock.close()
 
