@@ -88,6 +88,8 @@ class SupervisorWorker(HandlerBase):
                         await self._check()
                     except Exception:
                         log.exception("supervision pass failed")
+                    finally:
+                        self._last_pass = time.monotonic()
                 tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(2):
@@ -104,9 +106,12 @@ class SupervisorWorker(HandlerBase):
         lost_after = self._cfg().runner_lost_after_ms
         # Silence we caused ourselves is not a runner's fault: after a pass that came late (this
         # process was starved) or while heartbeats wait unread in our buffer, judge nobody.
-        mono = time.monotonic()
-        late = mono - self._last_pass > 2 * self._cfg().supervise_interval_ms / 1000 + 0.5
-        self._last_pass = mono
+        # Measured from the end of the previous pass: a pass made long by our own take-backs is
+        # not starvation, and must not cost the next pass its judgement (that delayed a third
+        # lost runner by two seconds).
+        late = (
+            time.monotonic() - self._last_pass > 2 * self._cfg().supervise_interval_ms / 1000 + 0.5
+        )
         judge = not late and self._beats.pending_msgs == 0
         silent = [
             rid
