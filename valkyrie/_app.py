@@ -62,7 +62,8 @@ async def open_bus(
 
 
 async def _watch_signals(stop: anyio.Event, tg: TaskGroup) -> None:
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    # SIGHUP too: a closed terminal must stop the installation cleanly, embedded server included
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async for signum in signals:
             if stop.is_set():
                 log.warning("second %s: stopping now", signal.Signals(signum).name)

@@ -185,7 +185,12 @@ class Bus:
             await self.nc.drain()
         except (nats.errors.Error, OSError) as e:
             log.debug("drain failed, closing: %r", e)
-            await self.nc.close()
+            try:
+                await self.nc.close()
+            except (nats.errors.Error, OSError, RuntimeError) as e2:
+                # nats-py closing while it reconnects can write to a closed transport
+                # (RuntimeError from uvloop): the connection is gone either way
+                log.debug("close failed: %r", e2)
 
 
 async def connect(

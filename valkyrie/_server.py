@@ -141,6 +141,10 @@ class NatsServer:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
+            # A group of its own: Ctrl-C in a terminal signals the whole foreground group, and the
+            # server must outlive the handlers' clean shutdown (their last acks and results), not
+            # quit first; its owner stops it last (stop()).
+            process_group=0,
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
