@@ -259,10 +259,11 @@ async def test_sigkill_intake_with_its_dispatcher_loses_and_doubles_nothing(
     assert len(records) == total
     _check_exactly_once(tmp_path, records)
     # the path under test was taken: many jobs were placed directly (how many depends on how
-    # busy the machine is: a job that finds every runner full goes the usual way), and
-    # submissions the killed process held were delivered again (and redone without a second job
-    # or a second run)
-    assert len(placed) >= total // 9, len(placed)
+    # busy the machine is: a job that finds every runner full, or jobs the killed dispatcher held
+    # coming back after the 10 s ack wait and waiting ahead of it, goes the usual way; 90 to
+    # several hundred in practice), and submissions the killed process held were delivered again
+    # (and redone without a second job or a second run)
+    assert len(placed) >= total // 20, len(placed)
     assert (intake.delivered.consumer_seq or 0) > (intake.delivered.stream_seq or 0)
     # and no runner was ever sent more than its capacity: it would have refused the extra job
     # (outcome "rejected") rather than run it, so the journals alone could not show it
