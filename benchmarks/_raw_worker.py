@@ -11,7 +11,8 @@ trickle is fetched one message at a time and a backlog in large batches.
 With ``--done-subject`` it does the least a durable lifecycle with capacity accounting can do (the
 ``raw-lifecycle`` baseline): before the job record it takes a slot on the runner's counter
 (``slots.<runner>`` in the same bucket, one KV compare-and-set, re-read and retried on conflict,
-never above ``--capacity``); the dispatch carries the job record's revision; the receiving runner
+never above ``--capacity``; with ``--partition i/N`` only on its share of the runners, so
+several workers never contend for one counter); the dispatch carries the job record's revision; the receiving runner
 reports completion with one core publish that a second work-queue stream captures; a second durable
 pull consumer here moves the record to done (one compare-and-set on that revision), frees the slot
 (one more) and acks. No events, no validation, no redelivery bookkeeping beyond the
@@ -76,6 +77,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--done-stream", default=None)
     parser.add_argument("--done-durable", default=None)
     parser.add_argument("--capacity", type=int, default=50, help="slots per runner (lifecycle)")
+    parser.add_argument(
+        "--partition", default="0/1", help="INDEX/COUNT: the share of runners this worker places on"
+    )
     return parser.parse_args(argv)
 
 
@@ -94,13 +98,15 @@ async def _serve(args: argparse.Namespace) -> int:
     kv = await js.key_value(args.bucket)
     psub = await js.pull_subscribe(args.subject, durable=args.durable, stream=args.stream)
     done_sub = (
-        await js.pull_subscribe(
-            args.done_subject, durable=args.done_durable, stream=args.done_stream
-        )
+        # bound, not subscribed by subject: a partition's consumer filters on its runners only
+        await js.pull_subscribe_bind(durable=args.done_durable, stream=args.done_stream)
         if args.done_subject
         else None
     )
-    runners = [f"r{i:04d}" for i in range(args.runners)]
+    index, count = (int(x) for x in args.partition.split("/"))
+    # with several lifecycle workers each owns the runners whose number is its index modulo the
+    # count: only it counts their slots, so the workers never contend for one counter
+    runners = [f"r{i:04d}" for i in range(args.runners) if i % count == index]
     subjects = [f"{args.prefix}.dispatch.{r}" for r in runners]
     decoder = msgspec.json.Decoder(_Job)
     done_decoder = msgspec.json.Decoder(_Done)

@@ -685,7 +685,7 @@ async def raw_scenario(
                 bucket=bucket, history=1, storage=StorageType.FILE, replicas=1, direct=True
             )
         )
-        consumers = [(stream, subject, durable)]
+        consumers: list[tuple[str, list[str], str]] = [(stream, [subject], durable)]
         if lifecycle:
             await js.add_stream(
                 StreamConfig(
@@ -697,7 +697,13 @@ async def raw_scenario(
                     duplicate_window=120.0,
                 )
             )
-            consumers.append((done_stream, done_subject, done_durable))
+            # one finisher per worker, each on the completions of the runners it owns
+            ids = runner_ids(p.runners)
+            for i in range(p.raw_processes):
+                owned = [
+                    f"{prefix}.done.{r}" for n, r in enumerate(ids) if n % p.raw_processes == i
+                ]
+                consumers.append((done_stream, owned, f"{done_durable}-{i}"))
         for on_stream, filtered, durable_name in consumers:
             await js.add_consumer(
                 on_stream,
@@ -707,14 +713,17 @@ async def raw_scenario(
                     ack_policy=AckPolicy.EXPLICIT,
                     ack_wait=30.0,
                     max_ack_pending=100_000,
-                    filter_subject=filtered,
+                    **(
+                        {"filter_subject": filtered[0]}
+                        if len(filtered) == 1
+                        else {"filter_subjects": filtered}
+                    ),
                 ),
             )
         lifecycle_args = (
             [
                 f"--done-subject={done_subject}",
                 f"--done-stream={done_stream}",
-                f"--done-durable={done_durable}",
                 f"--capacity={p.runner_capacity}",
             ]
             if lifecycle
@@ -741,9 +750,18 @@ async def raw_scenario(
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         for i in range(p.raw_processes):
             child_name = f"{name}-worker" if p.raw_processes == 1 else f"{name}-worker-{i + 1}"
+            partition = (
+                [f"--partition={i}/{p.raw_processes}", f"--done-durable={done_durable}-{i}"]
+                if lifecycle
+                else []
+            )
             raw_workers.append(
                 children.spawn(
-                    child_name, argv, env=env, log=workdir / f"{child_name}.log", cwd=ROOT
+                    child_name,
+                    [*argv, *partition],
+                    env=env,
+                    log=workdir / f"{child_name}.log",
+                    cwd=ROOT,
                 )
             )
         child = raw_workers[0]
