@@ -170,9 +170,9 @@ class DispatcherWorker(HandlerBase):
                 await bus.nc.subscribe(bus.names.event("job", "*", kind), cb=self._on_progress)
                 for kind in sorted(_TAKEN)
             ],
-            await bus.nc.subscribe(
-                bus.names.explain, queue=f"{bus.names.prefix}-dispatcher", cb=self._on_explain
-            ),
+            # every dispatcher answers (no queue group): only the one holding a queued job knows
+            # its place in line, and the client waits a moment for that answer
+            await bus.nc.subscribe(bus.names.explain, cb=self._on_explain),
         ]
         queued = bus.names.event("job", "*", "queued")
         try:
@@ -854,7 +854,8 @@ class DispatcherWorker(HandlerBase):
             ),
             avg_duration_ms=self._durations.get(record.spec.job_type),
         )
-        return explain_queued(record, self._index.all_views(), facts, now_ms=now)
+        explanation = explain_queued(record, self._index.all_views(), facts, now_ms=now)
+        return msgspec.structs.replace(explanation, held=pending is not None)
 
     # -- upkeep -----------------------------------------------------------------------------------
     async def _upkeep_loop(self, stop: anyio.Event) -> None:

@@ -47,3 +47,6 @@ class JobExplanation(msgspec.Struct, frozen=True, kw_only=True):
     suggestions: list[str] = msgspec.field(default_factory=list)
     placement: dict[str, Any] | None = None
     error: str | None = None
+    #: the answering dispatcher holds the job: its queue position and facts are authoritative
+    #: (every dispatcher answers; ``Client.explain`` prefers the holder's answer)
+    held: bool = False

@@ -172,3 +172,34 @@ async def test_a_held_job_delivered_again_stays_held(
             assert held is not None
             assert held.metadata.num_delivered >= 2  # the newest delivery is the one held
         tg.cancel_scope.cancel()
+
+
+async def test_explain_answers_from_the_dispatcher_holding_the_job(settings: Settings) -> None:
+    """With two dispatchers each holding some queued jobs (no runner yet), every explain has the
+    holder's answer: its place in line, not a blank from the other dispatcher."""
+    total = 12
+    async with running(settings, ["intake", "dispatcher"]) as bus, anyio.create_task_group() as tg:
+        async with _dispatcher(bus, tg) as second:
+            client = Client(bus)
+            ids = []
+            for n in range(total):
+                verdict = await client.submit({"job_type": "shell", "metadata": {"n": str(n)}})
+                assert verdict is not None
+                assert verdict.job_id
+                ids.append(verdict.job_id)
+
+            async def all_held() -> bool:
+                info = await bus.js.consumer_info(bus.names.stream("events"), "dispatcher")
+                return int(info.num_ack_pending or 0) == total
+
+            await wait_until(all_held, timeout_s=10)
+            mine = set(second._pending)
+            assert 0 < len(mine) < total, "both dispatchers should hold some of the jobs"
+            for job_id in ids:
+                e = await client.explain(job_id)
+                assert e.state == "queued"
+                assert e.held, (job_id, job_id in mine)
+                assert e.queue_position is not None
+                assert e.queue_length == (len(mine) if job_id in mine else total - len(mine))
+                assert "no_runners" in e.causes
+        tg.cancel_scope.cancel()

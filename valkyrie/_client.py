@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -33,6 +34,9 @@ __all__ = ["REPLY_TO_HEADER", "Client"]
 #: Header naming the subject the intake handler sends its verdict to.
 REPLY_TO_HEADER = "Valkyrie-Reply-To"
 _EXPLANATION = msgspec.json.Decoder(JobExplanation)
+#: after a first explain answer from a dispatcher not holding the queued job, how long to wait
+#: for the holder's (each dispatcher only knows its own queue)
+EXPLAIN_GRACE_S = 0.2
 
 
 class Client:
@@ -238,20 +242,44 @@ class Client:
     async def explain(self, job_id: str, *, timeout_s: float = 5.0) -> JobExplanation:
         """Why ``job_id`` is pending (constraints, queue position, estimate) or where it went.
 
+        Every dispatcher answers. For a queued job the answer of the dispatcher holding it
+        (``held``) is the one with its place in line, so after the first answer this waits up to
+        ``EXPLAIN_GRACE_S`` for the holder's; any other answer is the same from every dispatcher.
+
         Raises:
             NotFoundError: no such job.
             BusError: no dispatcher answered.
         """
+        nc = self.bus.nc
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        best: JobExplanation | None = None
         try:
-            reply = await self.bus.nc.request(
-                self.bus.names.explain, encode(ExplainRequest(job_id=job_id)), timeout=timeout_s
+            await nc.publish(
+                self.bus.names.explain, encode(ExplainRequest(job_id=job_id)), reply=inbox
             )
-        except (nats.errors.NoRespondersError, nats.errors.TimeoutError) as e:
-            raise BusError("no dispatcher answered the explain request: is one running?") from e
-        explanation = _EXPLANATION.decode(reply.data)
-        if explanation.error and explanation.state == "unknown":
-            raise NotFoundError(explanation.error)
-        return explanation
+            deadline = time.monotonic() + timeout_s
+            while (left := deadline - time.monotonic()) > 0:
+                try:
+                    msg = await sub.next_msg(timeout=left)
+                except nats.errors.TimeoutError:
+                    break
+                if not msg.data and (msg.headers or {}).get("Status") == "503":
+                    break  # no responders
+                explanation = _EXPLANATION.decode(msg.data)
+                if explanation.held or explanation.state != JobState.QUEUED:
+                    best = explanation
+                    break
+                if best is None:
+                    best = explanation
+                    deadline = min(deadline, time.monotonic() + EXPLAIN_GRACE_S)
+        finally:
+            await sub.unsubscribe()
+        if best is None:
+            raise BusError("no dispatcher answered the explain request: is one running?")
+        if best.error and best.state == "unknown":
+            raise NotFoundError(best.error)
+        return best
 
     async def events(
         self,
