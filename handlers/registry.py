@@ -17,6 +17,7 @@ from nats.aio.msg import Msg
 
 from schemas import (
     FieldError,
+    JobState,
     RegistrationVerdict,
     RunnerCommand,
     RunnerHeartbeat,
@@ -26,7 +27,14 @@ from schemas import (
     convert_or_errors,
 )
 from valkyrie import HandlerContext
-from valkyrie._codec import ANY_DECODER, HEARTBEAT_DECODER, RUNNER_DECODER, encode, now_ms
+from valkyrie._codec import (
+    ANY_DECODER,
+    HEARTBEAT_DECODER,
+    JOB_DECODER,
+    RUNNER_DECODER,
+    encode,
+    now_ms,
+)
 from valkyrie._handler_base import HandlerBase
 from valkyrie._kvstore import cas_update, get_versioned, put_new
 from valkyrie._lifecycle import runner_state
@@ -37,6 +45,7 @@ log = logging.getLogger("valkyrie.registry")
 #: how often a live runner's record is rewritten just to refresh its shown heartbeat time
 HEARTBEAT_PERSIST_MS = 5000
 DEREGISTER_RETRY_MS = 200
+_ON_RUNNER = (JobState.DISPATCHED, JobState.ACCEPTED, JobState.RUNNING)
 
 
 class RegistryWorker(HandlerBase):
@@ -51,6 +60,7 @@ class RegistryWorker(HandlerBase):
         """Serve until ``stop`` is set."""
         bus = self._bus
         self._runners = await bus.kv("runners")
+        self._jobs = await bus.kv("jobs")
         self._view = await self._ctx.views.runners()
         queue = f"{bus.names.prefix}-registry"
         async with anyio.create_task_group() as tg:
@@ -296,6 +306,27 @@ class RegistryWorker(HandlerBase):
             msg, RegistrationVerdict(accepted=True, runner_id=rid, state=latest.value.state)
         )
 
+    async def _on_it(self, rid: str, slots: dict[str, int]) -> list[str]:
+        """The jobs among ``slots`` that really are on runner ``rid`` at that attempt.
+
+        A slot whose job ended, or went to another runner or attempt, is one whose release is
+        still being written or an orphan the supervisor has not freed yet: it goes with the
+        record and must not keep a runner that leaves from deregistering (it would be reported
+        lost instead).
+        """
+        held = []
+        for job_id, attempt in slots.items():
+            current = await get_versioned(self._jobs, job_id, JOB_DECODER)
+            job = current.value if current is not None else None
+            if (
+                job is not None
+                and job.runner_id == rid
+                and job.attempt == attempt
+                and job.state in _ON_RUNNER
+            ):
+                held.append(job_id)
+        return held
+
     async def _deregister(self, msg: Msg, rid: str, session_id: object) -> None:
         """A runner leaving cleanly: forget it (only its own session, only with no jobs held)."""
         current = await get_versioned(self._runners, rid, RUNNER_DECODER)
@@ -304,10 +335,10 @@ class RegistryWorker(HandlerBase):
             problem = f"no runner {rid!r}"
         elif current.value.registration.session_id not in (None, session_id):
             problem = "a newer session of this runner is registered"
-        elif current.value.assigned_jobs:
+        elif held := await self._on_it(rid, current.value.assigned_jobs):
             # a runner that finished its last jobs leaves before their slot releases are all
             # written: it may ask again shortly
-            problem = f"it still holds {len(current.value.assigned_jobs)} job(s)"
+            problem = f"it still holds {len(held)} job(s)"
             retry_after_ms = DEREGISTER_RETRY_MS
         if problem is not None or current is None:
             await self._reply(

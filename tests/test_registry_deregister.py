@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import functools
+
 import msgspec
 import nats.js.errors
 import pytest
 
-from schemas import RegistrationVerdict
-from tests._helpers import events_of, running
+from schemas import RegistrationVerdict, RunnerRecord
+from tests._helpers import events_of, queued_job, running
 from tests._runner_fakes import new_runner_id, registration
 from valkyrie import Bus, Settings
 from valkyrie._codec import RUNNER_DECODER, encode
-from valkyrie._kvstore import cas_update
-from valkyrie._lifecycle import assign_slot, release_slot
+from valkyrie._kvstore import cas_update, kv_create
+from valkyrie._lifecycle import assign_slot, dispatch_job, release_slot
 
 pytestmark = pytest.mark.nats
 _VERDICT = msgspec.json.Decoder(RegistrationVerdict)
+
+
+def _assign(record: RunnerRecord, *, job_id: str) -> RunnerRecord | None:
+    return assign_slot(record, job_id, 1)
 
 
 async def _deregister(bus: Bus, rid: str, session_id: str | None) -> RegistrationVerdict:
@@ -27,18 +33,27 @@ async def _deregister(bus: Bus, rid: str, session_id: str | None) -> Registratio
 async def test_deregistration_waits_for_the_last_slot_releases(settings: Settings) -> None:
     async with running(settings, ["registry"]) as bus:
         rid = new_runner_id()
-        reg = registration(rid)
+        reg = registration(rid, capacity=2)
         answer = await bus.nc.request(bus.names.register, encode(reg), timeout=5)
         assert _VERDICT.decode(answer.data).accepted
         kv = await bus.kv("runners")
-        await cas_update(kv, rid, RUNNER_DECODER, lambda r: assign_slot(r, "job-1", 1))
+        # a job really on the runner (its record says so), and an orphan slot: a job that went
+        # to another runner (a dispatcher that crashed between its two writes)
+        job = dispatch_job(queued_job("dereg"), rid, now_ms=2_000)
+        elsewhere = dispatch_job(queued_job("elsewhere"), "another-runner", now_ms=2_000)
+        jobs = await bus.kv("jobs")
+        for record in (job, elsewhere):
+            await kv_create(jobs, record.id, encode(record))
+            await cas_update(kv, rid, RUNNER_DECODER, functools.partial(_assign, job_id=record.id))
 
+        slots = RUNNER_DECODER.decode((await kv.get(rid)).value or b"").assigned_jobs
+        assert set(slots) == {job.id, elsewhere.id}
         held = await _deregister(bus, rid, reg.session_id)
         assert not held.accepted
         assert held.retry_after_ms == 200
-        assert "holds 1 job" in held.errors[0].reason
+        assert "holds 1 job" in held.errors[0].reason  # the orphan does not count
 
-        await cas_update(kv, rid, RUNNER_DECODER, lambda r: release_slot(r, "job-1", 1))
+        await cas_update(kv, rid, RUNNER_DECODER, lambda r: release_slot(r, job.id, 1))
         done = await _deregister(bus, rid, reg.session_id)
         assert done.accepted
         with pytest.raises((nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError)):

@@ -38,7 +38,7 @@ from valkyrie.runner._protocol import COMMAND_DECODER, decode_verdict, publish_u
 __all__ = ["Runner"]
 
 FENCE_CHECK_S = 0.2
-DEREGISTER_TRIES = 10  # with the registry's retry_after_ms (200 ms): about two seconds
+DEREGISTER_TRIES = 25  # with the registry's retry_after_ms (200 ms): about five seconds
 log = logging.getLogger("valkyrie.runner")
 
 JobKey = tuple[str, int]
