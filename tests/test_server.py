@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import socket
+import subprocess
 import sys
 import sysconfig
 import warnings
@@ -120,3 +121,45 @@ async def test_restart_with_the_same_store_keeps_stream_data(tmp_path: Path) -> 
         await nc.close()
     finally:
         await server.astop()
+
+
+def test_a_leftover_server_of_the_same_store_is_stopped_first(tmp_path: Path) -> None:
+    """A server whose owner died without stopping it (SIGKILL) keeps the store and the port; the
+    next start on that store stops it first, and leaves unrelated processes alone."""
+    store = tmp_path / "store"
+    leftover = NatsServer(store_dir=store, port=0)
+    leftover.start()
+    orphan = leftover._proc
+    assert orphan is not None
+    assert leftover.pid_file.read_text().strip() == str(orphan.pid)
+    port = leftover.port
+    try:
+        # as if its owner had been SIGKILLed: nobody will call stop() on it
+        again = NatsServer(store_dir=store, port=port)
+        again.start()
+        try:
+            assert orphan.wait(15) is not None  # stopped by the new start
+            assert again.pid is not None
+            assert again.pid_file.read_text().strip() == str(again.pid)
+        finally:
+            again.stop()
+        assert not again.pid_file.exists()
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+            orphan.wait(5)
+        if orphan.stderr:
+            orphan.stderr.close()
+
+    # a pid file naming a process that is not this store's server: nothing is signalled
+    unrelated = subprocess.Popen(["sleep", "30"])
+    try:
+        bystander = NatsServer(store_dir=tmp_path / "other", port=0)
+        bystander.store_dir.mkdir(parents=True)
+        bystander.pid_file.write_text(f"{unrelated.pid}\n")
+        bystander.start()
+        bystander.stop()
+        assert unrelated.poll() is None
+    finally:
+        unrelated.kill()
+        unrelated.wait(5)

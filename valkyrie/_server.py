@@ -7,6 +7,8 @@ fill up and stall it), and it is stopped with SIGTERM, then SIGKILL after a grac
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import shutil
@@ -22,10 +24,26 @@ import anyio.to_thread
 
 from valkyrie._errors import ServerError
 
+log = logging.getLogger("valkyrie.server")
+
 __all__ = ["NatsServer", "find_nats_server"]
 
 _LISTEN = re.compile(r"Listening for client connections on ([\d.]+|\[[^\]]+\]|[\w.\-]+):(\d+)")
 _READY = "Server is ready"
+#: how long a leftover server gets to stop on SIGTERM before SIGKILL
+_LEFTOVER_GRACE_S = 10.0
+
+
+def _runs_with(pid: int, conf: Path) -> bool:
+    """Whether process ``pid`` is a nats-server started with config file ``conf``.
+
+    Reads Linux's /proc; elsewhere nothing is recognised, so nothing is stopped by mistake.
+    """
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return str(conf).encode() in argv
 
 
 def find_nats_server() -> str:
@@ -85,6 +103,40 @@ class NatsServer:
         return self.store_dir / f"{self.name}.log"
 
     @property
+    def pid_file(self) -> Path:
+        """Where the running server's process id is kept (to stop a leftover one)."""
+        return self.store_dir / f"{self.name}.pid"
+
+    @property
+    def _conf(self) -> Path:
+        return self.store_dir / f"{self.name}.conf"
+
+    def _stop_leftover(self) -> None:
+        """Stop a server of this store that a process which died without stopping it left running.
+
+        Its owner may have been SIGKILLed: the server runs in a process group of its own and
+        would keep the store and the port. It is recognised by its pid file *and* its command
+        line naming this store's config file, so an unrelated process that reused the pid is
+        left alone.
+        """
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return
+        if pid != os.getpid() and _runs_with(pid, self._conf):
+            log.warning("stopping nats-server %d left running on %s", pid, self.store_dir)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + _LEFTOVER_GRACE_S
+            while _runs_with(pid, self._conf) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if _runs_with(pid, self._conf):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                time.sleep(0.2)
+        self.pid_file.unlink(missing_ok=True)
+
+    @property
     def url(self) -> str:
         """The client URL (valid once started)."""
         return f"nats://{self.host}:{self.port}"
@@ -133,7 +185,8 @@ class NatsServer:
             return
         binary = find_nats_server()
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        conf = self.store_dir / f"{self.name}.conf"
+        self._stop_leftover()
+        conf = self._conf
         conf.write_text(self._config())
         self.log_file.unlink(missing_ok=True)
         self._proc = subprocess.Popen(
@@ -156,6 +209,7 @@ class NatsServer:
             match = _LISTEN.search(log)
             if match and _READY in log:
                 self.port = int(match.group(2))
+                self.pid_file.write_text(f"{self._proc.pid}\n")
                 return
             if self._proc.poll() is not None:
                 break
@@ -198,6 +252,7 @@ class NatsServer:
         if proc.stderr:
             proc.stderr.close()
         self._proc = None
+        self.pid_file.unlink(missing_ok=True)
 
     def kill(self) -> None:
         """SIGKILL the server at once (for chaos tests)."""
