@@ -274,7 +274,8 @@ class Client:
                     best = explanation
                     deadline = min(deadline, time.monotonic() + EXPLAIN_GRACE_S)
         finally:
-            await sub.unsubscribe()
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
         if best is None:
             raise BusError("no dispatcher answered the explain request: is one running?")
         if best.error and best.state == "unknown":
