@@ -255,9 +255,12 @@ class Client:
         sub = await nc.subscribe(inbox)
         best: JobExplanation | None = None
         try:
-            await nc.publish(
-                self.bus.names.explain, encode(ExplainRequest(job_id=job_id)), reply=inbox
-            )
+            try:
+                await nc.publish(
+                    self.bus.names.explain, encode(ExplainRequest(job_id=job_id)), reply=inbox
+                )
+            except nats.errors.Error as e:
+                raise BusError(f"explain request not sent: {e!r}") from e
             deadline = time.monotonic() + timeout_s
             while (left := deadline - time.monotonic()) > 0:
                 try:
