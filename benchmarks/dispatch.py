@@ -1259,10 +1259,16 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Params, Path, bool]:
         help="sample the workers with py-spy (if installed), write DIR/*.collapsed and *.txt",
     )
     parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="subscribe to queued events to split valkyrie latency into intake and dispatcher "
+        "parts (off by default: the subscriber loads the system under test, which the raw "
+        "baselines do not have)",
+    )
+    parser.add_argument(
         "--no-breakdown",
         action="store_true",
-        help="do not subscribe to queued events (which split valkyrie latency into intake and "
-        "dispatcher parts)",
+        help="the default; kept so that older command lines still work",
     )
     parser.add_argument(
         "--samples",
@@ -1321,7 +1327,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Params, Path, bool]:
         profile=str(Path(a.profile).resolve()) if a.profile else None,
         py_spy=str(Path(a.py_spy).resolve()) if a.py_spy else None,
         samples=a.samples,
-        breakdown=not a.no_breakdown,
+        breakdown=a.breakdown and not a.no_breakdown,
         scale_runners=a.scale_runners,
         scale_heartbeat_ms=a.scale_heartbeat_ms,
         processes=a.processes,
