@@ -630,6 +630,17 @@ async def _nats_error(e: Exception) -> None:
     log(f"NATS error: {e!r}")
 
 
+def _work_queue(name: str, subject: str) -> StreamConfig:
+    return StreamConfig(
+        name=name,
+        subjects=[subject],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        num_replicas=1,
+        duplicate_window=120.0,
+    )
+
+
 async def raw_lifecycle_scenario(
     p: Params, url: str, server_pid: int | None, children: Children, workdir: Path
 ) -> dict[str, Any]:
@@ -670,16 +681,7 @@ async def raw_scenario(
     raw_workers: list[Child] = []
     js = nc.jetstream()
     try:
-        await js.add_stream(
-            StreamConfig(
-                name=stream,
-                subjects=[subject],
-                retention=RetentionPolicy.WORK_QUEUE,
-                storage=StorageType.FILE,
-                num_replicas=1,
-                duplicate_window=120.0,
-            )
-        )
+        await js.add_stream(_work_queue(stream, subject))
         await js.create_key_value(
             KeyValueConfig(
                 bucket=bucket, history=1, storage=StorageType.FILE, replicas=1, direct=True
@@ -687,16 +689,7 @@ async def raw_scenario(
         )
         consumers: list[tuple[str, list[str], str]] = [(stream, [subject], durable)]
         if lifecycle:
-            await js.add_stream(
-                StreamConfig(
-                    name=done_stream,
-                    subjects=[done_subject],
-                    retention=RetentionPolicy.WORK_QUEUE,
-                    storage=StorageType.FILE,
-                    num_replicas=1,
-                    duplicate_window=120.0,
-                )
-            )
+            await js.add_stream(_work_queue(done_stream, done_subject))
             # one finisher per worker, each on the completions of the runners it owns
             ids = runner_ids(p.runners)
             for i in range(p.raw_processes):

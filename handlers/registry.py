@@ -17,7 +17,6 @@ from nats.aio.msg import Msg
 
 from schemas import (
     FieldError,
-    JobState,
     RegistrationVerdict,
     RunnerCommand,
     RunnerHeartbeat,
@@ -37,7 +36,7 @@ from valkyrie._codec import (
 )
 from valkyrie._handler_base import HandlerBase
 from valkyrie._kvstore import cas_update, get_versioned, put_new
-from valkyrie._lifecycle import runner_state
+from valkyrie._lifecycle import is_on, runner_state
 
 __all__ = ["RegistryWorker", "create"]
 
@@ -45,7 +44,6 @@ log = logging.getLogger("valkyrie.registry")
 #: how often a live runner's record is rewritten just to refresh its shown heartbeat time
 HEARTBEAT_PERSIST_MS = 5000
 DEREGISTER_RETRY_MS = 200
-_ON_RUNNER = (JobState.DISPATCHED, JobState.ACCEPTED, JobState.RUNNING)
 
 
 class RegistryWorker(HandlerBase):
@@ -317,13 +315,7 @@ class RegistryWorker(HandlerBase):
         held = []
         for job_id, attempt in slots.items():
             current = await get_versioned(self._jobs, job_id, JOB_DECODER)
-            job = current.value if current is not None else None
-            if (
-                job is not None
-                and job.runner_id == rid
-                and job.attempt == attempt
-                and job.state in _ON_RUNNER
-            ):
+            if is_on(current.value if current is not None else None, rid, attempt):
                 held.append(job_id)
         return held
 

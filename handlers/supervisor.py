@@ -28,12 +28,11 @@ from valkyrie._config import DispatchConfig
 from valkyrie._handler_base import HandlerBase
 from valkyrie._jobops import through_outages
 from valkyrie._kvstore import Versioned, cas_update, get_versioned
-from valkyrie._lifecycle import retry_after_failure
+from valkyrie._lifecycle import is_on, retry_after_failure
 
 __all__ = ["SupervisorWorker", "create"]
 
 log = logging.getLogger("valkyrie.supervisor")
-_ON_RUNNER = (JobState.DISPATCHED, JobState.ACCEPTED, JobState.RUNNING)
 MIN_EXECUTION_MS = 1000  # the smallest max_execution_time_s: younger assignments need no check
 #: take-backs of lost runners' jobs in flight at once
 TAKE_BACK_CONCURRENCY = 32
@@ -266,12 +265,7 @@ class SupervisorWorker(HandlerBase):
         job_id, attempt = key
         current = await get_versioned(self._jobs, job_id, JOB_DECODER)
         rec = current.value if current else None
-        if (
-            rec is None
-            or rec.runner_id != rid
-            or rec.attempt != attempt
-            or rec.state not in _ON_RUNNER
-        ):
+        if not is_on(rec, rid, attempt):
             if key in self._suspect:
                 self._suspect.discard(key)
                 last = rec.attempts[-1] if rec is not None and rec.attempts else None
@@ -325,11 +319,7 @@ class SupervisorWorker(HandlerBase):
         limit: list[int] = []
 
         def decide(record: JobRecord) -> JobRecord | None:
-            if (
-                record.attempt != attempt
-                or record.runner_id != rid
-                or record.state not in _ON_RUNNER
-            ):
+            if not is_on(record, rid, attempt):
                 return None
             limit[:] = [record.spec.requirements.max_execution_time_s]
             return retry_after_failure(

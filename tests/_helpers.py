@@ -6,6 +6,7 @@ import itertools
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import uuid
@@ -40,6 +41,13 @@ from valkyrie._live import LiveConfig, config_for
 from valkyrie._runnerview import SharedViews
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def unique_prefix() -> str:

@@ -65,6 +65,17 @@ class Handlers:
             lambda: stop_process(self.procs[name], sig=sig, timeout_s=20)
         )
 
+    async def stop_all(self, runners: dict[str, subprocess.Popen[bytes]]) -> dict[str, int]:
+        """Stop every handler process (SIGTERM), then ``runners``; the handlers' exit codes."""
+        codes = {name: await self.stop(name) for name in list(self.procs)}
+        for proc in runners.values():
+            await anyio.to_thread.run_sync(stop_process, proc)
+        return codes
+
+    def assert_stopped_cleanly(self, codes: dict[str, int]) -> None:
+        for name, code in codes.items():
+            assert code == 0, f"{name} did not stop cleanly{self.tail(name)}"
+
     def tail(self, name: str) -> str:
         path = self.log(name)
         text = path.read_text(errors="replace") if path.exists() else ""
@@ -195,13 +206,10 @@ async def test_sigkill_each_handler_in_turn_loses_and_doubles_nothing(
             assert len(sent) == total
             records = await _all_succeeded_by_n(client, total, timeout_s=150)
         finally:
-            codes = {name: await handlers.stop(name) for name in list(handlers.procs)}
-            for proc in runners.values():
-                await anyio.to_thread.run_sync(stop_process, proc)
+            codes = await handlers.stop_all(runners)
         letters = [d for h in HANDLERS for d in await dead_letters(bus, h)]
 
-    for name, code in codes.items():
-        assert code == 0, f"{name} did not stop cleanly{handlers.tail(name)}"
+    handlers.assert_stopped_cleanly(codes)
     for rid, proc in runners.items():
         assert proc.returncode == 0, (tmp_path / f"{rid}.log").read_text()[-2000:]
     assert letters == []
@@ -246,15 +254,12 @@ async def test_sigkill_intake_with_its_dispatcher_loses_and_doubles_nothing(
             assert len(sent) == total
             records = await _all_succeeded_by_n(client, total, timeout_s=150)
         finally:
-            codes = {name: await handlers.stop(name) for name in list(handlers.procs)}
-            for proc in runners.values():
-                await anyio.to_thread.run_sync(stop_process, proc)
+            codes = await handlers.stop_all(runners)
         letters = [d for h in HANDLERS for d in await dead_letters(bus, h)]
         placed = [e for e in await events_of(bus, "job.*.queued") if "placed_attempt" in e.data]
         intake = await bus.js.consumer_info(bus.names.stream("submit"), "intake")
 
-    for name, code in codes.items():
-        assert code == 0, f"{name} did not stop cleanly{handlers.tail(name)}"
+    handlers.assert_stopped_cleanly(codes)
     assert letters == []
     assert len(records) == total
     _check_exactly_once(tmp_path, records)
@@ -357,12 +362,9 @@ async def test_sigterm_finishes_in_flight_messages_and_exits_zero(
             limit = settings.ack_wait_s - 5 - (time.monotonic() - stopped)
             records = await _all_succeeded_by_n(client, total, timeout_s=limit)
         finally:
-            codes = {name: await handlers.stop(name) for name in list(handlers.procs)}
-            for proc in runners.values():
-                await anyio.to_thread.run_sync(stop_process, proc)
+            codes = await handlers.stop_all(runners)
         letters = [d for h in HANDLERS for d in await dead_letters(bus, h)]
-    for name, code in codes.items():
-        assert code == 0, f"{name} did not stop cleanly{handlers.tail(name)}"
+    handlers.assert_stopped_cleanly(codes)
     assert letters == []
     _check_exactly_once(tmp_path, records)
 
@@ -486,13 +488,10 @@ async def test_jobs_a_killed_dispatcher_held_come_back_after_the_ack_wait(
             records = await _all_succeeded_by_n(client, total, timeout_s=60)
             elapsed = time.monotonic() - killed
         finally:
-            codes = {name: await handlers.stop(name) for name in list(handlers.procs)}
-            for proc in runners.values():
-                await anyio.to_thread.run_sync(stop_process, proc)
+            codes = await handlers.stop_all(runners)
         letters = [d for h in HANDLERS for d in await dead_letters(bus, h)]
 
-    for name, code in codes.items():
-        assert code == 0, f"{name} did not stop cleanly{handlers.tail(name)}"
+    handlers.assert_stopped_cleanly(codes)
     assert letters == []
     _check_exactly_once(tmp_path, records)
     # back after the ack wait (plus runner start-up), far sooner than the old fixed 30 s, which

@@ -20,6 +20,7 @@ from tests._helpers import (
     settings_for,
     wait_until,
 )
+from tests._sched_helpers import submit
 from valkyrie import Bus, Client, Settings
 from valkyrie._codec import JOB_DECODER, RUNNER_DECODER
 from valkyrie.testing import SimulatedRunner
@@ -34,10 +35,7 @@ async def test_a_new_job_is_placed_at_once_and_announced_in_order(settings: Sett
         async with anyio.create_task_group() as tg:
             await tg.start(runner.run, stop)
             client = Client(bus)
-            verdict = await client.submit({"job_type": "shell", "payload": {"command": ["true"]}})
-            assert verdict is not None
-            assert verdict.job_id
-            job_id = verdict.job_id
+            job_id = await submit(client, payload={"command": ["true"]})
             record = await client.wait_for_job(job_id, timeout_s=10)
             stop.set()
         assert record.state == JobState.SUCCEEDED
@@ -76,54 +74,54 @@ async def _dispatcher(bus: Bus, tg: anyio.abc.TaskGroup) -> AsyncIterator[Dispat
         stop.set()
 
 
+@asynccontextmanager
+async def _solo(settings: Settings) -> AsyncIterator[tuple[Bus, DispatcherWorker]]:
+    """A registry, one runner "solo" (2 slots, 30 s jobs) and this process's dispatcher."""
+    async with running(settings, ["registry"]) as bus, anyio.create_task_group() as tg:
+        runner = SimulatedRunner(bus, "solo", capacity=2, work_s=30.0)
+        await tg.start(runner.run, anyio.Event())
+        async with _dispatcher(bus, tg) as worker:
+            await wait_until(lambda: _has_free(worker), timeout_s=10)
+            yield bus, worker
+        tg.cancel_scope.cancel()  # the runner would work on its jobs for 30 s
+
+
 async def _slots(bus: Bus, rid: str) -> dict[str, int]:
     entry = await (await bus.kv("runners")).get(rid)
     return dict(RUNNER_DECODER.decode(entry.value or b"").assigned_jobs)
 
 
 async def test_place_new_stores_the_record_dispatched_and_is_idempotent(settings: Settings) -> None:
-    async with running(settings, ["registry"]) as bus, anyio.create_task_group() as tg:
-        stop = anyio.Event()
-        runner = SimulatedRunner(bus, "solo", capacity=2, work_s=30.0)
-        await tg.start(runner.run, stop)
-        async with _dispatcher(bus, tg) as worker:
-            await wait_until(lambda: _has_free(worker), timeout_s=10)
-            record = queued_job("t-1")
-            assert await worker.place_new(record)
-            jobs = await bus.kv("jobs")
-            stored = JOB_DECODER.decode((await jobs.get(record.id)).value or b"")
-            assert stored.state == JobState.DISPATCHED
-            assert stored.attempt == 1
-            assert stored.runner_id == "solo"
-            assert (await _slots(bus, "solo")) == {record.id: 1}
-            # the same job again (a redelivered submission): nothing moves, the slot stays
-            assert not await worker.place_new(record)
-            again = JOB_DECODER.decode((await jobs.get(record.id)).value or b"")
-            assert again == stored
-            assert (await _slots(bus, "solo")) == {record.id: 1}
-        tg.cancel_scope.cancel()  # the runner would work on its job for 30 s
+    async with _solo(settings) as (bus, worker):
+        record = queued_job("t-1")
+        assert await worker.place_new(record)
+        jobs = await bus.kv("jobs")
+        stored = JOB_DECODER.decode((await jobs.get(record.id)).value or b"")
+        assert stored.state == JobState.DISPATCHED
+        assert stored.attempt == 1
+        assert stored.runner_id == "solo"
+        assert (await _slots(bus, "solo")) == {record.id: 1}
+        # the same job again (a redelivered submission): nothing moves, the slot stays
+        assert not await worker.place_new(record)
+        again = JOB_DECODER.decode((await jobs.get(record.id)).value or b"")
+        assert again == stored
+        assert (await _slots(bus, "solo")) == {record.id: 1}
 
 
 async def test_place_new_declines_while_others_wait(settings: Settings) -> None:
-    async with running(settings, ["registry"]) as bus, anyio.create_task_group() as tg:
-        stop = anyio.Event()
-        runner = SimulatedRunner(bus, "solo", capacity=2, work_s=30.0)
-        await tg.start(runner.run, stop)
-        async with _dispatcher(bus, tg) as worker:
-            await wait_until(lambda: _has_free(worker), timeout_s=10)
-            # a job this dispatcher holds (its queued event arrived, not yet placed)
-            worker._pending["held"] = Pending(job_id="held", attempt=0, order=0, msg=None)
-            newcomer = queued_job("t-2")
-            assert not await worker.place_new(newcomer)
-            del worker._pending["held"]
-            # nothing stored: intake records it as queued and it goes through its queued event
-            assert await _missing(bus, newcomer.id)
-            # until that event arrives, later jobs queue behind it too
-            assert newcomer.id in worker._declined
-            assert not await worker.place_new(queued_job("t-3"))
-            worker._declined.clear()
-            assert await worker.place_new(queued_job("t-4"))
-        tg.cancel_scope.cancel()  # the runner would work on its job for 30 s
+    async with _solo(settings) as (bus, worker):
+        # a job this dispatcher holds (its queued event arrived, not yet placed)
+        worker._pending["held"] = Pending(job_id="held", attempt=0, order=0, msg=None)
+        newcomer = queued_job("t-2")
+        assert not await worker.place_new(newcomer)
+        del worker._pending["held"]
+        # nothing stored: intake records it as queued and it goes through its queued event
+        assert await _missing(bus, newcomer.id)
+        # until that event arrives, later jobs queue behind it too
+        assert newcomer.id in worker._declined
+        assert not await worker.place_new(queued_job("t-3"))
+        worker._declined.clear()
+        assert await worker.place_new(queued_job("t-4"))
 
 
 async def _has_free(worker: DispatcherWorker) -> bool:
@@ -153,10 +151,7 @@ async def test_a_held_job_delivered_again_stays_held(
     # intake alone: no runner ever registers, so the job waits in the dispatcher below
     async with running(settings, ["intake"]) as bus, anyio.create_task_group() as tg:
         async with _dispatcher(bus, tg) as worker:
-            verdict = await Client(bus).submit({"job_type": "shell", "payload": {}})
-            assert verdict is not None
-            assert verdict.job_id
-            job_id = verdict.job_id
+            job_id = await submit(Client(bus), payload={})
             events = bus.names.stream("events")
 
             async def delivered_again() -> bool:
@@ -181,12 +176,7 @@ async def test_explain_answers_from_the_dispatcher_holding_the_job(settings: Set
     async with running(settings, ["intake", "dispatcher"]) as bus, anyio.create_task_group() as tg:
         async with _dispatcher(bus, tg) as second:
             client = Client(bus)
-            ids = []
-            for n in range(total):
-                verdict = await client.submit({"job_type": "shell", "metadata": {"n": str(n)}})
-                assert verdict is not None
-                assert verdict.job_id
-                ids.append(verdict.job_id)
+            ids = [await submit(client, metadata={"n": str(n)}) for n in range(total)]
 
             async def all_held() -> bool:
                 info = await bus.js.consumer_info(bus.names.stream("events"), "dispatcher")

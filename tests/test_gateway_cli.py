@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -10,16 +9,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests._helpers import spawn, stop_process
+from tests._helpers import free_port, spawn, stop_process
 from valkyrie import Settings
 
 pytestmark = [pytest.mark.nats, pytest.mark.slow]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
@@ -36,7 +29,7 @@ def _wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
 
 
 def test_gateway_command_serves_and_stops(settings: Settings, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "gateway.log"
     proc = spawn(["gateway", "--port", str(port)], settings, log)
     try:
@@ -49,7 +42,7 @@ def test_gateway_command_serves_and_stops(settings: Settings, tmp_path: Path) ->
 
 
 def test_up_also_serves_the_api(settings: Settings, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "up.log"
     proc = spawn(["up", "--http-port", str(port)], settings, log)
     try:

@@ -34,6 +34,7 @@ from valkyrie._lifecycle import (
     backoff_ms,
     dispatch_job,
     finish_job,
+    is_on,
     release_slot,
     requeue_job,
     retry_after_failure,
@@ -465,3 +466,14 @@ def test_place_only_picks_a_feasible_runner_with_a_free_slot(
         assert chosen.registration.runner_id not in {f"r{i}" for i in excluded}
         assert score_runner(spec, chosen, ScoreWeights()) == pytest.approx(best)
     assert sum(len(v) for v in placement.rejected.values()) + len(placement.ranked) == len(runners)
+
+
+def test_is_on_names_the_runner_and_attempt_a_job_is_on() -> None:
+    on = dispatch_job(queued(), "r1", now_ms=NOW)
+    assert is_on(on, "r1", 1)
+    assert not is_on(on, "r2", 1)  # went to another runner
+    assert not is_on(on, "r1", 2)  # another attempt
+    assert not is_on(None, "r1", 1)  # no record
+    assert not is_on(queued(), "r1", 0)  # not on any runner
+    ended = finish_job(on, JobState.SUCCEEDED, now_ms=NOW + 1, reason=None)
+    assert not is_on(ended, "r1", 1)

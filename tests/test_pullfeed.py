@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
 import anyio.abc
 import pytest
@@ -37,6 +39,16 @@ class Owner:
         self.feed: PullFeed | None = None
         self.tg: anyio.abc.TaskGroup | None = None
 
+    async def start(
+        self, tg: anyio.abc.TaskGroup, bus: Bus, stream: str, stop: anyio.Event, **feed: Any
+    ) -> None:
+        """Run a feed on ``stream``'s consumer ``w`` into this owner, in ``tg``, until ``stop``."""
+        self.tg = tg
+        self.feed = PullFeed(
+            bus, stream=stream, durable="w", room=self.free, deliver=self.deliver, **feed
+        )
+        await tg.start(self.feed.run, stop)
+
     def free(self) -> int:
         return self.room - self.active
 
@@ -69,11 +81,7 @@ async def test_feed_delivers_everything_once_within_the_owners_room(bus: Bus) ->
     owner = Owner(room=8)
     stop = anyio.Event()
     async with anyio.create_task_group() as tg:
-        owner.tg = tg
-        owner.feed = PullFeed(
-            bus, stream=stream, durable="w", room=owner.free, deliver=owner.deliver, min_batch=2
-        )
-        await tg.start(owner.feed.run, stop)
+        await owner.start(tg, bus, stream, stop, min_batch=2)
         await wait_until(lambda: owner.has(total), timeout_s=20)
         stop.set()
     assert sorted(owner.seen, key=int) == [str(i).encode() for i in range(total)]
@@ -97,11 +105,7 @@ async def test_a_stopping_feed_leaves_nothing_for_the_ack_wait(bus: Bus) -> None
             await anyio.sleep(0.001)
 
     async with anyio.create_task_group() as tg:
-        owner.tg = tg
-        owner.feed = PullFeed(
-            bus, stream=stream, durable="w", room=owner.free, deliver=owner.deliver
-        )
-        await tg.start(owner.feed.run, stop)
+        await owner.start(tg, bus, stream, stop)
         tg.start_soon(publish_steadily)
         await anyio.sleep(0.1)
         stop.set()  # while messages keep arriving: the open requests still deliver some
@@ -128,11 +132,7 @@ async def test_feed_resumes_after_its_consumer_is_recreated(bus: Bus) -> None:
     owner = Owner(room=4)
     stop = anyio.Event()
     async with anyio.create_task_group() as tg:
-        owner.tg = tg
-        owner.feed = PullFeed(
-            bus, stream=stream, durable="w", room=owner.free, deliver=owner.deliver, expires_s=0.3
-        )
-        await tg.start(owner.feed.run, stop)
+        await owner.start(tg, bus, stream, stop, expires_s=0.3)
         await bus.js.publish(subject, b"before")
         await wait_until(lambda: owner.saw(b"before"), timeout_s=5)
         await bus.js.delete_consumer(stream, "w")  # the server drops our open requests (409)

@@ -13,15 +13,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests._helpers import ROOT, free_port
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _listening(port: int) -> bool:
@@ -31,7 +25,7 @@ def _listening(port: int) -> bool:
 
 @pytest.mark.timeout(120)
 def test_ctrl_c_stops_up_cleanly_and_its_server_last(tmp_path: Path) -> None:
-    nats_port, http_port = _free_port(), _free_port()
+    nats_port, http_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("VALKYRIE_")}
     env.update(
         {

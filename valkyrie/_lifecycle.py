@@ -11,6 +11,7 @@ import enum
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeGuard
 
 import msgspec
 
@@ -40,6 +41,7 @@ __all__ = [
     "backoff_ms",
     "dispatch_job",
     "finish_job",
+    "is_on",
     "release_slot",
     "requeue_job",
     "retry_after_failure",
@@ -154,6 +156,20 @@ def _requeued(
 
 def _rank(state: JobState) -> int:
     return _RANK.get(state, 10)
+
+
+def is_on(record: JobRecord | None, runner_id: str, attempt: int) -> TypeGuard[JobRecord]:
+    """Whether the job is on ``runner_id`` at ``attempt`` now (dispatched, accepted or running).
+
+    A runner slot held for any other (runner, attempt) is an orphan, or one whose release is on
+    its way.
+    """
+    return (
+        record is not None
+        and record.runner_id == runner_id
+        and record.attempt == attempt
+        and record.state in (JobState.DISPATCHED, JobState.ACCEPTED, JobState.RUNNING)
+    )
 
 
 def dispatch_job(record: JobRecord, runner_id: str, *, now_ms: int) -> JobRecord:
