@@ -104,14 +104,13 @@ class SupervisorWorker(HandlerBase):
         live: set[tuple[str, int]] = set()
         lost_after = self._cfg().runner_lost_after_ms
         # Silence we caused ourselves is not a runner's fault: after a pass that came late (this
-        # process was starved) or while heartbeats wait unread in our buffer, judge nobody.
-        # Measured from the end of the previous pass: a pass made long by our own take-backs is
-        # not starvation, and must not cost the next pass its judgement (that delayed a third
-        # lost runner by two seconds).
-        late = (
-            time.monotonic() - self._last_pass > 2 * self._cfg().supervise_interval_ms / 1000 + 0.5
+        # process was starved) judge nobody, and before judging anyone silent read every
+        # heartbeat already sent to us (_caught_up; skipping the pass whenever one waited unread
+        # held a busy process's judgement back by seconds). Late is measured from the end of the
+        # previous pass: a pass made long by our own take-backs is not starvation.
+        judge = (
+            time.monotonic() - self._last_pass <= 2 * self._cfg().supervise_interval_ms / 1000 + 0.5
         )
-        judge = not late and self._beats.pending_msgs == 0
         silent = [
             rid
             for rid, versioned in self._view.records.items()

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
+import anyio
+import anyio.to_thread
 import msgspec
 import nats.js.errors
 import pytest
 
 from schemas import RegistrationVerdict, RunnerRecord
-from tests._helpers import events_of, queued_job, running
+from tests._helpers import events_of, queued_job, running, spawn_runner, stop_process, wait_until
 from tests._runner_fakes import new_runner_id, registration
 from valkyrie import Bus, Settings
 from valkyrie._codec import RUNNER_DECODER, encode
@@ -66,3 +69,26 @@ async def test_deregistration_waits_for_the_last_slot_releases(settings: Setting
         gone = await _deregister(bus, rid, reg.session_id)
         assert not gone.accepted
         assert gone.retry_after_ms is None
+
+
+async def test_a_simulated_runner_process_stopped_by_sigterm_is_forgotten(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """SIGTERM is a clean exit (SIGKILL, a crash, is what chaos tests use for lost runners)."""
+    async with running(settings, ["registry"]) as bus:
+        kv = await bus.kv("runners")
+        proc = spawn_runner("sim-term", settings, tmp_path)
+
+        async def registered() -> bool:
+            try:
+                await kv.get("sim-term")
+            except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+                return False
+            return True
+
+        await wait_until(registered, timeout_s=30)
+        assert await anyio.to_thread.run_sync(stop_process, proc) == 0
+        with pytest.raises((nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError)):
+            await kv.get("sim-term")
+        kinds = [e.type for e in await events_of(bus, "runner.sim-term.*")]
+        assert kinds[-1] == "runner.deregistered"

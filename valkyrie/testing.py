@@ -37,6 +37,7 @@ from schemas import (
 from valkyrie._bus import Bus
 from valkyrie._codec import DISPATCH_DECODER, encode, new_id, now_ms
 from valkyrie._errors import BusError
+from valkyrie.runner._protocol import deregister
 
 __all__ = ["Execution", "SimulatedRunner", "main"]
 
@@ -132,6 +133,19 @@ class SimulatedRunner:
         with anyio.CancelScope(shield=True):
             for sub in subs:
                 await sub.unsubscribe()
+
+    async def deregister(self) -> bool:
+        """Ask to be forgotten, as a runner leaving cleanly does.
+
+        Stopping ``run`` alone is a crash: the control plane then declares the runner lost.
+        """
+        return await deregister(
+            self.bus.nc,
+            self.bus.names.runner_admin("deregister"),
+            self.runner_id,
+            self._session,
+            request_timeout_s=2.0,
+        )
 
     async def _heartbeat(self, stop: anyio.Event) -> None:
         while not stop.is_set():
@@ -270,7 +284,10 @@ class SimulatedRunner:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run one simulated runner process until SIGTERM/SIGINT (journal lines are appended at once)."""
+    """Run one simulated runner process until SIGTERM/SIGINT, then deregister.
+
+    Journal lines are appended at once.
+    """
     from valkyrie._bus import connect
     from valkyrie._settings import Settings
 
@@ -307,6 +324,7 @@ def main(argv: list[str] | None = None) -> None:
             await tg.start(runner.run, stop)
             await stop.wait()
             tg.cancel_scope.cancel()
+        await runner.deregister()  # SIGTERM is a clean exit, not a crash
         await bus.close()
 
     anyio.run(run)

@@ -22,12 +22,55 @@ from schemas import JobUpdate, RegistrationVerdict, RunnerCommand, RunnerRegistr
 from valkyrie._codec import encode
 from valkyrie.runner._errors import RegistrationRejected
 
-__all__ = ["COMMAND_DECODER", "decode_verdict", "publish_update", "register"]
+__all__ = ["COMMAND_DECODER", "decode_verdict", "deregister", "publish_update", "register"]
 
 log = logging.getLogger("valkyrie.runner")
 
 COMMAND_DECODER = msgspec.json.Decoder(RunnerCommand)
 _VERDICT_DECODER = msgspec.json.Decoder(RegistrationVerdict)
+
+
+#: how long a runner leaving cleanly keeps asking to be forgotten
+DEREGISTER_WITHIN_S = 5.0
+
+
+async def deregister(
+    nc: NatsClient,
+    subject: str,
+    runner_id: str,
+    session_id: str | None,
+    *,
+    request_timeout_s: float,
+    within_s: float = DEREGISTER_WITHIN_S,
+) -> bool:
+    """Ask the registry to forget this runner, so a clean exit is not reported lost (best effort).
+
+    The registry refuses while the runner still has jobs whose results are on their way and says
+    when to ask again (``retry_after_ms``); this does, for up to ``within_s``. ``True`` once
+    forgotten.
+    """
+    body = encode({"runner_id": runner_id, "session_id": session_id})
+    with anyio.move_on_after(within_s):
+        while True:
+            try:
+                reply = await nc.request(subject, body, timeout=request_timeout_s)
+                verdict = decode_verdict(reply.data)
+            except nats.errors.NoRespondersError:
+                log.info("runner %s: no registry to deregister with", runner_id)
+                return False
+            except (nats.errors.Error, OSError, msgspec.DecodeError) as e:
+                log.debug("runner %s: deregistration not confirmed: %r", runner_id, e)
+                await anyio.sleep(0.1)
+                continue
+            if verdict.accepted:
+                return True
+            if verdict.retry_after_ms is None:
+                reasons = "; ".join(e.reason for e in verdict.errors)
+                log.info("runner %s: deregistration refused: %s", runner_id, reasons)
+                return False
+            await anyio.sleep(verdict.retry_after_ms / 1000)  # heartbeats go on meanwhile
+    log.info("runner %s: deregistration not confirmed; it will be reported lost", runner_id)
+    return False
 
 
 def decode_verdict(data: bytes) -> RegistrationVerdict:

@@ -33,12 +33,16 @@ from valkyrie.runner._context import JobContext, JobHandler, StopReason
 from valkyrie.runner._errors import JobError, RegistrationRejected
 from valkyrie.runner._logs import LogPublisher
 from valkyrie.runner._outcome import Outcome, decide_outcome
-from valkyrie.runner._protocol import COMMAND_DECODER, decode_verdict, publish_update, register
+from valkyrie.runner._protocol import (
+    COMMAND_DECODER,
+    deregister,
+    publish_update,
+    register,
+)
 
 __all__ = ["Runner"]
 
 FENCE_CHECK_S = 0.2
-DEREGISTER_TRIES = 25  # with the registry's retry_after_ms (200 ms): about five seconds
 log = logging.getLogger("valkyrie.runner")
 
 JobKey = tuple[str, int]
@@ -238,30 +242,12 @@ class Runner:
         log.info("runner %s: drained", rid)
 
     async def _deregister(self) -> None:
-        """Tell the registry we leave cleanly, so we are not reported lost (best effort).
-
-        The registry refuses while our last slot releases are still being written and says when
-        to ask again (``retry_after_ms``); we do, a few times.
-        """
-        body = encode({"runner_id": self.runner_id, "session_id": self.session_id})
-        for _ in range(DEREGISTER_TRIES):
-            try:
-                reply = await self._nc.request(
-                    self._names.runner_admin("deregister"), body, timeout=self._request_timeout_s
-                )
-                verdict = decode_verdict(reply.data)
-            except (nats.errors.Error, OSError, msgspec.DecodeError) as e:
-                log.debug("runner %s: deregistration not confirmed: %r", self.runner_id, e)
-                continue
-            if verdict.accepted:
-                return
-            if verdict.retry_after_ms is None:
-                reasons = "; ".join(e.reason for e in verdict.errors)
-                log.info("runner %s: deregistration refused: %s", self.runner_id, reasons)
-                return
-            await anyio.sleep(verdict.retry_after_ms / 1000)  # heartbeats go on meanwhile
-        log.info(
-            "runner %s: deregistration not confirmed; it will be reported lost", self.runner_id
+        await deregister(
+            self._nc,
+            self._names.runner_admin("deregister"),
+            self.runner_id,
+            self.session_id,
+            request_timeout_s=self._request_timeout_s,
         )
 
     async def _drain_when_set(self, stop: anyio.Event) -> None:
