@@ -18,6 +18,13 @@ pull consumer here moves the record to done (one compare-and-set on that revisio
 (one more) and acks. No events, no validation, no redelivery bookkeeping beyond the
 compare-and-sets: a floor under a control plane that keeps the issue's guarantees, not a competitor.
 
+With ``--events-subject`` it also keeps an event stream the way Valkyrie does: four events per job
+(``queued`` and ``dispatched`` before the submission is acked, ``accepted`` and ``finished`` before
+the completion is acked), each a JetStream publish with a ``Nats-Msg-Id`` (so a redelivery stores
+no duplicate) whose ack comes back on one shared reply subscription (the cheapest acked publish in
+Python we know: cheaper than nats-py's ``publish`` and ``publish_async``), both acks awaited before
+the message's own ack.
+
 It answers core requests on ``<prefix>.ping`` once ready, and stops cleanly on SIGTERM/SIGINT.
 Self-contained on purpose: only nats-py, msgspec and anyio.
 """
@@ -25,8 +32,11 @@ Self-contained on purpose: only nats-py, msgspec and anyio.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import itertools
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
@@ -58,6 +68,19 @@ class _Done(msgspec.Struct):
     runner_id: str
 
 
+class _PubAck(msgspec.Struct):
+    seq: int = 0
+    error: dict[str, object] | None = None
+
+
+class _Event(msgspec.Struct):
+    kind: str
+    job_id: str
+    attempt: int
+    runner_id: str
+    at_ms: int
+
+
 _FINAL = b'{"state":"done"}'
 
 
@@ -77,6 +100,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--done-stream", default=None)
     parser.add_argument("--done-durable", default=None)
     parser.add_argument("--capacity", type=int, default=50, help="slots per runner (lifecycle)")
+    parser.add_argument(
+        "--events-subject", default=None, help="publish four events per job under this prefix"
+    )
     parser.add_argument(
         "--partition", default="0/1", help="INDEX/COUNT: the share of runners this worker places on"
     )
@@ -155,6 +181,46 @@ async def _serve(args: argparse.Namespace) -> int:
 
     ping = await nc.subscribe(f"{args.prefix}.ping", cb=pong)
 
+    ack_decoder = msgspec.json.Decoder(_PubAck)
+    acks_prefix = nc.new_inbox() + "."
+    waiting: dict[str, asyncio.Future[_PubAck]] = {}
+    tokens = itertools.count()
+
+    async def on_ack(msg: Msg) -> None:
+        future = waiting.pop(msg.subject[len(acks_prefix) :], None)
+        if future is not None and not future.done():
+            future.set_result(ack_decoder.decode(msg.data))
+
+    acks_sub = await nc.subscribe(acks_prefix + "*", cb=on_ack)
+
+    async def emit(job_id: str, runner: str, *kinds: str) -> None:
+        """Store events, deduplicated by id, and wait until the stream has them all."""
+        if args.events_subject is None:
+            return
+        at_ms = time.time_ns() // 1_000_000
+        loop = asyncio.get_running_loop()
+        acks, sent = [], []
+        for kind in kinds:
+            token = str(next(tokens))
+            sent.append(token)
+            acks.append(waiting.setdefault(token, loop.create_future()))
+            await nc.publish(
+                f"{args.events_subject}.job.{job_id}.{kind}",
+                encoder.encode(
+                    _Event(kind=kind, job_id=job_id, attempt=1, runner_id=runner, at_ms=at_ms)
+                ),
+                reply=acks_prefix + token,
+                headers={"Nats-Msg-Id": f"{job_id}.{kind}.1"},
+            )
+        try:
+            with anyio.fail_after(10):
+                for ack in acks:
+                    if (await ack).error is not None:
+                        raise RuntimeError(f"event not stored: {ack.result().error}")
+        finally:
+            for token in sent:
+                waiting.pop(token, None)  # answered ones are gone already; lost ones go now
+
     async def handle(msg: Msg) -> None:
         try:
             job_id = decoder.decode(msg.data).job_id
@@ -183,6 +249,7 @@ async def _serve(args: argparse.Namespace) -> int:
                 )
             )
             await nc.publish(subjects[index], body)
+            await emit(job_id, runners[index], "queued", "dispatched")
             await msg.ack()
             counters["processed"] += 1
         except Exception as e:  # count and let the message be redelivered
@@ -197,6 +264,7 @@ async def _serve(args: argparse.Namespace) -> int:
                 counters["refinished"] += 1  # a redelivery: the record already moved on
             else:
                 await adjust(done.runner_id, -1)
+            await emit(done.job_id, done.runner_id, "accepted", "finished")
             await msg.ack()
             counters["finished"] += 1
         except Exception as e:  # count and let the message be redelivered
@@ -253,6 +321,7 @@ async def _serve(args: argparse.Namespace) -> int:
                 tg.start_soon(consume, done_sub, finish)
         outer.cancel_scope.cancel()
     await ping.unsubscribe()
+    await acks_sub.unsubscribe()
     await nc.drain()
     print(f"raw-worker: stopped {counters} errors={errors}", flush=True)
     return 0 if counters["failed"] == 0 else 1

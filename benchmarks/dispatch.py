@@ -1,6 +1,6 @@
 """Dispatch benchmark: submit -> dispatch-received latency and saturating throughput.
 
-Three systems, measured in the same run against the same nats-server:
+Four systems, measured in the same run against the same nats-server:
 
 * **valkyrie**: the control-plane handlers, by default in two worker subprocesses, one per core:
   ``intake dispatcher`` (so intake hands new jobs straight to its dispatcher) and ``registry
@@ -16,6 +16,10 @@ Three systems, measured in the same run against the same nats-server:
   and frees the slot. The least plain NATS can do for the whole lifecycle with the issue's capacity
   guarantee: the floor the valkyrie pipeline (which also publishes events, validates, and keeps
   runner health) is judged against.
+* **raw-lifecycle-events** (unless ``--skip-raw-events``): raw-lifecycle that also keeps an event
+  stream as Valkyrie does: four events per job (queued, dispatched, accepted, finished), each stored
+  with a ``Nats-Msg-Id`` before the message that caused it is acked. The floor for a pipeline whose
+  event stream is part of its contract (the issue checks capacity "from the event stream").
 
 Each system gets a unique prefix, a warm-up (excluded), a PACED phase (``--paced-jobs`` at
 ``--rate`` jobs/s: latency percentiles) and a SATURATING phase (``--jobs`` published as fast as
@@ -68,6 +72,7 @@ from nats.js.api import (  # noqa: E402
     AckPolicy,
     ConsumerConfig,
     DeliverPolicy,
+    DiscardPolicy,
     KeyValueConfig,
     RetentionPolicy,
     StorageType,
@@ -136,6 +141,7 @@ class Params:
     processes: str = PROCESSES
     raw_processes: int = 1
     raw_lifecycle: bool = True
+    raw_events: bool = True
 
     def process_groups(self) -> list[list[str]]:
         """The handlers of each worker process (``--processes``)."""
@@ -648,6 +654,13 @@ async def raw_lifecycle_scenario(
     return await raw_scenario(p, url, server_pid, children, workdir, lifecycle=True)
 
 
+async def raw_events_scenario(
+    p: Params, url: str, server_pid: int | None, children: Children, workdir: Path
+) -> dict[str, Any]:
+    """The lifecycle baseline that also stores four events per job, as Valkyrie's contract has."""
+    return await raw_scenario(p, url, server_pid, children, workdir, lifecycle=True, events=True)
+
+
 async def raw_scenario(
     p: Params,
     url: str,
@@ -656,14 +669,17 @@ async def raw_scenario(
     workdir: Path,
     *,
     lifecycle: bool = False,
+    events: bool = False,
 ) -> dict[str, Any]:
     """The raw-NATS baseline: work-queue stream -> pull worker (KV create + core publish) -> subscribers.
 
     With ``lifecycle`` the subscribers report each job done (captured by a second work-queue stream)
-    and the worker records the end with one KV compare-and-set per job.
+    and the worker records the end with one KV compare-and-set per job. With ``events`` (lifecycle
+    only) the worker also stores four events per job in an events stream.
     """
-    name = "raw-lifecycle" if lifecycle else "raw"
-    prefix = ("bl" if lifecycle else "br") + uuid.uuid4().hex[:8]
+    events = events and lifecycle
+    name = "raw-lifecycle-events" if events else "raw-lifecycle" if lifecycle else "raw"
+    prefix = ("be" if events else "bl" if lifecycle else "br") + uuid.uuid4().hex[:8]
     stream, subject, bucket, durable = (
         f"{prefix.upper()}_WORK",
         f"{prefix}.jobs.submit",
@@ -675,6 +691,7 @@ async def raw_scenario(
         f"{prefix}.done.*",
         "finisher",
     )
+    events_stream, events_subject = f"{prefix.upper()}_EVENTS", f"{prefix}.events"
     log(f"{name}: prefix {prefix}, {p.runners} receivers, worker concurrency {p.raw_concurrency}")
     nc = await nats.connect(url, name=f"bench-{name}-submit", error_cb=_nats_error)
     recv_nc: NatsClient | None = None
@@ -697,6 +714,18 @@ async def raw_scenario(
                     f"{prefix}.done.{r}" for n, r in enumerate(ids) if n % p.raw_processes == i
                 ]
                 consumers.append((done_stream, owned, f"{done_durable}-{i}"))
+        if events:  # configured like Valkyrie's events stream (limits, deduplicated by id)
+            await js.add_stream(
+                StreamConfig(
+                    name=events_stream,
+                    subjects=[f"{events_subject}.>"],
+                    retention=RetentionPolicy.LIMITS,
+                    discard=DiscardPolicy.OLD,
+                    storage=StorageType.FILE,
+                    num_replicas=1,
+                    duplicate_window=120.0,
+                )
+            )
         for on_stream, filtered, durable_name in consumers:
             await js.add_consumer(
                 on_stream,
@@ -718,6 +747,7 @@ async def raw_scenario(
                 f"--done-subject={done_subject}",
                 f"--done-stream={done_stream}",
                 f"--capacity={p.runner_capacity}",
+                *([f"--events-subject={events_subject}"] if events else []),
             ]
             if lifecycle
             else []
@@ -803,7 +833,7 @@ async def raw_scenario(
                 "worker": tuple(w.pid for w in raw_workers if w.pid is not None),
                 "nats_server": server_pid,
             },
-            tag="l" if lifecycle else "r",
+            tag="e" if events else "l" if lifecycle else "r",
         )
         results = await run_all_phases(target, p)
         await receivers.close()
@@ -811,13 +841,16 @@ async def raw_scenario(
             results["completions_sent"] = receivers.completions_sent
             results["completion_errors"] = receivers.completion_errors
             results["records_done"] = await _records_done(js, bucket)
+        if events:
+            results["events_stored"] = (await js.stream_info(events_stream)).state.messages
         results["worker_processes"] = len(raw_workers)
         results["worker_exit_code"] = await _stop_workers(children, raw_workers, spies, p)
         return results
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(20):
             await _stop_started(children, raw_workers)
-            for on_stream in (stream, done_stream) if lifecycle else (stream,):
+            streams = (stream, done_stream) if lifecycle else (stream,)
+            for on_stream in (*streams, events_stream) if events else streams:
                 try:
                     await js.delete_stream(on_stream)
                 except (nats.errors.Error, nats.js.errors.Error):
@@ -906,12 +939,21 @@ def targets(results: dict[str, Any]) -> dict[str, Any]:
     sat = (v.get("saturating") or {}).get("throughput_per_s")
     p50 = ((v.get("paced") or {}).get("latency_ms") or {}).get("p50")
     floor = ((results.get("raw_lifecycle") or {}).get("saturating") or {}).get("throughput_per_s")
+    with_events = ((results.get("raw_lifecycle_events") or {}).get("saturating") or {}).get(
+        "throughput_per_s"
+    )
     return {
         # not a target: how far the least durable lifecycle in plain NATS gets on this machine
         "raw_lifecycle_saturating_throughput_per_s": {
             "target": f">= {TARGET_THROUGHPUT:g}",
             "measured": floor,
             "met": floor is not None and floor >= TARGET_THROUGHPUT,
+        },
+        # not a target either: the same floor with the event stream Valkyrie's contract has
+        "raw_lifecycle_events_saturating_throughput_per_s": {
+            "target": f">= {TARGET_THROUGHPUT:g}",
+            "measured": with_events,
+            "met": with_events is not None and with_events >= TARGET_THROUGHPUT,
         },
         "saturating_throughput_per_s": {
             "target": f">= {TARGET_THROUGHPUT:g}",
@@ -936,7 +978,7 @@ def render(doc: dict[str, Any]) -> str:
     """The stdout report."""
     results, rat, p = doc["results"], doc["ratios"], doc["parameters"]
     rows: list[list[object]] = []
-    for system in ("valkyrie", "raw", "raw_lifecycle", "valkyrie_scale"):
+    for system in ("valkyrie", "raw", "raw_lifecycle", "raw_lifecycle_events", "valkyrie_scale"):
         for phase in PHASES:
             r = (results.get(system) or {}).get(phase)
             if r:
@@ -961,6 +1003,7 @@ def render(doc: dict[str, Any]) -> str:
     for label, by_phase in (
         ("valkyrie/raw", rat),
         ("valkyrie/raw-lifecycle", rat.get("lifecycle")),
+        ("valkyrie/raw-lifecycle-events", rat.get("lifecycle_events")),
     ):
         for phase in PHASES:
             q = (by_phase or {}).get(phase)
@@ -1004,10 +1047,11 @@ def render(doc: dict[str, Any]) -> str:
         "ratio rows: dispatch/s column = valkyrie/baseline throughput, latency columns = "
         "valkyrie/baseline latency; raw-lifecycle = raw plus a runner slot taken and freed and "
         "each job recorded done (runner report captured by a stream): 3 more KV "
-        "compare-and-sets, no events",
+        "compare-and-sets, no events; raw-lifecycle-events = raw-lifecycle plus 4 events per "
+        "job stored (deduplicated by id) before the ack",
     ]
     cpu_rows = []
-    for system in ("valkyrie", "raw", "raw_lifecycle"):
+    for system in ("valkyrie", "raw", "raw_lifecycle", "raw_lifecycle_events"):
         idle = (results.get(system) or {}).get("idle_cpu_cores")
         if idle:
             cpu_rows.append(
@@ -1102,6 +1146,12 @@ def render(doc: dict[str, Any]) -> str:
             "floor on this machine: raw-lifecycle (plain NATS: slots counted, job recorded "
             f"dispatched and done, no events) saturating {floor['measured']} jobs/s"
         )
+    with_events = t.get("raw_lifecycle_events_saturating_throughput_per_s") or {}
+    if with_events.get("measured") is not None:
+        lines.append(
+            "the same with the event stream (raw-lifecycle-events, 4 events per job) saturating "
+            f"{with_events['measured']} jobs/s"
+        )
     if doc["errors"]:
         lines += ["", "ERRORS:", *doc["errors"]]
     if doc["missing_total"]:
@@ -1125,6 +1175,8 @@ async def run(
         scenarios.append(("raw", raw_scenario))
         if p.raw_lifecycle:
             scenarios.append(("raw_lifecycle", raw_lifecycle_scenario))
+        if p.raw_events:
+            scenarios.append(("raw_lifecycle_events", raw_events_scenario))
     if p.scale_runners and not p.skip_valkyrie:
         scenarios.append(("valkyrie_scale", valkyrie_scale_scenario))
     for name, scenario in scenarios:
@@ -1136,7 +1188,7 @@ async def run(
             errors.append(f"{name}: {e!r}")
     missing = sum(
         (results.get(s) or {}).get(ph, {}).get("missing", 0)
-        for s in ("valkyrie", "raw", "raw_lifecycle")
+        for s in ("valkyrie", "raw", "raw_lifecycle", "raw_lifecycle_events")
         for ph in ("warmup", *PHASES)
     )
     return {
@@ -1149,6 +1201,7 @@ async def run(
         "ratios": {
             **ratios(results),
             "lifecycle": ratios(results, baseline="raw_lifecycle"),
+            "lifecycle_events": ratios(results, baseline="raw_lifecycle_events"),
             "scale_throughput": _scale_ratio(results),
         },
         "targets": targets(results),
@@ -1238,6 +1291,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Params, Path, bool]:
         action="store_true",
         help="do not run the raw baseline that also records each job done (the lifecycle floor)",
     )
+    parser.add_argument(
+        "--skip-raw-events",
+        action="store_true",
+        help="do not run the lifecycle floor that also stores four events per job",
+    )
     parser.add_argument("--quick", action="store_true", help="small numbers for a smoke run")
     parser.add_argument(
         "--profile",
@@ -1326,6 +1384,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Params, Path, bool]:
         processes=a.processes,
         raw_processes=a.raw_processes,
         raw_lifecycle=not a.skip_raw_lifecycle,
+        raw_events=not a.skip_raw_events,
     )
     problems = [
         name

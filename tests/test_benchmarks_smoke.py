@@ -41,7 +41,7 @@ def test_dispatch_benchmark_quick_run(tmp_path: Path) -> None:
         "paced": params["paced_jobs"],
         "saturating": params["jobs"],
     }
-    for system in ("valkyrie", "raw", "raw_lifecycle"):
+    for system in ("valkyrie", "raw", "raw_lifecycle", "raw_lifecycle_events"):
         results = doc["results"][system]
         assert results["worker_exit_code"] == 0, report
         for phase in PHASES:
@@ -56,20 +56,28 @@ def test_dispatch_benchmark_quick_run(tmp_path: Path) -> None:
             assert figures["throughput_per_s"] > 0
         assert results["paced"]["submit_rate_per_s"] > 0
     for phase in ("paced", "saturating"):
-        for by_phase in (doc["ratios"], doc["ratios"]["lifecycle"]):
+        for by_phase in (
+            doc["ratios"],
+            doc["ratios"]["lifecycle"],
+            doc["ratios"]["lifecycle_events"],
+        ):
             assert by_phase[phase]["throughput"] is not None
             assert by_phase[phase]["latency_p50"] is not None
     # the lifecycle floor really closed every job's life and gave every slot back
-    lifecycle = doc["results"]["raw_lifecycle"]
     jobs = sum(expected.values())
-    assert lifecycle["completions_sent"] == jobs
-    assert lifecycle["records_done"] == {"records": jobs, "done": jobs, "slots_held": 0}
+    for system in ("raw_lifecycle", "raw_lifecycle_events"):
+        lifecycle = doc["results"][system]
+        assert lifecycle["completions_sent"] == jobs, system
+        assert lifecycle["records_done"] == {"records": jobs, "done": jobs, "slots_held": 0}
+    # and the events floor stored its four events per job, each once
+    assert doc["results"]["raw_lifecycle_events"]["events_stored"] == 4 * jobs
     versions = doc["environment"]["versions"]
     for name in ("python", "nats_server", "nats-py", "msgspec"):
         assert versions[name], name
     assert doc["environment"]["machine"]["nproc"]
     assert "valkyrie/raw " in proc.stdout
-    assert "valkyrie/raw-lifecycle" in proc.stdout
+    assert "valkyrie/raw-lifecycle " in proc.stdout
+    assert "valkyrie/raw-lifecycle-events" in proc.stdout
 
 
 @pytest.mark.timeout(120)
