@@ -65,6 +65,14 @@ class Handlers:
             lambda: stop_process(self.procs[name], sig=sig, timeout_s=20)
         )
 
+    async def freeze_and_kill(self, name: str, *, frozen_s: float = 0.0) -> None:
+        """SIGSTOP process ``name``, then SIGKILL it: it dies holding what it fetched, unsettled."""
+        proc = self.procs[name]
+        assert proc.poll() is None, self.tail(name)
+        proc.send_signal(signal.SIGSTOP)
+        await anyio.sleep(frozen_s)
+        assert await self.stop(name, signal.SIGKILL) == -signal.SIGKILL
+
     async def stop_all(self, runners: dict[str, subprocess.Popen[bytes]]) -> dict[str, int]:
         """Stop every handler process (SIGTERM), then ``runners``; the handlers' exit codes."""
         codes = {name: await self.stop(name) for name in list(self.procs)}
@@ -193,13 +201,7 @@ async def test_sigkill_each_handler_in_turn_loses_and_doubles_nothing(
                 tg.start_soon(submit)
                 await anyio.sleep(3)
                 for name in HANDLERS:
-                    proc = handlers.procs[name]
-                    assert proc.poll() is None, handlers.tail(name)
-                    # frozen first, so that it dies holding deliveries it fetched but never settled
-                    proc.send_signal(signal.SIGSTOP)
-                    await anyio.sleep(0.5)
-                    code = await handlers.stop(name, signal.SIGKILL)
-                    assert code == -signal.SIGKILL
+                    await handlers.freeze_and_kill(name, frozen_s=0.5)
                     await anyio.sleep(1.0)
                     handlers.start(name)
                     await anyio.sleep(5.0)
@@ -243,11 +245,7 @@ async def test_sigkill_intake_with_its_dispatcher_loses_and_doubles_nothing(
                 tg.start_soon(functools.partial(_submit_paced, client, total, per_s, sent, 0.2))
                 await anyio.sleep(2)
                 for _ in range(3):
-                    proc = handlers.procs["front"]
-                    assert proc.poll() is None, handlers.tail("front")
-                    proc.send_signal(signal.SIGSTOP)  # dies holding what it fetched
-                    await anyio.sleep(0.3)
-                    assert await handlers.stop("front", signal.SIGKILL) == -signal.SIGKILL
+                    await handlers.freeze_and_kill("front", frozen_s=0.3)
                     await anyio.sleep(0.5)
                     handlers.start("front", runs=FRONT)
                     await anyio.sleep(3.0)
@@ -477,9 +475,7 @@ async def test_jobs_a_killed_dispatcher_held_come_back_after_the_ack_wait(
             info = await bus.js.consumer_info(events, "dispatcher")
             assert (info.num_ack_pending, info.num_redelivered) == (total, 0)
 
-            proc = handlers.procs["dispatcher"]
-            proc.send_signal(signal.SIGSTOP)
-            assert await handlers.stop("dispatcher", signal.SIGKILL) == -signal.SIGKILL
+            await handlers.freeze_and_kill("dispatcher")
             killed = time.monotonic()
             handlers.start("dispatcher")
             for i in range(2):
