@@ -5,10 +5,10 @@ What runs: a nats-server (unless ``--nats-url``), the ``config`` handler in one 
 ``intake``, ``dispatcher``, ``registry``, ``results``, ``supervisor``, one per process).
 
 What is measured: ``--changes`` changes (after ``--warmup`` excluded ones), one at a time through
-:class:`valkyrie._config_client.ConfigClient`, alternating ``dispatch.max_queue_scan`` between 1999
+:class:`valkyrie.client.config.ConfigClient`, alternating ``dispatch.max_queue_scan`` between 1999
 and 2000. For each change, the time from the revision's ``at_ms`` (stamped by the config handler just
 before it writes the revision to the config bucket, i.e. when the change is accepted) to the moment
-the last of the workers runs it. Each worker's health reporter (``valkyrie/_health.py``) publishes a
+the last of the workers runs it. Each worker's health reporter (``valkyrie/runtime/health.py``) publishes a
 ``HealthReport`` on ``<prefix>.health.<component>`` at once after it applies a revision; the
 benchmark takes, per worker, the first report whose ``config_revision`` is the new one or later.
 
@@ -72,8 +72,8 @@ from benchmarks._report import (  # noqa: E402
 )
 from schemas import ConfigRevision, HealthReport  # noqa: E402
 from valkyrie import Bus, NatsServer, Settings, connect  # noqa: E402
-from valkyrie._config_client import ConfigClient  # noqa: E402
-from valkyrie._live import CONFIG_KEY  # noqa: E402
+from valkyrie.client.config import ConfigClient  # noqa: E402
+from valkyrie.config.live import CONFIG_KEY  # noqa: E402
 
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "config_reload.json"
 DEFAULT_WORKERS = ("intake", "dispatcher", "registry", "results", "supervisor")
@@ -322,7 +322,7 @@ def document(
         "timestamp": timestamp(),
         "params": asdict(params),
         "prefix": prefix,
-        "signal": "HealthReport.config_revision on <prefix>.health.<component> (valkyrie/_health.py)",
+        "signal": "HealthReport.config_revision on <prefix>.health.<component> (valkyrie/runtime/health.py)",
         "key": KEY,
         "summary_ms": rows,
         "target": {

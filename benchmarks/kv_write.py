@@ -1,7 +1,7 @@
 """KV compare-and-set cost in the client: nats-py's ``KeyValue.update`` against Valkyrie's path.
 
-Valkyrie writes job and runner records with ``valkyrie._kvstore.kv_write``: a publish whose ack
-comes back on one shared reply subscription (``valkyrie._acked``). This program measures, in one
+Valkyrie writes job and runner records with ``valkyrie.bus.kv.kv_write``: a publish whose ack
+comes back on one shared reply subscription (``valkyrie.bus.acked``). This program measures, in one
 run against one nats-server, the client CPU per write and the writes per second of both, with
 ``--concurrency`` writes in flight, and prints the ratio. Table on stdout, JSON to a file.
 
@@ -34,7 +34,7 @@ from nats.js.kv import KeyValue  # noqa: E402
 
 from benchmarks._report import environment, ratio, render_table, timestamp, write_json  # noqa: E402
 from valkyrie import NatsServer  # noqa: E402
-from valkyrie._kvstore import kv_write  # noqa: E402
+from valkyrie.bus.kv import kv_write  # noqa: E402
 
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "kv_write.json"
 VALUE = b"x" * 300

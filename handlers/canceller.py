@@ -27,10 +27,10 @@ from valkyrie import (
     RetryLater,
     delivery_count,
 )
-from valkyrie._codec import ANY_DECODER, JOB_DECODER, encode, now_ms
-from valkyrie._handler_base import HandlerBase
-from valkyrie._kvstore import cas_update
-from valkyrie._lifecycle import finish_job
+from valkyrie.bus.codec import ANY_DECODER, JOB_DECODER, encode, now_ms
+from valkyrie.bus.kv import cas_update
+from valkyrie.domain.lifecycle import finish_job
+from valkyrie.runtime.base import HandlerBase
 
 __all__ = ["CancellerWorker", "create"]
 

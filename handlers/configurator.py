@@ -25,12 +25,12 @@ from valkyrie import (
     RetryLater,
     headers_of,
 )
-from valkyrie._codec import ANY_DECODER, encode, now_ms
-from valkyrie._config import flatten, is_live
-from valkyrie._config_load import known_keys
-from valkyrie._config_validate import validate_dotted
-from valkyrie._handler_base import HandlerBase
-from valkyrie._live import CONFIG_KEY
+from valkyrie.bus.codec import ANY_DECODER, encode, now_ms
+from valkyrie.config.live import CONFIG_KEY
+from valkyrie.config.load import known_keys
+from valkyrie.config.model import flatten, is_live
+from valkyrie.config.validate import validate_dotted
+from valkyrie.runtime.base import HandlerBase
 
 __all__ = ["ConfigWorker", "create", "plan_change"]
 

@@ -3,7 +3,7 @@
 Queued jobs arrive as ``job.<id>.queued`` events through the durable consumer ``dispatcher``; a job
 that cannot be placed yet is held (its message unacked, kept alive with ``in_progress``) and tried
 again the moment the runners bucket changes, so there is no polling delay. Held jobs are ordered by
-effective priority (aging, SLA class, SLO boosts) and tenant fair share (valkyrie._scheduling).
+effective priority (aging, SLA class, SLO boosts) and tenant fair share (valkyrie.domain.scheduling.priority).
 
 A decision is two compare-and-sets, runner slot first, then job record, so a job is dispatched once
 and a runner never exceeds its capacity however many dispatchers run. A crash between them leaves an
@@ -37,18 +37,18 @@ from schemas import (
     RunnerRecord,
 )
 from valkyrie import HandlerContext
-from valkyrie._codec import EVENT_DECODER, JOB_DECODER, RUNNER_DECODER, encode, now_ms
-from valkyrie._config import IntegrationMode, ValkyrieConfig
-from valkyrie._explain import QueueFacts, explain_dispatched, explain_queued
-from valkyrie._handler_base import HandlerBase
-from valkyrie._index import RunnerIndex
-from valkyrie._kvstore import Versioned, cas_update, get_versioned, kv_create, kv_write
-from valkyrie._lifecycle import assign_slot, dispatch_job, finish_job
-from valkyrie._modes import uses_advanced_placement
-from valkyrie._outbox import Outbox
-from valkyrie._placement import Placement, ScoreWeights, place
-from valkyrie._pullfeed import PullFeed, ensure_consumer
-from valkyrie._scheduling import FairShare, effective_priority, tenant_of
+from valkyrie.bus.codec import EVENT_DECODER, JOB_DECODER, RUNNER_DECODER, encode, now_ms
+from valkyrie.bus.kv import Versioned, cas_update, get_versioned, kv_create, kv_write
+from valkyrie.bus.outbox import Outbox
+from valkyrie.bus.pullfeed import PullFeed, ensure_consumer
+from valkyrie.config.model import IntegrationMode, ValkyrieConfig
+from valkyrie.domain.explain import QueueFacts, explain_dispatched, explain_queued
+from valkyrie.domain.lifecycle import assign_slot, dispatch_job, finish_job
+from valkyrie.domain.modes import uses_advanced_placement
+from valkyrie.domain.scheduling.index import RunnerIndex
+from valkyrie.domain.scheduling.placement import Placement, ScoreWeights, place
+from valkyrie.domain.scheduling.priority import FairShare, effective_priority, tenant_of
+from valkyrie.runtime.base import HandlerBase
 
 __all__ = ["DispatcherWorker", "create"]
 

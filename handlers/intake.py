@@ -27,11 +27,11 @@ from valkyrie import (
     SchemaError,
     headers_of,
 )
-from valkyrie._codec import JOB_DECODER, encode, now_ms
-from valkyrie._handler_base import HandlerBase
-from valkyrie._intake import idempotency_token, job_id_for, parse_submission, queued_record
-from valkyrie._kvstore import kv_create
-from valkyrie._modes import check_intake_mode
+from valkyrie.bus.codec import JOB_DECODER, encode, now_ms
+from valkyrie.bus.kv import kv_create
+from valkyrie.domain.intake import idempotency_token, job_id_for, parse_submission, queued_record
+from valkyrie.domain.modes import check_intake_mode
+from valkyrie.runtime.base import HandlerBase
 
 __all__ = ["IntakeWorker", "create"]
 

@@ -3,7 +3,7 @@
 Every worker process reports on ``<prefix>.health.<component>``; the monitor keeps the latest report
 per instance and, every ``health.report_interval_ms``, evaluates them (liveness, each report's
 checks, the config revision), the backlog of every durable consumer and the runner pool
-(:mod:`valkyrie._health_eval` holds the rules). The result is written to the stats bucket under
+(:mod:`valkyrie.domain.health` holds the rules). The result is written to the stats bucket under
 ``health`` with a compare-and-set, and every status change of a component or of the whole is an
 event, emitted by whichever monitor's write recorded it, so several monitors can run.
 
@@ -36,12 +36,10 @@ from schemas import (
     HealthSummary,
 )
 from valkyrie import BusError, HandlerContext
-from valkyrie._codec import encode, new_id, now_ms
-from valkyrie._config import IntegrationMode
-from valkyrie._config_client import ConfigClient
-from valkyrie._handler_base import HandlerBase
-from valkyrie._health import RunnerStates, consumer_lags
-from valkyrie._health_eval import (
+from valkyrie.bus.codec import encode, new_id, now_ms
+from valkyrie.client.config import ConfigClient
+from valkyrie.config.model import IntegrationMode
+from valkyrie.domain.health import (
     AUTO_ACTOR,
     CONSUMER_LAG_COMPONENT,
     RUNNER_POOL_COMPONENT,
@@ -60,6 +58,8 @@ from valkyrie._health_eval import (
     summarize,
     transitions,
 )
+from valkyrie.runtime.base import HandlerBase
+from valkyrie.runtime.health import RunnerStates, consumer_lags
 
 __all__ = ["FALLBACK_KEY", "HEALTH_KEY", "MonitorWorker", "create"]
 

@@ -26,7 +26,7 @@ from schemas import (
     convert_or_errors,
 )
 from valkyrie import HandlerContext
-from valkyrie._codec import (
+from valkyrie.bus.codec import (
     ANY_DECODER,
     HEARTBEAT_DECODER,
     JOB_DECODER,
@@ -34,9 +34,9 @@ from valkyrie._codec import (
     encode,
     now_ms,
 )
-from valkyrie._handler_base import HandlerBase
-from valkyrie._kvstore import cas_update, get_versioned, put_new
-from valkyrie._lifecycle import is_on, runner_state
+from valkyrie.bus.kv import cas_update, get_versioned, put_new
+from valkyrie.domain.lifecycle import is_on, runner_state
+from valkyrie.runtime.base import HandlerBase
 
 __all__ = ["RegistryWorker", "create"]
 

@@ -27,11 +27,11 @@ from schemas import (
     RunnerCommand,
 )
 from valkyrie import GiveUp, HandlerContext
-from valkyrie._codec import JOB_DECODER, UPDATE_DECODER, encode, now_ms
-from valkyrie._handler_base import HandlerBase
-from valkyrie._kvstore import Versioned, cas_update
-from valkyrie._lifecycle import UpdateOutcome, UpdateResult, apply_update
-from valkyrie._outbox import Outbox
+from valkyrie.bus.codec import JOB_DECODER, UPDATE_DECODER, encode, now_ms
+from valkyrie.bus.kv import Versioned, cas_update
+from valkyrie.bus.outbox import Outbox
+from valkyrie.domain.lifecycle import UpdateOutcome, UpdateResult, apply_update
+from valkyrie.runtime.base import HandlerBase
 
 __all__ = ["ResultsWorker", "create"]
 

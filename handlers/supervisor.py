@@ -23,12 +23,12 @@ from nats.aio.msg import Msg
 
 from schemas import JobRecord, JobState, RunnerCommand, RunnerRecord, RunnerState
 from valkyrie import HandlerContext
-from valkyrie._codec import JOB_DECODER, RUNNER_DECODER, encode, now_ms
-from valkyrie._config import DispatchConfig
-from valkyrie._handler_base import HandlerBase
-from valkyrie._jobops import through_outages
-from valkyrie._kvstore import Versioned, cas_update, get_versioned
-from valkyrie._lifecycle import is_on, retry_after_failure
+from valkyrie.bus.codec import JOB_DECODER, RUNNER_DECODER, encode, now_ms
+from valkyrie.bus.kv import Versioned, cas_update, get_versioned
+from valkyrie.config.model import DispatchConfig
+from valkyrie.domain.lifecycle import is_on, retry_after_failure
+from valkyrie.runtime.base import HandlerBase
+from valkyrie.runtime.jobops import through_outages
 
 __all__ = ["SupervisorWorker", "create"]
 

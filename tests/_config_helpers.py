@@ -16,8 +16,8 @@ from prometheus_client import CollectorRegistry
 from schemas import ConfigVerdict, Event
 from tests._helpers import events_of, wait_until
 from valkyrie import Bus, Settings, open_bus, run_workers
-from valkyrie._config_client import ConfigClient
-from valkyrie._live import LiveConfig, config_for
+from valkyrie.client.config import ConfigClient
+from valkyrie.config.live import LiveConfig, config_for
 
 #: the line LiveConfig logs when a process runs a new revision
 APPLIED = re.compile(r"config revision (\d+) applied")

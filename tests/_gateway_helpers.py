@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from tests._helpers import running
 from valkyrie import Bus, Settings
-from valkyrie._live import LiveConfig, config_for
+from valkyrie.config.live import LiveConfig, config_for
 from valkyrie.gateway import create_app, hash_token, run_gateway
 
 #: tokens the auth tests configure: name -> (token, scopes)

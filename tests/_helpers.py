@@ -35,10 +35,10 @@ from valkyrie import (
     open_bus,
     run_workers,
 )
-from valkyrie._codec import DEAD_DECODER, EVENT_DECODER
-from valkyrie._intake import job_id_for, parse_submission, queued_record
-from valkyrie._live import LiveConfig, config_for
-from valkyrie._runnerview import SharedViews
+from valkyrie.bus.codec import DEAD_DECODER, EVENT_DECODER
+from valkyrie.config.live import LiveConfig, config_for
+from valkyrie.domain.intake import job_id_for, parse_submission, queued_record
+from valkyrie.runtime.views import SharedViews
 
 ROOT = Path(__file__).resolve().parent.parent
 

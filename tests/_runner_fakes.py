@@ -33,7 +33,7 @@ from schemas import (
     RunnerRegistration,
 )
 from valkyrie import Bus
-from valkyrie._codec import (
+from valkyrie.bus.codec import (
     HEARTBEAT_DECODER,
     LOG_DECODER,
     REGISTRATION_DECODER,

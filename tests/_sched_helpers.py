@@ -26,10 +26,10 @@ from schemas import (
 )
 from tests._helpers import events_of, settings_for
 from valkyrie import Bus, Client, Settings, open_bus, run_workers
-from valkyrie._codec import RUNNER_DECODER
-from valkyrie._config_client import ConfigClient
-from valkyrie._kvstore import cas_update
-from valkyrie._live import LiveConfig, config_for
+from valkyrie.bus.codec import RUNNER_DECODER
+from valkyrie.bus.kv import cas_update
+from valkyrie.client.config import ConfigClient
+from valkyrie.config.live import LiveConfig, config_for
 from valkyrie.testing import SimulatedRunner
 
 #: every handler a scheduling test needs

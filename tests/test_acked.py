@@ -9,9 +9,9 @@ import pytest
 from nats.js.api import StreamConfig
 
 from valkyrie import Bus
-from valkyrie._acked import acked_publisher
-from valkyrie._kvstore import kv_create, kv_write
-from valkyrie._outbox import Outbox
+from valkyrie.bus.acked import acked_publisher
+from valkyrie.bus.kv import kv_create, kv_write
+from valkyrie.bus.outbox import Outbox
 
 pytestmark = pytest.mark.nats
 

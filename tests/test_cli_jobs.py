@@ -14,7 +14,7 @@ import pytest
 from schemas import JobState
 from tests._helpers import ROOT, env_for, running
 from valkyrie import Client, Settings
-from valkyrie._codec import EVENT_DECODER, JOB_DECODER
+from valkyrie.bus.codec import EVENT_DECODER, JOB_DECODER
 
 pytestmark = pytest.mark.nats
 

@@ -27,7 +27,7 @@ from schemas import (
 from tests._helpers import spawn, stop_process
 from tests._runner_fakes import fake_control_plane, new_runner_id
 from valkyrie import Bus, Settings
-from valkyrie._codec import REGISTRATION_DECODER, encode, now_ms
+from valkyrie.bus.codec import REGISTRATION_DECODER, encode, now_ms
 from valkyrie.cli import cli
 from valkyrie.runner import LogStream
 

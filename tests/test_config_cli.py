@@ -14,8 +14,8 @@ from click.testing import CliRunner
 from tests._config_helpers import control_plane, wait_revision
 from tests._helpers import ROOT, env_for
 from valkyrie import Settings
-from valkyrie._config import IntegrationMode
 from valkyrie.cli import cli
+from valkyrie.config.model import IntegrationMode
 
 SHA = "0" * 64
 

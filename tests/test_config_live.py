@@ -23,10 +23,10 @@ from tests._config_helpers import (
 )
 from tests._helpers import events_of, spawn, stop_process, wait_until
 from valkyrie import Client, Settings, open_bus
-from valkyrie._config import IntegrationMode, ValkyrieConfig
-from valkyrie._config_client import ConfigClient
-from valkyrie._config_load import load_config
-from valkyrie._live import LiveConfig
+from valkyrie.client.config import ConfigClient
+from valkyrie.config.live import LiveConfig
+from valkyrie.config.load import load_config
+from valkyrie.config.model import IntegrationMode, ValkyrieConfig
 from valkyrie.testing import SimulatedRunner
 
 BASE = load_config(environ={}).base()

@@ -11,9 +11,9 @@ import pytest
 from click.testing import CliRunner
 
 from tests._helpers import ROOT
-from valkyrie._config_migrate import migrate_ancestor
-from valkyrie._config_validate import validate_dotted
 from valkyrie.cli import cli
+from valkyrie.config.migrate import migrate_ancestor
+from valkyrie.config.validate import validate_dotted
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -10,7 +10,10 @@ import msgspec.inspect as mi
 import pytest
 
 from schemas import ConfigRevision
-from valkyrie._config import (
+from valkyrie.config.doc import DOC_PATH, iter_keys, render_doc
+from valkyrie.config.live import LiveConfig
+from valkyrie.config.load import env_layer, known_keys, load_config, unflatten
+from valkyrie.config.model import (
     LIVE_KEYS,
     PROFILES,
     ZERO_ALLOWED,
@@ -20,11 +23,8 @@ from valkyrie._config import (
     is_live,
     profile_overrides,
 )
-from valkyrie._config_doc import DOC_PATH, iter_keys, render_doc
-from valkyrie._config_load import env_layer, known_keys, load_config, unflatten
-from valkyrie._config_validate import validate_dotted
-from valkyrie._errors import ConfigError
-from valkyrie._live import LiveConfig
+from valkyrie.config.validate import validate_dotted
+from valkyrie.errors import ConfigError
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -471,7 +471,7 @@ def test_live_prefixes_name_real_keys() -> None:
 def test_docs_table_matches_the_model() -> None:
     text = DOC_PATH.read_text()
     assert render_doc(text) == text, (
-        "docs/configuration.md is out of date: run python -m valkyrie._config_doc --write"
+        "docs/configuration.md is out of date: run python -m valkyrie.config.doc --write"
     )
 
 

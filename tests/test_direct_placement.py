@@ -22,7 +22,7 @@ from tests._helpers import (
 )
 from tests._sched_helpers import submit
 from valkyrie import Bus, Client, Settings
-from valkyrie._codec import JOB_DECODER, RUNNER_DECODER
+from valkyrie.bus.codec import JOB_DECODER, RUNNER_DECODER
 from valkyrie.testing import SimulatedRunner
 
 pytestmark = pytest.mark.nats

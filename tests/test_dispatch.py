@@ -6,7 +6,7 @@ import pytest
 from schemas import JobState, RunnerState
 from tests._helpers import running
 from valkyrie import Client, Settings
-from valkyrie._codec import RUNNER_DECODER
+from valkyrie.bus.codec import RUNNER_DECODER
 from valkyrie.testing import SimulatedRunner
 
 pytestmark = pytest.mark.nats

@@ -39,7 +39,7 @@ from schemas import (
     SubmitVerdict,
 )
 from valkyrie import BUCKETS, Names
-from valkyrie._intake import parse_submission
+from valkyrie.domain.intake import parse_submission
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "subjects.md"
 N = Names()

@@ -43,10 +43,10 @@ from tests._sched_helpers import (
     write_stats,
 )
 from valkyrie import Client, NotFoundError, Settings
-from valkyrie._admin import Admin
-from valkyrie._codec import now_ms
-from valkyrie._config_client import ConfigClient
-from valkyrie._explain import QueueFacts, explain_dispatched, explain_queued
+from valkyrie.bus.codec import now_ms
+from valkyrie.client.admin import Admin
+from valkyrie.client.config import ConfigClient
+from valkyrie.domain.explain import QueueFacts, explain_dispatched, explain_queued
 
 pytestmark = pytest.mark.timeout(60)
 

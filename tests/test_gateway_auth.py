@@ -10,7 +10,7 @@ import pytest
 from tests._gateway_helpers import TOKENS, auth_environ, bearer, gateway, problem
 from tests._helpers import events_of
 from valkyrie import Settings
-from valkyrie._config_client import ConfigClient
+from valkyrie.client.config import ConfigClient
 from valkyrie.gateway import authenticate, hash_token
 from valkyrie.gateway._routes_config import wait_applied
 
@@ -76,7 +76,7 @@ async def test_auth_changes_apply_without_restart(settings: Settings) -> None:
 
 
 def test_authenticate_matches_hashes_only() -> None:
-    from valkyrie._config import HttpConfig, TokenConfig
+    from valkyrie.config.model import HttpConfig, TokenConfig
 
     http = HttpConfig(
         tokens=[TokenConfig(name="a", sha256=hash_token("t-a"), scopes=["jobs:read"])]

@@ -9,7 +9,7 @@ import pytest
 
 from tests._gateway_helpers import gateway, problem
 from valkyrie import Settings
-from valkyrie._config_client import ConfigClient
+from valkyrie.client.config import ConfigClient
 
 pytestmark = pytest.mark.nats
 

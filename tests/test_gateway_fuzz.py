@@ -28,7 +28,7 @@ from schemathesis.specs.openapi.checks import (
 
 from tests._gateway_helpers import Served, served
 from tests._helpers import settings_for, unique_prefix
-from valkyrie._config_client import ConfigClient
+from valkyrie.client.config import ConfigClient
 from valkyrie.gateway import build_app, openapi_json
 from valkyrie.gateway._routes_config import wait_applied
 

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 from tests._gateway_helpers import asgi_transport
 from tests._helpers import ROOT
 from valkyrie import Settings, connect
-from valkyrie._live import LiveConfig, config_for
+from valkyrie.config.live import LiveConfig, config_for
 from valkyrie.gateway import build_app, create_app, openapi_json
 
 CHECKED_IN = ROOT / "docs" / "openapi.json"

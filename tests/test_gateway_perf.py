@@ -10,8 +10,8 @@ from prometheus_client import CollectorRegistry
 from schemas import HealthSummary, JobState
 from tests._gateway_helpers import asgi_transport, gateway, problem
 from valkyrie import Client, Settings, connect, discover_handlers
-from valkyrie._codec import encode, now_ms
-from valkyrie._live import LiveConfig, config_for
+from valkyrie.bus.codec import encode, now_ms
+from valkyrie.config.live import LiveConfig, config_for
 from valkyrie.gateway import create_app
 from valkyrie.testing import SimulatedRunner
 

@@ -8,7 +8,7 @@ import pytest
 from schemas import RunnerState
 from tests._gateway_helpers import gateway, problem
 from valkyrie import Settings
-from valkyrie._codec import RUNNER_DECODER
+from valkyrie.bus.codec import RUNNER_DECODER
 from valkyrie.testing import SimulatedRunner
 
 pytestmark = pytest.mark.nats

@@ -27,8 +27,8 @@ from tests._helpers import (
     stop_process,
 )
 from valkyrie import Bus, Settings
-from valkyrie._codec import encode
-from valkyrie._config_client import ConfigClient
+from valkyrie.bus.codec import encode
+from valkyrie.client.config import ConfigClient
 
 pytestmark = pytest.mark.nats
 

@@ -18,9 +18,9 @@ from schemas import (
     HealthSummary,
     RunnerPool,
 )
-from valkyrie._config import HealthConfig
-from valkyrie._health import component_name
-from valkyrie._health_eval import (
+from valkyrie.cli._status import Gathered, render
+from valkyrie.config.model import HealthConfig
+from valkyrie.domain.health import (
     AUTO_ACTOR,
     CONSUMER_LAG_COMPONENT,
     FORGET_AFTER_STALE,
@@ -45,7 +45,7 @@ from valkyrie._health_eval import (
     transitions,
     worst,
 )
-from valkyrie.cli._status import Gathered, render
+from valkyrie.runtime.health import component_name
 
 H = HealthConfig(
     report_interval_ms=100,

@@ -12,7 +12,7 @@ import pytest
 from schemas import SubmitVerdict
 from tests._helpers import events_of, job_count, running, settings_for
 from valkyrie import Bus, Client, Settings
-from valkyrie._codec import now_ms
+from valkyrie.bus.codec import now_ms
 
 pytestmark = pytest.mark.nats
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from schemas import FieldError, JobState, JobSubmission
 from tests._helpers import dead_letters, events_of, job_count, running, settings_for, wait_until
 from valkyrie import REPLY_TO_HEADER, Client, SchemaError
-from valkyrie._intake import (
+from valkyrie.domain.intake import (
     ParsedSubmission,
     check_submission,
     idempotency_token,

@@ -30,8 +30,8 @@ from schemas import (
 )
 from tests._helpers import env_for, events_of, running, settings_for, wait_until
 from valkyrie import Bus, Client, Settings
-from valkyrie._admin import Admin
-from valkyrie._codec import RUNNER_DECODER, encode, now_ms
+from valkyrie.bus.codec import RUNNER_DECODER, encode, now_ms
+from valkyrie.client.admin import Admin
 from valkyrie.testing import SimulatedRunner
 
 pytestmark = pytest.mark.nats

@@ -24,7 +24,7 @@ from schemas import (
     RunnerRegistration,
     RunnerState,
 )
-from valkyrie._lifecycle import (
+from valkyrie.domain.lifecycle import (
     INFRA_OUTCOMES,
     JOB_OUTCOMES,
     MAX_REFUSALS,
@@ -40,7 +40,7 @@ from valkyrie._lifecycle import (
     retry_after_failure,
     runner_state,
 )
-from valkyrie._placement import ScoreWeights, check_runner, place, score_runner
+from valkyrie.domain.scheduling.placement import ScoreWeights, check_runner, place, score_runner
 
 NOW = 1_700_000_000_000
 RANK = {JobState.QUEUED: 0, JobState.DISPATCHED: 1, JobState.ACCEPTED: 2, JobState.RUNNING: 3}

@@ -13,10 +13,10 @@ from schemas import JobState, JobSubmission, RoutingHints
 from tests._config_helpers import change, control_plane, dispatched_to
 from tests._helpers import events_of, wait_until
 from valkyrie import Bus, Client, Settings
-from valkyrie._codec import RUNNER_DECODER
-from valkyrie._config import IntegrationMode
-from valkyrie._live import LiveConfig
-from valkyrie._modes import V2_ONLY_FIELDS, check_intake_mode, uses_advanced_placement
+from valkyrie.bus.codec import RUNNER_DECODER
+from valkyrie.config.live import LiveConfig
+from valkyrie.config.model import IntegrationMode
+from valkyrie.domain.modes import V2_ONLY_FIELDS, check_intake_mode, uses_advanced_placement
 from valkyrie.testing import SimulatedRunner
 
 HANDLERS = ["config", "intake", "registry", "dispatcher", "results"]

@@ -29,9 +29,15 @@ from schemas import (
     RunnerState,
     RunnerStats,
 )
-from valkyrie._index import RunnerIndex
-from valkyrie._placement import MIN_SAMPLES, ScoreWeights, place, runner_labels, score_runner
-from valkyrie._scheduling import FairShare, effective_priority
+from valkyrie.domain.scheduling.index import RunnerIndex
+from valkyrie.domain.scheduling.placement import (
+    MIN_SAMPLES,
+    ScoreWeights,
+    place,
+    runner_labels,
+    score_runner,
+)
+from valkyrie.domain.scheduling.priority import FairShare, effective_priority
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -12,7 +12,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
 
 from tests._helpers import wait_until
 from valkyrie import Bus
-from valkyrie._pullfeed import PullFeed, ensure_consumer
+from valkyrie.bus.pullfeed import PullFeed, ensure_consumer
 
 pytestmark = pytest.mark.nats
 

@@ -15,9 +15,9 @@ from schemas import RegistrationVerdict, RunnerRecord
 from tests._helpers import events_of, queued_job, running, spawn_runner, stop_process, wait_until
 from tests._runner_fakes import new_runner_id, registration
 from valkyrie import Bus, Settings
-from valkyrie._codec import RUNNER_DECODER, encode
-from valkyrie._kvstore import cas_update, kv_create
-from valkyrie._lifecycle import assign_slot, dispatch_job, release_slot
+from valkyrie.bus.codec import RUNNER_DECODER, encode
+from valkyrie.bus.kv import cas_update, kv_create
+from valkyrie.domain.lifecycle import assign_slot, dispatch_job, release_slot
 
 pytestmark = pytest.mark.nats
 _VERDICT = msgspec.json.Decoder(RegistrationVerdict)

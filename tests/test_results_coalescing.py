@@ -10,8 +10,8 @@ from handlers import results as results_module
 from schemas import JobAccepted, JobFinished, JobState
 from tests._helpers import events_of, handler_context, queued_job, running
 from valkyrie import Bus, Settings
-from valkyrie._codec import JOB_DECODER, encode
-from valkyrie._lifecycle import dispatch_job
+from valkyrie.bus.codec import JOB_DECODER, encode
+from valkyrie.domain.lifecycle import dispatch_job
 
 pytestmark = pytest.mark.nats
 

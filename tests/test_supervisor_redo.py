@@ -8,9 +8,9 @@ import pytest
 from schemas import JobState
 from tests._helpers import events_of, queued_job, running, wait_until
 from valkyrie import Client, Settings
-from valkyrie._codec import RUNNER_DECODER, encode, now_ms
-from valkyrie._kvstore import cas_update
-from valkyrie._lifecycle import assign_slot, dispatch_job, retry_after_failure
+from valkyrie.bus.codec import RUNNER_DECODER, encode, now_ms
+from valkyrie.bus.kv import cas_update
+from valkyrie.domain.lifecycle import assign_slot, dispatch_job, retry_after_failure
 from valkyrie.testing import SimulatedRunner
 
 pytestmark = pytest.mark.nats

@@ -5,7 +5,7 @@ from __future__ import annotations
 import nats.js.errors
 import pytest
 
-from valkyrie._jobops import through_outages
+from valkyrie.runtime.jobops import through_outages
 
 
 async def test_an_unavailable_bus_is_waited_out() -> None:

@@ -5,10 +5,13 @@ handler framework, domain logic, the client API and the CLI. Handlers live in th
 package and are found through the ``valkyrie.handlers`` entry-point group.
 """
 
-from valkyrie._app import default_data_dir, open_bus, run_control_plane
-from valkyrie._bus import BUCKETS, Bus, connect
-from valkyrie._client import REPLY_TO_HEADER, Client
-from valkyrie._errors import (
+from valkyrie.bus.connection import BUCKETS, Bus, connect
+from valkyrie.bus.events import EventPublisher
+from valkyrie.bus.names import Names
+from valkyrie.bus.server import NatsServer, find_nats_server
+from valkyrie.client.jobs import REPLY_TO_HEADER, Client
+from valkyrie.config.settings import Settings
+from valkyrie.errors import (
     BusError,
     ConfigError,
     ConnectError,
@@ -21,9 +24,11 @@ from valkyrie._errors import (
     ServerError,
     ValkyrieError,
 )
-from valkyrie._events import EventPublisher
-from valkyrie._handler_base import HandlerBase
-from valkyrie._handlers import (
+from valkyrie.runtime.app import default_data_dir, open_bus, run_control_plane
+from valkyrie.runtime.base import HandlerBase
+from valkyrie.runtime.consumer import StreamConsumer, delivery_count, headers_of
+from valkyrie.runtime.metrics import HandlerMetrics, serve_metrics
+from valkyrie.runtime.workers import (
     ENTRY_POINT_GROUP,
     HandlerContext,
     HandlerFactory,
@@ -31,11 +36,6 @@ from valkyrie._handlers import (
     discover_handlers,
     run_workers,
 )
-from valkyrie._metrics import HandlerMetrics, serve_metrics
-from valkyrie._server import NatsServer, find_nats_server
-from valkyrie._settings import Settings
-from valkyrie._subjects import Names
-from valkyrie._worker import StreamConsumer, delivery_count, headers_of
 
 __all__ = [
     "BUCKETS",

@@ -34,9 +34,9 @@ from schemas import (
     RunnerLocation,
     RunnerRegistration,
 )
-from valkyrie._bus import Bus
-from valkyrie._codec import DISPATCH_DECODER, encode, new_id, now_ms
-from valkyrie._errors import BusError
+from valkyrie.bus.codec import DISPATCH_DECODER, encode, new_id, now_ms
+from valkyrie.bus.connection import Bus
+from valkyrie.errors import BusError
 from valkyrie.runner._protocol import deregister
 
 __all__ = ["Execution", "SimulatedRunner", "main"]
@@ -288,8 +288,8 @@ def main(argv: list[str] | None = None) -> None:
 
     Journal lines are appended at once.
     """
-    from valkyrie._bus import connect
-    from valkyrie._settings import Settings
+    from valkyrie.bus.connection import connect
+    from valkyrie.config.settings import Settings
 
     parser = argparse.ArgumentParser(prog="python -m valkyrie.testing")
     parser.add_argument("--id", required=True)

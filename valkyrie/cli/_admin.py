@@ -8,11 +8,11 @@ import sys
 import click
 
 from schemas import TERMINAL_STATES, JobExplanation, JobState
-from valkyrie._admin import Admin, StoredDeadLetter
-from valkyrie._bus import Bus
-from valkyrie._client import Client
-from valkyrie._codec import encode
+from valkyrie.bus.codec import encode
+from valkyrie.bus.connection import Bus
 from valkyrie.cli._common import ExitCode, fmt_ms, print_table, run_async, settings_from, with_bus
+from valkyrie.client.admin import Admin, StoredDeadLetter
+from valkyrie.client.jobs import Client
 
 __all__ = ["cancel", "dead", "drain", "explain", "undrain"]
 

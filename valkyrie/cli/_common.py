@@ -11,9 +11,9 @@ from typing import Any, TypeVar
 import anyio
 import click
 
-from valkyrie._bus import Bus, connect
-from valkyrie._errors import ConnectError, NotFoundError, ValkyrieError
-from valkyrie._settings import Settings
+from valkyrie.bus.connection import Bus, connect
+from valkyrie.config.settings import Settings
+from valkyrie.errors import ConnectError, NotFoundError, ValkyrieError
 
 __all__ = ["ExitCode", "fmt_ms", "print_table", "run_async", "settings_from", "with_bus"]
 

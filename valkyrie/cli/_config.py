@@ -13,15 +13,15 @@ import click
 import msgspec
 
 from schemas import ConfigRevision, ConfigVerdict, FieldError
-from valkyrie._bus import Bus
-from valkyrie._config import profile_overrides
-from valkyrie._config_client import ConfigClient
-from valkyrie._config_load import file_layer, known_keys, unflatten
-from valkyrie._config_migrate import migrate_ancestor
-from valkyrie._config_validate import validate_dotted
-from valkyrie._errors import ConfigError
-from valkyrie._live import config_for
+from valkyrie.bus.connection import Bus
 from valkyrie.cli._common import ExitCode, fmt_ms, print_table, run_async, settings_from, with_bus
+from valkyrie.client.config import ConfigClient
+from valkyrie.config.live import config_for
+from valkyrie.config.load import file_layer, known_keys, unflatten
+from valkyrie.config.migrate import migrate_ancestor
+from valkyrie.config.model import profile_overrides
+from valkyrie.config.validate import validate_dotted
+from valkyrie.errors import ConfigError
 
 __all__ = ["config"]
 

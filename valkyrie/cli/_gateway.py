@@ -9,8 +9,8 @@ import signal
 import anyio
 import click
 
-from valkyrie._app import open_bus
 from valkyrie.cli._common import client_url, run_async, settings_from
+from valkyrie.runtime.app import open_bus
 
 __all__ = ["gateway"]
 

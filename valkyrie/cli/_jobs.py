@@ -11,9 +11,8 @@ import click
 import msgspec
 
 from schemas import TERMINAL_STATES, JobRecord, JobState
-from valkyrie._bus import Bus
-from valkyrie._client import Client
-from valkyrie._codec import encode
+from valkyrie.bus.codec import encode
+from valkyrie.bus.connection import Bus
 from valkyrie.cli._common import (
     ExitCode,
     fmt_ms,
@@ -22,6 +21,7 @@ from valkyrie.cli._common import (
     settings_from,
     with_bus,
 )
+from valkyrie.client.jobs import Client
 
 __all__ = ["jobs", "submit"]
 

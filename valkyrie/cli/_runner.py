@@ -15,10 +15,8 @@ from anyio.abc import TaskGroup
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from schemas import TERMINAL_STATES, JobLog, JobState, RunnerRecord
-from valkyrie._bus import Bus, connect
-from valkyrie._client import Client
-from valkyrie._codec import JOB_DECODER, LOG_DECODER, RUNNER_DECODER, encode, now_ms
-from valkyrie._errors import NotFoundError
+from valkyrie.bus.codec import JOB_DECODER, LOG_DECODER, RUNNER_DECODER, encode, now_ms
+from valkyrie.bus.connection import Bus, connect
 from valkyrie.cli._common import (
     ExitCode,
     client_url,
@@ -30,6 +28,8 @@ from valkyrie.cli._common import (
 )
 from valkyrie.cli._jobs import jobs
 from valkyrie.cli._up import _logging
+from valkyrie.client.jobs import Client
+from valkyrie.errors import NotFoundError
 from valkyrie.runner import RegistrationRejected, Runner, ShellHandler, reference_registration
 
 __all__ = ["jobs_logs", "runner", "runners"]

@@ -18,15 +18,15 @@ import nats.js.errors
 from nats.aio.msg import Msg
 
 from schemas import FallbackRecord, HealthReport, HealthSummary
-from valkyrie._bus import Bus
-from valkyrie._codec import encode, now_ms
-from valkyrie._config_client import ConfigClient
-from valkyrie._errors import BusError
-from valkyrie._health import consumer_lags, list_runner_states
-from valkyrie._health_eval import Seen, runner_pool, summarize
-from valkyrie._live import LiveConfig, config_for
-from valkyrie._settings import Settings
+from valkyrie.bus.codec import encode, now_ms
+from valkyrie.bus.connection import Bus
 from valkyrie.cli._common import ExitCode, fmt_ms, print_table, run_async, settings_from, with_bus
+from valkyrie.client.config import ConfigClient
+from valkyrie.config.live import LiveConfig, config_for
+from valkyrie.config.settings import Settings
+from valkyrie.domain.health import Seen, runner_pool, summarize
+from valkyrie.errors import BusError
+from valkyrie.runtime.health import consumer_lags, list_runner_states
 
 __all__ = ["Gathered", "render", "status"]
 

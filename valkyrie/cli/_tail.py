@@ -8,10 +8,10 @@ import json
 import click
 
 from schemas import Event
-from valkyrie._bus import Bus
-from valkyrie._client import Client
-from valkyrie._codec import encode
+from valkyrie.bus.codec import encode
+from valkyrie.bus.connection import Bus
 from valkyrie.cli._common import fmt_ms, run_async, settings_from, with_bus
+from valkyrie.client.jobs import Client
 
 __all__ = ["tail"]
 

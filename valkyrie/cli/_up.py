@@ -8,12 +8,12 @@ from collections.abc import Callable
 import anyio
 import click
 
-from valkyrie._app import open_bus, run_control_plane
-from valkyrie._bus import Bus
-from valkyrie._handlers import discover_handlers
-from valkyrie._live import config_for
+from valkyrie.bus.connection import Bus
 from valkyrie.cli._common import run_async, settings_from
+from valkyrie.config.live import config_for
 from valkyrie.runner import run_reference_runner
+from valkyrie.runtime.app import open_bus, run_control_plane
+from valkyrie.runtime.workers import discover_handlers
 
 __all__ = ["handlers_cmd", "provision", "up", "worker"]
 

@@ -11,8 +11,8 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Tag
 from prometheus_client import CollectorRegistry
 
-from valkyrie._bus import Bus
-from valkyrie._live import LiveConfig
+from valkyrie.bus.connection import Bus
+from valkyrie.config.live import LiveConfig
 from valkyrie.gateway import (
     _events,
     _routes_config,

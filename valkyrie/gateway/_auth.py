@@ -13,7 +13,7 @@ from typing import Any, Literal
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 
-from valkyrie._config import HttpConfig
+from valkyrie.config.model import HttpConfig
 from valkyrie.gateway._context import ANONYMOUS, Identity, gateway_of
 from valkyrie.gateway._problems import ProblemError
 from valkyrie.gateway._ratelimit import retry_after_header

@@ -1,7 +1,7 @@
 """Reading request bodies: size limit (live), content type, and JSON decoding with msgspec.
 
 Bodies are decoded here rather than by Litestar so that they meet exactly the validation the bus
-applies (the ``schemas`` Structs and ``valkyrie._intake``) and every problem is reported at once.
+applies (the ``schemas`` Structs and ``valkyrie.domain.intake``) and every problem is reported at once.
 """
 
 from __future__ import annotations

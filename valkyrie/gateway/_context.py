@@ -12,13 +12,13 @@ from litestar.connection import ASGIConnection
 from litestar.di import NamedDependency
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from valkyrie._admin import Admin
-from valkyrie._bus import Bus
-from valkyrie._client import Client
-from valkyrie._config import ValkyrieConfig
-from valkyrie._config_client import ConfigClient
-from valkyrie._events import EventPublisher
-from valkyrie._live import LiveConfig
+from valkyrie.bus.connection import Bus
+from valkyrie.bus.events import EventPublisher
+from valkyrie.client.admin import Admin
+from valkyrie.client.config import ConfigClient
+from valkyrie.client.jobs import Client
+from valkyrie.config.live import LiveConfig
+from valkyrie.config.model import ValkyrieConfig
 from valkyrie.gateway._ratelimit import RateLimiter
 
 __all__ = [

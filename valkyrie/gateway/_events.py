@@ -16,7 +16,7 @@ from litestar.response import ServerSentEvent, ServerSentEventMessage
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from schemas import FieldError
-from valkyrie._codec import EVENT_DECODER
+from valkyrie.bus.codec import EVENT_DECODER
 from valkyrie.gateway._auth import route_opt
 from valkyrie.gateway._context import GatewayDep
 from valkyrie.gateway._problems import COMMON, ProblemError, problem_responses

@@ -12,9 +12,9 @@ import nats.js.errors
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from schemas import Event
-from valkyrie._bus import Bus
-from valkyrie._codec import EVENT_DECODER
-from valkyrie._errors import BusError
+from valkyrie.bus.codec import EVENT_DECODER
+from valkyrie.bus.connection import Bus
+from valkyrie.errors import BusError
 
 __all__ = ["bucket_values", "stream_events"]
 

@@ -23,7 +23,7 @@ from litestar.openapi.spec import (
 from litestar.routes import HTTPRoute
 
 from schemas import JobSubmission, LegacyJobV1, RunnerRegistration
-from valkyrie._config import ValkyrieConfig
+from valkyrie.config.model import ValkyrieConfig
 from valkyrie.gateway._models import FallbackRequest, RunnerStatusChange
 
 __all__ = ["BODIES", "finish_openapi", "openapi_json", "write_openapi"]

@@ -18,7 +18,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.types import ExceptionHandlersMap
 
 from schemas import FieldError
-from valkyrie._errors import BusError, NotFoundError, NoVerdictError
+from valkyrie.errors import BusError, NotFoundError, NoVerdictError
 
 __all__ = [
     "COMMON",

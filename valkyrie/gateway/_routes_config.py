@@ -10,10 +10,10 @@ from litestar import Request, get, post, put
 from litestar.params import QueryParameter
 
 from schemas import FieldError
-from valkyrie._config import ValkyrieConfig, is_live
-from valkyrie._config_load import unflatten
-from valkyrie._config_validate import ValidationResult, validate_dotted
-from valkyrie._live import LiveConfig
+from valkyrie.config.live import LiveConfig
+from valkyrie.config.load import unflatten
+from valkyrie.config.model import ValkyrieConfig, is_live
+from valkyrie.config.validate import ValidationResult, validate_dotted
 from valkyrie.gateway._auth import route_opt
 from valkyrie.gateway._body import json_body
 from valkyrie.gateway._context import GatewayDep, identity_of

@@ -9,7 +9,7 @@ import msgspec
 from litestar import Request, get, post
 
 from schemas import FieldError, JobState, RunnerState, convert_or_errors
-from valkyrie._config import IntegrationMode
+from valkyrie.config.model import IntegrationMode
 from valkyrie.gateway._auth import SCOPES, route_opt
 from valkyrie.gateway._body import json_body
 from valkyrie.gateway._context import Gateway, GatewayDep, identity_of

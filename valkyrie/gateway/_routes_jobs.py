@@ -9,7 +9,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, FromQuery, HeaderParameter, QueryParameter
 
 from schemas import TERMINAL_STATES, FieldError, JobExplanation, JobRecord, JobState
-from valkyrie._errors import NotFoundError
+from valkyrie.errors import NotFoundError
 from valkyrie.gateway._auth import route_opt
 from valkyrie.gateway._context import Gateway, GatewayDep, identity_of, valid_id
 from valkyrie.gateway._models import CancelResponse, JobList, Pagination, SubmitResponse

@@ -16,7 +16,7 @@ from litestar import get
 from litestar.params import QueryParameter
 
 from schemas import HEALTH_STATUSES, HealthStatus, HealthSummary, JobState, RunnerState
-from valkyrie._codec import now_ms
+from valkyrie.bus.codec import now_ms
 from valkyrie.gateway._auth import route_opt
 from valkyrie.gateway._context import Gateway, GatewayDep
 from valkyrie.gateway._kvread import stream_events

@@ -17,9 +17,9 @@ from schemas import (
     RunnerState,
     convert_or_errors,
 )
-from valkyrie._codec import RUNNER_DECODER
-from valkyrie._errors import NotFoundError
-from valkyrie._kvstore import get_versioned
+from valkyrie.bus.codec import RUNNER_DECODER
+from valkyrie.bus.kv import get_versioned
+from valkyrie.errors import NotFoundError
 from valkyrie.gateway._auth import route_opt
 from valkyrie.gateway._body import json_body
 from valkyrie.gateway._context import Gateway, GatewayDep, identity_of, valid_id

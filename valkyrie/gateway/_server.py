@@ -14,12 +14,12 @@ from anyio.abc import TaskStatus
 from prometheus_client import CollectorRegistry
 
 from schemas import CheckResult
-from valkyrie._bus import Bus
-from valkyrie._errors import ConfigError
-from valkyrie._health import HealthReporter
-from valkyrie._live import LiveConfig, config_for
+from valkyrie.bus.connection import Bus
+from valkyrie.config.live import LiveConfig, config_for
+from valkyrie.errors import ConfigError
 from valkyrie.gateway._app import build_app
 from valkyrie.gateway._context import Gateway
+from valkyrie.runtime.health import HealthReporter
 
 __all__ = ["gateway_extra", "run_gateway", "serve_gateway"]
 

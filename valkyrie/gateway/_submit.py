@@ -8,9 +8,9 @@ from typing import Any
 from litestar import Request
 
 from schemas import FieldError, JobRecord
-from valkyrie._codec import encode, now_ms
-from valkyrie._errors import SchemaError
-from valkyrie._intake import parse_submission
+from valkyrie.bus.codec import encode, now_ms
+from valkyrie.domain.intake import parse_submission
+from valkyrie.errors import SchemaError
 from valkyrie.gateway._body import json_body
 from valkyrie.gateway._context import gateway_of
 from valkyrie.gateway._problems import ProblemError

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from schemas import FieldError
-from valkyrie._errors import ValkyrieError
+from valkyrie.errors import ValkyrieError
 
 __all__ = ["JobError", "RegistrationRejected"]
 

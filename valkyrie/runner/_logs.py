@@ -17,7 +17,7 @@ from tenacity import (
 )
 
 from schemas import JobLog
-from valkyrie._codec import encode, now_ms
+from valkyrie.bus.codec import encode, now_ms
 
 __all__ = ["MAX_LINE_CHARS", "LogPublisher", "LogStream"]
 

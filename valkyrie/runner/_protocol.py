@@ -19,7 +19,7 @@ from tenacity import (
 )
 
 from schemas import JobUpdate, RegistrationVerdict, RunnerCommand, RunnerRegistration
-from valkyrie._codec import encode
+from valkyrie.bus.codec import encode
 from valkyrie.runner._errors import RegistrationRejected
 
 __all__ = ["COMMAND_DECODER", "decode_verdict", "deregister", "publish_update", "register"]

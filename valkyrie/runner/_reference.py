@@ -21,8 +21,8 @@ from schemas import (
     RunnerResources,
     convert_or_errors,
 )
-from valkyrie._bus import Bus
-from valkyrie._errors import ConfigError
+from valkyrie.bus.connection import Bus
+from valkyrie.errors import ConfigError
 from valkyrie.runner._runner import Runner
 from valkyrie.runner._shell import ShellHandler
 

@@ -26,9 +26,9 @@ from schemas import (
     RunnerHeartbeat,
     RunnerRegistration,
 )
-from valkyrie._bus import Bus
-from valkyrie._codec import DISPATCH_DECODER, encode, new_id, now_ms
-from valkyrie._subjects import Names
+from valkyrie.bus.codec import DISPATCH_DECODER, encode, new_id, now_ms
+from valkyrie.bus.connection import Bus
+from valkyrie.bus.names import Names
 from valkyrie.runner._context import JobContext, JobHandler, StopReason
 from valkyrie.runner._errors import JobError, RegistrationRejected
 from valkyrie.runner._logs import LogPublisher

@@ -1,0 +1,92 @@
+"""Publishing events and dead letters (JetStream, acked, de-duplicated by id)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from schemas import DeadLetter, Event, FieldError
+from valkyrie.bus.acked import acked_publisher
+from valkyrie.bus.codec import encode, new_id, now_ms
+from valkyrie.bus.connection import Bus
+from valkyrie.bus.outbox import Outbox
+
+__all__ = ["EventPublisher"]
+
+
+class EventPublisher:
+    """Emits events on ``<prefix>.events.…`` and dead letters on ``<prefix>.dead.…``.
+
+    Events whose id is derived from what happened (``job.<id>.queued.<attempt>``) are de-duplicated by
+    the stream, so a handler that redoes work after a crash does not emit them twice.
+    """
+
+    def __init__(self, bus: Bus, source: str) -> None:
+        self._bus = bus
+        self._source = source
+
+    async def emit(
+        self,
+        entity: str,
+        subject_id: str,
+        event_type: str,
+        *,
+        data: dict[str, Any] | None = None,
+        attempt: int | None = None,
+        correlation_id: str | None = None,
+        event_id: str | None = None,
+        at_ms: int | None = None,
+        outbox: Outbox | None = None,
+    ) -> Event:
+        """Publish one event and wait for the stream to store it.
+
+        With an ``outbox`` the event is only sent; the caller confirms the outbox later.
+        """
+        event = Event(
+            id=event_id or new_id(),
+            type=f"{entity}.{event_type}",
+            at_ms=at_ms if at_ms is not None else now_ms(),
+            source=self._source,
+            subject_id=subject_id,
+            attempt=attempt,
+            correlation_id=correlation_id,
+            data=data or {},
+        )
+        subject = self._bus.names.event(entity, subject_id, event_type)
+        headers = {"Nats-Msg-Id": event.id}
+        if outbox is not None:
+            await outbox.publish(subject, encode(event), headers)
+        else:
+            await acked_publisher(self._bus.nc).publish(subject, encode(event), headers)
+        return event
+
+    async def dead_letter(
+        self,
+        *,
+        subject: str,
+        payload: bytes,
+        reason: str,
+        errors: list[FieldError] | None = None,
+        deliveries: int = 1,
+        stream_seq: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> DeadLetter:
+        """Store a copy of an unprocessable message with the reason."""
+        letter = DeadLetter(
+            id=f"{self._source}-{stream_seq}" if stream_seq is not None else new_id(),
+            at_ms=now_ms(),
+            handler=self._source,
+            original_subject=subject,
+            reason=reason,
+            errors=errors or [],
+            deliveries=deliveries,
+            stream_seq=stream_seq,
+            headers=headers or {},
+            payload=payload,
+        )
+        await self._bus.js.publish(
+            self._bus.names.dead(self._source),
+            encode(letter),
+            headers={"Nats-Msg-Id": f"dead-{letter.id}"},
+            timeout=5.0,
+        )
+        return letter

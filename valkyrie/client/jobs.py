@@ -1,0 +1,342 @@
+"""The client API the CLI, the HTTP bridge and tests use: submit, read jobs, follow events."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import msgspec
+import nats.errors
+import nats.js.errors
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from schemas import (
+    TERMINAL_STATES,
+    Event,
+    ExplainRequest,
+    JobExplanation,
+    JobRecord,
+    JobState,
+    JobSubmission,
+    SubmitVerdict,
+)
+from valkyrie.bus.codec import (
+    ANY_DECODER,
+    EVENT_DECODER,
+    JOB_DECODER,
+    VERDICT_DECODER,
+    encode,
+    now_ms,
+)
+from valkyrie.bus.connection import Bus
+from valkyrie.domain.intake import parse_submission, token_for
+from valkyrie.errors import BusError, NotFoundError, NoVerdictError, SchemaError
+
+__all__ = ["REPLY_TO_HEADER", "Client"]
+
+#: Header naming the subject the intake handler sends its verdict to.
+REPLY_TO_HEADER = "Valkyrie-Reply-To"
+_EXPLANATION = msgspec.json.Decoder(JobExplanation)
+#: after a first explain answer from a dispatcher not holding the queued job, how long to wait
+#: for the holder's (each dispatcher only knows its own queue)
+EXPLAIN_GRACE_S = 0.2
+
+
+class Client:
+    """High-level operations over a connected :class:`~valkyrie.Bus`."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+
+    async def submit(
+        self,
+        job: JobSubmission | dict[str, Any] | bytes,
+        *,
+        msg_id: str | None = None,
+        wait_verdict: bool = True,
+        timeout_s: float = 10.0,
+    ) -> SubmitVerdict | None:
+        """Publish a submission; with ``wait_verdict`` return the intake handler's verdict.
+
+        The submission is durable once this returns (the stream acknowledged it), even when no
+        intake handler runs; the verdict then arrives when one starts.
+
+        Raises:
+            NoVerdictError: it was stored, but no verdict came within ``timeout_s`` (do not
+                submit it again without a message id or idempotency key: that makes a second job).
+            BusError: the stream did not store it (nothing was submitted: safe to try again).
+        """
+        body = job if isinstance(job, bytes) else encode(job)
+        headers: dict[str, str] = {}
+        if msg_id:
+            headers["Nats-Msg-Id"] = msg_id
+        nc = self.bus.nc
+        sub = None
+        if wait_verdict:
+            inbox = nc.new_inbox()
+            sub = await nc.subscribe(inbox, max_msgs=1)
+            headers[REPLY_TO_HEADER] = inbox
+        try:
+            try:
+                ack = await self.bus.js.publish(
+                    self.bus.names.submit, body, headers=headers or None, timeout=timeout_s
+                )
+            except (nats.errors.Error, nats.js.errors.Error) as e:
+                raise BusError(f"submission not stored: {e!r}") from e
+            if sub is None:
+                return None
+            if ack.duplicate:
+                # The stream dropped it as a Nats-Msg-Id duplicate: no verdict will come, so answer
+                # with the verdict the first submission got.
+                try:
+                    return await self._duplicate_verdict(body, msg_id, timeout_s)
+                except (nats.errors.Error, nats.js.errors.Error) as e:
+                    raise NoVerdictError(
+                        f"duplicate of an earlier submission (Nats-Msg-Id {msg_id!r}) whose "
+                        f"verdict could not be read: {e!r}",
+                        seq=ack.seq,
+                    ) from e
+            try:
+                msg = await sub.next_msg(timeout=timeout_s)
+            except nats.errors.TimeoutError as e:
+                raise NoVerdictError(
+                    f"submission stored (seq {ack.seq}) but no verdict within {timeout_s:g}s: "
+                    "is an intake handler running?",
+                    seq=ack.seq,
+                ) from e
+            return VERDICT_DECODER.decode(msg.data)
+        finally:
+            if sub is not None:
+                await sub.unsubscribe()
+
+    async def _duplicate_verdict(
+        self, body: bytes, msg_id: str | None, timeout_s: float
+    ) -> SubmitVerdict:
+        """The verdict of the submission that ``body`` (dropped by the stream) duplicates."""
+        try:
+            parse_submission(
+                body, received_at_ms=now_ms(), max_bytes=self.bus.settings.submission_max_bytes
+            )
+        except SchemaError as e:
+            # The first one was rejected for the same reasons, unless its deadline has only
+            # passed since: then its verdict is looked up like an accepted one's.
+            if any(x.path != "$.deadline_at_ms" for x in e.errors):
+                return SubmitVerdict(accepted=False, duplicate=True, errors=e.errors)
+        obj = ANY_DECODER.decode(body)
+        key = obj.get("idempotency_key") if isinstance(obj, dict) else None
+        token = token_for(key if isinstance(key, str) else None, msg_id)
+        if token is None:  # the stream only de-duplicates by Nats-Msg-Id: cannot happen
+            return SubmitVerdict(accepted=True, duplicate=True)
+        kv = await self.bus.kv("idempotency")
+        watcher = await kv.watch(token)
+        try:
+            with anyio.move_on_after(timeout_s):
+                while True:
+                    try:
+                        entry = await watcher.updates(timeout=timeout_s)
+                    except TimeoutError:  # nats raises its own subclass or the builtin
+                        continue
+                    if entry is not None and entry.value:
+                        return SubmitVerdict(
+                            accepted=True, job_id=entry.value.decode(), duplicate=True
+                        )
+        finally:
+            await watcher.stop()
+        raise NoVerdictError(
+            f"duplicate of an earlier submission (Nats-Msg-Id {msg_id!r}) whose job is not known "
+            f"within {timeout_s:g}s: is an intake handler running?"
+        )
+
+    async def get_job(self, job_id: str) -> JobRecord:
+        """The current record of ``job_id``.
+
+        Raises:
+            NotFoundError: no such job.
+        """
+        kv = await self.bus.kv("jobs")
+        try:
+            entry = await kv.get(job_id)
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.InvalidKeyError) as e:
+            raise NotFoundError(f"no job {job_id!r}") from e
+        return JOB_DECODER.decode(entry.value or b"")
+
+    async def list_jobs(
+        self, *, states: set[JobState] | None = None, limit: int | None = None
+    ) -> list[JobRecord]:
+        """Every job (optionally only in ``states``), newest first.
+
+        Reads the latest revision of every key through a short-lived pull consumer whose pending
+        count, taken before anything is delivered, says exactly how many entries to wait for (the
+        KV watcher's end-of-initial-values marker can arrive before the entries).
+        """
+        await self.bus.kv("jobs")  # a clear error when the bucket does not exist
+        bucket = self.bus.names.bucket("jobs")
+        stream = f"KV_{bucket}"
+        records: list[JobRecord] = []
+        remaining = 0
+        try:
+            psub = await self.bus.js.pull_subscribe(
+                f"$KV.{bucket}.>",
+                stream=stream,
+                config=ConsumerConfig(
+                    deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+                    ack_policy=AckPolicy.NONE,
+                    inactive_threshold=30.0,
+                ),
+            )
+            consumer: str | None = None
+            try:
+                info = await psub.consumer_info()
+                consumer = info.name
+                remaining = info.num_pending or 0
+                while remaining > 0:
+                    msgs = await psub.fetch(batch=min(remaining, 512), timeout=10.0)
+                    remaining -= len(msgs)
+                    for msg in msgs:
+                        if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
+                            continue
+                        try:
+                            record = JOB_DECODER.decode(msg.data)
+                        except msgspec.DecodeError:
+                            continue
+                        if states is None or record.state in states:
+                            records.append(record)
+            finally:
+                with (
+                    anyio.CancelScope(shield=True),
+                    anyio.move_on_after(2),
+                    contextlib.suppress(nats.errors.Error, nats.js.errors.Error),
+                ):
+                    await psub.unsubscribe()
+                    if consumer is not None:
+                        await self.bus.js.delete_consumer(stream, consumer)
+        except TimeoutError as e:
+            raise BusError(f"listing jobs timed out with {remaining} entries unread") from e
+        except (nats.errors.Error, nats.js.errors.Error) as e:
+            raise BusError(f"listing jobs failed: {e!r}") from e
+        records.sort(key=lambda r: (r.submitted_at_ms, r.id), reverse=True)
+        return records[:limit] if limit is not None else records
+
+    async def wait_for_job(
+        self, job_id: str, *, states: frozenset[JobState] = TERMINAL_STATES, timeout_s: float = 60.0
+    ) -> JobRecord:
+        """Wait until ``job_id`` reaches one of ``states`` (terminal by default).
+
+        Raises:
+            TimeoutError: it did not within ``timeout_s``.
+        """
+        kv = await self.bus.kv("jobs")
+        watcher = await kv.watch(job_id)
+        try:
+            with anyio.fail_after(timeout_s):
+                while True:
+                    try:
+                        entry = await watcher.updates(timeout=timeout_s)
+                    except TimeoutError:  # nats raises its own subclass or the builtin
+                        continue
+                    if entry is None or not entry.value:
+                        continue
+                    record = JOB_DECODER.decode(entry.value)
+                    if record.state in states:
+                        return record
+        finally:
+            await watcher.stop()
+
+    async def explain(self, job_id: str, *, timeout_s: float = 5.0) -> JobExplanation:
+        """Why ``job_id`` is pending (constraints, queue position, estimate) or where it went.
+
+        Every dispatcher answers. For a queued job the answer of the dispatcher holding it
+        (``held``) is the one with its place in line, so after the first answer this waits up to
+        ``EXPLAIN_GRACE_S`` for the holder's; any other answer is the same from every dispatcher.
+
+        Raises:
+            NotFoundError: no such job.
+            BusError: no dispatcher answered.
+        """
+        nc = self.bus.nc
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        best: JobExplanation | None = None
+        try:
+            try:
+                await nc.publish(
+                    self.bus.names.explain, encode(ExplainRequest(job_id=job_id)), reply=inbox
+                )
+            except nats.errors.Error as e:
+                raise BusError(f"explain request not sent: {e!r}") from e
+            deadline = time.monotonic() + timeout_s
+            while (left := deadline - time.monotonic()) > 0:
+                try:
+                    msg = await sub.next_msg(timeout=left)
+                except nats.errors.TimeoutError:
+                    break
+                if not msg.data and (msg.headers or {}).get("Status") == "503":
+                    break  # no responders
+                explanation = _EXPLANATION.decode(msg.data)
+                if explanation.held or explanation.state != JobState.QUEUED:
+                    best = explanation
+                    break
+                if best is None:
+                    best = explanation
+                    deadline = min(deadline, time.monotonic() + EXPLAIN_GRACE_S)
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+        if best is None:
+            raise BusError("no dispatcher answered the explain request: is one running?")
+        if best.error and best.state == "unknown":
+            raise NotFoundError(best.error)
+        return best
+
+    async def events(
+        self,
+        pattern: str = ">",
+        *,
+        start_seq: int | None = None,
+        since: dt.datetime | None = None,
+        deliver_all: bool = False,
+        idle_timeout_s: float | None = None,
+    ) -> AsyncIterator[tuple[int, Event]]:
+        """Follow the event stream from now (or a sequence, or a time), yielding ``(seq, event)``.
+
+        ``pattern`` is a subject filter relative to ``<prefix>.events.`` (``job.*.queued``,
+        ``job.<id>.>``). With ``idle_timeout_s``, iteration ends after that long without events.
+        """
+        if start_seq is not None:
+            config = ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start_seq
+            )
+        elif since is not None:
+            config = ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=since
+            )
+        elif deliver_all:
+            config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
+        else:
+            config = ConsumerConfig(deliver_policy=DeliverPolicy.NEW)
+        sub = await self.bus.js.subscribe(
+            self.bus.names.events(pattern),
+            ordered_consumer=True,
+            config=config,
+            stream=self.bus.names.stream("events"),
+        )
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=idle_timeout_s or 3600.0)
+                except TimeoutError:  # nats raises its own subclass or the builtin
+                    if idle_timeout_s is not None:
+                        return
+                    continue
+                try:
+                    event = EVENT_DECODER.decode(msg.data)
+                except msgspec.DecodeError:
+                    continue
+                yield int(msg.metadata.sequence.stream), event
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                await sub.unsubscribe()

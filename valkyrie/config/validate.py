@@ -1,0 +1,210 @@
+"""Config validation: every problem at once, each with its dotted path, plus warnings."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, get_args, get_origin
+
+import msgspec
+
+from schemas import FieldError, collect_errors
+from valkyrie.config.model import ValkyrieConfig
+
+__all__ = ["ValidationResult", "validate_dotted"]
+
+
+@dataclass(frozen=True)
+class ValidationResult:
+    """The config when valid, else ``None``; errors and warnings with dotted paths."""
+
+    config: ValkyrieConfig | None
+    errors: list[FieldError] = field(default_factory=list)
+    warnings: list[FieldError] = field(default_factory=list)
+
+
+def _struct_items(tp: Any) -> type[msgspec.Struct] | None:
+    """The Struct type of ``list[Struct]`` (e.g. ``http.tokens``), else ``None``."""
+    if get_origin(tp) is list:
+        (item,) = get_args(tp)
+        if isinstance(item, type) and issubclass(item, msgspec.Struct):
+            return item
+    return None
+
+
+@functools.cache
+def _fields(tp: type[msgspec.Struct]) -> dict[str, msgspec.structs.FieldInfo]:
+    # resolving a Struct's annotations takes milliseconds: once per type is enough
+    return {f.encode_name: f for f in msgspec.structs.fields(tp)}
+
+
+def _unknown(tp: type[msgspec.Struct], obj: Mapping[str, Any], prefix: str) -> list[FieldError]:
+    errors: list[FieldError] = []
+    fields = _fields(tp)
+    for key, value in obj.items():
+        if key not in fields:
+            errors.append(FieldError(path=f"{prefix}{key}", reason="unknown key"))
+            continue
+        sub = fields[key].type
+        if isinstance(sub, type) and issubclass(sub, msgspec.Struct) and isinstance(value, dict):
+            errors.extend(_unknown(sub, value, f"{prefix}{key}."))
+        item = _struct_items(sub)
+        if item is not None and isinstance(value, list):
+            for index, entry in enumerate(value):
+                if isinstance(entry, dict):
+                    errors.extend(_unknown(item, entry, f"{prefix}{key}[{index}]."))
+    return errors
+
+
+def _path(error: FieldError) -> FieldError:
+    # schemas paths look like "$.dispatch.x"; config paths are plain dotted keys
+    path = error.path[2:] if error.path.startswith("$.") else error.path.lstrip("$")
+    return FieldError(path=path or "(root)", reason=error.reason)
+
+
+def validate_dotted(dotted: Mapping[str, Any]) -> ValidationResult:
+    """Validate a dotted mapping as a whole config.
+
+    Every problem comes back at once: unknown keys, bad values, and the cross-field rules of the
+    keys that are themselves valid (checked on the config with the bad keys left at their
+    defaults, leaving out rules that involve a bad key).
+    """
+    from valkyrie.config.load import unflatten
+
+    nested = unflatten(dotted)
+    try:  # the common case, valid: one conversion, then the rules
+        config = msgspec.convert(nested, ValkyrieConfig)
+    except msgspec.ValidationError as e:
+        refused = e
+    else:
+        errors, warnings = _rules(config)
+        return ValidationResult(None if errors else config, errors, warnings)
+    errors = _unknown(ValkyrieConfig, nested, "")
+    errors += [
+        _path(e)
+        for e in collect_errors(ValkyrieConfig, nested)
+        # reported above with the exact path of the unknown key
+        if not e.reason.startswith("Object contains unknown field")
+    ]
+    if not errors:  # msgspec refused it but no field check found why: say what msgspec said
+        return ValidationResult(None, [FieldError(path="(root)", reason=str(refused))])
+    errors = _dedupe(errors)
+    warnings = []
+    salvaged = _salvage(dotted, errors)
+    if salvaged is not None:
+        valid_part, bad = salvaged
+        rule_errors, rule_warnings = _rules(valid_part)
+        errors += [e for e in rule_errors if not any(_involves(e, key) for key in bad)]
+        warnings = [w for w in rule_warnings if not any(_involves(w, key) for key in bad)]
+    return ValidationResult(None, errors, warnings)
+
+
+def _covers(key: str, path: str) -> bool:
+    """Whether dotted ``key`` is, contains, or is inside the value at error ``path``."""
+    return (
+        key == path
+        or path.startswith((f"{key}.", f"{key}["))
+        or key.startswith((f"{path}.", f"{path}["))
+    )
+
+
+def _involves(problem: FieldError, key: str) -> bool:
+    return _covers(key, problem.path) or key in problem.reason
+
+
+def _salvage(
+    dotted: Mapping[str, Any], errors: list[FieldError]
+) -> tuple[ValkyrieConfig, set[str]] | None:
+    """The config without the keys that have errors (they keep their defaults), and those keys."""
+    from valkyrie.config.load import unflatten
+
+    bad = {key for key in dotted if any(_covers(key, e.path) for e in errors)}
+    try:
+        config = msgspec.convert(
+            unflatten({k: v for k, v in dotted.items() if k not in bad}), ValkyrieConfig
+        )
+    except (msgspec.ValidationError, TypeError):
+        return None
+    return config, bad
+
+
+def _dedupe(errors: list[FieldError]) -> list[FieldError]:
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for e in errors:
+        if (e.path, e.reason) not in seen:
+            seen.add((e.path, e.reason))
+            out.append(e)
+    return out
+
+
+def _rules(c: ValkyrieConfig) -> tuple[list[FieldError], list[FieldError]]:
+    errors: list[FieldError] = []
+    warnings: list[FieldError] = []
+
+    def err(path: str, reason: str) -> None:
+        errors.append(FieldError(path=path, reason=reason))
+
+    def warn(path: str, reason: str) -> None:
+        warnings.append(FieldError(path=path, reason=reason))
+
+    h = c.health
+    if h.consumer_lag_degraded >= h.consumer_lag_unhealthy:
+        err("health.consumer_lag_degraded", "must be below health.consumer_lag_unhealthy")
+    if h.kv_latency_degraded_ms >= h.kv_latency_unhealthy_ms:
+        err("health.kv_latency_degraded_ms", "must be below health.kv_latency_unhealthy_ms")
+    if h.stale_after_ms <= h.report_interval_ms:
+        err(
+            "health.stale_after_ms",
+            "must exceed health.report_interval_ms (reports would look stale)",
+        )
+    d = c.dispatch
+    if d.supervise_interval_ms >= d.runner_lost_after_ms:
+        err("dispatch.supervise_interval_ms", "must be below dispatch.runner_lost_after_ms")
+    if d.runner_lost_after_ms > 5000:
+        warn(
+            "dispatch.runner_lost_after_ms",
+            "above 5000 ms: lost runners' jobs wait longer than 5 s",
+        )
+    s = c.security
+    if s.tls_enabled:
+        if not s.tls_cert_file:
+            err("security.tls_cert_file", "required when security.tls_enabled is true")
+        if not s.tls_key_file:
+            err("security.tls_key_file", "required when security.tls_enabled is true")
+    http = c.http
+    if http.auth_required and not http.tokens:
+        warn(
+            "http.tokens",
+            "http.auth_required is true but no token is configured: every call is refused",
+        )
+    names = [t.name for t in http.tokens]
+    for dup in sorted({n for n in names if names.count(n) > 1}):
+        err("http.tokens", f"token name {dup!r} is used twice")
+    if http.rate_limit_burst < http.rate_limit_per_s:
+        warn(
+            "http.rate_limit_burst",
+            "below rate_limit_per_s: a full second's allowance cannot burst",
+        )
+    o = c.observability
+    if (
+        http.enabled
+        and o.metrics_enabled
+        and http.port
+        and http.port == o.metrics_port
+        and http.host == o.metrics_host
+    ):
+        err("http.port", f"same address as observability.metrics_port ({http.port})")
+    if "*" in http.cors_origins and http.auth_required:
+        warn("http.cors_origins", "'*' with authentication lets any site call the API with a token")
+    if c.profile == "production":
+        if not s.tls_enabled:
+            warn("security.tls_enabled", "TLS is off in production")
+        if not http.auth_required:
+            warn(
+                "http.auth_required", "the HTTP bridge accepts unauthenticated calls in production"
+            )
+        if not s.audit_enabled:
+            warn("security.audit_enabled", "auditing is off in production")
+    return errors, warnings

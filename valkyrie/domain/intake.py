@@ -1,0 +1,326 @@
+"""Job intake as pure domain logic: parse and check a submission, derive ids, build the record."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import msgspec
+
+from schemas import (
+    FieldError,
+    JobRecord,
+    JobState,
+    JobSubmission,
+    LegacyJobV1,
+    convert_or_errors,
+    json_type_name,
+    unknown_fields,
+    v1_to_v2,
+)
+from valkyrie.errors import SchemaError
+
+__all__ = [
+    "ParsedSubmission",
+    "check_submission",
+    "idempotency_token",
+    "job_id_for",
+    "parse_submission",
+    "queued_record",
+    "token_for",
+]
+
+_ID_NAMESPACE = uuid.UUID("6f1c3a52-8a0e-4d55-9a53-0b1f7a9a1e11")
+_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder()
+MAX_METADATA_ENTRIES = 64
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedSubmission:
+    """A valid submission, normalised to v2, and which API form it arrived in."""
+
+    spec: JobSubmission
+    api_version: Literal["v1", "v2"]
+    warnings: tuple[FieldError, ...] = ()
+
+
+def parse_submission(
+    data: bytes,
+    *,
+    received_at_ms: int,
+    max_bytes: int,
+    max_metadata_entries: int = MAX_METADATA_ENTRIES,
+) -> ParsedSubmission:
+    """Decode a v2 or v1 body and check it; v1 is detected by a ``type`` key without ``job_type``.
+
+    Raises:
+        SchemaError: with every problem found, each naming its field: type errors and, for the
+            fields that are well-typed, the rules of :func:`check_submission`.
+    """
+    if len(data) > max_bytes:
+        raise SchemaError(
+            [
+                FieldError(
+                    path="$", reason=f"submission is {len(data)} bytes; the limit is {max_bytes}"
+                )
+            ]
+        )
+    try:
+        obj = _decoder.decode(data)
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:
+        raise SchemaError([FieldError(path="$", reason=f"invalid JSON: {e}")]) from e
+    if not isinstance(obj, dict):
+        raise SchemaError(
+            [FieldError(path="$", reason=f"Expected `object`, got `{json_type_name(obj)}`")]
+        )
+    legacy = "job_type" not in obj and "type" in obj
+    parsed, errors = _convert(obj, legacy=legacy, received_at_ms=received_at_ms)
+    if parsed is not None:
+        problems = _rule_errors(
+            parsed, legacy=legacy, now_ms=received_at_ms, max_metadata=max_metadata_entries
+        )
+        if problems:
+            raise SchemaError(problems)
+        unknown = unknown_fields(LegacyJobV1 if legacy else JobSubmission, obj)
+        if unknown:
+            parsed = ParsedSubmission(
+                parsed.spec,
+                parsed.api_version,
+                tuple(FieldError(path=p, reason="unknown field, ignored") for p in unknown),
+            )
+        return parsed
+    # Report the rules too, for the fields that are well-typed: drop (or fill) every field with a
+    # type error and check what is left, so that one verdict lists every problem.
+    salvaged = _salvage(obj, errors, legacy=legacy, received_at_ms=received_at_ms)
+    if salvaged is not None:
+        repaired, removed = salvaged
+        for problem in _rule_errors(
+            repaired, legacy=legacy, now_ms=received_at_ms, max_metadata=max_metadata_entries
+        ):
+            if not any(_related(problem.path, path) for path in removed):
+                errors.append(problem)
+    raise SchemaError(errors)
+
+
+def _convert(
+    obj: dict[str, Any], *, legacy: bool, received_at_ms: int
+) -> tuple[ParsedSubmission | None, list[FieldError]]:
+    if legacy:
+        job, errors = convert_or_errors(LegacyJobV1, obj)
+        if job is None:
+            return None, errors
+        return ParsedSubmission(v1_to_v2(job, received_at_ms=received_at_ms), "v1"), []
+    spec, errors = convert_or_errors(JobSubmission, obj)
+    if spec is None:
+        return None, errors
+    return ParsedSubmission(spec, "v2"), []
+
+
+def _rule_errors(
+    parsed: ParsedSubmission, *, legacy: bool, now_ms: int, max_metadata: int
+) -> list[FieldError]:
+    problems = check_submission(parsed.spec, now_ms=now_ms, max_metadata_entries=max_metadata)
+    if legacy:  # name the v1 field the publisher sent
+        problems = [
+            FieldError(path=_V1_PATHS.get(p.path, p.path), reason=p.reason) for p in problems
+        ]
+    return problems
+
+
+#: v2 paths that :func:`check_submission` reports -> the v1 field they came from
+_V1_PATHS = {"$.job_type": "$.type"}
+_STEP = re.compile(
+    r'\.(?P<name>[A-Za-z_][A-Za-z0-9_]*)|\[(?P<index>\d+)\]|\[(?P<key>"(?:[^"\\]|\\.)*")\]'
+)
+
+
+def _steps(path: str) -> list[str | int] | None:
+    """``$.a.b[0]["c.d"]`` -> ``["a", "b", 0, "c.d"]``; ``None`` if the path is not understood."""
+    if not path.startswith("$"):
+        return None
+    steps: list[str | int] = []
+    at = 1
+    while at < len(path):
+        match = _STEP.match(path, at)
+        if match is None:
+            return None
+        if match.group("name") is not None:
+            steps.append(match.group("name"))
+        elif match.group("index") is not None:
+            steps.append(int(match.group("index")))
+        else:
+            steps.append(str(json.loads(match.group("key"))))
+        at = match.end()
+    return steps
+
+
+def _path_of(steps: list[str | int]) -> str:
+    path = "$"
+    for step in steps:
+        path = f"{path}[{step}]" if isinstance(step, int) else _member_path(path, step)
+    return path
+
+
+def _member_path(path: str, key: str) -> str:
+    return f"{path}.{key}" if _NAME.match(key) else f"{path}[{json.dumps(key)}]"
+
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _salvage(
+    obj: dict[str, Any], errors: list[FieldError], *, legacy: bool, received_at_ms: int
+) -> tuple[ParsedSubmission, list[str]] | None:
+    """Remove the ill-typed members of ``obj`` so the rest converts; return it and what was removed.
+
+    First each error's innermost object member is removed (list items are not: that would shift the
+    indexes of the paths reported); if that is not enough, the top-level fields with errors.
+    """
+    required = "type" if legacy else "job_type"
+    for depth in (None, 1):
+        repaired = copy.deepcopy(obj)
+        removed: list[str] = []
+        for error in errors:
+            steps = _steps(error.path)
+            if not steps:
+                return None  # an error on the whole body: nothing to salvage
+            cut = next((i for i, s in enumerate(steps) if isinstance(s, int)), len(steps))
+            target = steps[: min(cut, depth or cut)]
+            if not target or not _remove(repaired, target):
+                target = steps[:1]
+                _remove(repaired, target)
+            removed.append(_path_of(target))
+        if not isinstance(repaired.get(required), str):
+            repaired[required] = "placeholder"
+            removed.append(f"$.{required}")
+        parsed, _ = _convert(repaired, legacy=legacy, received_at_ms=received_at_ms)
+        if parsed is not None:
+            return parsed, removed
+    return None
+
+
+def _remove(obj: dict[str, Any], steps: list[str | int]) -> bool:
+    node: Any = obj
+    for step in steps[:-1]:
+        if isinstance(step, int) or not isinstance(node, dict) or step not in node:
+            return False
+        node = node[step]
+    last = steps[-1]
+    if isinstance(last, int) or not isinstance(node, dict):
+        return False
+    node.pop(last, None)
+    return True
+
+
+#: rule error path -> the other fields that rule reads (see :func:`check_submission`)
+_RULE_INPUTS = {
+    "$.routing_hints.excluded_runners": ("$.routing_hints.preferred_runners",),
+    "$.retry_policy.max_backoff_ms": ("$.retry_policy.initial_backoff_ms",),
+}
+
+
+def _related(path: str, removed: str) -> bool:
+    """Whether a rule error at ``path`` may stem from removing ``removed`` (then it is not real)."""
+    return any(
+        _within(read, removed) or _within(removed, read)
+        for read in (path, *_RULE_INPUTS.get(path, ()))
+    )
+
+
+def _within(path: str, outer: str) -> bool:
+    return path == outer or path.startswith((outer + ".", outer + "["))
+
+
+def check_submission(
+    spec: JobSubmission, *, now_ms: int, max_metadata_entries: int = MAX_METADATA_ENTRIES
+) -> list[FieldError]:
+    """Rules the types cannot express; returns every violation."""
+    errors: list[FieldError] = []
+    if not spec.job_type.strip():
+        errors.append(FieldError(path="$.job_type", reason="must not be blank"))
+    if spec.deadline_at_ms is not None and spec.deadline_at_ms <= now_ms:
+        errors.append(
+            FieldError(
+                path="$.deadline_at_ms",
+                reason=f"deadline {spec.deadline_at_ms} is in the past (now {now_ms})",
+            )
+        )
+    if len(spec.metadata) > max_metadata_entries:
+        errors.append(
+            FieldError(path="$.metadata", reason=f"at most {max_metadata_entries} entries")
+        )
+    hints = spec.routing_hints
+    if hints is not None:
+        both = sorted(set(hints.preferred_runners) & set(hints.excluded_runners))
+        if both:
+            errors.append(
+                FieldError(
+                    path="$.routing_hints.excluded_runners",
+                    reason=f"runner(s) {', '.join(both)} are both preferred and excluded",
+                )
+            )
+        for i, rule in enumerate(hints.affinity_rules):
+            if rule.rule_type != "anti_affinity" and not rule.values:
+                errors.append(
+                    FieldError(
+                        path=f"$.routing_hints.affinity_rules[{i}].values",
+                        reason=f"a {rule.rule_type} rule needs at least one value",
+                    )
+                )
+    policy = spec.retry_policy
+    if policy is not None and policy.max_backoff_ms < policy.initial_backoff_ms:
+        errors.append(
+            FieldError(
+                path="$.retry_policy.max_backoff_ms",
+                reason="must be at least initial_backoff_ms",
+            )
+        )
+    return errors
+
+
+def idempotency_token(spec: JobSubmission, msg_id: str | None) -> str | None:
+    """The idempotency bucket key for a submission: its key, else its ``Nats-Msg-Id``, hashed."""
+    return token_for(spec.idempotency_key, msg_id)
+
+
+def token_for(idempotency_key: str | None, msg_id: str | None) -> str | None:
+    """The idempotency bucket key for an idempotency key, else a ``Nats-Msg-Id``, hashed."""
+    raw = f"key:{idempotency_key}" if idempotency_key else (f"msgid:{msg_id}" if msg_id else None)
+    if raw is None:
+        return None
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def job_id_for(spec: JobSubmission, *, source: str) -> str:
+    """The job id: the client's, or one derived from where the message sits in its stream.
+
+    Deriving it from ``source`` (stream identity + sequence) makes a redelivered message produce the
+    same id, which is what makes intake idempotent.
+    """
+    if spec.job_id:
+        return spec.job_id
+    return uuid.uuid5(_ID_NAMESPACE, source).hex
+
+
+def queued_record(
+    job_id: str,
+    parsed: ParsedSubmission,
+    *,
+    now_ms: int,
+    source_seq: int | None,
+) -> JobRecord:
+    """The record of a newly accepted job."""
+    return JobRecord(
+        id=job_id,
+        state=JobState.QUEUED,
+        spec=parsed.spec,
+        api_version=parsed.api_version,
+        submitted_at_ms=now_ms,
+        updated_at_ms=now_ms,
+        source_seq=source_seq,
+    )

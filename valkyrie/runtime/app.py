@@ -1,0 +1,110 @@
+"""Running the control plane in one process: embedded server (optional), provisioning, handlers."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import platformdirs
+from anyio.abc import TaskGroup
+from prometheus_client import CollectorRegistry
+
+from valkyrie.bus.connection import Bus, connect
+from valkyrie.bus.server import NatsServer
+from valkyrie.bus.tls import tls_context
+from valkyrie.config.live import LiveConfig, config_for, settings_with_config
+from valkyrie.config.settings import Settings
+from valkyrie.runtime.metrics import serve_metrics
+from valkyrie.runtime.workers import run_workers
+
+__all__ = ["default_data_dir", "open_bus", "run_control_plane"]
+
+log = logging.getLogger("valkyrie")
+
+
+def default_data_dir() -> Path:
+    """Where the embedded server keeps its JetStream store unless ``VALKYRIE_DATA_DIR`` is set."""
+    return Path(platformdirs.user_data_dir("valkyrie", appauthor=False))
+
+
+@asynccontextmanager
+async def open_bus(
+    settings: Settings, *, embed: bool, name: str = "valkyrie"
+) -> AsyncIterator[tuple[Bus, NatsServer | None]]:
+    """Connect (starting an embedded server first when ``embed``), provision, and clean up after."""
+    server: NatsServer | None = None
+    loaded = config_for(settings)
+    settings = settings_with_config(settings, loaded.config)
+    url = settings.nats_url
+    if embed and not url:
+        store = Path(settings.data_dir) if settings.data_dir else default_data_dir()
+        server = NatsServer(store_dir=store / "nats", port=settings.embedded_port)
+        await server.astart()
+        url = server.url
+        log.info("embedded nats-server on %s (store %s)", url, server.store_dir)
+    try:
+        bus = await connect(settings, url=url, name=name, tls=tls_context(loaded.config.security))
+        try:
+            await bus.provision()
+            yield bus, server
+        finally:
+            with anyio.CancelScope(shield=True):
+                await bus.close()
+    finally:
+        if server is not None:
+            with anyio.CancelScope(shield=True):
+                await server.astop()
+
+
+async def _watch_signals(stop: anyio.Event, tg: TaskGroup) -> None:
+    # SIGHUP too: a closed terminal must stop the installation cleanly, embedded server included
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        async for signum in signals:
+            if stop.is_set():
+                log.warning("second %s: stopping now", signal.Signals(signum).name)
+                tg.cancel_scope.cancel()
+                return
+            log.info("%s: finishing in-flight work (again to force)", signal.Signals(signum).name)
+            stop.set()
+
+
+async def run_control_plane(
+    settings: Settings,
+    *,
+    handlers: Sequence[str] | None = None,
+    embed: bool = True,
+    extras: Sequence[Callable[[Bus, anyio.Event], object]] = (),
+    on_ready: Callable[[Bus], None] | None = None,
+) -> None:
+    """Run handlers (all registered by default) until SIGINT/SIGTERM, then shut down cleanly.
+
+    ``extras`` are further coroutine functions ``f(bus, stop)`` run alongside (e.g. local runners).
+    """
+    registry = CollectorRegistry()
+    live = LiveConfig(config_for(settings))
+    observability = live.current.observability
+    async with open_bus(settings, embed=embed) as (bus, _server):
+        if observability.metrics_enabled and observability.metrics_port:
+            port = serve_metrics(registry, observability.metrics_host, observability.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", observability.metrics_host, port)
+        stop = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_watch_signals, stop, tg)
+            async with anyio.create_task_group() as workers:
+                await workers.start(
+                    functools.partial(run_workers, config=live),
+                    bus,
+                    registry,
+                    stop,
+                    list(handlers or []) or None,
+                )
+                for extra in extras:
+                    workers.start_soon(extra, bus, stop)  # type: ignore[arg-type]
+                if on_ready is not None:
+                    on_ready(bus)
+            tg.cancel_scope.cancel()

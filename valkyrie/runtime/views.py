@@ -1,0 +1,110 @@
+"""An in-memory view of the runners bucket, kept current by a KV watch."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import anyio
+import msgspec
+import nats.errors
+from anyio.abc import TaskGroup, TaskStatus
+from nats.js.kv import KeyValue
+
+from schemas import RunnerRecord
+from valkyrie.bus.codec import RUNNER_DECODER
+from valkyrie.bus.connection import Bus
+from valkyrie.bus.kv import Versioned
+from valkyrie.runtime.placer import LocalPlacer
+
+__all__ = ["RunnerView", "SharedViews"]
+
+log = logging.getLogger("valkyrie.runners")
+Listener = Callable[[str, Versioned[RunnerRecord] | None], None]
+
+
+class RunnerView:
+    """Every runner record at its latest revision; ``listener`` hears each change."""
+
+    def __init__(self, kv: KeyValue, listener: Listener | None = None) -> None:
+        self.kv = kv
+        self.records: dict[str, Versioned[RunnerRecord]] = {}
+        self._listeners: list[Listener] = [listener] if listener is not None else []
+
+    def add_listener(self, listener: Listener) -> None:
+        """Hear every later change; the records held now are replayed to it first."""
+        for runner_id, versioned in list(self.records.items()):
+            listener(runner_id, versioned)
+        self._listeners.append(listener)
+
+    def _tell(self, runner_id: str, versioned: Versioned[RunnerRecord] | None) -> None:
+        for listener in self._listeners:
+            listener(runner_id, versioned)
+
+    def offer(self, runner_id: str, versioned: Versioned[RunnerRecord]) -> bool:
+        """Adopt a record we wrote ourselves if it is newer than what we hold."""
+        known = self.records.get(runner_id)
+        if known is not None and known.revision >= versioned.revision:
+            return False
+        self.records[runner_id] = versioned
+        self._tell(runner_id, versioned)
+        return True
+
+    async def watch(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Follow the bucket forever (started once the initial records are loaded)."""
+        started = False
+        while True:
+            watcher = await self.kv.watchall()
+            try:
+                while True:
+                    try:
+                        entry = await watcher.updates(timeout=5.0)
+                    except TimeoutError:  # nats raises its own subclass or the builtin
+                        entry = None
+                    if entry is None:
+                        if not started:
+                            started = True
+                            task_status.started()
+                        continue
+                    if entry.operation in ("DEL", "PURGE") or not entry.value:
+                        if self.records.pop(entry.key, None) is not None:
+                            self._tell(entry.key, None)
+                        continue
+                    try:
+                        record = RUNNER_DECODER.decode(entry.value)
+                    except msgspec.DecodeError:
+                        log.warning("unreadable runner record %s", entry.key)
+                        continue
+                    self.offer(entry.key, Versioned(record, int(entry.revision or 0)))
+            except nats.errors.Error as e:
+                log.warning("runners watch interrupted (%r); restarting", e)
+                await anyio.sleep(0.5)
+            finally:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                    await watcher.stop()
+
+
+class SharedViews:
+    """What one process's handlers share: one watch of the runners bucket, not one each.
+
+    Every runner-record write (two per job) reaches each watcher; with the dispatcher, registry,
+    supervisor and monitor in one process that was four deliveries and four decodes per write.
+    A dispatcher also offers itself here (``placer``) so intake can hand it new jobs directly.
+    """
+
+    def __init__(self, bus: Bus, task_group: TaskGroup) -> None:
+        self._bus = bus
+        self._tg = task_group
+        self._runners: RunnerView | None = None
+        self._lock = anyio.Lock()
+        #: a dispatcher of this process that places new jobs at once (None: there is none)
+        self.placer: LocalPlacer | None = None
+
+    async def runners(self) -> RunnerView:
+        """The process's runner view, loaded (started on first use)."""
+        async with self._lock:
+            if self._runners is None:
+                view = RunnerView(await self._bus.kv("runners"))
+                await self._tg.start(view.watch)
+                self._runners = view
+            return self._runners
