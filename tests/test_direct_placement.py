@@ -10,7 +10,7 @@ import anyio.abc
 import pytest
 
 from handlers import dispatcher as dispatcher_module
-from handlers.dispatcher import DispatcherWorker, Pending
+from handlers.dispatcher import DispatcherWorker
 from schemas import JobState
 from tests._helpers import (
     events_of,
@@ -61,10 +61,14 @@ async def test_a_new_job_is_placed_at_once_and_announced_in_order(settings: Sett
 
 
 @asynccontextmanager
-async def _dispatcher(bus: Bus, tg: anyio.abc.TaskGroup) -> AsyncIterator[DispatcherWorker]:
+async def _dispatcher(
+    bus: Bus, tg: anyio.abc.TaskGroup, *, keepalive_s: float | None = None
+) -> AsyncIterator[DispatcherWorker]:
     """A dispatcher of this process, as intake would find it."""
     ctx = handler_context(bus, tg, "dispatcher")
     worker = dispatcher_module.create(ctx)
+    if keepalive_s is not None:
+        worker.holding.keepalive_s = keepalive_s
     stop = anyio.Event()
     await tg.start(worker.run, stop)
     assert ctx.views.placer is worker
@@ -111,21 +115,25 @@ async def test_place_new_stores_the_record_dispatched_and_is_idempotent(settings
 async def test_place_new_declines_while_others_wait(settings: Settings) -> None:
     async with _solo(settings) as (bus, worker):
         # a job this dispatcher holds (its queued event arrived, not yet placed)
-        worker._pending["held"] = Pending(job_id="held", attempt=0, order=0, msg=None)
+        worker.queue.offer("held", 0)
         newcomer = queued_job("t-2")
         assert not await worker.place_new(newcomer)
-        del worker._pending["held"]
+        held = worker.queue.get("held")
+        assert held is not None
+        worker.queue.drop(held)
         # nothing stored: intake records it as queued and it goes through its queued event
         assert await _missing(bus, newcomer.id)
         # until that event arrives, later jobs queue behind it too
-        assert newcomer.id in worker._declined
-        assert not await worker.place_new(queued_job("t-3"))
-        worker._declined.clear()
+        assert worker.queue.is_declined(newcomer.id)
+        third = queued_job("t-3")
+        assert not await worker.place_new(third)
+        for declined in (newcomer, third):  # their queued events arrive
+            worker.queue.arrived(declined.id)
         assert await worker.place_new(queued_job("t-4"))
 
 
 async def _has_free(worker: DispatcherWorker) -> bool:
-    return worker._index.has_free("shell")
+    return worker.index.has_free("shell")
 
 
 async def _missing(bus: Bus, job_id: str) -> bool:
@@ -136,21 +144,15 @@ async def _missing(bus: Bus, job_id: str) -> bool:
     return False
 
 
-async def test_a_held_job_delivered_again_stays_held(
-    nats_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_a_held_job_delivered_again_stays_held(nats_url: str, prefix: str) -> None:
     """A held job's message delivered again (its keep-alive came too late) is held, not acked:
     acking the new delivery would release the job while this dispatcher still holds it, and a
     crash would then leave it queued with no message to bring it back."""
-
-    async def no_keepalive(self: DispatcherWorker, stop: anyio.Event) -> None:
-        await stop.wait()
-
-    monkeypatch.setattr(DispatcherWorker, "_keepalive_loop", no_keepalive)
     settings = settings_for(nats_url, prefix, ack_wait_s=1.0)
     # intake alone: no runner ever registers, so the job waits in the dispatcher below
     async with running(settings, ["intake"]) as bus, anyio.create_task_group() as tg:
-        async with _dispatcher(bus, tg) as worker:
+        # no keep-alive within the test: the held message is delivered again after the ack wait
+        async with _dispatcher(bus, tg, keepalive_s=3600) as worker:
             job_id = await submit(Client(bus), payload={})
             events = bus.names.stream("events")
 
@@ -163,7 +165,7 @@ async def test_a_held_job_delivered_again_stays_held(
             await anyio.sleep(0.3)  # time to settle the second delivery, were it settled
             info = await bus.js.consumer_info(events, "dispatcher")
             assert info.num_ack_pending == 1
-            held = worker._pending[job_id].msg
+            held = worker.holding.held(job_id)
             assert held is not None
             assert held.metadata.num_delivered >= 2  # the newest delivery is the one held
         tg.cancel_scope.cancel()
@@ -183,7 +185,7 @@ async def test_explain_answers_from_the_dispatcher_holding_the_job(settings: Set
                 return int(info.num_ack_pending or 0) == total
 
             await wait_until(all_held, timeout_s=10)
-            mine = set(second._pending)
+            mine = set(second.queue.jobs)
             assert 0 < len(mine) < total, "both dispatchers should hold some of the jobs"
             for job_id in ids:
                 e = await client.explain(job_id)

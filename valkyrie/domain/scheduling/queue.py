@@ -201,7 +201,7 @@ class DispatchQueue:
         Returns ``(HELD, replaced)`` where ``replaced`` is an older attempt of the job that was
         held (its message must be settled), or ``(STALE, None)``.
         """
-        self._declined.pop(job_id, None)
+        self.arrived(job_id)
         old = self.jobs.get(job_id)
         if old is not None and (old.committing or old.attempt >= attempt):
             return Offer.STALE, None
@@ -348,6 +348,14 @@ class DispatchQueue:
     def decline(self, job_id: str, until: float) -> None:
         """Intake queued ``job_id`` the usual way: new jobs wait for it until ``until``."""
         self._declined[job_id] = until
+
+    def arrived(self, job_id: str) -> None:
+        """``job_id``'s queued event arrived here: new jobs no longer wait for it."""
+        self._declined.pop(job_id, None)
+
+    def is_declined(self, job_id: str) -> bool:
+        """Whether new jobs wait for ``job_id``'s queued event."""
+        return job_id in self._declined
 
     def place_new(
         self,
