@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import anyio
 import anyio.abc
@@ -29,12 +28,20 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from schemas import (
     Dispatch,
+    Event,
     ExplainRequest,
+    JobDispatched,
     JobExplanation,
+    JobQueued,
     JobRecord,
+    JobSloBreach,
     JobState,
     JobSubmission,
+    JobSucceeded,
+    JobTargetAtRisk,
     RunnerRecord,
+    RunnerUp,
+    typed_event,
 )
 from valkyrie import HandlerContext
 from valkyrie.bus.codec import EVENT_DECODER, JOB_DECODER, RUNNER_DECODER, encode, now_ms
@@ -89,18 +96,23 @@ class Pending:
         return rec.submitted_at_ms if rec.attempt == 0 else rec.updated_at_ms
 
 
-def _inline_record(data: dict[str, Any]) -> Versioned[JobRecord] | None:
+def _queued(envelope: Event) -> JobQueued | None:
+    """The typed ``job.queued`` event; ``None`` if its data is not one (the job is read instead)."""
+    try:
+        event = typed_event(envelope)
+    except msgspec.ValidationError:
+        return None
+    return event if isinstance(event, JobQueued) else None
+
+
+def _inline_record(event: JobQueued | None) -> Versioned[JobRecord] | None:
     """The record a ``job.queued`` event carries (small ones do), saving a read of the bucket.
 
     It may be stale; the compare-and-set on its revision catches that when the job is placed.
     """
-    raw, revision = data.get("record"), data.get("revision")
-    if not isinstance(raw, dict) or not isinstance(revision, int):
+    if event is None or event.record is None or event.revision is None:
         return None
-    try:
-        return Versioned(msgspec.convert(raw, JobRecord), revision)
-    except msgspec.ValidationError:
-        return None
+    return Versioned(event.record, event.revision)
 
 
 def _same_message(a: Msg, b: Msg) -> bool:
@@ -249,11 +261,11 @@ class DispatcherWorker(HandlerBase):
                 self._drop(pending)
         if kind == "succeeded":
             try:
-                data = EVENT_DECODER.decode(msg.data).data
-            except msgspec.DecodeError:
+                event = typed_event(EVENT_DECODER.decode(msg.data))
+            except msgspec.DecodeError:  # a ValidationError too
                 return
-            job_type, duration = data.get("job_type"), data.get("duration_ms")
-            if isinstance(job_type, str) and isinstance(duration, int | float):
+            if isinstance(event, JobSucceeded) and event.duration_ms is not None:
+                job_type, duration = event.job_type, event.duration_ms
                 old = self._durations.get(job_type)
                 self._durations[job_type] = duration if old is None else 0.9 * old + 0.1 * duration
 
@@ -271,8 +283,9 @@ class DispatcherWorker(HandlerBase):
             return
         job_id = event.subject_id or ""
         self._declined.pop(job_id, None)
-        placed = event.data.get("placed_attempt")
-        if isinstance(placed, int) and placed > (event.attempt or 0):
+        queued = _queued(event)
+        placed = queued.placed_attempt if queued is not None else None
+        if placed is not None and placed > (event.attempt or 0):
             await self._settle(msg)  # a dispatcher placed it as it was queued
             return
         old = self._pending.get(job_id)
@@ -289,7 +302,7 @@ class DispatcherWorker(HandlerBase):
         self._order += 1
         pending = Pending(job_id=job_id, attempt=event.attempt or 0, order=self._order, msg=msg)
         self._pending[job_id] = pending
-        inline = _inline_record(event.data)
+        inline = _inline_record(queued)
         if inline is None:
             self._tg.start_soon(self._load, pending)
         else:
@@ -569,17 +582,14 @@ class DispatcherWorker(HandlerBase):
         assert spec.performance_targets is not None
         try:
             await self._events.emit(
-                "job",
-                pending.job_id,
-                "slo_breach",
-                data={
-                    "target": "max_dispatch_latency_ms",
-                    "limit_ms": spec.performance_targets.max_dispatch_latency_ms,
-                    "waited_ms": waited,
-                    "action": "boosted ahead of unboosted jobs",
-                },
-                attempt=pending.attempt,
-                event_id=f"{pending.job_id}.slo_breach.{pending.attempt}",
+                JobSloBreach(
+                    subject_id=pending.job_id,
+                    attempt=pending.attempt,
+                    target="max_dispatch_latency_ms",
+                    limit_ms=spec.performance_targets.max_dispatch_latency_ms,
+                    waited_ms=waited,
+                    action="boosted ahead of unboosted jobs",
+                )
             )
         except (nats.errors.Error, nats.js.errors.Error) as e:
             log.warning("could not record SLO breach of %s: %r", pending.job_id, e)
@@ -712,27 +722,23 @@ class DispatcherWorker(HandlerBase):
         config = self._cfg()
         tenant = tenant_of(dispatched.spec, config.scheduling.tenant_key)
         self._fair.charge(tenant, now / 1000)
-        data = self._decision(placement, latest.value, pending, now - queued_at, tenant)
         avg = self._durations.get(dispatched.spec.job_type)
         targets = dispatched.spec.performance_targets
-        if avg is not None:
-            data["predicted_finish_at_ms"] = now + int(avg)
+        decision = self._decision(
+            placement,
+            latest.value,
+            pending,
+            now - queued_at,
+            tenant,
+            attempt=attempt,
+            predicted_finish_at_ms=now + int(avg) if avg is not None else None,
+        )
         outbox = Outbox(self._bus)
         if fresh:
             await self._ops.announce_queued(
                 queued, at_ms=queued.submitted_at_ms, placed_attempt=attempt, outbox=outbox
             )
-        await self._events.emit(
-            "job",
-            job_id,
-            "dispatched",
-            data=data,
-            attempt=attempt,
-            correlation_id=dispatched.spec.correlation_id,
-            event_id=f"{job_id}.dispatched.{attempt}",
-            at_ms=now,
-            outbox=outbox,
-        )
+        await self._events.emit(decision, at_ms=now, outbox=outbox)
         if (
             targets is not None
             and targets.target_completion_time_s is not None
@@ -740,15 +746,12 @@ class DispatcherWorker(HandlerBase):
             and now + avg > dispatched.submitted_at_ms + targets.target_completion_time_s * 1000
         ):
             await self._events.emit(
-                "job",
-                job_id,
-                "target_at_risk",
-                data={
-                    "target_completion_time_s": targets.target_completion_time_s,
-                    "predicted_finish_at_ms": now + int(avg),
-                },
-                attempt=attempt,
-                event_id=f"{job_id}.target_at_risk.{attempt}",
+                JobTargetAtRisk(
+                    subject_id=job_id,
+                    attempt=attempt,
+                    target_completion_time_s=targets.target_completion_time_s,
+                    predicted_finish_at_ms=now + int(avg),
+                ),
                 outbox=outbox,
             )
         await outbox.confirm()
@@ -764,28 +767,36 @@ class DispatcherWorker(HandlerBase):
         pending: Pending,
         queued_ms: int,
         tenant: str,
-    ) -> dict[str, object]:
+        *,
+        attempt: int,
+        predicted_finish_at_ms: int | None,
+    ) -> JobDispatched:
         assert pending.record is not None
-        hints = pending.record.value.spec.routing_hints
+        spec = pending.record.value.spec
+        hints = spec.routing_hints
         rid = runner.registration.runner_id
-        return {
-            "runner_id": rid,
-            "score": round(placement.ranked[0].score, 4) if placement.ranked else None,
-            "runners_up": [
-                {"runner_id": s.runner_id, "score": round(s.score, 4)}
+        return JobDispatched(
+            subject_id=pending.job_id,
+            attempt=attempt,
+            correlation_id=spec.correlation_id,
+            runner_id=rid,
+            score=round(placement.ranked[0].score, 4) if placement.ranked else None,
+            runners_up=[
+                RunnerUp(runner_id=s.runner_id, score=round(s.score, 4))
                 for s in placement.ranked[1:4]
             ],
-            "candidates": len(placement.ranked) + sum(len(v) for v in placement.rejected.values()),
-            "rejected": dict(placement.reasons()),
-            "slots_used": len(runner.assigned_jobs),
-            "capacity": runner.registration.max_concurrent_jobs,
-            "queued_ms": queued_ms,
-            "effective_priority": pending.effective,
-            "boosted": pending.boosted,
-            "tenant": tenant,
-            "mode": self._cfg().mode.value,
-            "preferred": hints is not None and rid in hints.preferred_runners,
-        }
+            candidates=len(placement.ranked) + sum(len(v) for v in placement.rejected.values()),
+            rejected=dict(placement.reasons()),
+            slots_used=len(runner.assigned_jobs),
+            capacity=runner.registration.max_concurrent_jobs,
+            queued_ms=queued_ms,
+            effective_priority=pending.effective,
+            boosted=pending.boosted,
+            tenant=tenant,
+            mode=self._cfg().mode.value,
+            preferred=hints is not None and rid in hints.preferred_runners,
+            predicted_finish_at_ms=predicted_finish_at_ms,
+        )
 
     # -- explain ----------------------------------------------------------------------------------
     async def _on_explain(self, msg: Msg) -> None:
@@ -834,8 +845,9 @@ class DispatcherWorker(HandlerBase):
                         self._bus.names.stream("events"),
                         self._bus.names.event("job", job_id, "dispatched"),
                     )
-                    decision = EVENT_DECODER.decode(raw.data or b"").data
-                except nats.js.errors.NotFoundError:
+                    event = typed_event(EVENT_DECODER.decode(raw.data or b""))
+                    decision = event if isinstance(event, JobDispatched) else None
+                except (nats.js.errors.NotFoundError, msgspec.DecodeError):
                     decision = None
             return explain_dispatched(record, decision)
         now = now_ms()
