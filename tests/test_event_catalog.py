@@ -42,6 +42,8 @@ from schemas import (
     event_schema_name,
     typed_event,
 )
+from schemas.__main__ import SUBJECTS_DOC
+from schemas._eventdoc import id_template, render, render_doc
 from schemas.event_base import data_keys, required_keys
 from tests._event_catalogue import check_stream
 from tests._helpers import unique_prefix
@@ -368,3 +370,23 @@ async def test_a_derived_id_is_stored_once_and_a_random_one_each_time(nats_url: 
         problems = await check_stream(nats_url, settings.prefix)
         assert len(problems) == 1
         assert "unknown data key 'shard'" in problems[0]
+
+
+# -- the documentation ------------------------------------------------------------------------------
+def test_the_docs_table_is_generated_from_the_structs() -> None:
+    text = SUBJECTS_DOC.read_text()
+    assert render_doc(text) == text, "docs/subjects.md is out of date: run `python -m schemas`"
+    for kind in EVENT_KINDS:
+        assert f"| `{kind.event_type}` | `{kind.__name__}` |" in text
+
+
+def test_the_docs_table_shows_ids_and_optional_keys() -> None:
+    assert id_template(JobStaleUpdate) == "<subject_id>.stale.<runner_id>.<attempt>.<update>"
+    assert id_template(RunnerRegistered) is None
+    table = render()
+    assert "`placed_attempt` (int, when set)" in table
+    assert "`not_before_at_ms` (int or null)" in table
+    drifted = SUBJECTS_DOC.read_text().replace("`<subject_id>.queued.<attempt>`", "`<x>`")
+    assert render_doc(drifted) != drifted
+    with pytest.raises(ValueError, match="markers"):
+        render_doc("# no markers\n")
