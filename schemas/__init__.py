@@ -2,6 +2,9 @@
 
 Instants are integer milliseconds since the Unix epoch (``*_at_ms``); durations carry their unit in
 their name. New fields always get defaults and no field ever changes type, so old readers keep working.
+
+Every event is one typed event (:class:`TypedEvent`, one Struct per event ``type``, registered in
+:data:`EVENT_TYPES`) carried in the :class:`Event` envelope; :func:`typed_event` decodes one.
 """
 
 from schemas._catalog import CATALOG, json_schema, json_schemas
