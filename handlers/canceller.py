@@ -16,6 +16,7 @@ from nats.aio.msg import Msg
 from schemas import (
     TERMINAL_STATES,
     CancelJob,
+    JobCancelRequested,
     JobRecord,
     JobState,
     RunnerCommand,
@@ -112,12 +113,12 @@ class CancellerWorker(HandlerBase):
                 ),
             )
         await self._events.emit(
-            "job",
-            record.id,
-            "cancel_requested",
-            data={"reason": reason, "runner_id": record.runner_id},
-            attempt=record.attempt,
-            event_id=f"{record.id}.cancel_requested.{record.attempt}",
+            JobCancelRequested(
+                subject_id=record.id,
+                attempt=record.attempt,
+                reason=reason,
+                runner_id=record.runner_id,
+            )
         )
         raise RetryLater(
             "waiting for the runner to confirm the cancel", delay_s=grace + FORCE_AFTER_S

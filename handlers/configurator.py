@@ -17,7 +17,15 @@ import nats.js.errors
 from anyio.abc import TaskStatus
 from nats.aio.msg import Msg
 
-from schemas import ConfigChange, ConfigRevision, ConfigVerdict, FieldError, convert_or_errors
+from schemas import (
+    ConfigChange,
+    ConfigChanged,
+    ConfigRejected,
+    ConfigRevision,
+    ConfigVerdict,
+    FieldError,
+    convert_or_errors,
+)
 from valkyrie import (
     REPLY_TO_HEADER,
     GiveUp,
@@ -176,14 +184,12 @@ class ConfigWorker(HandlerBase):
         who = change.requested_by
         if new is None:
             await self._events.emit(
-                "config",
-                str(number + 1),
-                "rejected",
-                data={
-                    "requested_by": who,
-                    "reason": change.reason,
-                    "errors": [{"path": e.path, "reason": e.reason} for e in errors],
-                },
+                ConfigRejected(
+                    subject_id=str(number + 1),
+                    requested_by=who,
+                    reason=change.reason,
+                    errors=list(errors),
+                )
             )
             await self._reply(
                 msg, ConfigVerdict(accepted=False, errors=errors, warnings=warnings, diff=diff)
@@ -209,16 +215,13 @@ class ConfigWorker(HandlerBase):
         except nats.js.errors.KeyWrongLastSequenceError as e:
             raise RetryLater("config changed concurrently; retrying", delay_s=0.05) from e
         await self._events.emit(
-            "config",
-            str(revision.revision),
-            "changed",
-            data={
-                "changed_by": who,
-                "at_ms": revision.at_ms,
-                "diff": diff,
-                "reason": revision.reason,
-            },
-            event_id=f"config.changed.{revision.revision}",
+            ConfigChanged(
+                subject_id=str(revision.revision),
+                changed_by=who,
+                at_ms=revision.at_ms,
+                diff=diff,
+                reason=revision.reason,
+            )
         )
         await self._reply(
             msg,

@@ -19,7 +19,7 @@ import nats.js.errors
 from anyio.abc import TaskStatus
 from nats.aio.msg import Msg
 
-from schemas import FieldError, JobState, SubmitVerdict
+from schemas import FieldError, IntakeRejected, JobDuplicate, JobState, SubmitVerdict
 from valkyrie import (
     REPLY_TO_HEADER,
     GiveUp,
@@ -95,14 +95,7 @@ class IntakeWorker(HandlerBase):
         except SchemaError as e:
             rejection = f"{self._source}-{seq}"
             await self._events.emit(
-                "intake",
-                rejection,
-                "rejected",
-                data={
-                    "errors": [{"path": x.path, "reason": x.reason} for x in e.errors],
-                    "stream_seq": seq,
-                },
-                event_id=f"rejected-{rejection}",
+                IntakeRejected(subject_id=rejection, errors=list(e.errors), stream_seq=seq)
             )
             await self._reply(reply_to, SubmitVerdict(accepted=False, errors=e.errors))
             self._ctx.metrics.jobs.labels(self.name, "rejected").inc()
@@ -160,11 +153,7 @@ class IntakeWorker(HandlerBase):
 
     async def _duplicate(self, first_id: str, reply_to: str | None, seq: int) -> None:
         await self._events.emit(
-            "job",
-            first_id,
-            "duplicate",
-            data={"stream_seq": seq},
-            event_id=f"{first_id}.duplicate.{self._source}-{seq}",
+            JobDuplicate(subject_id=first_id, stream_seq=seq, stream_id=self._source)
         )
         self._ctx.metrics.jobs.labels(self.name, "duplicate").inc()
         await self._reply(reply_to, SubmitVerdict(accepted=True, job_id=first_id, duplicate=True))

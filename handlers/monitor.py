@@ -28,9 +28,13 @@ from nats.aio.msg import Msg
 from prometheus_client import Gauge
 
 from schemas import (
+    HEALTH_CHANGED,
     HEALTH_STATUSES,
     ConfigRevision,
+    FallbackActivated,
+    FallbackOverridden,
     FallbackRecord,
+    FallbackRecovered,
     HealthReport,
     HealthStatus,
     HealthSummary,
@@ -247,11 +251,12 @@ class MonitorWorker(HandlerBase):
             who,
         )
         await self._events.emit(
-            "health",
-            "fallback",
-            "overridden",
-            data={"changed_by": who, "mode": mode, "previous_mode": record.previous_mode},
-            event_id=f"health.fallback.overridden.{record.config_revision}",
+            FallbackOverridden(
+                changed_by=who,
+                mode=mode,
+                previous_mode=record.previous_mode,
+                fallback_revision=record.config_revision,
+            )
         )
         return held
 
@@ -293,33 +298,29 @@ class MonitorWorker(HandlerBase):
         for name, old, new in transitions(before, component_statuses(summary)):
             log.log(_level(new), "health: %s %s -> %s", name, old, new)
             await self._events.emit(
-                "health",
-                name,
-                new,
-                data={
-                    "from": old,
-                    "to": new,
-                    "details": _details(summary, name),
-                    "mode": summary.mode,
-                    "config_revision": summary.config_revision,
-                },
-                event_id=f"health.{name}.{new}.{revision}",
+                HEALTH_CHANGED[new](
+                    subject_id=name,
+                    from_=old,
+                    to=new,
+                    details=_details(summary, name),
+                    mode=summary.mode,
+                    config_revision=summary.config_revision,
+                    summary_revision=revision,
+                )
             )
         old_overall: HealthStatus = previous.status if previous is not None else "healthy"
         if summary.status != old_overall:
             log.log(_level(summary.status), "health: overall %s -> %s", old_overall, summary.status)
             await self._events.emit(
-                "health",
-                "overall",
-                summary.status,
-                data={
-                    "from": old_overall,
-                    "to": summary.status,
-                    "reasons": summary.reasons,
-                    "mode": summary.mode,
-                    "config_revision": summary.config_revision,
-                },
-                event_id=f"health.overall.{summary.status}.{revision}",
+                HEALTH_CHANGED[summary.status](
+                    subject_id="overall",
+                    from_=old_overall,
+                    to=summary.status,
+                    reasons=summary.reasons,
+                    mode=summary.mode,
+                    config_revision=summary.config_revision,
+                    summary_revision=revision,
+                )
             )
 
     def _export(self, summary: HealthSummary) -> None:
@@ -420,16 +421,12 @@ class MonitorWorker(HandlerBase):
         self._streak = Streak()
         log.warning("switched to fallback mode (was %s): %s", mode, reason)
         await self._events.emit(
-            "health",
-            "fallback",
-            "activated",
-            data={
-                "previous_mode": mode,
-                "config_revision": verdict.revision,
-                "reason": reason,
-                "reasons": summary.reasons,
-            },
-            event_id=f"health.fallback.activated.{verdict.revision}",
+            FallbackActivated(
+                previous_mode=mode,
+                config_revision=verdict.revision,
+                reason=reason,
+                reasons=summary.reasons,
+            )
         )
 
     async def _recover(self) -> None:
@@ -456,11 +453,7 @@ class MonitorWorker(HandlerBase):
         self._streak = Streak()
         log.warning("recovered from automatic fallback: mode %s again", target)
         await self._events.emit(
-            "health",
-            "fallback",
-            "recovered",
-            data={"mode": target, "config_revision": verdict.revision, "reason": reason},
-            event_id=f"health.fallback.recovered.{verdict.revision}",
+            FallbackRecovered(mode=target, config_revision=verdict.revision, reason=reason)
         )
 
 

@@ -18,11 +18,16 @@ from nats.aio.msg import Msg
 from schemas import (
     FieldError,
     RegistrationVerdict,
+    RunnerBackOnline,
     RunnerCommand,
+    RunnerDeregistered,
+    RunnerDraining,
     RunnerHeartbeat,
     RunnerRecord,
+    RunnerRegistered,
     RunnerRegistration,
     RunnerState,
+    RunnerUndrained,
     convert_or_errors,
 )
 from valkyrie import HandlerContext
@@ -143,15 +148,13 @@ class RegistryWorker(HandlerBase):
             else:
                 state = RunnerState.ACTIVE
             await self._events.emit(
-                "runner",
-                rid,
-                "registered",
-                data={
-                    "capacity": registration.max_concurrent_jobs,
-                    "job_types": list(registration.capabilities.job_types),
-                    "region": registration.location.region,
-                    "session_id": registration.session_id,
-                },
+                RunnerRegistered(
+                    subject_id=rid,
+                    capacity=registration.max_concurrent_jobs,
+                    job_types=list(registration.capabilities.job_types),
+                    region=registration.location.region,
+                    session_id=registration.session_id,
+                )
             )
         except Exception:
             # No answer: the runner's request times out and it retries; an answer with errors
@@ -223,7 +226,7 @@ class RegistryWorker(HandlerBase):
             self._view.offer(beat.runner_id, latest)
         await self._check_running(beat, latest.value)
         if came_back:
-            await self._events.emit("runner", beat.runner_id, "back_online", data={})
+            await self._events.emit(RunnerBackOnline(subject_id=beat.runner_id))
 
     async def _check_running(self, beat: RunnerHeartbeat, rec: RunnerRecord) -> None:
         """Tell a runner to abandon jobs it runs but no longer holds (taken back meanwhile)."""
@@ -299,7 +302,9 @@ class RegistryWorker(HandlerBase):
             encode(RunnerCommand(command="drain" if draining else "undrain")),
         )
         if changed:
-            await self._events.emit("runner", rid, "draining" if draining else "undrained", data={})
+            await self._events.emit(
+                (RunnerDraining if draining else RunnerUndrained)(subject_id=rid)
+            )
         await self._reply(
             msg, RegistrationVerdict(accepted=True, runner_id=rid, state=latest.value.state)
         )
@@ -358,7 +363,11 @@ class RegistryWorker(HandlerBase):
                 ),
             )
             return
-        await self._events.emit("runner", rid, "deregistered", data={"session_id": session_id})
+        await self._events.emit(
+            RunnerDeregistered(
+                subject_id=rid, session_id=session_id if isinstance(session_id, str) else None
+            )
+        )
         await self._reply(msg, RegistrationVerdict(accepted=True, runner_id=rid))
 
 

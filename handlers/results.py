@@ -19,9 +19,12 @@ from nats.aio.msg import Msg
 from schemas import (
     TERMINAL_STATES,
     JobAccepted,
+    JobAcceptedEvent,
     JobFinished,
     JobRecord,
+    JobStaleUpdate,
     JobStarted,
+    JobStartedEvent,
     JobState,
     JobUpdate,
     RunnerCommand,
@@ -193,9 +196,9 @@ class ResultsWorker(HandlerBase):
             return
         match update:
             case JobAccepted():
-                await self._emit(record, "accepted", {"runner_id": update.runner_id}, outbox)
+                await self._emit(record, JobAcceptedEvent, update.runner_id, outbox)
             case JobStarted():
-                await self._emit(record, "started", {"runner_id": update.runner_id}, outbox)
+                await self._emit(record, JobStartedEvent, update.runner_id, outbox)
             case JobFinished():
                 if record.attempt != update.attempt or record.state not in (
                     {JobState.QUEUED} | TERMINAL_STATES
@@ -224,31 +227,31 @@ class ResultsWorker(HandlerBase):
                     self._ctx.metrics.jobs.labels(self.name, record.state.value).inc()
 
     async def _emit(
-        self, record: JobRecord, kind: str, data: dict[str, object], outbox: Outbox
+        self,
+        record: JobRecord,
+        kind: type[JobAcceptedEvent | JobStartedEvent],
+        runner_id: str,
+        outbox: Outbox,
     ) -> None:
         await self._events.emit(
-            "job",
-            record.id,
-            kind,
-            data=data,
-            attempt=record.attempt,
-            correlation_id=record.spec.correlation_id,
-            event_id=f"{record.id}.{kind}.{record.attempt}",
+            kind(
+                subject_id=record.id,
+                attempt=record.attempt,
+                correlation_id=record.spec.correlation_id,
+                runner_id=runner_id,
+            ),
             outbox=outbox,
         )
 
     async def _refuse(self, update: JobUpdate, record: JobRecord, reason: str) -> None:
         await self._events.emit(
-            "job",
-            update.job_id,
-            "stale_update",
-            data={
-                "runner_id": update.runner_id,
-                "update": update.__struct_config__.tag,
-                "reason": reason,
-            },
-            attempt=update.attempt,
-            event_id=f"{update.job_id}.stale.{update.runner_id}.{update.attempt}.{update.__struct_config__.tag}",
+            JobStaleUpdate(
+                subject_id=update.job_id,
+                attempt=update.attempt,
+                runner_id=update.runner_id,
+                update=str(update.__struct_config__.tag),
+                reason=reason,
+            )
         )
         # Whatever slot that stale attempt still holds on its runner is freed.
         await self._ops.release(update.runner_id, update.job_id, update.attempt)

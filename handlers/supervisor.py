@@ -21,7 +21,15 @@ import nats.js.errors
 from anyio.abc import TaskStatus
 from nats.aio.msg import Msg
 
-from schemas import JobRecord, JobState, RunnerCommand, RunnerRecord, RunnerState
+from schemas import (
+    JobRecord,
+    JobState,
+    RunnerCommand,
+    RunnerForgotten,
+    RunnerLost,
+    RunnerRecord,
+    RunnerState,
+)
 from valkyrie import HandlerContext
 from valkyrie.bus.codec import JOB_DECODER, RUNNER_DECODER, encode, now_ms
 from valkyrie.bus.kv import Versioned, cas_update, get_versioned
@@ -186,7 +194,7 @@ class SupervisorWorker(HandlerBase):
             if e.err_code not in (10071, 10164):  # it changed meanwhile: look again next pass
                 raise
             return
-        await self._events.emit("runner", rid, "forgotten", data={"reason": "offline too long"})
+        await self._events.emit(RunnerForgotten(subject_id=rid, reason="offline too long"))
 
     async def _lose_logged(self, rid: str, versioned: Versioned[RunnerRecord], seen: int) -> None:
         # one failure must not cancel the others: the next pass looks at this runner again
@@ -212,15 +220,12 @@ class SupervisorWorker(HandlerBase):
         if written:
             self._view.offer(rid, latest)
             await self._events.emit(
-                "runner",
-                rid,
-                "lost",
-                data={
-                    "last_heartbeat_at_ms": seen,
-                    "silent_ms": now - seen,
-                    "jobs": sorted(record.assigned_jobs),
-                },
-                event_id=f"{rid}.lost.{seen}",
+                RunnerLost(
+                    subject_id=rid,
+                    last_heartbeat_at_ms=seen,
+                    silent_ms=now - seen,
+                    jobs=sorted(record.assigned_jobs),
+                )
             )
             log.warning(
                 "runner %s lost (silent %d ms); re-queueing %d job(s)",

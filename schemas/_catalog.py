@@ -7,6 +7,7 @@ from typing import Any
 import msgspec
 
 from schemas.config import ConfigChange, ConfigRevision, ConfigVerdict
+from schemas.event_catalog import EVENT_KINDS, event_schema_name, event_wire_type
 from schemas.events import DeadLetter, Event
 from schemas.explain import ExplainRequest, JobExplanation
 from schemas.health import FallbackRecord, HealthReport, HealthSummary
@@ -53,6 +54,8 @@ CATALOG: dict[str, Any] = {
     "health-report": HealthReport,
     "health-summary": HealthSummary,
     "fallback-record": FallbackRecord,
+    # one per event type: the envelope with its ``type`` fixed and its ``data`` typed
+    **{event_schema_name(kind): event_wire_type(kind) for kind in EVENT_KINDS},
 }
 
 

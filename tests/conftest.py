@@ -1,15 +1,20 @@
-"""Session fixtures: one real nats-server per test session (or VALKYRIE_TEST_NATS_URL)."""
+"""Session fixtures: one real nats-server per test session (or VALKYRIE_TEST_NATS_URL).
+
+Every test that used a ``prefix`` on that server also has its stored events checked against the
+typed event catalogue afterwards (tests/_event_catalogue.py).
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests._event_catalogue import catalogue_problems
 from tests._helpers import settings_for, unique_prefix
 from valkyrie import Bus, NatsServer, Settings, open_bus
 
@@ -61,3 +66,35 @@ def settings(nats_url: str, prefix: str) -> Settings:
 async def bus(settings: Settings) -> AsyncIterator[Bus]:
     async with open_bus(settings, embed=False) as (b, _):
         yield b
+
+
+#: whether the test's call phase failed (set by the hook below, read by the catalogue check)
+_CALL_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.when == "call":
+        item.stash[_CALL_FAILED] = report.failed
+    return report
+
+
+@pytest.fixture(autouse=True)
+def _events_match_the_catalogue(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After a test that used a prefix on the session's server, every event it stored must be
+    exactly what its typed Struct (schemas.event_catalog) produces."""
+    if not {"prefix", "nats_url"} <= set(request.fixturenames):
+        yield
+        return
+    prefix = request.getfixturevalue("prefix")
+    url = request.getfixturevalue("nats_url")
+    yield
+    if request.node.stash.get(_CALL_FAILED, True):
+        return  # failed (or never ran) already: a second report would only add noise
+    problems = catalogue_problems(url, prefix)
+    if problems:
+        shown = "\n  ".join(problems[:20])
+        pytest.fail(f"{len(problems)} stored event(s) do not match the catalogue:\n  {shown}")

@@ -37,6 +37,7 @@ from schemas import (
     RunnerRecord,
     RunnerRegistration,
     SubmitVerdict,
+    typed_event,
 )
 from valkyrie import BUCKETS, Names
 from valkyrie.domain.intake import parse_submission
@@ -44,6 +45,7 @@ from valkyrie.domain.intake import parse_submission
 DOC = Path(__file__).resolve().parent.parent / "docs" / "subjects.md"
 N = Names()
 
+EVENTS = N.event("<entity>", "<id>", "<type>")
 #: heading (a subject or bucket name) -> the type of each ```json block under it, in order
 EXPECTED: dict[str, tuple[Any, ...]] = {
     N.submit: (JobSubmission, LegacyJobV1, SubmitVerdict, SubmitVerdict),
@@ -59,7 +61,7 @@ EXPECTED: dict[str, tuple[Any, ...]] = {
     N.logs("<job_id>"): (JobLog,),
     N.config_change: (ConfigChange, ConfigVerdict),
     N.health("<component>"): (HealthReport,),
-    N.event("<entity>", "<id>", "<type>"): (Event, Event),
+    EVENTS: (Event, Event),
     N.dead("<handler>"): (DeadLetter,),
     N.bucket("jobs"): (JobRecord,),
     N.bucket("runners"): (RunnerRecord,),
@@ -157,6 +159,15 @@ def test_example_decodes(name: str, index: int, kind: Any) -> None:
     blocks = SECTIONS.get(name, [])
     assert index < len(blocks), f"`{name}` has no json block #{index}"
     msgspec.json.decode(blocks[index].encode(), type=kind, strict=True)
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_event_examples_are_exactly_their_typed_events(index: int) -> None:
+    """No unknown or missing data key, and the id the event's typed Struct derives."""
+    envelope = msgspec.json.decode(SECTIONS[EVENTS][index].encode(), type=Event, strict=True)
+    event = typed_event(envelope, strict=True)
+    assert event is not None
+    assert event.event_id() == envelope.id
 
 
 @pytest.mark.parametrize("index", [0, 1])

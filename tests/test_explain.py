@@ -16,6 +16,7 @@ import msgspec
 import pytest
 
 from schemas import (
+    JobDispatched,
     JobRecord,
     JobState,
     JobSubmission,
@@ -25,6 +26,7 @@ from schemas import (
     RunnerResources,
     RunnerState,
     RunnerStats,
+    RunnerUp,
 )
 from tests._helpers import ROOT, env_for
 from tests._sched_helpers import (
@@ -259,19 +261,32 @@ def test_without_advanced_placement_affinity_and_qos_are_not_checked() -> None:
 
 def test_dispatched_job_explains_its_score_against_the_runners_up() -> None:
     record = msgspec.structs.replace(queued(), state=JobState.RUNNING, runner_id="r2", attempt=1)
-    data = {
-        "runner_id": "r2",
-        "score": 0.81,
-        "runners_up": [{"runner_id": "r1", "score": 0.7}, {"runner_id": "r3", "score": 0.5}],
-        "rejected": {"labels": 2, "capacity": 1},
-        "preferred": False,
-    }
-    e = explain_dispatched(record, data)
+    decision = JobDispatched(
+        subject_id=record.id,
+        attempt=1,
+        runner_id="r2",
+        score=0.81,
+        runners_up=[RunnerUp(runner_id="r1", score=0.7), RunnerUp(runner_id="r3", score=0.5)],
+        candidates=6,
+        rejected={"labels": 2, "capacity": 1},
+        slots_used=1,
+        capacity=2,
+        queued_ms=12,
+        effective_priority=2,
+        boosted=False,
+        tenant="default",
+        mode="full",
+        preferred=False,
+    )
+    e = explain_dispatched(record, decision)
     assert e.summary == "placed on r2 with score 0.81; runners-up: r1 (0.7), r3 (0.5)"
-    assert e.placement == data
+    assert e.placement == msgspec.to_builtins(decision.data())
+    assert e.placement is not None
+    assert e.placement["runners_up"][0] == {"runner_id": "r1", "score": 0.7}
+    assert "predicted_finish_at_ms" not in e.placement  # absent, not null, while unknown
     assert [(g.constraint, g.count) for g in e.rejected] == [("capacity", 1), ("labels", 2)]
     assert e.rejected[1].detail == "their labels do not match"
-    preferred = explain_dispatched(record, {**data, "preferred": True})
+    preferred = explain_dispatched(record, msgspec.structs.replace(decision, preferred=True))
     assert "(a preferred runner: those go first)" in preferred.summary
     assert explain_dispatched(record, None).summary == "placed on r2"
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from schemas import DeadLetter, Event, FieldError
+from schemas import DeadLetter, Event, FieldError, TypedEvent
 from valkyrie.bus.acked import acked_publisher
 from valkyrie.bus.codec import encode, new_id, now_ms
 from valkyrie.bus.connection import Bus
@@ -16,8 +14,9 @@ __all__ = ["EventPublisher"]
 class EventPublisher:
     """Emits events on ``<prefix>.events.…`` and dead letters on ``<prefix>.dead.…``.
 
-    Events whose id is derived from what happened (``job.<id>.queued.<attempt>``) are de-duplicated by
-    the stream, so a handler that redoes work after a crash does not emit them twice.
+    Every event is a typed event (``schemas.event_catalog``). Those whose id is derived from what
+    happened (``<job_id>.queued.<attempt>``) are de-duplicated by the stream, so a handler that
+    redoes work after a crash does not emit them twice.
     """
 
     def __init__(self, bus: Bus, source: str) -> None:
@@ -25,39 +24,26 @@ class EventPublisher:
         self._source = source
 
     async def emit(
-        self,
-        entity: str,
-        subject_id: str,
-        event_type: str,
-        *,
-        data: dict[str, Any] | None = None,
-        attempt: int | None = None,
-        correlation_id: str | None = None,
-        event_id: str | None = None,
-        at_ms: int | None = None,
-        outbox: Outbox | None = None,
+        self, event: TypedEvent, *, at_ms: int | None = None, outbox: Outbox | None = None
     ) -> Event:
-        """Publish one event and wait for the stream to store it.
+        """Publish one typed event and wait for the stream to store it.
 
-        With an ``outbox`` the event is only sent; the caller confirms the outbox later.
+        The subject, the envelope and the id (:meth:`TypedEvent.event_id`, else a random one) all
+        come from ``event``. With an ``outbox`` the event is only sent; the caller confirms the
+        outbox later.
         """
-        event = Event(
-            id=event_id or new_id(),
-            type=f"{entity}.{event_type}",
+        envelope = event.envelope(
+            event_id=event.event_id() or new_id(),
             at_ms=at_ms if at_ms is not None else now_ms(),
             source=self._source,
-            subject_id=subject_id,
-            attempt=attempt,
-            correlation_id=correlation_id,
-            data=data or {},
         )
-        subject = self._bus.names.event(entity, subject_id, event_type)
-        headers = {"Nats-Msg-Id": event.id}
+        subject = self._bus.names.event(event.entity, event.subject_id, event.kind)
+        headers = {"Nats-Msg-Id": envelope.id}
         if outbox is not None:
-            await outbox.publish(subject, encode(event), headers)
+            await outbox.publish(subject, encode(envelope), headers)
         else:
-            await acked_publisher(self._bus.nc).publish(subject, encode(event), headers)
-        return event
+            await acked_publisher(self._bus.nc).publish(subject, encode(envelope), headers)
+        return envelope
 
     async def dead_letter(
         self,

@@ -9,7 +9,7 @@ import msgspec
 import nats.errors
 import nats.js.errors
 
-from schemas import CancelJob, DeadLetter, RegistrationVerdict
+from schemas import CancelJob, DeadLetter, DeadReplayed, RegistrationVerdict
 from valkyrie.bus.codec import DEAD_DECODER, encode, new_id
 from valkyrie.bus.connection import Bus
 from valkyrie.bus.events import EventPublisher
@@ -118,13 +118,11 @@ class Admin:
         except (nats.errors.Error, nats.js.errors.Error) as e:
             raise BusError(f"replay of dead letter #{seq} failed: {e!r}") from e
         await EventPublisher(self.bus, self.actor).emit(
-            "dead",
-            str(seq),
-            "replayed",
-            data={
-                "handler": letter.handler,
-                "subject": letter.original_subject,
-                "new_seq": ack.seq,
-            },
+            DeadReplayed(
+                subject_id=str(seq),
+                handler=letter.handler,
+                subject=letter.original_subject,
+                new_seq=ack.seq,
+            )
         )
         return int(ack.seq)

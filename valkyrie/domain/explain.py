@@ -7,11 +7,12 @@ are recomputed here over every runner, so an explanation scans where placement s
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from schemas import ConstraintGroup, JobExplanation, JobRecord, RunnerRecord
+import msgspec
+
+from schemas import ConstraintGroup, JobDispatched, JobExplanation, JobRecord, RunnerRecord
 from valkyrie.domain.scheduling.placement import CONSTRAINTS, failing_constraints, runner_labels
 
 __all__ = ["QueueFacts", "explain_dispatched", "explain_queued"]
@@ -200,27 +201,31 @@ def explain_queued(
     )
 
 
-def explain_dispatched(record: JobRecord, decision: Mapping[str, Any] | None) -> JobExplanation:
+def explain_dispatched(record: JobRecord, decision: JobDispatched | None) -> JobExplanation:
     """Why a placed job went to its runner: its score against the runners-up, from the decision."""
-    placement = dict(decision or {})
     winner = record.runner_id
-    score = placement.get("score")
-    ups = placement.get("runners_up") or []
+    if decision is None:
+        return JobExplanation(
+            job_id=record.id, state=record.state.value, summary=f"placed on {winner}"
+        )
+    score = decision.score
     summary = f"placed on {winner}" + (f" with score {score}" if score is not None else "")
-    if placement.get("preferred"):
+    if decision.preferred:
         summary += " (a preferred runner: those go first)"
-    if ups:
-        summary += "; runners-up: " + ", ".join(f"{u['runner_id']} ({u['score']})" for u in ups)
+    if decision.runners_up:
+        summary += "; runners-up: " + ", ".join(
+            f"{u.runner_id} ({u.score})" for u in decision.runners_up
+        )
     rejected = [
         ConstraintGroup(
             constraint=code, count=int(n), detail=_WHAT.get(code, code).split("{")[0].strip()
         )
-        for code, n in sorted((placement.get("rejected") or {}).items())
+        for code, n in sorted(decision.rejected.items())
     ]
     return JobExplanation(
         job_id=record.id,
         state=record.state.value,
         summary=summary,
-        placement=placement or None,
+        placement=msgspec.to_builtins(decision.data()),
         rejected=rejected,
     )

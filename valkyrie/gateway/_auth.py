@@ -13,6 +13,7 @@ from typing import Any, Literal
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 
+from schemas import AUDIT_EVENTS
 from valkyrie.config.model import HttpConfig
 from valkyrie.gateway._context import ANONYMOUS, Identity, gateway_of
 from valkyrie.gateway._problems import ProblemError
@@ -33,6 +34,8 @@ def route_opt(scope: Scope, *, audit: str | None = None) -> dict[str, Any]:
     """A route's ``opt``: the scope it needs and, for mutating routes, its audit action name."""
     opt: dict[str, Any] = {"scope": scope}
     if audit is not None:
+        if audit not in AUDIT_EVENTS:  # every audit event is a typed one: add it to the catalogue
+            raise ValueError(f"audit action {audit!r} has no event in schemas.AUDIT_EVENTS")
         opt["audit"] = audit
     return opt
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 import re
 import time
-from typing import Any
 
 import anyio
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, HTTPScope, Message, Receive, Scope, Send
 
+from schemas import AUDIT_EVENTS
 from valkyrie.gateway._context import Gateway, Identity
 
 __all__ = ["GatewayMiddleware"]
@@ -118,22 +118,22 @@ class GatewayMiddleware:
         identity = scope.get("state", {}).get("identity")
         who = identity.name if isinstance(identity, Identity) else "unauthenticated"
         client = scope.get("client")
-        data: dict[str, Any] = {
-            "identity": who,
-            "authenticated": isinstance(identity, Identity) and identity.authenticated,
-            "action": action,
-            "method": scope["method"],
-            "path": scope["path"],
-            "route": route,
-            "status": status,
-            "outcome": "ok" if status < 400 else "refused" if status < 500 else "error",
-            "path_params": {k: str(v) for k, v in (scope.get("path_params") or {}).items()},
-            "client": client[0] if client else None,
-        }
-        subject = _SAFE.sub("_", who)[:64] or "unknown"
+        event = AUDIT_EVENTS[action](
+            subject_id=_SAFE.sub("_", who)[:64] or "unknown",
+            identity=who,
+            authenticated=isinstance(identity, Identity) and identity.authenticated,
+            action=action,
+            method=scope["method"],
+            path=scope["path"],
+            route=route,
+            status=status,
+            outcome="ok" if status < 400 else "refused" if status < 500 else "error",
+            path_params={k: str(v) for k, v in (scope.get("path_params") or {}).items()},
+            client=client[0] if client else None,
+        )
         # the response is out already; a slow or failed audit write must not hold the task long
         with anyio.CancelScope(shield=True), anyio.move_on_after(2):
             try:
-                await gateway.events().emit("audit", subject, action, data=data)
+                await gateway.events().emit(event)
             except Exception as e:
                 log.warning("audit event for %s by %s not stored: %r", action, who, e)

@@ -15,7 +15,15 @@ import nats.js.errors
 from litestar import get
 from litestar.params import QueryParameter
 
-from schemas import HEALTH_STATUSES, HealthStatus, HealthSummary, JobState, RunnerState
+from schemas import (
+    HEALTH_STATUSES,
+    HealthStatus,
+    HealthSummary,
+    JobDispatched,
+    JobState,
+    RunnerState,
+    typed_event,
+)
 from valkyrie.bus.codec import now_ms
 from valkyrie.gateway._auth import route_opt
 from valkyrie.gateway._context import Gateway, GatewayDep
@@ -187,9 +195,12 @@ async def performance_metrics(
             submitted += 1
         elif event.type == "job.dispatched":
             dispatched += 1
-            queued_ms = event.data.get("queued_ms")
-            if isinstance(queued_ms, int | float) and not isinstance(queued_ms, bool):
-                latencies.append(float(queued_ms))
+            try:
+                decision = typed_event(event)
+            except msgspec.ValidationError:
+                continue
+            if isinstance(decision, JobDispatched):
+                latencies.append(float(decision.queued_ms))
         elif event.type in _OUTCOMES:
             name = event.type.removeprefix("job.")
             outcomes[name] = outcomes.get(name, 0) + 1

@@ -8,37 +8,147 @@ stored is the runner told (core NATS) and the decision announced (``job.dispatch
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import anyio
+import msgspec
+import nats.errors
 import nats.js.errors
 from nats.js.kv import KeyValue
 
-from schemas import Dispatch, JobRecord, JobState, RunnerRecord
-from valkyrie.bus.codec import JOB_DECODER, RUNNER_DECODER, encode
+from schemas import (
+    Dispatch,
+    JobDispatched,
+    JobRecord,
+    JobSloBreach,
+    JobState,
+    JobTargetAtRisk,
+    RunnerRecord,
+    typed_event,
+)
+from valkyrie.bus.codec import EVENT_DECODER, JOB_DECODER, RUNNER_DECODER, encode
 from valkyrie.bus.connection import Bus
+from valkyrie.bus.events import EventPublisher
 from valkyrie.bus.kv import Versioned, cas_update, get_versioned, kv_create, kv_write
-from valkyrie.domain.lifecycle import assign_slot, dispatch_job
-from valkyrie.domain.scheduling.queue import HeldJob
+from valkyrie.bus.outbox import Outbox
+from valkyrie.config.model import ValkyrieConfig
+from valkyrie.domain.lifecycle import assign_slot, dispatch_job, finish_job
+from valkyrie.domain.scheduling.priority import tenant_of
+from valkyrie.domain.scheduling.queue import (
+    Commit,
+    HeldJob,
+    dispatch_decision,
+    predicted_finish_at_ms,
+    target_at_risk,
+)
 from valkyrie.runtime.jobops import JobOps
 from valkyrie.runtime.views import RunnerView
 
-__all__ = ["Dispatching"]
+__all__ = ["Dispatched", "Dispatching"]
+
+log = logging.getLogger("valkyrie.dispatcher")
 
 #: compare-and-set retries of the job record against concurrent writers before giving up the slot
 RECORD_TRIES = 10
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatched:
+    """A dispatch that was stored, sent and announced."""
+
+    record: JobRecord
+    tenant: str
 
 
 class Dispatching:
     """Claims slots and records dispatches for one dispatcher process."""
 
     def __init__(
-        self, bus: Bus, ops: JobOps, view: RunnerView, jobs: KeyValue, runners: KeyValue
+        self,
+        bus: Bus,
+        events: EventPublisher,
+        ops: JobOps,
+        view: RunnerView,
+        jobs: KeyValue,
+        runners: KeyValue,
     ) -> None:
         self._bus = bus
+        self._events = events
         self._ops = ops
         self._view = view
         self._jobs = jobs
         self._runners = runners
         self._locks: dict[str, anyio.Lock] = {}
+        #: dispatched, not yet accepted: job id -> (runner, attempt, accept-by instant)
+        self._awaiting: dict[str, tuple[str, int, int]] = {}
+
+    async def dispatch(
+        self,
+        commit: Commit,
+        *,
+        fresh: bool,
+        config: ValkyrieConfig,
+        avg_duration_ms: float | None,
+        now_ms: Callable[[], int],
+    ) -> Dispatched | bool:
+        """Carry out ``commit``: slot, job record, dispatch message, events, in that order.
+
+        Returns the :class:`Dispatched` outcome; ``False`` when the runner filled up or went away
+        meanwhile (place the job again); ``True`` when the job moved on (someone else dispatched,
+        cancelled or expired it): stop holding it. ``fresh``: the record is not stored yet
+        (intake's hand-over): it is created dispatched and its ``job.queued`` announced first.
+        """
+        job, rid = commit.job, commit.runner_id
+        assert job.record is not None
+        queued = job.record
+        queued_at = job.queued_at_ms()
+        attempt = job.attempt + 1
+        runner, claimed = await self.claim_slot(rid, job.job_id, attempt)
+        if runner is None:
+            return False
+        now = now_ms()
+        dispatched = await self.record(job, rid, now_ms=now, fresh=fresh)
+        if dispatched is None:
+            # Only a slot this call took goes back: one that was already there may be the slot of
+            # whoever did dispatch this attempt here (or ours from before a crash, which the
+            # supervisor frees if nobody holds it).
+            if claimed:
+                await self._ops.release(rid, job.job_id, attempt)
+            return True
+        accept_by = now + config.dispatch.accept_timeout_ms
+        self._awaiting[job.job_id] = (rid, attempt, accept_by)
+        await self.send(dispatched, now_ms=now, accept_by_at_ms=accept_by)
+        tenant = tenant_of(dispatched.spec, config.scheduling.tenant_key)
+        decision = dispatch_decision(
+            job,
+            commit.placement,
+            runner,
+            queued_ms=now - queued_at,
+            tenant=tenant,
+            mode=config.mode.value,
+            predicted_finish_at_ms=predicted_finish_at_ms(now, avg_duration_ms),
+        )
+        await self.announce(decision, dispatched, queued=queued if fresh else None, now_ms=now)
+        return Dispatched(dispatched, tenant)
+
+    def answered(self, job_id: str) -> None:
+        """The runner answered ``job_id``'s dispatch (or the job left it): no acceptance timer."""
+        self._awaiting.pop(job_id, None)
+
+    async def take_back_late(self, *, now_ms: int, accept_timeout_ms: int) -> None:
+        """Take back every dispatch made here that its runner did not accept in time."""
+        for job_id, (rid, attempt, accept_by) in list(self._awaiting.items()):
+            if accept_by > now_ms:
+                continue
+            self._awaiting.pop(job_id, None)
+            try:
+                await self.take_back_unaccepted(
+                    job_id, runner_id=rid, attempt=attempt, accept_timeout_ms=accept_timeout_ms
+                )
+            except Exception:
+                log.exception("taking back unaccepted %s failed", job_id)
 
     async def claim_slot(
         self, runner_id: str, job_id: str, attempt: int
@@ -102,10 +212,6 @@ class Dispatching:
             return new
         return None
 
-    async def give_back(self, runner_id: str, job_id: str, attempt: int) -> None:
-        """Free a slot this dispatch took for a job someone else moved on meanwhile."""
-        await self._ops.release(runner_id, job_id, attempt)
-
     async def send(self, record: JobRecord, *, now_ms: int, accept_by_at_ms: int) -> None:
         """Tell the runner (core NATS: the acceptance timer covers a lost message)."""
         assert record.runner_id is not None
@@ -140,6 +246,96 @@ class Dispatching:
                 reason=f"runner {runner_id} did not accept within {accept_timeout_ms} ms",
                 outcome="not_accepted",
             )
+
+    async def announce(
+        self, decision: JobDispatched, record: JobRecord, *, queued: JobRecord | None, now_ms: int
+    ) -> None:
+        """Store the decision's events, confirmed together.
+
+        ``job.queued`` first for a job placed as it was queued (``queued``), then
+        ``job.dispatched``, then ``job.target_at_risk`` if it is predicted to finish late.
+        """
+        outbox = Outbox(self._bus)
+        if queued is not None:
+            await self._ops.announce_queued(
+                queued,
+                at_ms=queued.submitted_at_ms,
+                placed_attempt=decision.attempt,
+                outbox=outbox,
+            )
+        await self._events.emit(decision, at_ms=now_ms, outbox=outbox)
+        finish = decision.predicted_finish_at_ms
+        targets = record.spec.performance_targets
+        if (
+            finish is not None
+            and targets is not None
+            and targets.target_completion_time_s is not None
+            and target_at_risk(record, finish)
+        ):
+            await self._events.emit(
+                JobTargetAtRisk(
+                    subject_id=record.id,
+                    attempt=decision.attempt,
+                    target_completion_time_s=targets.target_completion_time_s,
+                    predicted_finish_at_ms=finish,
+                ),
+                outbox=outbox,
+            )
+        await outbox.confirm()
+
+    async def breach(self, job: HeldJob, waited_ms: int) -> None:
+        """Record that ``job`` waited past its ``max_dispatch_latency_ms`` (it is boosted now)."""
+        assert job.record is not None
+        targets = job.record.spec.performance_targets
+        assert targets is not None
+        try:
+            await self._events.emit(
+                JobSloBreach(
+                    subject_id=job.job_id,
+                    attempt=job.attempt,
+                    target="max_dispatch_latency_ms",
+                    limit_ms=targets.max_dispatch_latency_ms,
+                    waited_ms=waited_ms,
+                    action="boosted ahead of unboosted jobs",
+                )
+            )
+        except (nats.errors.Error, nats.js.errors.Error) as e:
+            log.warning("could not record SLO breach of %s: %r", job.job_id, e)
+
+    async def expire(self, job: HeldJob, *, now_ms: int) -> JobRecord | None:
+        """End ``job`` ``expired`` (its deadline passed while queued); the record if this did it."""
+        assert job.record is not None
+
+        def decide(record: JobRecord) -> JobRecord | None:
+            if record.state != JobState.QUEUED or record.attempt != job.attempt:
+                return None
+            reason = f"deadline {record.spec.deadline_at_ms} passed before the job could start"
+            return finish_job(record, JobState.EXPIRED, now_ms=now_ms, reason=reason)
+
+        latest, _ = await cas_update(
+            self._jobs,
+            job.job_id,
+            JOB_DECODER,
+            decide,
+            known=Versioned(job.record, job.revision or 0),
+            ttl_for=self._ops.job_ttl(),
+        )
+        if latest is None or latest.value.state != JobState.EXPIRED:
+            return None
+        await self._ops.announce_outcome(latest.value, from_runner=None)
+        return latest.value
+
+    async def decision_of(self, job_id: str) -> JobDispatched | None:
+        """The latest ``job.dispatched`` event of ``job_id`` (what ``explain`` shows)."""
+        try:
+            raw = await self._bus.js.get_last_msg(
+                self._bus.names.stream("events"),
+                self._bus.names.event("job", job_id, "dispatched"),
+            )
+            event = typed_event(EVENT_DECODER.decode(raw.data or b""))
+        except (nats.js.errors.NotFoundError, msgspec.DecodeError):
+            return None
+        return event if isinstance(event, JobDispatched) else None
 
     async def read(self, job_id: str) -> Versioned[JobRecord] | None:
         """The job record and its revision."""

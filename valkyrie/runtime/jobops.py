@@ -13,7 +13,15 @@ import msgspec
 import nats.js.errors
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from schemas import TERMINAL_STATES, JobRecord, JobState
+from schemas import (
+    JOB_ENDED,
+    TERMINAL_STATES,
+    JobQueued,
+    JobRecord,
+    JobRequeued,
+    JobState,
+    JobTargetMissed,
+)
 from valkyrie.bus.codec import JOB_DECODER, RUNNER_DECODER, UPDATE_DECODER, encode, now_ms
 from valkyrie.bus.connection import Bus
 from valkyrie.bus.events import EventPublisher
@@ -94,28 +102,25 @@ class JobOps:
         dispatcher placed the moment it was queued says so (``placed_attempt``): dispatchers
         then settle the event without placing it again.
         """
-        data: dict[str, object] = {
-            "job_type": record.spec.job_type,
-            "priority": record.spec.priority,
-            "api_version": record.api_version,
-            "reason": record.reason,
-            "not_before_at_ms": record.not_before_at_ms,
-        }
-        if placed_attempt is not None:
-            data["placed_attempt"] = placed_attempt
-        elif revision is not None:
-            encoded = encode(record)
-            if len(encoded) <= INLINE_RECORD_BYTES:
-                data["record"] = msgspec.json.decode(encoded)
-                data["revision"] = revision
+        inline = (
+            placed_attempt is None
+            and revision is not None
+            and len(encode(record)) <= INLINE_RECORD_BYTES
+        )
         await self._events.emit(
-            "job",
-            record.id,
-            "queued",
-            data=data,
-            attempt=record.attempt,
-            correlation_id=record.spec.correlation_id,
-            event_id=f"{record.id}.queued.{record.attempt}",
+            JobQueued(
+                subject_id=record.id,
+                attempt=record.attempt,
+                correlation_id=record.spec.correlation_id,
+                job_type=record.spec.job_type,
+                priority=record.spec.priority,
+                api_version=record.api_version,
+                reason=record.reason,
+                not_before_at_ms=record.not_before_at_ms,
+                placed_attempt=placed_attempt,
+                record=record if inline else None,
+                revision=revision if inline else None,
+            ),
             at_ms=at_ms,
             outbox=outbox,
         )
@@ -247,35 +252,29 @@ class JobOps:
         """Emit the events for a record that left its runner: re-queued, or its terminal state."""
         if record.state == JobState.QUEUED and record.runner_id is None:
             await self._events.emit(
-                "job",
-                record.id,
-                "requeued",
-                data={
-                    "reason": record.reason,
-                    "from_runner": from_runner,
-                    "not_before_at_ms": record.not_before_at_ms,
-                },
-                attempt=record.attempt,
-                event_id=f"{record.id}.requeued.{record.attempt}",
+                JobRequeued(
+                    subject_id=record.id,
+                    attempt=record.attempt,
+                    reason=record.reason,
+                    from_runner=from_runner,
+                    not_before_at_ms=record.not_before_at_ms,
+                ),
                 outbox=outbox,
             )
             await self.announce_queued(record, revision=revision, outbox=outbox)
         elif record.state in TERMINAL_STATES:
             res = record.result
             await self._events.emit(
-                "job",
-                record.id,
-                record.state.value,
-                data={
-                    "runner_id": from_runner,
-                    "job_type": record.spec.job_type,
-                    "exit_code": res.exit_code if res else None,
-                    "duration_ms": res.duration_ms if res else None,
-                    "reason": record.reason,
-                },
-                attempt=record.attempt,
-                correlation_id=record.spec.correlation_id,
-                event_id=f"{record.id}.{record.state.value}.{record.attempt}",
+                JOB_ENDED[record.state](
+                    subject_id=record.id,
+                    attempt=record.attempt,
+                    correlation_id=record.spec.correlation_id,
+                    runner_id=from_runner,
+                    job_type=record.spec.job_type,
+                    exit_code=res.exit_code if res else None,
+                    duration_ms=res.duration_ms if res else None,
+                    reason=record.reason,
+                ),
                 outbox=outbox,
             )
             targets = record.spec.performance_targets
@@ -286,14 +285,11 @@ class JobOps:
                 and took_ms > targets.target_completion_time_s * 1000
             ):
                 await self._events.emit(
-                    "job",
-                    record.id,
-                    "target_missed",
-                    data={
-                        "target_completion_time_s": targets.target_completion_time_s,
-                        "took_ms": took_ms,
-                    },
-                    attempt=record.attempt,
-                    event_id=f"{record.id}.target_missed",
+                    JobTargetMissed(
+                        subject_id=record.id,
+                        attempt=record.attempt,
+                        target_completion_time_s=targets.target_completion_time_s,
+                        took_ms=took_ms,
+                    ),
                     outbox=outbox,
                 )

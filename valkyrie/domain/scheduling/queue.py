@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from schemas import JobRecord, JobState, JobSubmission, RunnerRecord
+from schemas import JobDispatched, JobRecord, JobState, JobSubmission, RunnerRecord, RunnerUp
 from valkyrie.config.model import IntegrationMode, ValkyrieConfig
+from valkyrie.domain.explain import QueueFacts
 from valkyrie.domain.modes import uses_advanced_placement
 from valkyrie.domain.scheduling.index import RunnerIndex
 from valkyrie.domain.scheduling.placement import Placement, ScoreWeights, place
@@ -266,6 +267,21 @@ class DispatchQueue:
         index = next((i for i, j in enumerate(ordered) if j.job_id == job_id), None)
         return index, len(ordered)
 
+    def facts(self, record: JobRecord, *, now_ms: int, config: ValkyrieConfig) -> QueueFacts:
+        """What this queue knows of queued ``record`` for ``explain``."""
+        position, length = self.position(record.id, now_ms, config)
+        job = self.jobs.get(record.id)
+        return QueueFacts(
+            mode=config.mode.value,
+            advanced=uses_advanced_placement(record.spec, config.mode),
+            effective_priority=job.effective if job else None,
+            position=position,
+            length=length,
+            boosted=bool(job and job.boosted),
+            waiting_for_preferred=bool(job and job.last and job.last.waiting_for_preferred),
+            avg_duration_ms=self.durations.get(record.spec.job_type),
+        )
+
     # -- placement -------------------------------------------------------------------------------
     def plan(self, now_ms: int, config: ValkyrieConfig, index: RunnerIndex) -> list[Action]:
         """One placement round over the first ``dispatch.max_queue_scan`` jobs in line.
@@ -426,28 +442,34 @@ def dispatch_decision(
     queued_ms: int,
     tenant: str,
     mode: str,
-) -> dict[str, Any]:
-    """The decision a ``job.dispatched`` event records (``valkyrie jobs explain`` shows it)."""
+    predicted_finish_at_ms: int | None,
+) -> JobDispatched:
+    """The ``job.dispatched`` event recording the decision (``valkyrie jobs explain`` shows it)."""
     assert job.record is not None
-    hints = job.record.spec.routing_hints
+    spec = job.record.spec
+    hints = spec.routing_hints
     rid = runner.registration.runner_id
-    return {
-        "runner_id": rid,
-        "score": round(placement.ranked[0].score, 4) if placement.ranked else None,
-        "runners_up": [
-            {"runner_id": s.runner_id, "score": round(s.score, 4)} for s in placement.ranked[1:4]
+    return JobDispatched(
+        subject_id=job.job_id,
+        attempt=job.attempt + 1,
+        correlation_id=spec.correlation_id,
+        runner_id=rid,
+        score=round(placement.ranked[0].score, 4) if placement.ranked else None,
+        runners_up=[
+            RunnerUp(runner_id=s.runner_id, score=round(s.score, 4)) for s in placement.ranked[1:4]
         ],
-        "candidates": len(placement.ranked) + sum(len(v) for v in placement.rejected.values()),
-        "rejected": dict(placement.reasons()),
-        "slots_used": len(runner.assigned_jobs),
-        "capacity": runner.registration.max_concurrent_jobs,
-        "queued_ms": queued_ms,
-        "effective_priority": job.effective,
-        "boosted": job.boosted,
-        "tenant": tenant,
-        "mode": mode,
-        "preferred": hints is not None and rid in hints.preferred_runners,
-    }
+        candidates=len(placement.ranked) + sum(len(v) for v in placement.rejected.values()),
+        rejected=dict(placement.reasons()),
+        slots_used=len(runner.assigned_jobs),
+        capacity=runner.registration.max_concurrent_jobs,
+        queued_ms=queued_ms,
+        effective_priority=job.effective,
+        boosted=job.boosted,
+        tenant=tenant,
+        mode=mode,
+        preferred=hints is not None and rid in hints.preferred_runners,
+        predicted_finish_at_ms=predicted_finish_at_ms,
+    )
 
 
 def predicted_finish_at_ms(now_ms: int, avg_duration_ms: float | None) -> int | None:
