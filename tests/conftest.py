@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests._helpers import settings_for, unique_prefix
+from tests._helpers import config_for_test, settings_for, unique_prefix
 from valkyrie import Bus, NatsServer, Settings, open_bus
 
 
@@ -59,5 +59,5 @@ def settings(nats_url: str, prefix: str) -> Settings:
 
 @pytest.fixture
 async def bus(settings: Settings) -> AsyncIterator[Bus]:
-    async with open_bus(settings, embed=False) as (b, _):
+    async with open_bus(settings, embed=False, config=config_for_test(settings).config) as (b, _):
         yield b
