@@ -45,6 +45,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(ROOT))
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
@@ -70,10 +71,13 @@ from benchmarks._report import (  # noqa: E402
     timestamp,
     write_json,
 )
-from schemas import ConfigRevision, HealthReport  # noqa: E402
+from schemas import HealthReport  # noqa: E402
 from valkyrie import Bus, NatsServer, Settings, connect  # noqa: E402
+from valkyrie.bus.codec import CONFIG_REVISION_DECODER  # noqa: E402
+from valkyrie.bus.kv import watch_kv  # noqa: E402
 from valkyrie.client.config import ConfigClient  # noqa: E402
 from valkyrie.config.live import CONFIG_KEY  # noqa: E402
+from valkyrie.config.model import ValkyrieConfig  # noqa: E402
 
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "config_reload.json"
 DEFAULT_WORKERS = ("intake", "dispatcher", "registry", "results", "supervisor")
@@ -81,7 +85,6 @@ KEY = "dispatch.max_queue_scan"
 TARGET_P99_MS = 100.0
 _APPLIED = re.compile(r"config revision (\d+) applied .*?epoch_ms=([0-9.]+)")
 _REPORT = msgspec.json.Decoder(HealthReport)
-_REVISION = msgspec.json.Decoder(ConfigRevision)
 
 
 def log(message: str) -> None:
@@ -156,22 +159,13 @@ class Watch:
     async def follow_revisions(
         self, bus: Bus, *, task_status: Any = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        kv = await bus.kv("config")
-        watcher = await kv.watch(CONFIG_KEY)
-        task_status.started()
-        try:
-            while True:
-                try:
-                    entry = await watcher.updates(timeout=5.0)
-                except TimeoutError:
-                    continue
-                if entry is not None and entry.value:
-                    revision = _REVISION.decode(entry.value)
+        changes = watch_kv(await bus.kv("config"), CONFIG_KEY, started=task_status.started)
+        async with contextlib.aclosing(changes):
+            async for change in changes:
+                if change.value is not None:
+                    revision = CONFIG_REVISION_DECODER.decode(change.value)
                     self.at_ms[revision.revision] = revision.at_ms
                     self._poke()
-        finally:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
-                await watcher.stop()
 
     def ready(self, expected: int) -> bool:
         return len(self.instances) >= expected
@@ -210,13 +204,14 @@ async def run(params: Params, url: str, children: Children, workdir: Path) -> di
     prefix = "bench" + uuid.uuid4().hex[:8]
     env = worker_env(url, prefix)
     python = sys.executable
-    settings = Settings.from_env({}, nats_url=url, prefix=prefix, metrics_port=0)
+    settings = Settings.from_env({}, nats_url=url, prefix=prefix)
     bus = await connect(settings, name="bench-config-reload")
     errors: list[str] = []
     changes: list[Change] = []
     logs: dict[str, Path] = {}
     try:
-        await bus.provision()
+        # the model's defaults: the worker processes (no config variables) provision the same
+        await bus.provision(ValkyrieConfig())
         watch = Watch(set(params.workers))
         sub = await bus.nc.subscribe(bus.names.health("*"), cb=watch.on_report)
         async with anyio.create_task_group() as tg:

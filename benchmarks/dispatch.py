@@ -96,6 +96,7 @@ from benchmarks._report import (  # noqa: E402
 )
 from schemas import JobSubmission  # noqa: E402
 from valkyrie import BUCKETS, Bus, NatsServer, Settings, connect  # noqa: E402
+from valkyrie.config.model import ValkyrieConfig  # noqa: E402
 
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "dispatch.json"
 #: default worker processes: the submit->dispatch path in one, runner upkeep and results in the other
@@ -447,7 +448,7 @@ def _env_for(settings: Settings) -> dict[str, str]:
 
 
 async def _delete_valkyrie(bus: Bus) -> None:
-    for config in bus.stream_configs():
+    for config in bus.stream_configs(ValkyrieConfig()):
         try:
             await bus.js.delete_stream(config.name or "")
         except (nats.errors.Error, nats.js.errors.Error):
@@ -502,16 +503,15 @@ async def valkyrie_scenario(
 ) -> dict[str, Any]:
     """The Valkyrie pipeline: handlers in one subprocess, lean runners here."""
     prefix = "bv" + uuid.uuid4().hex[:8]
-    settings = Settings.from_env(
-        {}, nats_url=url, prefix=prefix, metrics_port=0, events_max_bytes=EVENTS_MAX_BYTES
-    )
+    settings = Settings.from_env({}, nats_url=url, prefix=prefix, events_max_bytes=EVENTS_MAX_BYTES)
     names = settings.prefix
     log(f"valkyrie: prefix {names}, {p.runners} runners x capacity {p.runner_capacity}")
     bus = await connect(settings, name="bench-valkyrie-submit")
     fleet_nc: NatsClient | None = None
     workers: list[Child] = []
     try:
-        await bus.provision()
+        # the model's defaults: the worker processes (no config variables) provision the same
+        await bus.provision(ValkyrieConfig())
         groups = p.process_groups()
         for i, group in enumerate(groups, 1):
             name = "valkyrie-worker" if len(groups) == 1 else f"valkyrie-worker-{i}"

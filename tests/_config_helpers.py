@@ -14,10 +14,10 @@ import anyio
 from prometheus_client import CollectorRegistry
 
 from schemas import ConfigVerdict, Event
-from tests._helpers import events_of, wait_until
+from tests._helpers import config_for_test, events_of, wait_until
 from valkyrie import Bus, Settings, open_bus, run_workers
 from valkyrie.client.config import ConfigClient
-from valkyrie.config.live import LiveConfig, config_for
+from valkyrie.config.live import LiveConfig
 
 #: the line LiveConfig logs when a process runs a new revision
 APPLIED = re.compile(r"config revision (\d+) applied")
@@ -29,8 +29,8 @@ async def control_plane(
 ) -> AsyncIterator[tuple[Bus, LiveConfig]]:
     """Run ``handlers`` in this process with a LiveConfig the test can watch."""
     registry = CollectorRegistry()
-    live = LiveConfig(config_for(settings, environ={}))
-    async with open_bus(settings, embed=False) as (bus, _):
+    live = LiveConfig(config_for_test(settings))
+    async with open_bus(settings, embed=False, config=live.current) as (bus, _):
         stop = anyio.Event()
         async with anyio.create_task_group() as tg:
             await tg.start(partial(run_workers, config=live), bus, registry, stop, list(handlers))

@@ -14,10 +14,11 @@ import httpx
 from litestar import Litestar
 from prometheus_client import CollectorRegistry
 
-from tests._helpers import running
+from tests._helpers import config_for_test, running
 from valkyrie import Bus, Settings
-from valkyrie.config.live import LiveConfig, config_for
+from valkyrie.config.live import LiveConfig
 from valkyrie.gateway import create_app, hash_token, run_gateway
+from valkyrie.runtime.views import watch_config
 
 #: tokens the auth tests configure: name -> (token, scopes)
 TOKENS: dict[str, tuple[str, list[str]]] = {
@@ -72,10 +73,10 @@ async def gateway(
 ) -> AsyncIterator[Gw]:
     """Handlers (all by default) and the gateway app, driven through httpx's ASGI transport."""
     async with running(settings, handlers) as bus:
-        live = LiveConfig(config_for(settings, environ=dict(environ or {})))
+        live = LiveConfig(config_for_test(settings, environ=environ))
         registry = CollectorRegistry()
         async with anyio.create_task_group() as tg:
-            await tg.start(live.watch, bus)
+            await tg.start(watch_config, bus, live)
             app = create_app(bus, live, registry)
             transport = asgi_transport(app, client=("10.0.0.1", 40000))
             async with httpx.AsyncClient(
@@ -103,7 +104,7 @@ async def served(
 ) -> AsyncIterator[Served]:
     """Handlers and the gateway served by uvicorn on a free port."""
     async with running(settings, handlers) as bus:
-        live = LiveConfig(config_for(settings, environ=dict(environ or {})))
+        live = LiveConfig(config_for_test(settings, environ=environ))
         stop = anyio.Event()
         async with anyio.create_task_group() as tg:
             port = await tg.start(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
+import json
 import math
 import os
 import signal
@@ -11,7 +13,7 @@ import subprocess
 import sys
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +38,9 @@ from valkyrie import (
     run_workers,
 )
 from valkyrie.bus.codec import DEAD_DECODER, EVENT_DECODER
-from valkyrie.config.live import LiveConfig, config_for
+from valkyrie.config.doc import env_name
+from valkyrie.config.live import LiveConfig
+from valkyrie.config.load import LoadedConfig, config_for
 from valkyrie.domain.intake import job_id_for, parse_submission, queued_record
 from valkyrie.runtime.views import SharedViews
 
@@ -55,13 +59,15 @@ def unique_prefix() -> str:
     return "t" + uuid.uuid4().hex[:10]
 
 
+#: runtime-config keys every test process runs with: fast redelivery, no metrics port
+TEST_CONFIG: dict[str, object] = {"performance.ack_wait_s": 5.0, "observability.metrics_port": 0}
+
+
 def settings_for(url: str, prefix: str, **overrides: object) -> Settings:
-    """Test settings: memory-light, fast redelivery, no metrics port."""
+    """Test settings: memory-light (the tunables are in :func:`config_for_test`)."""
     base: dict[str, object] = {
         "nats_url": url,
         "prefix": prefix,
-        "metrics_port": 0,
-        "ack_wait_s": 5.0,
         "connect_timeout_s": 10.0,
         # the server reserves each stream's max_bytes: the 1 GiB default of the events and logs
         # streams would exhaust the session server's store after a few test prefixes
@@ -71,45 +77,70 @@ def settings_for(url: str, prefix: str, **overrides: object) -> Settings:
     return Settings.from_env({}, **base)
 
 
+def config_for_test(
+    settings: Settings, *, environ: Mapping[str, str] | None = None, **overrides: object
+) -> LoadedConfig:
+    """The config a test process runs: the profile and file of ``settings``, ``environ`` (no
+    variables by default), then :data:`TEST_CONFIG` and ``overrides`` as the ``env`` layer
+    (``__`` in an argument name stands for ``.``: ``performance__ack_wait_s=10.0``)."""
+    dotted = {**TEST_CONFIG, **{k.replace("__", "."): v for k, v in overrides.items()}}
+    return config_for(settings, environ=dict(environ or {}), overrides=dotted)
+
+
 @asynccontextmanager
-async def running(settings: Settings, handlers: Sequence[str] | None = None) -> AsyncIterator[Bus]:
-    """Provision and run handlers in this process; stop them cleanly on exit."""
+async def running(
+    settings: Settings,
+    handlers: Sequence[str] | None = None,
+    *,
+    config: LoadedConfig | None = None,
+) -> AsyncIterator[Bus]:
+    """Provision and run handlers in this process (with ``config``, by default
+    :func:`config_for_test`); stop them cleanly on exit."""
+    loaded = config if config is not None else config_for_test(settings)
     registry = CollectorRegistry()
-    async with open_bus(settings, embed=False) as (bus, _):
+    async with open_bus(settings, embed=False, config=loaded.config) as (bus, _):
         stop = anyio.Event()
         async with anyio.create_task_group() as tg:
             if handlers is None or handlers:
-                await tg.start(run_workers, bus, registry, stop, list(handlers or []) or None)
+                workers = functools.partial(run_workers, config=LiveConfig(loaded))
+                await tg.start(workers, bus, registry, stop, list(handlers or []) or None)
             try:
                 yield bus
             finally:
                 stop.set()
 
 
-def env_for(settings: Settings) -> dict[str, str]:
-    """Environment for a subprocess that should use ``settings``."""
+def config_env(config: LoadedConfig) -> dict[str, str]:
+    """The ``VALKYRIE_<SECTION>__<KEY>`` variables that give a subprocess ``config``'s env layer."""
+    return {env_name(key): json.dumps(value) for key, value in config.layers["env"].items()}
+
+
+def env_for(settings: Settings, config: LoadedConfig | None = None) -> dict[str, str]:
+    """Environment for a subprocess that should use ``settings`` and ``config`` (by default
+    :func:`config_for_test`)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("VALKYRIE_")}
     env.update(
         {
             "VALKYRIE_NATS_URL": settings.nats_url or "",
             "VALKYRIE_PREFIX": settings.prefix,
-            "VALKYRIE_METRICS_PORT": "0",
-            "VALKYRIE_ACK_WAIT_S": str(settings.ack_wait_s),
             # provisioning from the subprocess must not grow the streams' reserved bytes (the
             # session server has room for a few hundred test prefixes, not for 1 GiB each)
             "VALKYRIE_EVENTS_MAX_BYTES": str(settings.events_max_bytes),
+            **config_env(config if config is not None else config_for_test(settings)),
         }
     )
     return env
 
 
-def spawn(args: Sequence[str], settings: Settings, log: Path) -> subprocess.Popen[bytes]:
+def spawn(
+    args: Sequence[str], settings: Settings, log: Path, config: LoadedConfig | None = None
+) -> subprocess.Popen[bytes]:
     """Start ``python -m valkyrie ARGS`` with output to ``log``."""
     out = log.open("ab")
     try:
         return subprocess.Popen(
             [sys.executable, "-m", "valkyrie", *args],
-            env=env_for(settings),
+            env=env_for(settings, config),
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
@@ -175,9 +206,9 @@ async def wait_until(
             await anyio.sleep(interval_s)
 
 
-def env_with_settings(settings: Settings) -> dict[str, str]:
+def env_with_settings(settings: Settings, config: LoadedConfig | None = None) -> dict[str, str]:
     """Like :func:`env_for`, but carrying every setting (a subprocess then behaves like the test)."""
-    env = env_for(settings)
+    env = env_for(settings, config)
     for field in msgspec.structs.fields(Settings):
         value = getattr(settings, field.name)
         if value is not None:
@@ -186,14 +217,19 @@ def env_with_settings(settings: Settings) -> dict[str, str]:
 
 
 def spawn_module(
-    module: str, args: Sequence[str], settings: Settings, log: Path
+    module: str,
+    args: Sequence[str],
+    settings: Settings,
+    log: Path,
+    config: LoadedConfig | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start ``python -m MODULE ARGS`` with every setting of ``settings`` and output to ``log``."""
+    """Start ``python -m MODULE ARGS`` with every setting of ``settings`` (and ``config``) and
+    output to ``log``."""
     out = log.open("ab")
     try:
         return subprocess.Popen(
             [sys.executable, "-m", module, *args],
-            env=env_with_settings(settings),
+            env=env_with_settings(settings, config),
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
@@ -333,7 +369,9 @@ def queued_job(source: str, *, now_ms: int = 1_000, **spec: object) -> JobRecord
     return queued_record(job_id, parsed, now_ms=now_ms, source_seq=1)
 
 
-def handler_context(bus: Bus, tg: TaskGroup, name: str) -> HandlerContext:
+def handler_context(
+    bus: Bus, tg: TaskGroup, name: str, config: LoadedConfig | None = None
+) -> HandlerContext:
     """What ``run_workers`` gives a handler, for driving one directly in a test."""
     registry = CollectorRegistry()
     return HandlerContext(
@@ -341,6 +379,6 @@ def handler_context(bus: Bus, tg: TaskGroup, name: str) -> HandlerContext:
         registry=registry,
         metrics=HandlerMetrics.create(registry),
         name=name,
-        config=LiveConfig(config_for(bus.settings)),
+        config=LiveConfig(config if config is not None else config_for_test(bus.settings)),
         views=SharedViews(bus, tg),
     )

@@ -24,12 +24,12 @@ from schemas import (
     RunnerResources,
     RunnerStats,
 )
-from tests._helpers import events_of, settings_for
+from tests._helpers import config_for_test, events_of, settings_for
 from valkyrie import Bus, Client, Settings, open_bus, run_workers
 from valkyrie.bus.codec import RUNNER_DECODER
 from valkyrie.bus.kv import cas_update
 from valkyrie.client.config import ConfigClient
-from valkyrie.config.live import LiveConfig, config_for
+from valkyrie.config.live import LiveConfig
 from valkyrie.testing import SimulatedRunner
 
 #: every handler a scheduling test needs
@@ -50,8 +50,8 @@ async def plane(
     settings: Settings, handlers: Sequence[str] = HANDLERS
 ) -> AsyncIterator[tuple[Bus, LiveConfig]]:
     """Run ``handlers`` in this process with a LiveConfig the test can watch."""
-    live = LiveConfig(config_for(settings, environ={}))
-    async with open_bus(settings, embed=False) as (bus, _):
+    live = LiveConfig(config_for_test(settings))
+    async with open_bus(settings, embed=False, config=live.current) as (bus, _):
         stop = anyio.Event()
         async with anyio.create_task_group() as tg:
             workers = functools.partial(run_workers, config=live)

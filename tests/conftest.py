@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests._event_catalogue import catalogue_problems
-from tests._helpers import settings_for, unique_prefix
+from tests._helpers import config_for_test, settings_for, unique_prefix
 from valkyrie import Bus, NatsServer, Settings, open_bus
 
 
@@ -64,7 +64,7 @@ def settings(nats_url: str, prefix: str) -> Settings:
 
 @pytest.fixture
 async def bus(settings: Settings) -> AsyncIterator[Bus]:
-    async with open_bus(settings, embed=False) as (b, _):
+    async with open_bus(settings, embed=False, config=config_for_test(settings).config) as (b, _):
         yield b
 
 

@@ -20,7 +20,14 @@ import anyio.to_thread
 import pytest
 
 from schemas import JobState
-from tests._helpers import events_of, running, settings_for, wait_all_succeeded, wait_until
+from tests._helpers import (
+    config_for_test,
+    events_of,
+    running,
+    settings_for,
+    wait_all_succeeded,
+    wait_until,
+)
 from valkyrie import Bus, BusError, Client, NatsServer, Settings, open_bus
 from valkyrie.testing import SimulatedRunner
 
@@ -77,7 +84,7 @@ def free_ports(n: int) -> list[int]:
 async def provisioned(settings: Settings) -> bool:
     """Whether the cluster has a JetStream leader and took every R3 stream and bucket."""
     try:
-        async with open_bus(settings, embed=False):
+        async with open_bus(settings, embed=False, config=config_for_test(settings).config):
             return True
     except BusError:
         return False

@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from schemas import JobRecord, JobState
 from tests._helpers import (
+    config_for_test,
     dead_letters,
     events_of,
     overlaps,
@@ -34,6 +35,7 @@ from tests._helpers import (
     wait_until,
 )
 from valkyrie import Bus, Client, HandlerMetrics, Settings, StreamConsumer, connect, open_bus
+from valkyrie.config.load import LoadedConfig
 from valkyrie.testing import SimulatedRunner
 
 pytestmark = [pytest.mark.nats, pytest.mark.chaos, pytest.mark.slow]
@@ -48,8 +50,9 @@ CONSUMERS = {"intake": "submit", "results": "updates", "dispatcher": "events"}
 class Handlers:
     """One process per handler, killed and restarted by name."""
 
-    def __init__(self, settings: Settings, tmp: Path) -> None:
+    def __init__(self, settings: Settings, tmp: Path, config: LoadedConfig) -> None:
         self.settings = settings
+        self.config = config
         self.tmp = tmp
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -58,7 +61,9 @@ class Handlers:
 
     def start(self, name: str, *, runs: list[str] | None = None) -> None:
         """Start process ``name`` running the handler of that name, or those in ``runs``."""
-        self.procs[name] = spawn(["worker", *(runs or [name])], self.settings, self.log(name))
+        self.procs[name] = spawn(
+            ["worker", *(runs or [name])], self.settings, self.log(name), self.config
+        )
 
     async def stop(self, name: str, sig: int = signal.SIGTERM) -> int:
         return await anyio.to_thread.run_sync(
@@ -184,10 +189,11 @@ async def test_sigkill_each_handler_in_turn_loses_and_doubles_nothing(
     total, per_s = 600, 15.0
     # a delivery a dead handler held comes back after ack_wait_s; like in production (30 s) that
     # is longer than the acceptance window (accept_timeout_ms 5 s)
-    settings = settings_for(nats_url, prefix, ack_wait_s=10.0)
-    handlers = Handlers(settings, tmp_path)
+    settings = settings_for(nats_url, prefix)
+    config = config_for_test(settings, performance__ack_wait_s=10.0)
+    handlers = Handlers(settings, tmp_path, config)
     runners: dict[str, subprocess.Popen[bytes]] = {}
-    async with open_bus(settings, embed=False) as (bus, _):
+    async with open_bus(settings, embed=False, config=config.config) as (bus, _):
         client = Client(bus)
         try:
             await _start(bus, handlers, runners, count=8, capacity=4)
@@ -231,10 +237,11 @@ async def test_sigkill_intake_with_its_dispatcher_loses_and_doubles_nothing(
     inside that sequence; redelivered submissions must neither lose a job nor run one twice.
     """
     total, per_s = 900, 60.0
-    settings = settings_for(nats_url, prefix, ack_wait_s=10.0)
-    handlers = Handlers(settings, tmp_path)
+    settings = settings_for(nats_url, prefix)
+    config = config_for_test(settings, performance__ack_wait_s=10.0)
+    handlers = Handlers(settings, tmp_path, config)
     runners: dict[str, subprocess.Popen[bytes]] = {}
-    async with open_bus(settings, embed=False) as (bus, _):
+    async with open_bus(settings, embed=False, config=config.config) as (bus, _):
         client = Client(bus)
         try:
             processes = {"front": FRONT, **{n: [n] for n in ("results", "registry", "supervisor")}}
@@ -327,11 +334,12 @@ async def test_sigterm_finishes_in_flight_messages_and_exits_zero(
     nats_url: str, prefix: str, tmp_path: Path
 ) -> None:
     # a long ack wait: a message a stopped handler left unsettled would only come back after 60 s
-    settings = settings_for(nats_url, prefix, ack_wait_s=60.0)
-    handlers = Handlers(settings, tmp_path)
+    settings = settings_for(nats_url, prefix)
+    config = config_for_test(settings, performance__ack_wait_s=60.0)
+    handlers = Handlers(settings, tmp_path, config)
     runners: dict[str, subprocess.Popen[bytes]] = {}
     total, per_s = 300, 30.0
-    async with open_bus(settings, embed=False) as (bus, _):
+    async with open_bus(settings, embed=False, config=config.config) as (bus, _):
         client = Client(bus)
         try:
             await _start(bus, handlers, runners, count=4, capacity=4)
@@ -357,7 +365,7 @@ async def test_sigterm_finishes_in_flight_messages_and_exits_zero(
             # The dispatcher hands the jobs it holds back (nak) when it stops: placed again at
             # once by its successor, long before its own ack wait could deliver anything it left
             # unsettled.
-            limit = settings.ack_wait_s - 5 - (time.monotonic() - stopped)
+            limit = config.config.performance.ack_wait_s - 5 - (time.monotonic() - stopped)
             records = await _all_succeeded_by_n(client, total, timeout_s=limit)
         finally:
             codes = await handlers.stop_all(runners)
@@ -381,25 +389,28 @@ async def test_results_dying_with_unsettled_updates_does_not_rerun_running_jobs(
     unaccepted. Taking them back then would start them on another runner while the first still
     runs them.
     """
-    settings = settings_for(nats_url, prefix, ack_wait_s=12.0)
+    settings = settings_for(nats_url, prefix)
+    config = config_for_test(settings, performance__ack_wait_s=12.0)
     jobs = 3
-    async with running(settings, ["intake", "dispatcher", "registry", "supervisor"]) as bus:
+    async with running(
+        settings, ["intake", "dispatcher", "registry", "supervisor"], config=config
+    ) as bus:
         # the results handler's durable consumer, configured as the real handler configures it
         doomed = await connect(settings, name="doomed-results")
-        config = StreamConsumer(
+        consumer = StreamConsumer(
             name="results",
             bus=doomed,
             stream=doomed.names.stream("updates"),
             filter_subject=doomed.names.updates("*"),
             handle=_never_called,
             metrics=HandlerMetrics.create(CollectorRegistry()),
-            concurrency=settings.handler_concurrency,
+            performance=config.config.performance,
         ).consumer_config()
         psub = await doomed.js.pull_subscribe(
             doomed.names.updates("*"),
             durable="results",
             stream=doomed.names.stream("updates"),
-            config=config,
+            config=consumer,
         )
         stop = anyio.Event()
         runners = [SimulatedRunner(bus, f"r{i}", capacity=jobs, work_s=8.0) for i in range(2)]
@@ -422,7 +433,7 @@ async def test_results_dying_with_unsettled_updates_does_not_rerun_running_jobs(
                     except TimeoutError:
                         continue
             await doomed.nc.close()
-            async with running(settings, ["results"]):
+            async with running(settings, ["results"], config=config):
                 records = [await client.wait_for_job(j, timeout_s=40) for j in ids]
                 await anyio.sleep(1.0)
             stop.set()
@@ -453,10 +464,11 @@ async def test_jobs_a_killed_dispatcher_held_come_back_after_the_ack_wait(
     dispatcher after ``performance.ack_wait_s``, which its consumer follows (it used to be a fixed
     30 s), and while it lives it keeps them from coming back early even with a short ack wait."""
     ack_wait, total = 3.0, 20
-    settings = settings_for(nats_url, prefix, ack_wait_s=ack_wait)
-    handlers = Handlers(settings, tmp_path)
+    settings = settings_for(nats_url, prefix)
+    config = config_for_test(settings, performance__ack_wait_s=ack_wait)
+    handlers = Handlers(settings, tmp_path, config)
     runners: dict[str, subprocess.Popen[bytes]] = {}
-    async with open_bus(settings, embed=False) as (bus, _):
+    async with open_bus(settings, embed=False, config=config.config) as (bus, _):
         client = Client(bus)
         try:
             for name in HANDLERS:

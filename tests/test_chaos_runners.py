@@ -21,6 +21,7 @@ import pytest
 
 from schemas import JobRecord, JobState
 from tests._helpers import (
+    config_for_test,
     events_of,
     overlaps,
     percentile,
@@ -68,10 +69,11 @@ async def _records(client: Client, ids: set[str]) -> dict[str, JobRecord]:
 async def test_sigkill_three_runner_processes_mid_run(
     nats_url: str, prefix: str, tmp_path: Path
 ) -> None:
-    settings = settings_for(nats_url, prefix, runner_lost_after_ms=3000)
+    settings = settings_for(nats_url, prefix)
+    config = config_for_test(settings, dispatch__runner_lost_after_ms=3000)
     rng = random.Random(7)
     procs: dict[str, subprocess.Popen[bytes]] = {}
-    async with running(settings) as bus:
+    async with running(settings, config=config) as bus:
         client = Client(bus)
         try:
             for i in range(RUNNERS):
@@ -207,7 +209,7 @@ async def test_sigkill_three_runner_processes_mid_run(
             "max": max(latencies),
             "min": min(latencies),
         },
-        "runner_lost_after_ms": settings.runner_lost_after_ms,
+        "runner_lost_after_ms": config.config.dispatch.runner_lost_after_ms,
         "jobs": JOBS,
         "runners": RUNNERS,
         "killed": victims,

@@ -21,7 +21,7 @@ from tests._config_helpers import (
     wait_log,
     wait_revision,
 )
-from tests._helpers import events_of, spawn, stop_process, wait_until
+from tests._helpers import config_for_test, events_of, spawn, stop_process, wait_until
 from valkyrie import Client, Settings, open_bus
 from valkyrie.client.config import ConfigClient
 from valkyrie.config.live import LiveConfig
@@ -278,7 +278,8 @@ async def test_every_worker_process_applies_changes_without_restart(
             if report.component in components and not report.stopping:
                 reported[components[report.component]] = report
 
-        async with open_bus(settings, embed=False) as (bus, _):
+        base = config_for_test(settings).config
+        async with open_bus(settings, embed=False, config=base) as (bus, _):
             sub = await bus.nc.subscribe(bus.names.health("*"), cb=on_report)
             config = ConfigClient(bus, actor="ops")
             client = Client(bus)

@@ -12,7 +12,7 @@ import pytest
 from schemas import ConfigRevision
 from valkyrie.config.doc import DOC_PATH, iter_keys, render_doc
 from valkyrie.config.live import LiveConfig
-from valkyrie.config.load import env_layer, known_keys, load_config, unflatten
+from valkyrie.config.load import env_layer, known_keys, load_config
 from valkyrie.config.model import (
     LIVE_KEYS,
     PROFILES,
@@ -22,6 +22,7 @@ from valkyrie.config.model import (
     flatten,
     is_live,
     profile_overrides,
+    unflatten,
 )
 from valkyrie.config.validate import validate_dotted
 from valkyrie.errors import ConfigError

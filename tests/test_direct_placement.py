@@ -13,6 +13,7 @@ from handlers import dispatcher as dispatcher_module
 from handlers.dispatcher import DispatcherWorker
 from schemas import JobState
 from tests._helpers import (
+    config_for_test,
     events_of,
     handler_context,
     queued_job,
@@ -23,6 +24,7 @@ from tests._helpers import (
 from tests._sched_helpers import submit
 from valkyrie import Bus, Client, Settings
 from valkyrie.bus.codec import JOB_DECODER, RUNNER_DECODER
+from valkyrie.config.load import LoadedConfig
 from valkyrie.testing import SimulatedRunner
 
 pytestmark = pytest.mark.nats
@@ -62,10 +64,14 @@ async def test_a_new_job_is_placed_at_once_and_announced_in_order(settings: Sett
 
 @asynccontextmanager
 async def _dispatcher(
-    bus: Bus, tg: anyio.abc.TaskGroup, *, keepalive_s: float | None = None
+    bus: Bus,
+    tg: anyio.abc.TaskGroup,
+    config: LoadedConfig | None = None,
+    *,
+    keepalive_s: float | None = None,
 ) -> AsyncIterator[DispatcherWorker]:
     """A dispatcher of this process, as intake would find it."""
-    ctx = handler_context(bus, tg, "dispatcher")
+    ctx = handler_context(bus, tg, "dispatcher", config)
     worker = dispatcher_module.create(ctx)
     if keepalive_s is not None:
         worker.holding.keepalive_s = keepalive_s
@@ -148,11 +154,15 @@ async def test_a_held_job_delivered_again_stays_held(nats_url: str, prefix: str)
     """A held job's message delivered again (its keep-alive came too late) is held, not acked:
     acking the new delivery would release the job while this dispatcher still holds it, and a
     crash would then leave it queued with no message to bring it back."""
-    settings = settings_for(nats_url, prefix, ack_wait_s=1.0)
+    settings = settings_for(nats_url, prefix)
+    config = config_for_test(settings, performance__ack_wait_s=1.0)
     # intake alone: no runner ever registers, so the job waits in the dispatcher below
-    async with running(settings, ["intake"]) as bus, anyio.create_task_group() as tg:
+    async with (
+        running(settings, ["intake"], config=config) as bus,
+        anyio.create_task_group() as tg,
+    ):
         # no keep-alive within the test: the held message is delivered again after the ack wait
-        async with _dispatcher(bus, tg, keepalive_s=3600) as worker:
+        async with _dispatcher(bus, tg, config, keepalive_s=3600) as worker:
             job_id = await submit(Client(bus), payload={})
             events = bus.names.stream("events")
 

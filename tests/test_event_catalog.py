@@ -46,7 +46,7 @@ from schemas.__main__ import SUBJECTS_DOC
 from schemas._eventdoc import id_template, render, render_doc
 from schemas.event_base import data_keys, required_keys
 from tests._event_catalogue import check_stream
-from tests._helpers import unique_prefix
+from tests._helpers import config_for_test, unique_prefix
 from valkyrie import Settings, open_bus
 from valkyrie.bus.codec import EVENT_DECODER, encode
 from valkyrie.bus.events import EventPublisher
@@ -346,9 +346,12 @@ def test_a_kind_decodes_only_its_own_type() -> None:
 @pytest.mark.nats
 async def test_a_derived_id_is_stored_once_and_a_random_one_each_time(nats_url: str) -> None:
     settings = Settings.from_env(
-        {}, nats_url=nats_url, prefix=unique_prefix(), metrics_port=0, events_max_bytes=1 << 20
+        {}, nats_url=nats_url, prefix=unique_prefix(), events_max_bytes=1 << 20
     )
-    async with open_bus(settings, embed=False) as (bus, _):
+    async with open_bus(settings, embed=False, config=config_for_test(settings).config) as (
+        bus,
+        _,
+    ):
         events = EventPublisher(bus, "test")
         queued = sample(JobQueued, optional=False)
         first = await events.emit(queued)

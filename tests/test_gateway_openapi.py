@@ -11,9 +11,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from tests._gateway_helpers import asgi_transport
-from tests._helpers import ROOT
+from tests._helpers import ROOT, config_for_test
 from valkyrie import Settings, connect
-from valkyrie.config.live import LiveConfig, config_for
+from valkyrie.config.live import LiveConfig
 from valkyrie.gateway import build_app, create_app, openapi_json
 
 CHECKED_IN = ROOT / "docs" / "openapi.json"
@@ -65,7 +65,7 @@ def test_document_covers_every_route_and_body() -> None:
 async def test_gateway_serves_the_same_document(settings: Settings) -> None:
     bus = await connect(settings)
     try:
-        live = LiveConfig(config_for(settings, environ={}))
+        live = LiveConfig(config_for_test(settings))
         app = create_app(bus, live, CollectorRegistry())
         transport = asgi_transport(app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as http:

@@ -9,9 +9,10 @@ from prometheus_client import CollectorRegistry
 
 from schemas import HealthSummary, JobState
 from tests._gateway_helpers import asgi_transport, gateway, problem
+from tests._helpers import config_for_test
 from valkyrie import Client, Settings, connect, discover_handlers
 from valkyrie.bus.codec import encode, now_ms
-from valkyrie.config.live import LiveConfig, config_for
+from valkyrie.config.live import LiveConfig
 from valkyrie.gateway import create_app
 from valkyrie.testing import SimulatedRunner
 
@@ -119,7 +120,7 @@ async def test_diagnostics_probes_and_metrics(settings: Settings) -> None:
 async def test_nats_unavailable_is_503(settings: Settings) -> None:
     bus = await connect(settings)
     await bus.nc.close()
-    live = LiveConfig(config_for(settings, environ={}))
+    live = LiveConfig(config_for_test(settings))
     app = create_app(bus, live, CollectorRegistry())
     transport = asgi_transport(app)
     async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as http:

@@ -13,6 +13,7 @@ import pytest
 
 from schemas import JobState
 from tests._helpers import (
+    config_for_test,
     dead_letters,
     events_of,
     job_count,
@@ -50,15 +51,16 @@ async def _stop(proc: subprocess.Popen[bytes], sig: int) -> int:
 async def test_sigkill_mid_stream_loses_nothing_and_records_nothing_twice(
     nats_url: str, prefix: str, tmp_path: Path
 ) -> None:
-    settings = settings_for(nats_url, prefix, ack_wait_s=2.0)
+    settings = settings_for(nats_url, prefix)
+    config = config_for_test(settings, performance__ack_wait_s=2.0)
     log = tmp_path / "worker.log"
-    async with open_bus(settings, embed=False) as (bus, _):
+    async with open_bus(settings, embed=False, config=config.config) as (bus, _):
         client = Client(bus)
 
         async def recorded(at_least: int) -> bool:
             return await job_count(bus) >= at_least
 
-        first = spawn(["worker", "intake"], settings, log)
+        first = spawn(["worker", "intake"], settings, log, config)
         try:
             await wait_until(lambda: _consumer_ready(bus), timeout_s=30)
             published = 0
@@ -87,7 +89,7 @@ async def test_sigkill_mid_stream_loses_nothing_and_records_nothing_twice(
         in_flight = await bus.js.consumer_info(bus.names.stream("submit"), "intake")
         assert in_flight.num_ack_pending > 0
 
-        second = spawn(["worker", "intake"], settings, log)
+        second = spawn(["worker", "intake"], settings, log, config)
         try:
             try:
                 await wait_until(lambda: recorded(TOTAL), timeout_s=120, interval_s=0.1)

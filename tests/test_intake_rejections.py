@@ -12,7 +12,15 @@ import pytest
 from hypothesis import strategies as st
 
 from schemas import FieldError, JobState, JobSubmission
-from tests._helpers import dead_letters, events_of, job_count, running, settings_for, wait_until
+from tests._helpers import (
+    config_for_test,
+    dead_letters,
+    events_of,
+    job_count,
+    running,
+    settings_for,
+    wait_until,
+)
 from valkyrie import REPLY_TO_HEADER, Client, SchemaError
 from valkyrie.domain.intake import (
     ParsedSubmission,
@@ -204,8 +212,9 @@ def test_parse_submission_names_every_bad_field(body: bytes, paths: list[str]) -
 async def test_bad_submissions_are_rejected_dead_lettered_and_the_worker_keeps_serving(
     nats_url: str, prefix: str
 ) -> None:
-    settings = settings_for(nats_url, prefix, submission_max_bytes=MAX_BYTES)
-    async with running(settings, ["intake"]) as bus:
+    settings = settings_for(nats_url, prefix)
+    config = config_for_test(settings, limits__submission_max_bytes=MAX_BYTES)
+    async with running(settings, ["intake"], config=config) as bus:
         client = Client(bus)
         for case_id, body, paths in BAD:
             verdict = await client.submit(body)

@@ -28,7 +28,7 @@ from schemas import (
     RunnerHeartbeat,
     RunnerState,
 )
-from tests._helpers import env_for, events_of, running, settings_for, wait_until
+from tests._helpers import config_for_test, env_for, events_of, running, settings_for, wait_until
 from valkyrie import Bus, Client, Settings
 from valkyrie.bus.codec import RUNNER_DECODER, encode, now_ms
 from valkyrie.client.admin import Admin
@@ -172,8 +172,9 @@ async def test_cancel_running_job_the_runner_stops_it(settings: Settings) -> Non
 async def test_cancel_ignored_by_the_runner_ends_after_the_grace_period(
     nats_url: str, prefix: str
 ) -> None:
-    settings = settings_for(nats_url, prefix, cancel_grace_s=1.0)
-    async with running(settings) as bus, fleet(bus) as runners:
+    settings = settings_for(nats_url, prefix)
+    config = config_for_test(settings, dispatch__cancel_grace_s=1.0)
+    async with running(settings, config=config) as bus, fleet(bus) as runners:
         await runners.start(SimulatedRunner(bus, "r1"))
         client = Client(bus)
         job_id = await submit(client, sim(work_s=30, ignore_cancel=True))
@@ -196,8 +197,9 @@ async def test_cancel_ignored_by_the_runner_ends_after_the_grace_period(
 async def test_cancel_of_a_job_whose_runner_is_lost_does_not_run_it_elsewhere(
     nats_url: str, prefix: str
 ) -> None:
-    settings = settings_for(nats_url, prefix, cancel_grace_s=5.0)
-    async with running(settings) as bus, fleet(bus) as runners:
+    settings = settings_for(nats_url, prefix)
+    config = config_for_test(settings, dispatch__cancel_grace_s=5.0)
+    async with running(settings, config=config) as bus, fleet(bus) as runners:
         await runners.start(SimulatedRunner(bus, "r1"))
         client = Client(bus)
         job_id = await submit(client, sim(work_s=30))
@@ -357,8 +359,9 @@ async def test_deadline_passes_without_a_runner_job_expires(settings: Settings) 
 
 @pytest.mark.timeout(60)
 async def test_silent_job_times_out_by_the_control_plane(nats_url: str, prefix: str) -> None:
-    settings = settings_for(nats_url, prefix, execution_grace_ms=500)
-    async with running(settings) as bus, fleet(bus) as runners:
+    settings = settings_for(nats_url, prefix)
+    config = config_for_test(settings, dispatch__execution_grace_ms=500)
+    async with running(settings, config=config) as bus, fleet(bus) as runners:
         r1 = await runners.start(SimulatedRunner(bus, "r1"))
         client = Client(bus)
         job_id = await submit(

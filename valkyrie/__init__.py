@@ -9,7 +9,10 @@ from valkyrie.bus.connection import BUCKETS, Bus, connect
 from valkyrie.bus.events import EventPublisher
 from valkyrie.bus.names import Names
 from valkyrie.bus.server import NatsServer, find_nats_server
+from valkyrie.bus.tls import tls_context
 from valkyrie.client.jobs import REPLY_TO_HEADER, Client
+from valkyrie.config.live import LiveConfig
+from valkyrie.config.load import LoadedConfig, config_for
 from valkyrie.config.settings import Settings
 from valkyrie.errors import (
     BusError,
@@ -53,6 +56,8 @@ __all__ = [
     "HandlerFactory",
     "HandlerMetrics",
     "HandlerOutcome",
+    "LiveConfig",
+    "LoadedConfig",
     "Names",
     "NatsServer",
     "NoVerdictError",
@@ -64,6 +69,7 @@ __all__ = [
     "StreamConsumer",
     "ValkyrieError",
     "Worker",
+    "config_for",
     "connect",
     "default_data_dir",
     "delivery_count",
@@ -74,4 +80,5 @@ __all__ = [
     "run_control_plane",
     "run_workers",
     "serve_metrics",
+    "tls_context",
 ]

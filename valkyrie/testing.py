@@ -289,6 +289,8 @@ def main(argv: list[str] | None = None) -> None:
     Journal lines are appended at once.
     """
     from valkyrie.bus.connection import connect
+    from valkyrie.bus.tls import tls_context
+    from valkyrie.config.load import config_for
     from valkyrie.config.settings import Settings
 
     parser = argparse.ArgumentParser(prog="python -m valkyrie.testing")
@@ -301,7 +303,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     async def run() -> None:
-        bus = await connect(Settings.from_env(), name=f"sim-{args.id}")
+        settings = Settings.from_env()
+        tls = tls_context(config_for(settings).config.security)
+        bus = await connect(settings, name=f"sim-{args.id}", tls=tls)
         runner = SimulatedRunner(
             bus,
             args.id,

@@ -9,6 +9,7 @@ from typing import Any
 import msgspec
 
 from schemas import (
+    ConfigRevision,
     DeadLetter,
     Dispatch,
     Event,
@@ -24,6 +25,7 @@ from schemas import (
 
 __all__ = [
     "ANY_DECODER",
+    "CONFIG_REVISION_DECODER",
     "DEAD_DECODER",
     "DISPATCH_DECODER",
     "ENCODER",
@@ -54,6 +56,7 @@ UPDATE_VERDICT_DECODER = msgspec.json.Decoder(UpdateVerdict)
 LOG_DECODER = msgspec.json.Decoder(JobLog)
 HEARTBEAT_DECODER = msgspec.json.Decoder(RunnerHeartbeat)
 REGISTRATION_DECODER = msgspec.json.Decoder(RunnerRegistration)
+CONFIG_REVISION_DECODER = msgspec.json.Decoder(ConfigRevision)
 
 
 def encode(obj: Any) -> bytes:

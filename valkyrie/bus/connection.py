@@ -29,6 +29,7 @@ from tenacity import (
 )
 
 from valkyrie.bus.names import Names
+from valkyrie.config.model import ValkyrieConfig
 from valkyrie.config.settings import Settings
 from valkyrie.errors import BusError, ConnectError
 
@@ -73,8 +74,8 @@ class Bus:
     def _storage(self) -> StorageType:
         return StorageType.FILE if self.settings.storage == "file" else StorageType.MEMORY
 
-    def stream_configs(self) -> list[StreamConfig]:
-        """The configuration of every stream Valkyrie uses."""
+    def stream_configs(self, config: ValkyrieConfig) -> list[StreamConfig]:
+        """The configuration of every stream Valkyrie uses (retention of events from ``config``)."""
         s, n = self.settings, self.names
         common: dict[str, Any] = {
             "storage": self._storage(),
@@ -109,7 +110,7 @@ class Bus:
                 subjects=[n.events(">")],
                 retention=RetentionPolicy.LIMITS,
                 discard=DiscardPolicy.OLD,
-                max_age=float(s.events_max_age_s),
+                max_age=float(config.observability.events_max_age_s),
                 max_bytes=s.events_max_bytes,
                 **common,
             ),
@@ -132,11 +133,15 @@ class Bus:
             ),
         ]
 
-    async def provision(self) -> None:
-        """Create or update every stream and bucket; safe to run any number of times, concurrently."""
+    async def provision(self, config: ValkyrieConfig) -> None:
+        """Create or update every stream and bucket; safe to run any number of times, concurrently.
+
+        ``config`` is the process's runtime config (the provisioning values that are runtime keys,
+        such as ``observability.events_max_age_s``, come from it).
+        """
         try:
-            for config in self.stream_configs():
-                await self._ensure_stream(config)
+            for stream in self.stream_configs(config):
+                await self._ensure_stream(stream)
             for name, (history, ttl) in BUCKETS.items():
                 await self._ensure_bucket(name, history, ttl)
         except nats.errors.Error as e:
@@ -202,6 +207,10 @@ async def connect(
 ) -> Bus:
     """Connect to NATS (retrying until ``settings.connect_timeout_s``) and return a :class:`Bus`.
 
+    ``tls`` is the client TLS context, ``None`` for a plain connection; the caller builds it from
+    its loaded config (:func:`valkyrie.bus.tls.tls_context` of the ``security`` section): this
+    reads no config.
+
     Raises:
         ConnectError: when no server answered in time; the message names the URL and what to check.
     """
@@ -209,12 +218,6 @@ async def connect(
     if not target:
         raise ConnectError("no NATS URL: set VALKYRIE_NATS_URL or let `valkyrie up` embed a server")
     servers = [u.strip() for u in target.split(",") if u.strip()]
-    if tls is None:
-        # imported here: the config layer imports nothing from the bus
-        from valkyrie.bus.tls import tls_context
-        from valkyrie.config.live import config_for
-
-        tls = tls_context(config_for(settings).config.security)
     holder: list[NatsClient] = []
 
     def closing() -> bool:

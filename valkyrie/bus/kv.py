@@ -1,12 +1,19 @@
-"""Typed compare-and-set over JetStream KV: read, decide (pure function), write if unchanged, retry."""
+"""JetStream KV: typed compare-and-set, and following keys with a watch.
+
+A compare-and-set reads, decides with a pure function, writes if unchanged, and retries.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+import anyio
 import msgspec
+import nats.errors
 import nats.js.errors
 from nats.js.api import Header
 from nats.js.kv import KeyValue
@@ -15,7 +22,18 @@ from valkyrie.bus.acked import acked_publisher
 from valkyrie.bus.codec import encode
 from valkyrie.errors import BusError
 
-__all__ = ["Versioned", "cas_update", "get_versioned", "kv_create", "kv_write", "put_new"]
+__all__ = [
+    "KvChange",
+    "Versioned",
+    "cas_update",
+    "get_versioned",
+    "kv_create",
+    "kv_write",
+    "put_new",
+    "watch_kv",
+]
+
+log = logging.getLogger("valkyrie.bus")
 
 _WRONG_LAST = (10071, 10164)  # wrong last sequence; the key exists (a create)
 
@@ -131,3 +149,73 @@ async def cas_update(
             continue
         return Versioned(new, int(revision)), True
     raise BusError(f"KV key {key!r} kept changing; gave up after {attempts} compare-and-set tries")
+
+
+@dataclass(frozen=True, slots=True)
+class KvChange:
+    """A watched key's new state; ``value`` is ``None`` when the key was deleted or purged."""
+
+    key: str
+    value: bytes | None
+    revision: int
+
+
+async def watch_kv(
+    kv: KeyValue,
+    keys: str = ">",
+    *,
+    started: Callable[[], object] | None = None,
+    poll_s: float = 5.0,
+    retry_s: float = 0.5,
+) -> AsyncGenerator[KvChange, None]:
+    """Follow ``keys`` of ``kv`` (one key, or a pattern: ``>`` is every key) until closed.
+
+    Yields each key's current value first, then every change. ``started()`` is called once, when
+    the values held at the start have been yielded and handled (nats-py's end marker, or
+    ``poll_s`` without an entry), so a task can report itself started (``task_status.started``)
+    with its view loaded. A watch that a NATS error interrupts is set up again after ``retry_s``
+    and yields every current value again: handle a change by its revision, so that a repeat is
+    harmless. Every wait is bounded by ``poll_s``; the watcher is stopped shielded, within 2 s,
+    when the iteration ends. Iterate inside :func:`contextlib.aclosing` so that an early exit
+    stops the watcher at once.
+
+    Raises:
+        BusError: the connection is closed.
+    """
+    pending = started
+    while True:
+        try:
+            watcher = await kv.watch(keys)
+        except nats.errors.ConnectionClosedError as e:
+            raise BusError(f"cannot watch KV keys {keys!r}: the connection is closed") from e
+        except nats.errors.Error as e:  # JetStream API errors and timeouts too
+            log.warning("watch of KV keys %r not set up (%r); retrying", keys, e)
+            await anyio.sleep(retry_s)
+            continue
+        try:
+            while True:
+                try:
+                    entry = await watcher.updates(timeout=poll_s)
+                except TimeoutError:  # nats raises its own subclass or the builtin
+                    entry = None
+                if entry is None:
+                    if pending is not None:
+                        pending()
+                        pending = None
+                    continue
+                deleted = entry.operation in ("DEL", "PURGE") or not entry.value
+                yield KvChange(
+                    key=entry.key,
+                    value=None if deleted else entry.value,
+                    revision=int(entry.revision or 0),
+                )
+        except nats.errors.Error as e:
+            log.warning("watch of KV keys %r interrupted (%r); restarting", keys, e)
+        finally:
+            with (
+                anyio.CancelScope(shield=True),
+                anyio.move_on_after(2),
+                contextlib.suppress(nats.errors.Error),
+            ):
+                await watcher.stop()
+        await anyio.sleep(retry_s)

@@ -10,8 +10,11 @@ from typing import Any, TypeVar
 
 import anyio
 import click
+import msgspec
 
 from valkyrie.bus.connection import Bus, connect
+from valkyrie.bus.tls import tls_context
+from valkyrie.config.load import LoadedConfig, config_for
 from valkyrie.config.settings import Settings
 from valkyrie.errors import ConnectError, NotFoundError, ValkyrieError
 
@@ -71,16 +74,22 @@ def run_async(fn: Callable[[], Awaitable[T]]) -> T:
         sys.exit(ExitCode.ERROR)
 
 
-async def with_bus(settings: Settings, fn: Callable[[Bus], Awaitable[T]]) -> T:
-    """Connect, run ``fn(bus)``, close."""
-    quick = Settings.from_env(
-        nats_url=client_url(settings), prefix=settings.prefix, connect_timeout_s=3.0
-    )
+async def with_bus(
+    settings: Settings, fn: Callable[[Bus], Awaitable[T]], *, config: LoadedConfig | None = None
+) -> T:
+    """Connect, run ``fn(bus)``, close.
+
+    TLS comes from ``config``, the command's loaded config (loaded from ``settings`` here when
+    the command has not loaded it already).
+    """
+    if config is None:
+        config = config_for(settings)
+    quick = msgspec.structs.replace(settings, nats_url=client_url(settings), connect_timeout_s=3.0)
     try:
         # connect() retries until connect_timeout_s, but a single nats-py connect attempt to an
         # unreachable server may itself never return: bound the whole of it
         with anyio.fail_after(quick.connect_timeout_s + 2):
-            bus = await connect(quick)
+            bus = await connect(quick, tls=tls_context(config.config.security))
     except TimeoutError as e:
         raise ConnectError(
             f"cannot connect to NATS at {quick.nats_url} within {quick.connect_timeout_s:g}s: "

@@ -16,10 +16,9 @@ from schemas import ConfigRevision, ConfigVerdict, FieldError
 from valkyrie.bus.connection import Bus
 from valkyrie.cli._common import ExitCode, fmt_ms, print_table, run_async, settings_from, with_bus
 from valkyrie.client.config import ConfigClient
-from valkyrie.config.live import config_for
-from valkyrie.config.load import file_layer, known_keys, unflatten
+from valkyrie.config.load import LoadedConfig, config_for, file_layer, known_keys
 from valkyrie.config.migrate import migrate_ancestor
-from valkyrie.config.model import profile_overrides
+from valkyrie.config.model import profile_overrides, unflatten
 from valkyrie.config.validate import validate_dotted
 from valkyrie.errors import ConfigError
 
@@ -75,10 +74,14 @@ def show(ctx: click.Context, effective: bool, as_json: bool, prefix: str) -> Non
     """Show the runtime revision, or with --effective every value and its source layer."""
     settings = settings_from(ctx)
 
-    async def go(bus: Bus) -> ConfigRevision | None:
+    async def current(bus: Bus) -> ConfigRevision | None:
         return await ConfigClient(bus).current()
 
-    revision = run_async(lambda: with_bus(settings, go))
+    async def go() -> tuple[LoadedConfig, ConfigRevision | None]:
+        loaded = config_for(settings)
+        return loaded, await with_bus(settings, current, config=loaded)
+
+    loaded, revision = run_async(go)
     runtime = revision.values if revision else {}
     if not effective:
         doc = msgspec.to_builtins(revision) if revision else {"revision": 0, "values": {}}
@@ -92,10 +95,6 @@ def show(ctx: click.Context, effective: bool, as_json: bool, prefix: str) -> Non
             for key, value in sorted(runtime.items()):
                 click.echo(f"  {key} = {json.dumps(value)}")
         return
-    try:
-        loaded = config_for(settings)
-    except ConfigError as e:
-        raise click.ClickException(str(e)) from e
     merged = loaded.with_runtime(runtime)
     sources = {**loaded.sources, **dict.fromkeys(runtime, "runtime")}
     rows = [
@@ -174,7 +173,8 @@ def apply(ctx: click.Context, file: Path, reason: str | None) -> None:
     except ConfigError as e:
         raise click.ClickException(str(e)) from e
     settings = settings_from(ctx)
-    base = config_for(settings).base()
+    loaded = config_for(settings)
+    base = loaded.base()
     changes = {k: v for k, v in values.items() if base.get(k) != v or k not in known_keys()}
 
     async def go(bus: Bus) -> int:
@@ -182,7 +182,7 @@ def apply(ctx: click.Context, file: Path, reason: str | None) -> None:
             await ConfigClient(bus, actor=_actor()).change(set_values=changes, reason=reason)
         )
 
-    sys.exit(run_async(lambda: with_bus(settings, go)))
+    sys.exit(run_async(lambda: with_bus(settings, go, config=loaded)))
 
 
 @config.command("history")

@@ -10,6 +10,8 @@ import anyio
 import click
 
 from valkyrie.cli._common import client_url, run_async, settings_from
+from valkyrie.config.live import LiveConfig
+from valkyrie.config.load import config_for
 from valkyrie.runtime.app import open_bus
 
 __all__ = ["gateway"]
@@ -40,7 +42,11 @@ def gateway(ctx: click.Context, host: str | None, port: int | None, verbose: boo
         # imported here: the web stack is not worth loading for every other command
         from valkyrie.gateway import run_gateway
 
-        async with open_bus(settings, embed=False, name="valkyrie-gateway") as (bus, _):
+        loaded = config_for(settings)
+        live = LiveConfig(loaded)
+        async with open_bus(
+            settings, embed=False, config=loaded.config, name="valkyrie-gateway"
+        ) as (bus, _):
             stop = anyio.Event()
             async with anyio.create_task_group() as tg:
 
@@ -56,7 +62,7 @@ def gateway(ctx: click.Context, host: str | None, port: int | None, verbose: boo
                 tg.start_soon(on_signal)
                 async with anyio.create_task_group() as serving:
                     bound = await serving.start(
-                        functools.partial(run_gateway, bus, stop, host=host, port=port)
+                        functools.partial(run_gateway, bus, stop, live=live, host=host, port=port)
                     )
                     click.echo(f"valkyrie gateway on port {bound}; Ctrl-C to stop", err=True)
                 tg.cancel_scope.cancel()

@@ -22,6 +22,8 @@ from valkyrie.cli._common import (
     with_bus,
 )
 from valkyrie.client.jobs import Client
+from valkyrie.config.live import LiveConfig
+from valkyrie.config.load import LoadedConfig, config_for
 
 __all__ = ["jobs", "submit"]
 
@@ -118,8 +120,8 @@ def submit(
         body = encode(doc)
     settings = settings_from(ctx)
 
-    async def go(bus: Bus) -> int:
-        client = Client(bus)
+    async def submit_with(bus: Bus, loaded: LoadedConfig) -> int:
+        client = Client(bus, config=LiveConfig(loaded))
         verdict = await client.submit(body)
         assert verdict is not None
         if not verdict.accepted:
@@ -154,7 +156,11 @@ def submit(
             )
         return ExitCode.OK if record.state == JobState.SUCCEEDED else ExitCode.JOB_FAILED
 
-    sys.exit(run_async(lambda: with_bus(settings, go)))
+    async def go() -> int:
+        loaded = config_for(settings)
+        return await with_bus(settings, lambda bus: submit_with(bus, loaded), config=loaded)
+
+    sys.exit(run_async(go))
 
 
 @click.group()

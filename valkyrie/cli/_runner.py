@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from schemas import TERMINAL_STATES, JobLog, JobState, RunnerRecord
 from valkyrie.bus.codec import JOB_DECODER, LOG_DECODER, RUNNER_DECODER, encode, now_ms
 from valkyrie.bus.connection import Bus, connect
+from valkyrie.bus.kv import watch_kv
+from valkyrie.bus.tls import tls_context
 from valkyrie.cli._common import (
     ExitCode,
     client_url,
@@ -29,6 +32,7 @@ from valkyrie.cli._common import (
 from valkyrie.cli._jobs import jobs
 from valkyrie.cli._up import _logging
 from valkyrie.client.jobs import Client
+from valkyrie.config.load import config_for
 from valkyrie.errors import NotFoundError
 from valkyrie.runner import RegistrationRejected, Runner, ShellHandler, reference_registration
 
@@ -110,7 +114,8 @@ def runner(
 
     async def go() -> int:
         name = f"valkyrie-runner-{registration.runner_id}"
-        bus = await connect(settings, url=client_url(settings), name=name)
+        tls = tls_context(config_for(settings).config.security)
+        bus = await connect(settings, url=client_url(settings), name=name, tls=tls)
         try:
             the_runner = Runner(
                 bus, registration, ShellHandler(workdir=workdir), drain_timeout_s=drain_timeout
@@ -357,25 +362,17 @@ async def _print_logs(
 async def _until_terminal(bus: Bus, job_id: str, progress: _Progress) -> None:
     # Runners store an attempt's logs before its JobFinished, so once the record is terminal the
     # stream's last log message for the job is the last one to print.
-    kv = await bus.kv("jobs")
-    watcher = await kv.watch(job_id)
-    try:
-        while True:
-            try:
-                entry = await watcher.updates(timeout=5.0)
-            except nats.errors.TimeoutError:
+    changes = watch_kv(await bus.kv("jobs"), job_id)
+    async with contextlib.aclosing(changes):
+        async for change in changes:
+            if change.value is None:
                 continue
-            if entry is None or not entry.value:
-                continue
-            record = JOB_DECODER.decode(entry.value)
+            record = JOB_DECODER.decode(change.value)
             if record.state in TERMINAL_STATES:
                 progress.state = record.state
                 names = bus.names
                 progress.end_seq = await _last_seq(bus, names.stream("logs"), names.logs(job_id))
                 return
-    finally:
-        with anyio.CancelScope(shield=True), anyio.move_on_after(2):
-            await watcher.stop()
 
 
 @jobs.command("logs")

@@ -22,8 +22,8 @@ from valkyrie.bus.codec import encode, now_ms
 from valkyrie.bus.connection import Bus
 from valkyrie.cli._common import ExitCode, fmt_ms, print_table, run_async, settings_from, with_bus
 from valkyrie.client.config import ConfigClient
-from valkyrie.config.live import LiveConfig, config_for
-from valkyrie.config.settings import Settings
+from valkyrie.config.live import LiveConfig
+from valkyrie.config.load import LoadedConfig, config_for
 from valkyrie.domain.health import Seen, runner_pool, summarize
 from valkyrie.errors import BusError
 from valkyrie.runtime.health import consumer_lags, list_runner_states
@@ -75,9 +75,12 @@ async def _listen(bus: Bus, wait_s: float) -> dict[str, Seen]:
     return seen
 
 
-async def gather(bus: Bus, settings: Settings, wait_s: float | None) -> Gathered:
-    """The monitor's summary if it is fresh, else one evaluated here from live reports."""
-    live = LiveConfig(config_for(settings))
+async def gather(bus: Bus, config: LoadedConfig, wait_s: float | None) -> Gathered:
+    """The monitor's summary if it is fresh, else one evaluated here from live reports.
+
+    ``config`` is the command's loaded config; the revision in force is applied over it.
+    """
+    live = LiveConfig(config)
     try:
         raw = await _stats_value(bus, "health")
         current = await ConfigClient(bus).current()
@@ -229,7 +232,12 @@ def status(ctx: click.Context, as_json: bool, wait_s: float | None) -> None:
     Exit code 0 when healthy, 1 when degraded or unhealthy, 5 when nothing answers.
     """
     settings = settings_from(ctx)
-    gathered = run_async(lambda: with_bus(settings, lambda bus: gather(bus, settings, wait_s)))
+
+    async def go() -> Gathered:
+        loaded = config_for(settings)
+        return await with_bus(settings, lambda bus: gather(bus, loaded, wait_s), config=loaded)
+
+    gathered = run_async(go)
     if gathered.summary is None:
         hint = (
             f"; the last monitor summary is from {fmt_ms(gathered.stale_summary_at_ms)}"

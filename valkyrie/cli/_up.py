@@ -10,7 +10,8 @@ import click
 
 from valkyrie.bus.connection import Bus
 from valkyrie.cli._common import run_async, settings_from
-from valkyrie.config.live import config_for
+from valkyrie.config.live import LiveConfig
+from valkyrie.config.load import config_for
 from valkyrie.runner import run_reference_runner
 from valkyrie.runtime.app import open_bus, run_control_plane
 from valkyrie.runtime.workers import discover_handlers
@@ -59,13 +60,14 @@ def up(
     extras: list[Callable[[Bus, anyio.Event], object]] = [run_reference_runner] * local_runners
 
     async def go() -> None:
-        http = config_for(settings).config.http
+        loaded = config_for(settings)  # once: the handlers and the gateway share it
+        http = loaded.config.http
         api = ""
         if http.enabled:
             # imported here: the web stack is not worth loading for every other command
             from valkyrie.gateway import gateway_extra
 
-            extras.append(gateway_extra(port=http_port))
+            extras.append(gateway_extra(loaded, port=http_port))
             port = http.port if http_port is None else http_port
             api = (
                 f"; HTTP API on http://{http.host}:{port}" if port else "; HTTP API on a free port"
@@ -75,7 +77,14 @@ def up(
             with_runners = f" with {local_runners} local runner(s)" if local_runners else ""
             click.echo(f"valkyrie is up{with_runners}{api}; Ctrl-C to stop", err=True)
 
-        await run_control_plane(settings, handlers=names, embed=True, extras=extras, on_ready=ready)
+        await run_control_plane(
+            settings,
+            config=LiveConfig(loaded),
+            handlers=names,
+            embed=True,
+            extras=extras,
+            on_ready=ready,
+        )
 
     run_async(go)
 

@@ -9,7 +9,7 @@ import nats.errors
 import nats.js.errors
 
 from schemas import ConfigChange, ConfigRevision, ConfigVerdict
-from valkyrie.bus.codec import encode, new_id
+from valkyrie.bus.codec import CONFIG_REVISION_DECODER, encode, new_id
 from valkyrie.bus.connection import Bus
 from valkyrie.client.jobs import REPLY_TO_HEADER
 from valkyrie.config.live import CONFIG_KEY
@@ -17,7 +17,6 @@ from valkyrie.errors import BusError
 
 __all__ = ["ConfigClient"]
 
-_REVISION = msgspec.json.Decoder(ConfigRevision)
 _VERDICT = msgspec.json.Decoder(ConfigVerdict)
 
 
@@ -79,7 +78,7 @@ class ConfigClient:
             entry = await kv.get(CONFIG_KEY)
         except nats.js.errors.KeyNotFoundError:
             return None
-        return _REVISION.decode(entry.value) if entry.value else None
+        return CONFIG_REVISION_DECODER.decode(entry.value) if entry.value else None
 
     async def history(self) -> list[ConfigRevision]:
         """Every revision kept (the bucket keeps the last 64), oldest first."""
@@ -88,4 +87,4 @@ class ConfigClient:
             entries = await kv.history(CONFIG_KEY)
         except nats.js.errors.NoKeysError:
             return []
-        return [_REVISION.decode(e.value) for e in entries if e.value]
+        return [CONFIG_REVISION_DECODER.decode(e.value) for e in entries if e.value]

@@ -26,6 +26,7 @@ from schemas import (
 )
 from valkyrie.bus.codec import (
     ANY_DECODER,
+    CONFIG_REVISION_DECODER,
     EVENT_DECODER,
     JOB_DECODER,
     VERDICT_DECODER,
@@ -33,6 +34,10 @@ from valkyrie.bus.codec import (
     now_ms,
 )
 from valkyrie.bus.connection import Bus
+from valkyrie.bus.kv import get_versioned, watch_kv
+from valkyrie.config.live import CONFIG_KEY, LiveConfig
+from valkyrie.config.load import load_config
+from valkyrie.config.model import LimitsConfig
 from valkyrie.domain.intake import parse_submission, token_for
 from valkyrie.errors import BusError, NotFoundError, NoVerdictError, SchemaError
 
@@ -47,10 +52,28 @@ EXPLAIN_GRACE_S = 0.2
 
 
 class Client:
-    """High-level operations over a connected :class:`~valkyrie.Bus`."""
+    """High-level operations over a connected :class:`~valkyrie.Bus`.
 
-    def __init__(self, bus: Bus) -> None:
+    ``config`` is the process's live config, if it has one; the input limits intake applies are
+    read from it (with the revision in force applied), else from the revision in force over the
+    model's defaults.
+    """
+
+    def __init__(self, bus: Bus, *, config: LiveConfig | None = None) -> None:
         self.bus = bus
+        self.config = config
+        self._defaults: LiveConfig | None = None
+
+    async def limits(self) -> LimitsConfig:
+        """The input limits in force (``limits``), as intake reads them from its live config."""
+        live = self.config
+        if live is None:
+            live = self._defaults = self._defaults or LiveConfig(load_config(environ={}))
+        kv = await self.bus.kv("config")
+        current = await get_versioned(kv, CONFIG_KEY, CONFIG_REVISION_DECODER)
+        if current is not None:
+            live.apply(current.value)  # a no-op when ``live`` runs it already
+        return live.current.limits
 
     async def submit(
         self,
@@ -117,9 +140,13 @@ class Client:
         self, body: bytes, msg_id: str | None, timeout_s: float
     ) -> SubmitVerdict:
         """The verdict of the submission that ``body`` (dropped by the stream) duplicates."""
+        limits = await self.limits()
         try:
             parse_submission(
-                body, received_at_ms=now_ms(), max_bytes=self.bus.settings.submission_max_bytes
+                body,
+                received_at_ms=now_ms(),
+                max_bytes=limits.submission_max_bytes,
+                max_metadata_entries=limits.max_metadata_entries,
             )
         except SchemaError as e:
             # The first one was rejected for the same reasons, unless its deadline has only
@@ -131,21 +158,14 @@ class Client:
         token = token_for(key if isinstance(key, str) else None, msg_id)
         if token is None:  # the stream only de-duplicates by Nats-Msg-Id: cannot happen
             return SubmitVerdict(accepted=True, duplicate=True)
-        kv = await self.bus.kv("idempotency")
-        watcher = await kv.watch(token)
-        try:
-            with anyio.move_on_after(timeout_s):
-                while True:
-                    try:
-                        entry = await watcher.updates(timeout=timeout_s)
-                    except TimeoutError:  # nats raises its own subclass or the builtin
-                        continue
-                    if entry is not None and entry.value:
+        changes = watch_kv(await self.bus.kv("idempotency"), token, poll_s=timeout_s)
+        with anyio.move_on_after(timeout_s):
+            async with contextlib.aclosing(changes):
+                async for change in changes:
+                    if change.value is not None:
                         return SubmitVerdict(
-                            accepted=True, job_id=entry.value.decode(), duplicate=True
+                            accepted=True, job_id=change.value.decode(), duplicate=True
                         )
-        finally:
-            await watcher.stop()
         raise NoVerdictError(
             f"duplicate of an earlier submission (Nats-Msg-Id {msg_id!r}) whose job is not known "
             f"within {timeout_s:g}s: is an intake handler running?"
@@ -229,22 +249,16 @@ class Client:
         Raises:
             TimeoutError: it did not within ``timeout_s``.
         """
-        kv = await self.bus.kv("jobs")
-        watcher = await kv.watch(job_id)
-        try:
-            with anyio.fail_after(timeout_s):
-                while True:
-                    try:
-                        entry = await watcher.updates(timeout=timeout_s)
-                    except TimeoutError:  # nats raises its own subclass or the builtin
+        changes = watch_kv(await self.bus.kv("jobs"), job_id, poll_s=timeout_s)
+        with anyio.fail_after(timeout_s):
+            async with contextlib.aclosing(changes):
+                async for change in changes:
+                    if change.value is None:
                         continue
-                    if entry is None or not entry.value:
-                        continue
-                    record = JOB_DECODER.decode(entry.value)
+                    record = JOB_DECODER.decode(change.value)
                     if record.state in states:
                         return record
-        finally:
-            await watcher.stop()
+        raise BusError(f"the watch of job {job_id!r} ended")
 
     async def explain(self, job_id: str, *, timeout_s: float = 5.0) -> JobExplanation:
         """Why ``job_id`` is pending (constraints, queue position, estimate) or where it went.

@@ -1,69 +1,35 @@
-"""The config a process runs, kept current from the config KV bucket without a restart."""
+"""The config a process runs, kept current from the config KV bucket without a restart.
+
+This module does no I/O: whoever holds the bus follows the bucket and hands each revision to
+:meth:`LiveConfig.apply` (``valkyrie.runtime.views.watch_config``).
+"""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import anyio
-import msgspec
-import nats.errors
-from anyio.abc import TaskStatus
 
 from schemas import ConfigRevision, FieldError
-from valkyrie.config.load import LEGACY_ENV, LoadedConfig, load_config
+from valkyrie.config.load import LoadedConfig
 from valkyrie.config.model import ValkyrieConfig
-from valkyrie.config.settings import Settings
 from valkyrie.config.validate import validate_dotted
 
-__all__ = ["CONFIG_KEY", "LiveConfig", "config_for", "settings_with_config"]
+__all__ = ["CONFIG_KEY", "LiveConfig"]
 
 log = logging.getLogger("valkyrie.config")
+#: the key of the revision in force in the config bucket
 CONFIG_KEY = "current"
-_REVISION = msgspec.json.Decoder(ConfigRevision)
 Listener = Callable[[ValkyrieConfig, ValkyrieConfig], None]
-
-
-def config_for(settings: Settings, environ: Mapping[str, str] | None = None) -> LoadedConfig:
-    """The process's base config: profile, file and environment from ``settings``.
-
-    Flat settings that are also config keys (``ack_wait_s`` …) count as the ``env`` layer when they
-    differ from their defaults, so ``Settings(...)`` overrides keep working.
-    """
-    defaults = Settings()
-    extra: dict[str, Any] = {}
-    for name, key in LEGACY_ENV.items():
-        value = getattr(settings, name)
-        if value != getattr(defaults, name):
-            extra[key] = value
-    return load_config(
-        profile=settings.profile,
-        file=Path(settings.config_file) if settings.config_file else None,
-        environ=environ,
-        extra_env=extra,
-    )
 
 
 def _set_log_level(level: str) -> None:
     """Apply ``observability.log_level`` to Valkyrie's own loggers (it is a live key)."""
     for name in ("valkyrie", "handlers"):
         logging.getLogger(name).setLevel(level.upper())
-
-
-def settings_with_config(settings: Settings, config: ValkyrieConfig) -> Settings:
-    """``settings`` with its flat fields that are also config keys taken from ``config``.
-
-    Code that reads those fields from the process settings then sees the layered config's values
-    (profile, file, environment) too.
-    """
-    from valkyrie.config.model import flatten
-
-    values = flatten(config)
-    changes = {name: values[key] for name, key in LEGACY_ENV.items() if key in values}
-    return msgspec.structs.replace(settings, **changes)
 
 
 class LiveConfig:
@@ -127,32 +93,3 @@ class LiveConfig:
         for key in self.runtime:
             out[key] = "runtime"
         return out
-
-    async def watch(
-        self, bus: Any, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Follow the config bucket; apply every revision (started once the current one is in)."""
-        kv = await bus.kv("config")
-        watcher = await kv.watch(CONFIG_KEY)
-        started = False
-        try:
-            while True:
-                try:
-                    entry = await watcher.updates(timeout=5.0)
-                except TimeoutError:  # nats raises its own subclass or the builtin
-                    entry = None
-                except nats.errors.Error as e:
-                    log.warning("config watch interrupted (%r); retrying", e)
-                    await anyio.sleep(0.5)
-                    continue
-                if entry is not None and entry.value:
-                    try:
-                        self.apply(_REVISION.decode(entry.value))
-                    except msgspec.DecodeError as e:
-                        log.error("unreadable config revision: %s", e)
-                if not started and (entry is None or entry.value):
-                    started = True
-                    task_status.started()
-        finally:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
-                await watcher.stop()

@@ -18,22 +18,26 @@ import msgspec
 
 from schemas import FieldError
 from valkyrie.config.model import PROFILES, ValkyrieConfig, flatten, profile_overrides
+from valkyrie.config.settings import Settings
+from valkyrie.config.validate import validate_dotted
 from valkyrie.errors import ConfigError
 
 __all__ = [
     "LAYERS",
     "LEGACY_ENV",
     "LoadedConfig",
+    "config_for",
     "env_layer",
     "file_layer",
     "known_keys",
     "load_config",
-    "unflatten",
 ]
 
 LAYERS = ("default", "profile", "file", "env", "runtime")
 
-#: Flat process-setting names (``VALKYRIE_ACK_WAIT_S`` …) that are also config keys.
+#: The one alias table: flat variable names (``VALKYRIE_ACK_WAIT_S`` …, once process settings)
+#: that the ``env`` layer reads as the key they name when its ``VALKYRIE_<SECTION>__<KEY>`` is
+#: not set. Bounds and defaults are the key's own (valkyrie/config/model.py).
 LEGACY_ENV: dict[str, str] = {
     "ack_wait_s": "performance.ack_wait_s",
     "max_deliver": "performance.max_deliver",
@@ -55,18 +59,6 @@ _ENV_PREFIX = "VALKYRIE_"
 def known_keys() -> set[str]:
     """Every dotted key of the model."""
     return set(flatten(ValkyrieConfig()))
-
-
-def unflatten(dotted: Mapping[str, Any]) -> dict[str, Any]:
-    """``{"a.b": 1}`` -> ``{"a": {"b": 1}}``."""
-    out: dict[str, Any] = {}
-    for key, value in dotted.items():
-        head, _, rest = key.partition(".")
-        if rest:
-            out.setdefault(head, {})[rest] = value
-        else:
-            out[head] = value
-    return out
 
 
 def _parse_env_value(raw: str) -> Any:
@@ -141,8 +133,6 @@ def load_config(
     Raises:
         ConfigError: with every problem (``errors`` attribute) when the result is invalid.
     """
-    from valkyrie.config.validate import validate_dotted
-
     env = env_layer(environ)
     if extra_env:
         env.update(extra_env)
@@ -171,6 +161,29 @@ def load_config(
         error.errors = result.errors  # type: ignore[attr-defined]
         raise error
     return LoadedConfig(result.config, layers, sources, result.warnings)
+
+
+def config_for(
+    settings: Settings,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> LoadedConfig:
+    """A process's base config, loaded from the layers ``settings`` names.
+
+    The profile and TOML file of ``settings``, then the ``VALKYRIE_*`` environment (``environ``,
+    default ``os.environ``), then ``overrides`` (dotted keys, counted as the ``env`` layer: what a
+    caller sets in code). A process calls this once at start and hands the result on.
+
+    Raises:
+        ConfigError: the file cannot be read, or the result is invalid (every problem listed).
+    """
+    return load_config(
+        profile=settings.profile,
+        file=Path(settings.config_file) if settings.config_file else None,
+        environ=environ,
+        extra_env=overrides,
+    )
 
 
 def encode_toml_value(value: Any) -> str:

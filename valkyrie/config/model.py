@@ -8,6 +8,7 @@ Unknown keys are refused everywhere.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -31,6 +32,7 @@ __all__ = [
     "flatten",
     "is_live",
     "profile_overrides",
+    "unflatten",
 ]
 
 Ms = Annotated[int, msgspec.Meta(ge=1, le=86_400_000)]
@@ -253,6 +255,18 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
             out.update(flatten(value, f"{path}."))  # an empty section adds nothing
         else:
             out[path] = value
+    return out
+
+
+def unflatten(dotted: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"a.b": 1}`` -> ``{"a": {"b": 1}}`` (the inverse of :func:`flatten`)."""
+    out: dict[str, Any] = {}
+    for key, value in dotted.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            out.setdefault(head, {})[rest] = value
+        else:
+            out[head] = value
     return out
 
 

@@ -10,7 +10,7 @@ from typing import Any, get_args, get_origin
 import msgspec
 
 from schemas import FieldError, collect_errors
-from valkyrie.config.model import ValkyrieConfig
+from valkyrie.config.model import ValkyrieConfig, unflatten
 
 __all__ = ["ValidationResult", "validate_dotted"]
 
@@ -70,8 +70,6 @@ def validate_dotted(dotted: Mapping[str, Any]) -> ValidationResult:
     keys that are themselves valid (checked on the config with the bad keys left at their
     defaults, leaving out rules that involve a bad key).
     """
-    from valkyrie.config.load import unflatten
-
     nested = unflatten(dotted)
     try:  # the common case, valid: one conversion, then the rules
         config = msgspec.convert(nested, ValkyrieConfig)
@@ -117,8 +115,6 @@ def _salvage(
     dotted: Mapping[str, Any], errors: list[FieldError]
 ) -> tuple[ValkyrieConfig, set[str]] | None:
     """The config without the keys that have errors (they keep their defaults), and those keys."""
-    from valkyrie.config.load import unflatten
-
     bad = {key for key in dotted if any(_covers(key, e.path) for e in errors)}
     try:
         config = msgspec.convert(

@@ -99,7 +99,8 @@ def create_app(
 
     Args:
         bus: where every call goes.
-        live_config: the process's live config; run its ``watch`` so that changes apply here.
+        live_config: the process's live config; run
+            :func:`~valkyrie.runtime.views.watch_config` on it so that changes apply here.
         registry: metrics registry exposed at ``/metrics`` (gateway metrics are added to it).
     """
     gateway = Gateway(bus=bus, live=live_config, registry=registry or CollectorRegistry())

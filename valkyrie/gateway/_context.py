@@ -124,8 +124,8 @@ class Gateway:
         return self.live.current.http.request_timeout_s
 
     def client(self) -> Client:
-        """A client over the bus (cheap: it is a thin wrapper)."""
-        return Client(self.bus)
+        """A client over the bus and the live config (cheap: it is a thin wrapper)."""
+        return Client(self.bus, config=self.live)
 
     def admin(self, who: Identity) -> Admin:
         """Operator actions attributed to ``who``."""

@@ -11,8 +11,7 @@ from litestar.params import QueryParameter
 
 from schemas import FieldError
 from valkyrie.config.live import LiveConfig
-from valkyrie.config.load import unflatten
-from valkyrie.config.model import ValkyrieConfig, is_live
+from valkyrie.config.model import ValkyrieConfig, is_live, unflatten
 from valkyrie.config.validate import ValidationResult, validate_dotted
 from valkyrie.gateway._auth import route_opt
 from valkyrie.gateway._body import json_body

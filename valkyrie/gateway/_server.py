@@ -15,11 +15,13 @@ from prometheus_client import CollectorRegistry
 
 from schemas import CheckResult
 from valkyrie.bus.connection import Bus
-from valkyrie.config.live import LiveConfig, config_for
+from valkyrie.config.live import LiveConfig
+from valkyrie.config.load import LoadedConfig
 from valkyrie.errors import ConfigError
 from valkyrie.gateway._app import build_app
 from valkyrie.gateway._context import Gateway
 from valkyrie.runtime.health import HealthReporter
+from valkyrie.runtime.views import watch_config
 
 __all__ = ["gateway_extra", "run_gateway", "serve_gateway"]
 
@@ -69,8 +71,8 @@ async def serve_gateway(
 ) -> None:
     """Serve the HTTP bridge on ``host:port`` until ``stop`` is set; report the bound port.
 
-    ``live`` is not watched here: whoever owns it runs ``live.watch(bus)`` (see
-    :func:`run_gateway`).
+    ``live`` is not watched here: whoever owns it runs
+    :func:`~valkyrie.runtime.views.watch_config` (see :func:`run_gateway`).
     """
     gateway = Gateway(bus=bus, live=live, registry=registry or CollectorRegistry())
     app = build_app(gateway)
@@ -133,14 +135,13 @@ async def run_gateway(
     bus: Bus,
     stop: anyio.Event,
     *,
+    live: LiveConfig,
     host: str | None = None,
     port: int | None = None,
-    live: LiveConfig | None = None,
     registry: CollectorRegistry | None = None,
     task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Watch the live config and serve the gateway (host and port default to ``http.*``)."""
-    live = live if live is not None else LiveConfig(config_for(bus.settings))
     http = live.current.http
     serve = functools.partial(
         serve_gateway,
@@ -152,17 +153,22 @@ async def run_gateway(
         registry=registry,
     )
     async with anyio.create_task_group() as watching:
-        await watching.start(live.watch, bus)
+        await watching.start(watch_config, bus, live)
         async with anyio.create_task_group() as serving:
             bound = await serving.start(serve)
             task_status.started(bound)
         watching.cancel_scope.cancel()
 
 
-def gateway_extra(*, port: int | None = None) -> Callable[[Bus, anyio.Event], object]:
-    """An ``extras`` entry for ``run_control_plane``: the gateway alongside the handlers."""
+def gateway_extra(
+    config: LoadedConfig, *, port: int | None = None
+) -> Callable[[Bus, anyio.Event], object]:
+    """An ``extras`` entry for ``run_control_plane``: the gateway alongside the handlers.
+
+    The gateway gets a live config of its own, built from the process's loaded ``config``.
+    """
 
     async def extra(bus: Bus, stop: anyio.Event) -> None:
-        await run_gateway(bus, stop, port=port)
+        await run_gateway(bus, stop, live=LiveConfig(config), port=port)
 
     return extra

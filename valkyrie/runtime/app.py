@@ -17,7 +17,9 @@ from prometheus_client import CollectorRegistry
 from valkyrie.bus.connection import Bus, connect
 from valkyrie.bus.server import NatsServer
 from valkyrie.bus.tls import tls_context
-from valkyrie.config.live import LiveConfig, config_for, settings_with_config
+from valkyrie.config.live import LiveConfig
+from valkyrie.config.load import config_for
+from valkyrie.config.model import ValkyrieConfig
 from valkyrie.config.settings import Settings
 from valkyrie.runtime.metrics import serve_metrics
 from valkyrie.runtime.workers import run_workers
@@ -34,12 +36,21 @@ def default_data_dir() -> Path:
 
 @asynccontextmanager
 async def open_bus(
-    settings: Settings, *, embed: bool, name: str = "valkyrie"
+    settings: Settings,
+    *,
+    embed: bool,
+    config: ValkyrieConfig | None = None,
+    name: str = "valkyrie",
 ) -> AsyncIterator[tuple[Bus, NatsServer | None]]:
-    """Connect (starting an embedded server first when ``embed``), provision, and clean up after."""
+    """Connect (starting an embedded server first when ``embed``), provision, and clean up after.
+
+    ``config`` is the process's config: TLS comes from its ``security`` section and the events
+    stream's retention from ``observability.events_max_age_s``. Without it, it is loaded from
+    ``settings`` (:func:`~valkyrie.config.load.config_for`) here.
+    """
     server: NatsServer | None = None
-    loaded = config_for(settings)
-    settings = settings_with_config(settings, loaded.config)
+    if config is None:
+        config = config_for(settings).config
     url = settings.nats_url
     if embed and not url:
         store = Path(settings.data_dir) if settings.data_dir else default_data_dir()
@@ -48,9 +59,9 @@ async def open_bus(
         url = server.url
         log.info("embedded nats-server on %s (store %s)", url, server.store_dir)
     try:
-        bus = await connect(settings, url=url, name=name, tls=tls_context(loaded.config.security))
+        bus = await connect(settings, url=url, name=name, tls=tls_context(config.security))
         try:
-            await bus.provision()
+            await bus.provision(config)
             yield bus, server
         finally:
             with anyio.CancelScope(shield=True):
@@ -76,6 +87,7 @@ async def _watch_signals(stop: anyio.Event, tg: TaskGroup) -> None:
 async def run_control_plane(
     settings: Settings,
     *,
+    config: LiveConfig | None = None,
     handlers: Sequence[str] | None = None,
     embed: bool = True,
     extras: Sequence[Callable[[Bus, anyio.Event], object]] = (),
@@ -83,12 +95,14 @@ async def run_control_plane(
 ) -> None:
     """Run handlers (all registered by default) until SIGINT/SIGTERM, then shut down cleanly.
 
+    ``config`` is the process's live config (loaded from ``settings`` when omitted): it sizes the
+    handlers, the metrics endpoint and TLS, and follows the config bucket while they run.
     ``extras`` are further coroutine functions ``f(bus, stop)`` run alongside (e.g. local runners).
     """
     registry = CollectorRegistry()
-    live = LiveConfig(config_for(settings))
+    live = config if config is not None else LiveConfig(config_for(settings))
     observability = live.current.observability
-    async with open_bus(settings, embed=embed) as (bus, _server):
+    async with open_bus(settings, embed=embed, config=live.current) as (bus, _server):
         if observability.metrics_enabled and observability.metrics_port:
             port = serve_metrics(registry, observability.metrics_host, observability.metrics_port)
             log.info("metrics on http://%s:%d/metrics", observability.metrics_host, port)

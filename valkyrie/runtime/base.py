@@ -41,7 +41,6 @@ class HandlerBase:
         Sizes come from the ``performance`` config section (read at start: not live);
         ``concurrency`` overrides ``handler_concurrency`` for handlers that must go one by one.
         """
-        perf = self._ctx.config.current.performance
         consumer = StreamConsumer(
             name=self.name,
             bus=self._bus,
@@ -49,9 +48,7 @@ class HandlerBase:
             filter_subject=filter_subject,
             handle=handle,
             metrics=self._ctx.metrics,
-            concurrency=concurrency or perf.handler_concurrency,
-            max_deliver=perf.max_deliver,
-            ack_wait_s=perf.ack_wait_s,
-            fetch_batch=perf.fetch_batch,
+            performance=self._ctx.config.current.performance,
+            concurrency=concurrency,
         )
         await consumer.run(stop, task_status=task_status)

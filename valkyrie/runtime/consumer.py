@@ -12,7 +12,7 @@ import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -26,6 +26,7 @@ from schemas import FieldError
 from valkyrie.bus.connection import Bus
 from valkyrie.bus.events import EventPublisher
 from valkyrie.bus.pullfeed import PullFeed, ensure_consumer
+from valkyrie.config.model import PerformanceConfig
 from valkyrie.errors import GiveUp, RetryLater
 from valkyrie.runtime.metrics import HandlerMetrics
 
@@ -72,7 +73,9 @@ class StreamConsumer:
         filter_subject: subject filter of the consumer.
         handle: the handler's per-message coroutine.
         metrics: collectors to count on.
-        concurrency: messages processed at once.
+        performance: the ``performance`` config section: concurrency, fetch batch, deliveries
+            before dead-lettering, ack wait (the model's defaults when not given).
+        concurrency: messages processed at once; ``None`` = ``performance.handler_concurrency``.
         fetch_timeout_s: how long one pull waits for messages.
     """
 
@@ -82,15 +85,15 @@ class StreamConsumer:
     filter_subject: str
     handle: Handle
     metrics: HandlerMetrics
-    concurrency: int = 64
+    performance: PerformanceConfig = field(default_factory=PerformanceConfig)
+    concurrency: int | None = None
     fetch_timeout_s: float = 0.5
-    max_deliver: int | None = None
-    fetch_batch: int = 256
-    ack_wait_s: float | None = None
 
     def __post_init__(self) -> None:
         self._events = EventPublisher(self.bus, self.name)
-        self._max_deliver = self.max_deliver or self.bus.settings.max_deliver
+        perf = self.performance
+        self._concurrency = self.concurrency or perf.handler_concurrency
+        self._max_deliver = perf.max_deliver
         self._stop: anyio.Event | None = None
         # label lookups are not free: resolve this handler's children once
         m = self.metrics
@@ -104,11 +107,11 @@ class StreamConsumer:
             durable_name=self.name,
             deliver_policy=DeliverPolicy.ALL,
             ack_policy=AckPolicy.EXPLICIT,
-            ack_wait=self.ack_wait_s or self.bus.settings.ack_wait_s,
+            ack_wait=self.performance.ack_wait_s,
             # Poison messages are dead-lettered by us (with a reason), so the server must keep
             # delivering until we do; the +1 bounds it if our dead-lettering itself keeps failing.
             max_deliver=self._max_deliver + 1,
-            max_ack_pending=max(self.concurrency * 4, 256),
+            max_ack_pending=max(self._concurrency * 4, 256),
             filter_subject=self.filter_subject,
         )
 
@@ -132,11 +135,11 @@ class StreamConsumer:
                 self.bus,
                 stream=self.stream,
                 durable=self.name,
-                room=lambda: self.concurrency - self._active,
+                room=lambda: self._concurrency - self._active,
                 deliver=deliver,
                 expires_s=self.fetch_timeout_s,
-                min_batch=max(1, self.concurrency // 4),
-                max_batch=self.fetch_batch,
+                min_batch=max(1, self._concurrency // 4),
+                max_batch=self.performance.fetch_batch,
             )
             await tg.start(self._feed.run, stop)
             task_status.started()

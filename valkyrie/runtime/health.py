@@ -125,7 +125,7 @@ async def list_runner_states(bus: Bus) -> list[str]:
 
 
 class RunnerStates:
-    """The runners bucket's states kept current by a watch, so counting them costs nothing."""
+    """The runners' states, kept current from the process's shared runner view (cheap to count)."""
 
     def __init__(self) -> None:
         self.states: dict[str, str] = {}
@@ -136,43 +136,6 @@ class RunnerStates:
             self.states.pop(runner_id, None)
         else:
             self.states[runner_id] = versioned.value.state.value
-
-    def apply(self, key: str, operation: str | None, value: bytes | None) -> None:
-        """Fold one watched entry in."""
-        if operation in ("DEL", "PURGE") or not value:
-            self.states.pop(key, None)
-            return
-        try:
-            record: RunnerRecord = RUNNER_DECODER.decode(value)
-        except msgspec.DecodeError:
-            return
-        self.states[key] = record.state.value
-
-    async def watch(
-        self, bus: Bus, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Follow the runners bucket (started once the current entries are in)."""
-        kv = await bus.kv("runners")
-        watcher = await kv.watchall()
-        started = False
-        try:
-            while True:
-                try:
-                    entry = await watcher.updates(timeout=5.0)
-                except TimeoutError:  # nats raises its own subclass or the builtin
-                    entry = None
-                except nats.errors.Error as e:
-                    log.warning("runners watch interrupted (%r); retrying", e)
-                    await anyio.sleep(0.5)
-                    continue
-                if entry is not None:
-                    self.apply(entry.key, entry.operation, entry.value)
-                elif not started:
-                    started = True
-                    task_status.started()
-        finally:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
-                await watcher.stop()
 
 
 class HealthReporter:

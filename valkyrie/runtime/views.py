@@ -1,25 +1,31 @@
-"""An in-memory view of the runners bucket, kept current by a KV watch."""
+"""In-memory views kept current by KV watches.
+
+The runners bucket (:class:`RunnerView`), and the config revision in force, applied to the
+process's :class:`~valkyrie.config.live.LiveConfig` (:func:`watch_config`).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 
 import anyio
 import msgspec
-import nats.errors
 from anyio.abc import TaskGroup, TaskStatus
 from nats.js.kv import KeyValue
 
 from schemas import RunnerRecord
-from valkyrie.bus.codec import RUNNER_DECODER
+from valkyrie.bus.codec import CONFIG_REVISION_DECODER, RUNNER_DECODER
 from valkyrie.bus.connection import Bus
-from valkyrie.bus.kv import Versioned
+from valkyrie.bus.kv import Versioned, watch_kv
+from valkyrie.config.live import CONFIG_KEY, LiveConfig
 from valkyrie.runtime.placer import LocalPlacer
 
-__all__ = ["RunnerView", "SharedViews"]
+__all__ = ["RunnerView", "SharedViews", "watch_config"]
 
 log = logging.getLogger("valkyrie.runners")
+_config_log = logging.getLogger("valkyrie.config")
 Listener = Callable[[str, Versioned[RunnerRecord] | None], None]
 
 
@@ -52,36 +58,19 @@ class RunnerView:
 
     async def watch(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Follow the bucket forever (started once the initial records are loaded)."""
-        started = False
-        while True:
-            watcher = await self.kv.watchall()
-            try:
-                while True:
-                    try:
-                        entry = await watcher.updates(timeout=5.0)
-                    except TimeoutError:  # nats raises its own subclass or the builtin
-                        entry = None
-                    if entry is None:
-                        if not started:
-                            started = True
-                            task_status.started()
-                        continue
-                    if entry.operation in ("DEL", "PURGE") or not entry.value:
-                        if self.records.pop(entry.key, None) is not None:
-                            self._tell(entry.key, None)
-                        continue
-                    try:
-                        record = RUNNER_DECODER.decode(entry.value)
-                    except msgspec.DecodeError:
-                        log.warning("unreadable runner record %s", entry.key)
-                        continue
-                    self.offer(entry.key, Versioned(record, int(entry.revision or 0)))
-            except nats.errors.Error as e:
-                log.warning("runners watch interrupted (%r); restarting", e)
-                await anyio.sleep(0.5)
-            finally:
-                with anyio.CancelScope(shield=True), anyio.move_on_after(2):
-                    await watcher.stop()
+        changes = watch_kv(self.kv, started=task_status.started)
+        async with contextlib.aclosing(changes):
+            async for change in changes:
+                if change.value is None:
+                    if self.records.pop(change.key, None) is not None:
+                        self._tell(change.key, None)
+                    continue
+                try:
+                    record = RUNNER_DECODER.decode(change.value)
+                except msgspec.DecodeError:
+                    log.warning("unreadable runner record %s", change.key)
+                    continue
+                self.offer(change.key, Versioned(record, change.revision))
 
 
 class SharedViews:
@@ -108,3 +97,21 @@ class SharedViews:
                 await self._tg.start(view.watch)
                 self._runners = view
             return self._runners
+
+
+async def watch_config(
+    bus: Bus, live: LiveConfig, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+) -> None:
+    """Hand every revision of the config bucket to ``live`` (started once the one in force is in).
+
+    Each process runs one of these per :class:`~valkyrie.config.live.LiveConfig` it owns.
+    """
+    changes = watch_kv(await bus.kv("config"), CONFIG_KEY, started=task_status.started)
+    async with contextlib.aclosing(changes):
+        async for change in changes:
+            if change.value is None:
+                continue
+            try:
+                live.apply(CONFIG_REVISION_DECODER.decode(change.value))
+            except msgspec.DecodeError as e:
+                _config_log.error("unreadable config revision: %s", e)

@@ -17,11 +17,11 @@ from anyio.abc import TaskStatus
 from prometheus_client import CollectorRegistry
 
 from valkyrie.bus.connection import Bus
-from valkyrie.config.live import LiveConfig, config_for
+from valkyrie.config.live import LiveConfig
 from valkyrie.errors import ConfigError
 from valkyrie.runtime.health import HealthReporter
 from valkyrie.runtime.metrics import HandlerMetrics
-from valkyrie.runtime.views import SharedViews
+from valkyrie.runtime.views import SharedViews, watch_config
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -76,10 +76,14 @@ async def run_workers(
     stop: anyio.Event,
     names: list[str] | None = None,
     *,
-    config: LiveConfig | None = None,
+    config: LiveConfig,
     task_status: TaskStatus[list[str]] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the named handlers (all registered ones by default) until ``stop`` is set."""
+    """Run the named handlers (all registered ones by default) until ``stop`` is set.
+
+    ``config`` is the process's live config (built once at start from its loaded config); it is
+    kept current from the config bucket here while the handlers run.
+    """
     available = discover_handlers()
     wanted = names or list(available)
     unknown = [n for n in wanted if n not in available]
@@ -88,25 +92,26 @@ async def run_workers(
             f"unknown handler(s) {', '.join(unknown)}; registered: {', '.join(available) or 'none'}"
         )
     metrics = HandlerMetrics.create(registry)
-    live = config if config is not None else LiveConfig(config_for(bus.settings))
-    reporter = HealthReporter(bus, live, wanted, stop)
+    reporter = HealthReporter(bus, config, wanted, stop)
     async with anyio.create_task_group() as tg:
         views = SharedViews(bus, tg)
         workers = [
             available[n](
                 HandlerContext(
-                    bus=bus, registry=registry, metrics=metrics, name=n, config=live, views=views
+                    bus=bus, registry=registry, metrics=metrics, name=n, config=config, views=views
                 )
             )
             for n in wanted
         ]
-        await tg.start(live.watch, bus)
+        await tg.start(watch_config, bus, config)
         await tg.start(reporter.run)
         async with anyio.create_task_group() as running:
             for name, worker in zip(wanted, workers, strict=True):
                 await running.start(reporter.track(name, worker.run), stop)
             reporter.started()
-            log.info("handlers running: %s (config revision %d)", ", ".join(wanted), live.revision)
+            log.info(
+                "handlers running: %s (config revision %d)", ", ".join(wanted), config.revision
+            )
             task_status.started(wanted)
         # a deliberate stop is not a stall: tell the monitor before going quiet
         await reporter.goodbye()
