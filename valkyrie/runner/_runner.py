@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
-from dataclasses import dataclass
 
 import anyio
 import msgspec
@@ -14,51 +12,19 @@ from anyio.abc import TaskGroup, TaskStatus
 from nats.aio.client import Client as NatsClient
 from nats.aio.subscription import Subscription
 
-from schemas import (
-    Dispatch,
-    JobAccepted,
-    JobFinished,
-    JobResult,
-    JobStarted,
-    JobUpdate,
-    RegistrationVerdict,
-    RunnerCommand,
-    RunnerHeartbeat,
-    RunnerRegistration,
-)
-from valkyrie.bus.codec import DISPATCH_DECODER, encode, new_id, now_ms
+from schemas import RegistrationVerdict, RunnerCommand, RunnerHeartbeat, RunnerRegistration
+from valkyrie.bus.codec import encode, new_id, now_ms
 from valkyrie.bus.connection import Bus
 from valkyrie.bus.names import Names
-from valkyrie.runner._context import JobContext, JobHandler, StopReason
-from valkyrie.runner._errors import JobError, RegistrationRejected
-from valkyrie.runner._logs import LogPublisher
-from valkyrie.runner._outcome import Outcome, decide_outcome
-from valkyrie.runner._protocol import (
-    COMMAND_DECODER,
-    deregister,
-    publish_update,
-    register,
-)
+from valkyrie.runner._attempts import Attempts, Timing
+from valkyrie.runner._context import JobHandler, StopReason
+from valkyrie.runner._errors import RegistrationRejected
+from valkyrie.runner._protocol import COMMAND_DECODER, deregister, register
 
 __all__ = ["Runner"]
 
 FENCE_CHECK_S = 0.2
 log = logging.getLogger("valkyrie.runner")
-
-JobKey = tuple[str, int]
-
-#: Attempts remembered after they ended, so a repeated dispatch of one is ignored, not re-run.
-_REMEMBERED = 4096
-
-
-@dataclass(eq=False)
-class _Job:
-    ctx: JobContext
-    logs: LogPublisher
-
-    @property
-    def key(self) -> JobKey:
-        return (self.ctx.job_id, self.ctx.attempt)
 
 
 class Runner:
@@ -111,23 +77,33 @@ class Runner:
         if registration.session_id is None:
             registration = msgspec.structs.replace(registration, session_id=new_id())
         self.registration = registration
-        self._handler = handler
         self._drain_timeout_s = drain_timeout_s
         self._kill_grace_s = kill_grace_s
         self._stop_timeout_s = stop_timeout_s
         self._request_timeout_s = request_timeout_s
         self._publish_retry_s = publish_retry_s
-        self._log_flush_interval_s = log_flush_interval_s
-        self._log_batch_lines = log_batch_lines
-        self._jobs: dict[JobKey, _Job] = {}
-        self._ended: OrderedDict[JobKey, None] = OrderedDict()
-        self._jobs_changed = anyio.Event()
+        self._attempts = Attempts(
+            runner_id=registration.runner_id,
+            capacity=registration.max_concurrent_jobs,
+            handler=handler,
+            js=self._js,
+            names=self._names,
+            timing=Timing(
+                kill_grace_s=kill_grace_s,
+                stop_timeout_s=stop_timeout_s,
+                publish_retry_s=publish_retry_s,
+                log_flush_interval_s=log_flush_interval_s,
+                log_batch_lines=log_batch_lines,
+            ),
+            draining=lambda: self.draining,
+            changed=lambda: self._beat_now.set(),
+        )
+        self._jobs = self._attempts.jobs
         self._paused = False
         self._shutdown = anyio.Event()
         self._reregister = anyio.Event()
         self._beat_now = anyio.Event()
         self._fatal: RegistrationRejected | None = None
-        self._job_group: TaskGroup | None = None
         self._started = False
         self._fence_after_s: float | None = None
         self._last_contact = time.monotonic()
@@ -224,13 +200,13 @@ class Runner:
         log.info(
             "runner %s registered (session %s, capacity %d)", rid, self.session_id, self.capacity
         )
-        self._abandon(verdict.abandon_jobs, "the registry no longer assigns it here")
+        self._attempts.abandon(verdict.abandon_jobs, "the registry no longer assigns it here")
         self._adopt_lost_after(verdict.lost_after_ms)
         async with anyio.create_task_group() as jobs:
-            self._job_group = jobs
+            self._attempts.group = jobs
             tg.start_soon(self._heartbeats)
             tg.start_soon(self._fence)
-            tg.start_soon(self._take_dispatches, dispatches, tg)
+            tg.start_soon(self._attempts.take_dispatches, dispatches, tg)
             tg.start_soon(self._take_commands, commands)
             tg.start_soon(self._register_again_on_reconnect)
             task_status.started()
@@ -256,7 +232,7 @@ class Runner:
 
     async def _finish_jobs(self) -> None:
         with anyio.move_on_after(self._drain_timeout_s):
-            await self._wait_idle()
+            await self._attempts.wait_idle()
         if not self._jobs:
             return
         log.warning(
@@ -266,7 +242,7 @@ class Runner:
             len(self._jobs),
         )
         for job in list(self._jobs.values()):
-            self._stop(
+            self._attempts.stop(
                 job,
                 "shutdown",
                 self._kill_grace_s,
@@ -275,11 +251,7 @@ class Runner:
             )
         # Bounded by the handler's grace, the hard-stop margin, and the final update's retries.
         with anyio.move_on_after(self._kill_grace_s + self._stop_timeout_s + self._publish_retry_s):
-            await self._wait_idle()
-
-    async def _wait_idle(self) -> None:
-        while self._jobs:
-            await self._jobs_changed.wait()
+            await self._attempts.wait_idle()
 
     # -- registration and heartbeats ------------------------------------------------------------
     async def _register(self) -> RegistrationVerdict | None:
@@ -304,7 +276,9 @@ class Runner:
                 self.drain()
                 return
             if verdict is not None:
-                self._abandon(verdict.abandon_jobs, "the registry no longer assigns it here")
+                self._attempts.abandon(
+                    verdict.abandon_jobs, "the registry no longer assigns it here"
+                )
 
     async def _heartbeats(self) -> None:
         interval_s = self.registration.heartbeat_interval_ms / 1000
@@ -345,7 +319,9 @@ class Runner:
                 len(self._jobs),
             )
             for job in list(self._jobs.values()):
-                self._stop(job, "abandon", 0.0, f"fenced: no contact with NATS for {silent:.1f}s")
+                self._attempts.stop(
+                    job, "abandon", 0.0, f"fenced: no contact with NATS for {silent:.1f}s"
+                )
 
     def _reconnects(self) -> int:
         return int(self._nc.stats.get("reconnects", 0))
@@ -387,11 +363,7 @@ class Runner:
             log.info("runner %s: %s", self.runner_id, state)
             self._beat_now.set()
             return
-        targets = [
-            job
-            for (job_id, attempt), job in self._jobs.items()
-            if job_id == command.job_id and command.attempt in (None, attempt)
-        ]
+        targets = self._attempts.of(command.job_id, command.attempt)
         if not targets:
             log.info(
                 "runner %s: %s of %s (attempt %s): not running here",
@@ -404,182 +376,4 @@ class Runner:
         reason: StopReason = "cancel" if command.command == "cancel" else "abandon"
         default = "cancelled by request" if reason == "cancel" else "abandoned by the control plane"
         for job in targets:
-            self._stop(job, reason, command.grace_period_s, command.reason or default)
-
-    def _abandon(self, job_ids: list[str], why: str) -> None:
-        wanted = set(job_ids)
-        for (job_id, _attempt), job in list(self._jobs.items()):
-            if job_id in wanted:
-                self._stop(job, "abandon", self._kill_grace_s, why)
-
-    def _stop(self, job: _Job, reason: StopReason, grace_s: float, detail: str) -> None:
-        if job.ctx._request_stop(reason, grace_s, detail):
-            log.info(
-                "runner %s: stopping %s attempt %d (%s: %s)",
-                self.runner_id,
-                job.ctx.job_id,
-                job.ctx.attempt,
-                reason,
-                detail,
-            )
-            job.logs.write(f"[valkyrie] stopping the job ({reason}): {detail}", "system")
-        self._beat_now.set()
-
-    # -- dispatches -----------------------------------------------------------------------------
-    async def _take_dispatches(self, sub: Subscription, tg: TaskGroup) -> None:
-        async for msg in sub.messages:
-            try:
-                dispatch = DISPATCH_DECODER.decode(msg.data)
-            except msgspec.DecodeError as e:
-                log.warning("runner %s: ignoring unreadable dispatch: %s", self.runner_id, e)
-                continue
-            self._take(dispatch, tg)
-
-    def _take(self, dispatch: Dispatch, tg: TaskGroup) -> None:
-        key = (dispatch.job_id, dispatch.attempt)
-        if dispatch.runner_id != self.runner_id:
-            log.warning(
-                "runner %s: ignoring dispatch of %s meant for %s",
-                self.runner_id,
-                dispatch.job_id,
-                dispatch.runner_id,
-            )
-            return
-        if key in self._jobs or key in self._ended:
-            log.info("runner %s: ignoring repeated dispatch of %s attempt %d", self.runner_id, *key)
-            return
-        refusal = None
-        if self.draining:
-            refusal = "the runner is draining"
-        elif len(self._jobs) >= self.capacity:
-            refusal = f"the runner is at capacity ({len(self._jobs)}/{self.capacity} jobs)"
-        if refusal is not None:
-            log.info("runner %s: rejecting %s attempt %d: %s", self.runner_id, *key, refusal)
-            tg.start_soon(self._reject, dispatch, refusal)
-            return
-        assert self._job_group is not None
-        logs = LogPublisher(
-            self._js,
-            self._names.logs(dispatch.job_id),
-            job_id=dispatch.job_id,
-            attempt=dispatch.attempt,
-            runner_id=self.runner_id,
-            flush_interval_s=self._log_flush_interval_s,
-            batch_lines=self._log_batch_lines,
-        )
-        job = _Job(ctx=JobContext(dispatch, self.runner_id, logs), logs=logs)
-        self._jobs[key] = job
-        self._beat_now.set()
-        self._job_group.start_soon(self._run_job, job)
-
-    async def _reject(self, dispatch: Dispatch, refusal: str) -> None:
-        finished = JobFinished(
-            job_id=dispatch.job_id,
-            attempt=dispatch.attempt,
-            runner_id=self.runner_id,
-            at_ms=now_ms(),
-            outcome="rejected",
-            result=JobResult(error=refusal),
-        )
-        # Its own message id: the same attempt may later be dispatched here again and finish, and
-        # that JobFinished must not be dropped as a duplicate of this rejection.
-        await self._send(finished, f"{dispatch.job_id}.{dispatch.attempt}.rejected")
-
-    async def _send(self, update: JobUpdate, msg_id: str) -> bool:
-        return await publish_update(
-            self._js,
-            self._names.updates(self.runner_id),
-            update,
-            msg_id,
-            retry_s=self._publish_retry_s,
-        )
-
-    async def _report(self, ctx: JobContext, update: JobUpdate) -> bool:
-        if ctx.stop_reason == "abandon":
-            return False
-        tag = update.__struct_config__.tag
-        return await self._send(update, f"{ctx.job_id}.{ctx.attempt}.{tag}")
-
-    # -- one job --------------------------------------------------------------------------------
-    async def _run_job(self, job: _Job) -> None:
-        ctx = job.ctx
-        job_id, attempt, rid = ctx.job_id, ctx.attempt, self.runner_id
-        try:
-            accepted = JobAccepted(job_id=job_id, attempt=attempt, runner_id=rid, at_ms=now_ms())
-            if not await self._report(ctx, accepted):
-                return
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(job.logs.run)
-                started = JobStarted(job_id=job_id, attempt=attempt, runner_id=rid, at_ms=now_ms())
-                await self._report(ctx, started)
-                outcome = await self._execute(ctx)
-                await job.logs.close(discard=ctx.stop_reason == "abandon")
-                tg.cancel_scope.cancel()  # close() gave up waiting: the result matters more
-            if ctx.stop_reason == "abandon":
-                log.info("runner %s: abandoned %s attempt %d", self.runner_id, *job.key)
-                return
-            log.info(
-                "runner %s: %s attempt %d %s (exit code %s)",
-                self.runner_id,
-                ctx.job_id,
-                ctx.attempt,
-                outcome.outcome,
-                outcome.result.exit_code,
-            )
-            finished = JobFinished(
-                job_id=job_id,
-                attempt=attempt,
-                runner_id=rid,
-                at_ms=now_ms(),
-                outcome=outcome.outcome,
-                result=outcome.result,
-            )
-            await self._report(ctx, finished)
-        finally:
-            self._jobs.pop(job.key, None)
-            self._ended[job.key] = None
-            while len(self._ended) > _REMEMBERED:
-                self._ended.popitem(last=False)
-            self._jobs_changed.set()
-            self._jobs_changed = anyio.Event()
-            self._beat_now.set()
-
-    async def _execute(self, ctx: JobContext) -> Outcome:
-        started = anyio.current_time()
-        result: JobResult | None = None
-        error: str | None = None
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._watchdog, ctx, tg)
-            try:
-                returned = await self._handler(ctx)
-                if isinstance(returned, JobResult):
-                    result = returned
-                else:
-                    error = f"the job handler returned {type(returned).__name__}, not a JobResult"
-            except JobError as e:
-                error = e.reason
-            except Exception as e:  # a handler bug fails the attempt, never the runner
-                log.exception("runner %s: job handler failed on %s", self.runner_id, ctx.job_id)
-                error = f"the job handler raised {e!r}"
-            tg.cancel_scope.cancel()
-        if result is None and error is None:
-            limit_s = ctx.grace_period_s + self._stop_timeout_s
-            error = f"the job handler ignored the stop request for {limit_s:g}s and was cancelled"
-        elapsed_ms = int((anyio.current_time() - started) * 1000)
-        return decide_outcome(ctx, result, error, elapsed_ms)
-
-    async def _watchdog(self, ctx: JobContext, tg: TaskGroup) -> None:
-        with anyio.move_on_after(ctx.timeout_s):
-            await ctx.stop_requested.wait()
-        job = self._jobs.get((ctx.job_id, ctx.attempt))
-        if not ctx.stop_requested.is_set() and job is not None:
-            limit = ctx.dispatch.spec.requirements.max_execution_time_s
-            self._stop(job, "timeout", self._kill_grace_s, f"exceeded max_execution_time_s={limit}")
-        await anyio.sleep(ctx.grace_period_s + self._stop_timeout_s)
-        log.warning(
-            "runner %s: handler of %s ignored the stop request (%s); cancelling it",
-            self.runner_id,
-            ctx.job_id,
-            ctx.stop_reason,
-        )
-        tg.cancel_scope.cancel()
+            self._attempts.stop(job, reason, command.grace_period_s, command.reason or default)
