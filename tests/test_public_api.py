@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import subprocess
+import sys
 import tomllib
 import types
 from pathlib import Path
@@ -11,7 +13,16 @@ import pytest
 
 from tests._helpers import ROOT
 
-PACKAGES = ["valkyrie", "schemas", "handlers", "valkyrie.cli"]
+PACKAGES = [
+    "valkyrie",
+    "schemas",
+    "handlers",
+    "valkyrie.cli",
+    "valkyrie.gateway",
+    "valkyrie.runner",
+]
+#: packages whose public names load on first use (valkyrie._lazy)
+LAZY = ["valkyrie"]
 TOP_LEVEL = ["valkyrie", "schemas", "handlers"]
 
 
@@ -64,6 +75,7 @@ def _public_names(module: types.ModuleType) -> set[str]:
         if not name.startswith("_")
         and not isinstance(value, types.ModuleType)
         and type(value).__module__ != "__future__"  # `from __future__ import annotations`
+        and name != "TYPE_CHECKING"  # the lazy packages' table of names sits under it
     }
 
 
@@ -87,3 +99,40 @@ def test_package_ships_py_typed(package: str) -> None:
     assert "py.typed" in package_data.get(package, []), (
         f"pyproject.toml does not ship {package}/py.typed"
     )
+
+
+@pytest.mark.parametrize("package", LAZY)
+def test_lazy_names_are_the_public_api(package: str) -> None:
+    """The ``if TYPE_CHECKING:`` imports are the lazy table; with the eager names, ``__all__``."""
+    from valkyrie._lazy import lazy_names
+
+    module = importlib.import_module(package)
+    assert module.__file__ is not None
+    lazy = set(lazy_names(module.__file__))
+    eager = {n for n in _all(package) if n in vars(module)} - lazy
+    assert lazy <= set(_all(package)), (
+        f"lazy names missing from __all__: {lazy - set(_all(package))}"
+    )
+    assert lazy | eager == set(_all(package))
+
+
+def test_the_runner_sdk_loads_no_control_plane() -> None:
+    """A runner host imports the SDK without Prometheus or the embedded nats-server manager."""
+    code = (
+        "import sys, valkyrie.runner; "
+        "bad = [m for m in ('prometheus_client', 'valkyrie.bus.server', 'valkyrie.runtime',"
+        " 'valkyrie.gateway', 'handlers') if m in sys.modules]; "
+        "print(','.join(bad))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.strip() == "", f"valkyrie.runner imported {out.stdout.strip()}"
+
+
+def test_version_is_the_installed_distribution() -> None:
+    import importlib.metadata
+
+    import valkyrie
+
+    assert valkyrie.__version__ == importlib.metadata.version("valkyrie")

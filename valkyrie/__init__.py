@@ -1,19 +1,21 @@
 """Valkyrie: a control plane that dispatches CI jobs to runners over NATS JetStream.
 
-The runtime library: bus connection and provisioning, subject names, the embedded nats-server, the
-handler framework, domain logic, the client API and the CLI. Handlers live in the ``handlers``
-package and are found through the ``valkyrie.handlers`` entry-point group.
+The public API: :class:`Client` (submit, read and follow jobs), :class:`Admin` (cancel, drain,
+dead letters), :class:`ConfigClient` (runtime config), the errors under :class:`ValkyrieError`,
+``__version__``, and the handler framework's entry points. Only the errors are imported eagerly:
+every other name loads its module on first use (``valkyrie._lazy``), so a runner host importing
+``valkyrie.runner`` loads neither the control plane nor Prometheus. The floors are packages:
+``valkyrie.domain`` (pure logic), ``config``, ``bus``, ``runtime`` (the handler framework),
+``client``, ``gateway``, ``runner``, ``cli``; see docs/architecture.md.
 """
 
-from valkyrie.bus.connection import BUCKETS, Bus, connect
-from valkyrie.bus.events import EventPublisher
-from valkyrie.bus.names import Names
-from valkyrie.bus.server import NatsServer, find_nats_server
-from valkyrie.bus.tls import tls_context
-from valkyrie.client.jobs import REPLY_TO_HEADER, Client
-from valkyrie.config.live import LiveConfig
-from valkyrie.config.load import LoadedConfig, config_for
-from valkyrie.config.settings import Settings
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError as _NotInstalled
+from importlib.metadata import version as _version
+from typing import TYPE_CHECKING
+
+from valkyrie._lazy import attach as _attach
 from valkyrie.errors import (
     BusError,
     ConfigError,
@@ -27,26 +29,48 @@ from valkyrie.errors import (
     ServerError,
     ValkyrieError,
 )
-from valkyrie.runtime.app import default_data_dir, open_bus, run_control_plane
-from valkyrie.runtime.base import HandlerBase
-from valkyrie.runtime.consumer import StreamConsumer, delivery_count, headers_of
-from valkyrie.runtime.metrics import HandlerMetrics, serve_metrics
-from valkyrie.runtime.workers import (
-    ENTRY_POINT_GROUP,
-    HandlerContext,
-    HandlerFactory,
-    Worker,
-    discover_handlers,
-    run_workers,
-)
+
+if TYPE_CHECKING:
+    from valkyrie.bus.connection import BUCKETS, Bus, connect
+    from valkyrie.bus.events import EventPublisher
+    from valkyrie.bus.names import Names
+    from valkyrie.bus.server import NatsServer, find_nats_server
+    from valkyrie.bus.tls import tls_context
+    from valkyrie.client.admin import Admin
+    from valkyrie.client.config import ConfigClient
+    from valkyrie.client.jobs import REPLY_TO_HEADER, Client
+    from valkyrie.config.live import LiveConfig
+    from valkyrie.config.load import LoadedConfig, config_for
+    from valkyrie.config.settings import Settings
+    from valkyrie.runtime.app import default_data_dir, open_bus, run_control_plane
+    from valkyrie.runtime.base import HandlerBase
+    from valkyrie.runtime.consumer import StreamConsumer, delivery_count, headers_of
+    from valkyrie.runtime.metrics import HandlerMetrics, serve_metrics
+    from valkyrie.runtime.workers import (
+        ENTRY_POINT_GROUP,
+        HandlerContext,
+        HandlerFactory,
+        Worker,
+        discover_handlers,
+        run_workers,
+    )
+
+try:
+    __version__ = _version("valkyrie")
+except _NotInstalled:  # running from a source tree that was never installed
+    __version__ = "0.0.0"
+
+__getattr__, __dir__ = _attach(__name__, __file__)
 
 __all__ = [
     "BUCKETS",
     "ENTRY_POINT_GROUP",
     "REPLY_TO_HEADER",
+    "Admin",
     "Bus",
     "BusError",
     "Client",
+    "ConfigClient",
     "ConfigError",
     "ConnectError",
     "EventPublisher",
@@ -69,6 +93,7 @@ __all__ = [
     "StreamConsumer",
     "ValkyrieError",
     "Worker",
+    "__version__",
     "config_for",
     "connect",
     "default_data_dir",
