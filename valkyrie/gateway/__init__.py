@@ -5,13 +5,13 @@ group. ``python -m valkyrie.gateway --write-openapi docs/openapi.json`` regenera
 OpenAPI document.
 """
 
-from valkyrie.gateway._app import build_app, create_app
 from valkyrie.gateway._auth import SCOPES, authenticate, hash_token
 from valkyrie.gateway._context import ANONYMOUS, Gateway, Identity
+from valkyrie.gateway._factory import build_app, create_app
 from valkyrie.gateway._openapi import openapi_json, write_openapi
 from valkyrie.gateway._problems import PROBLEM_MEDIA_TYPE, Problem, ProblemError
 from valkyrie.gateway._ratelimit import RateLimiter
-from valkyrie.gateway._server import gateway_extra, run_gateway, serve_gateway
+from valkyrie.gateway._uvicorn import gateway_extra, run_gateway, serve_gateway
 
 __all__ = [
     "ANONYMOUS",

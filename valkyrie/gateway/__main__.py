@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from valkyrie.gateway._app import build_app
+from valkyrie.gateway._factory import build_app
 from valkyrie.gateway._openapi import openapi_json
 
 

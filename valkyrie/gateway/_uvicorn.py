@@ -18,8 +18,8 @@ from valkyrie.bus.connection import Bus
 from valkyrie.config.live import LiveConfig
 from valkyrie.config.load import LoadedConfig
 from valkyrie.errors import ConfigError
-from valkyrie.gateway._app import build_app
 from valkyrie.gateway._context import Gateway
+from valkyrie.gateway._factory import build_app
 from valkyrie.runtime.health import HealthReporter
 from valkyrie.runtime.views import watch_config
 

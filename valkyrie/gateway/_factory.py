@@ -14,7 +14,6 @@ from prometheus_client import CollectorRegistry
 from valkyrie.bus.connection import Bus
 from valkyrie.config.live import LiveConfig
 from valkyrie.gateway import (
-    _events,
     _routes_config,
     _routes_integration,
     _routes_jobs,
@@ -22,6 +21,7 @@ from valkyrie.gateway import (
     _routes_perf,
     _routes_runners,
     _routes_v1,
+    _sse,
 )
 from valkyrie.gateway._auth import authorize
 from valkyrie.gateway._context import Gateway
@@ -65,7 +65,7 @@ def build_app(gateway: Gateway | None) -> Litestar:
             *_routes_perf.ROUTES,
             *_routes_config.ROUTES,
             *_routes_integration.ROUTES,
-            *_events.ROUTES,
+            *_sse.ROUTES,
             *_routes_v1.ROUTES,
             *_routes_ops.ROUTES,
         ],
