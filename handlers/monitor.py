@@ -45,9 +45,9 @@ from valkyrie.domain.health import (
     runner_pool,
     should_forget,
     summarize,
-    transition_details,
     transitions,
 )
+from valkyrie.domain.health import transition_details as _details
 from valkyrie.runtime.base import HandlerBase
 from valkyrie.runtime.health import HealthReports, RunnerStates, consumer_lags
 from valkyrie.runtime.healthstore import HealthStore
@@ -206,7 +206,7 @@ class MonitorWorker(HandlerBase):
                 data={
                     "from": old,
                     "to": new,
-                    "details": transition_details(summary, name),
+                    "details": _details(summary, name),
                     "mode": summary.mode,
                     "config_revision": summary.config_revision,
                 },
