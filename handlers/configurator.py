@@ -2,8 +2,9 @@
 
 A revision holds the runtime overrides (dotted keys); each process layers them over its own base
 (defaults, profile, file, environment) and applies them live. A change that touches a key which
-cannot change live, or that makes the config invalid, is refused with every reason. Every accepted
-change is an audit event (who, when, the diff); rejections are events too.
+cannot change live, or that makes the config invalid, is refused with every reason
+(:func:`valkyrie.domain.config_plan.plan_change` plans it). Every accepted change is an audit
+event (who, when, the diff); rejections are events too.
 """
 
 from __future__ import annotations
@@ -36,82 +37,14 @@ from valkyrie import (
 from valkyrie.bus.codec import ANY_DECODER, encode, now_ms
 from valkyrie.config.live import CONFIG_KEY
 from valkyrie.config.load import known_keys
-from valkyrie.config.model import flatten, is_live
 from valkyrie.config.validate import validate_dotted
+from valkyrie.domain.config_plan import plan_change
 from valkyrie.runtime.base import HandlerBase
 
-__all__ = ["ConfigWorker", "create", "plan_change"]
+__all__ = ["ConfigWorker", "create"]
 
 _REVISION = msgspec.json.Decoder(ConfigRevision)
-
-
-def plan_change(
-    change: ConfigChange,
-    current: dict[str, Any],
-    base: dict[str, Any],
-    history: dict[int, dict[str, Any]],
-) -> tuple[dict[str, Any] | None, dict[str, Any], list[FieldError], list[FieldError]]:
-    """Pure: the new runtime overrides for ``change``, the diff, errors and warnings."""
-    errors: list[FieldError] = []
-    if change.rollback_to is not None:
-        if change.rollback_to not in history:
-            return (
-                None,
-                {},
-                [
-                    FieldError(
-                        path="rollback_to", reason=f"no revision {change.rollback_to} in history"
-                    )
-                ],
-                [],
-            )
-        new = dict(history[change.rollback_to])
-    elif change.replace is not None:
-        new = {k: v for k, v in flatten(change.replace).items() if base.get(k) != v}
-    else:
-        new = dict(current)
-        for key, value in change.set.items():
-            if value is None:
-                new.pop(key, None)
-            else:
-                new[key] = value
-    keys = known_keys()
-    old_effective = {**base, **current}
-    new_effective = {**base, **new}
-    # an override that is added or changed is checked even when it equals the value here: other
-    # processes have other bases (file, environment), and would apply it live
-    touched = {k for k, v in new.items() if k not in current or current[k] != v}
-    diff: dict[str, Any] = {}
-    for key in sorted(set(old_effective) | set(new_effective) | touched):
-        before, after = old_effective.get(key), new_effective.get(key)
-        if before == after and key not in touched:
-            continue
-        if key not in keys:
-            errors.append(FieldError(path=key, reason="unknown key"))
-            continue
-        live, why = is_live(key)
-        if not live:
-            errors.append(
-                FieldError(
-                    path=key,
-                    reason=f"cannot change live: {why}; change it in the file or environment and restart",
-                )
-            )
-            continue
-        if before != after:
-            diff[key] = {"old": before, "new": after}
-    if errors:
-        # report the values of the other keys too: validate them with the refused keys left alone
-        refused = {e.path for e in errors}
-        rest = {k: v for k, v in new_effective.items() if k not in refused}
-        rest.update({k: old_effective[k] for k in refused if k in old_effective})
-        others = validate_dotted(rest)
-        errors += [e for e in others.errors if e.path not in refused]
-        return None, diff, errors, others.warnings
-    result = validate_dotted(new_effective)
-    if result.config is None:
-        return None, diff, result.errors, result.warnings
-    return new, diff, [], result.warnings
+_KNOWN_KEYS = frozenset(known_keys())
 
 
 class ConfigWorker(HandlerBase):
@@ -179,7 +112,12 @@ class ConfigWorker(HandlerBase):
         # the history is read only for a rollback (it is up to 64 revisions)
         history = await self._history() if change.rollback_to is not None else {}
         new, diff, errors, warnings = plan_change(
-            change, overrides, self._ctx.config.loaded.base(), history
+            change,
+            overrides,
+            self._ctx.config.loaded.base(),
+            history,
+            known_keys=_KNOWN_KEYS,
+            validate=validate_dotted,
         )
         who = change.requested_by
         if new is None:

@@ -1,17 +1,11 @@
 """Monitor: fold health reports, consumer lag and the runner pool into one status; fall back and recover.
 
-Every worker process reports on ``<prefix>.health.<component>``; the monitor keeps the latest report
-per instance and, every ``health.report_interval_ms``, evaluates them (liveness, each report's
-checks, the config revision), the backlog of every durable consumer and the runner pool
-(:mod:`valkyrie.domain.health` holds the rules). The result is written to the stats bucket under
-``health`` with a compare-and-set, and every status change of a component or of the whole is an
-event, emitted by whichever monitor's write recorded it, so several monitors can run.
-
-With ``features.auto_fallback`` on, an installation that stays unhealthy or degraded for
-``failure_threshold`` evaluations in mode ``full`` or ``hybrid`` is switched to ``fallback`` through
-the config handler (``requested_by`` ``health-monitor``); once it has been healthy for
-``recovery_threshold`` evaluations the monitor puts the previous mode back, but only if the fallback
-in force is still its own. See docs/health.md.
+Every ``health.report_interval_ms`` the monitor evaluates the latest report of every instance,
+the backlog of every durable consumer and the runner pool (rules: :mod:`valkyrie.domain.health`),
+writes the summary to the stats bucket with a compare-and-set and announces the status changes
+its write recorded, so several monitors can run. With ``features.auto_fallback`` on it switches
+the mode to ``fallback`` and back through the config handler, never over an operator's choice
+(rules: :mod:`valkyrie.domain.fallback`). See docs/health.md.
 """
 
 from __future__ import annotations
@@ -22,65 +16,60 @@ import time
 import anyio
 import msgspec
 import nats.errors
-import nats.js.errors
 from anyio.abc import TaskGroup, TaskStatus
-from nats.aio.msg import Msg
-from prometheus_client import Gauge
 
 from schemas import (
     HEALTH_CHANGED,
-    HEALTH_STATUSES,
     ConfigRevision,
     FallbackActivated,
     FallbackOverridden,
     FallbackRecord,
     FallbackRecovered,
-    HealthReport,
     HealthStatus,
     HealthSummary,
 )
 from valkyrie import BusError, HandlerContext
-from valkyrie.bus.codec import encode, new_id, now_ms
+from valkyrie.bus.codec import new_id, now_ms
 from valkyrie.client.config import ConfigClient
 from valkyrie.config.model import IntegrationMode
-from valkyrie.domain.health import (
+from valkyrie.domain.fallback import (
     AUTO_ACTOR,
-    CONSUMER_LAG_COMPONENT,
-    RUNNER_POOL_COMPONENT,
     FallbackAction,
     RecordFate,
-    Seen,
     Streak,
-    component_statuses,
     decide_fallback,
+    fallback_reason,
+    fallback_record,
     is_automatic_fallback,
     last_mode_change,
+    may_fall_back_from,
+    needs_mode_history,
     reconcile_record,
+    recovery_reason,
     restore_target,
+)
+from valkyrie.domain.health import (
+    component_statuses,
+    config_handler_alive,
     runner_pool,
     should_forget,
     summarize,
     transitions,
 )
+from valkyrie.domain.health import transition_details as _details
 from valkyrie.runtime.base import HandlerBase
-from valkyrie.runtime.health import RunnerStates, consumer_lags
+from valkyrie.runtime.health import HealthReports, RunnerStates, consumer_lags
+from valkyrie.runtime.healthstore import HealthStore
+from valkyrie.runtime.metrics import HealthGauges
 
-__all__ = ["FALLBACK_KEY", "HEALTH_KEY", "MonitorWorker", "create"]
+__all__ = ["MonitorWorker", "create"]
 
 log = logging.getLogger("valkyrie.monitor")
 
-#: stats bucket keys
-HEALTH_KEY = "health"
-FALLBACK_KEY = "fallback"
 #: how long a mode switch may wait for the config handler's verdict
 SWITCH_TIMEOUT_S = 5.0
 #: bound on one evaluation (a few small requests); a slower one is abandoned and retried next time
 EVALUATE_TIMEOUT_S = 10.0
-
-_REPORT = msgspec.json.Decoder(HealthReport)
-_SUMMARY = msgspec.json.Decoder(HealthSummary)
-_RECORD = msgspec.json.Decoder(FallbackRecord)
-_RANK = {status: n for n, status in enumerate(HEALTH_STATUSES)}
 
 
 class MonitorWorker(HandlerBase):
@@ -89,60 +78,28 @@ class MonitorWorker(HandlerBase):
     def __init__(self, ctx: HandlerContext) -> None:
         super().__init__(ctx)
         self.instance = new_id()[:12]
-        self._seen: dict[str, Seen] = {}
+        self._reports = HealthReports(ctx.bus)
+        self._seen = self._reports.seen
         self._runners = RunnerStates()
         self._streak = Streak()
         self._switching = False
         self._warned_no_config = False
-        # (stats KV revision, summary) of the last summary written or read; None = read it first
-        self._stored: tuple[int, HealthSummary | None] | None = None
         # (config revision it was looked up at, the newest mode-changing revision)
         self._mode_change: tuple[int, ConfigRevision | None] | None = None
-        self._status_gauge = Gauge(
-            "valkyrie_health_status",
-            "Health per component as the monitor sees it: 0 healthy, 1 degraded, 2 unhealthy.",
-            ["component"],
-            registry=ctx.registry,
-        )
-        self._pending_gauge = Gauge(
-            "valkyrie_consumer_pending",
-            "Messages waiting for a durable consumer, as the monitor last measured them.",
-            ["consumer"],
-            registry=ctx.registry,
-        )
+        self._gauges = HealthGauges(ctx.registry)
 
     async def run(
         self, stop: anyio.Event, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Monitor until ``stop`` is set."""
-        bus = self._bus
-        self._stats = await bus.kv("stats")
-        sub = await bus.nc.subscribe(bus.names.health(">"), cb=self._on_report)
-        try:
-            async with anyio.create_task_group() as tg:
-                view = await self._ctx.views.runners()
-                view.add_listener(self._runners.hear)
-                tg.start_soon(self._loop, stop, tg)
-                task_status.started()
-                await stop.wait()
-                tg.cancel_scope.cancel()
-        finally:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
-                await sub.unsubscribe()
-
-    async def _on_report(self, msg: Msg) -> None:
-        try:
-            report = _REPORT.decode(msg.data)
-        except msgspec.DecodeError as e:
-            log.debug("unreadable health report on %s: %s", msg.subject, e)
-            return
-        if report.stopping:
-            self._seen.pop(report.instance, None)
-            return
-        known = self._seen.get(report.instance)
-        if known is not None and known.report.at_ms > report.at_ms:
-            return  # an older report overtaken by a newer one
-        self._seen[report.instance] = Seen(report, now_ms())
+        self._store = await HealthStore.open(self._bus)
+        async with self._reports.listening(), anyio.create_task_group() as tg:
+            view = await self._ctx.views.runners()
+            view.add_listener(self._runners.hear)
+            tg.start_soon(self._loop, stop, tg)
+            task_status.started()
+            await stop.wait()
+            tg.cancel_scope.cancel()
 
     async def _loop(self, stop: anyio.Event, tg: TaskGroup) -> None:
         # one round of reports must be in before judging, or a fresh monitor would call every
@@ -180,7 +137,7 @@ class MonitorWorker(HandlerBase):
         consumers = await consumer_lags(self._bus)
         pool = runner_pool(self._runners.states.values(), health.min_active_runners)
         mode = cfg.mode.value
-        record = await self._read_record()
+        record = await self._store.fallback()
         change = await self._mode_change_for(mode, record)
         record = await self._reconcile(record, mode, change)
         summary = summarize(
@@ -195,28 +152,14 @@ class MonitorWorker(HandlerBase):
             monitor=self.instance,
             fallback=record,
         )
-        await self._store(summary)
-        self._export(summary)
+        written = await self._store.replace_summary(summary)
+        if written is None:
+            log.info("health summary not written: other monitors kept writing first")
+        else:
+            await self._announce(*written, summary)
+        self._gauges.export(summary)
         await self._steer(summary, record, change, tg)
         return summary
-
-    async def _read_record(self) -> FallbackRecord | None:
-        try:
-            entry = await self._stats.get(FALLBACK_KEY)
-        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-            return None
-        if not entry.value:
-            return None
-        try:
-            return _RECORD.decode(entry.value)
-        except msgspec.DecodeError:
-            return None
-
-    async def _forget_record(self) -> None:
-        try:
-            await self._stats.delete(FALLBACK_KEY)
-        except nats.js.errors.KeyNotFoundError:
-            pass
 
     async def _latest_mode_change(self) -> ConfigRevision | None:
         return last_mode_change(await ConfigClient(self._bus).history())
@@ -224,9 +167,8 @@ class MonitorWorker(HandlerBase):
     async def _mode_change_for(
         self, mode: str, record: FallbackRecord | None
     ) -> ConfigRevision | None:
-        # the history is only needed to judge a fallback; read it once per config revision
-        if mode != IntegrationMode.FALLBACK.value and (record is None or record.state != "active"):
-            return None
+        if not needs_mode_history(mode, record):
+            return None  # read once per config revision, and only to judge a fallback
         revision = self._ctx.config.revision
         if self._mode_change is None or self._mode_change[0] != revision:
             self._mode_change = (revision, await self._latest_mode_change())
@@ -241,11 +183,11 @@ class MonitorWorker(HandlerBase):
         if record is None or fate is RecordFate.KEEP:
             return record
         if fate is RecordFate.FORGET:
-            await self._forget_record()
+            await self._store.forget_fallback()
             return None
         who = change.changed_by if change is not None else "?"
         held = msgspec.structs.replace(record, state="overridden")
-        await self._stats.put(FALLBACK_KEY, encode(held))
+        await self._store.put_fallback(held)
         log.warning(
             "mode changed by %s during an automatic fallback: no automatic fallback until healthy",
             who,
@@ -260,40 +202,10 @@ class MonitorWorker(HandlerBase):
         )
         return held
 
-    async def _read_summary(self) -> tuple[int, HealthSummary | None]:
-        try:
-            entry = await self._stats.get(HEALTH_KEY)
-        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-            return 0, None
-        revision = int(entry.revision or 0)
-        try:
-            return revision, _SUMMARY.decode(entry.value) if entry.value else None
-        except msgspec.DecodeError:
-            return revision, None
-
-    async def _store(self, summary: HealthSummary) -> None:
-        """Write ``summary`` over the stored one (compare-and-set) and announce what changed."""
-        for _ in range(3):
-            if self._stored is None:
-                self._stored = await self._read_summary()
-            last, previous = self._stored
-            try:
-                if last:
-                    revision = await self._stats.update(HEALTH_KEY, encode(summary), last=last)
-                else:
-                    revision = await self._stats.create(HEALTH_KEY, encode(summary))
-            except nats.js.errors.KeyWrongLastSequenceError:
-                # another monitor wrote meanwhile: compare with what it recorded instead
-                self._stored = None
-                continue
-            self._stored = (int(revision), summary)
-            await self._announce(previous, summary, int(revision))
-            return
-        log.info("health summary not written: other monitors kept writing first")
-
     async def _announce(
-        self, previous: HealthSummary | None, summary: HealthSummary, revision: int
+        self, previous: HealthSummary | None, revision: int, summary: HealthSummary
     ) -> None:
+        """Announce every status change since ``previous`` (``revision``: the write that made it)."""
         before = component_statuses(previous) if previous is not None else {}
         for name, old, new in transitions(before, component_statuses(summary)):
             log.log(_level(new), "health: %s %s -> %s", name, old, new)
@@ -323,14 +235,6 @@ class MonitorWorker(HandlerBase):
                 )
             )
 
-    def _export(self, summary: HealthSummary) -> None:
-        for name, status in component_statuses(summary).items():
-            self._status_gauge.labels(name).set(_RANK[status])
-        self._status_gauge.labels("overall").set(_RANK[summary.status])
-        for lag in summary.consumers:
-            if lag.pending is not None:
-                self._pending_gauge.labels(lag.durable).set(lag.pending)
-
     # -- automatic fallback -----------------------------------------------------------------------
     async def _steer(
         self,
@@ -342,7 +246,7 @@ class MonitorWorker(HandlerBase):
         cfg = self._ctx.config.current
         self._streak = self._streak.observe(summary.status)
         if summary.status == "healthy" and record is not None and record.state == "overridden":
-            await self._forget_record()  # healthy again: the operator's override has done its job
+            await self._store.forget_fallback()  # healthy again: the operator's override is done
             record = None
         action = decide_fallback(
             self._streak,
@@ -354,7 +258,7 @@ class MonitorWorker(HandlerBase):
         )
         if action is FallbackAction.NONE or self._switching or tg is None:
             return
-        if not self._config_handler_alive():
+        if not config_handler_alive(self._seen, now_ms(), cfg.health):
             # a change request would wait in the commands stream and switch the mode whenever a
             # config handler next starts, long after the cause: better not to ask at all
             if not self._warned_no_config:
@@ -364,14 +268,6 @@ class MonitorWorker(HandlerBase):
         self._warned_no_config = False
         self._switching = True
         tg.start_soon(self._switch, action, summary)
-
-    def _config_handler_alive(self) -> bool:
-        now = now_ms()
-        stale = self._ctx.config.current.health.stale_after_ms
-        return any(
-            "config" in s.report.handlers and now - s.received_at_ms <= stale
-            for s in self._seen.values()
-        )
 
     async def _switch(self, action: FallbackAction, summary: HealthSummary) -> None:
         try:
@@ -385,22 +281,21 @@ class MonitorWorker(HandlerBase):
         finally:
             self._switching = False
 
+    def _base_mode(self) -> str:
+        return str(self._ctx.config.loaded.base().get("mode", IntegrationMode.FULL.value))
+
     async def _mode_now(self, client: ConfigClient) -> tuple[str, dict[str, object]]:
         """The mode in force per the config bucket (not this process's copy, which may lag)."""
         current = await client.current()
         values = dict(current.values) if current is not None else {}
-        base = str(self._ctx.config.loaded.base().get("mode", IntegrationMode.FULL.value))
-        return str(values.get("mode", base)), values
+        return str(values.get("mode", self._base_mode())), values
 
     async def _fall_back(self, summary: HealthSummary) -> None:
         client = ConfigClient(self._bus, actor=AUTO_ACTOR)
         mode, values = await self._mode_now(client)
-        if mode not in (IntegrationMode.FULL.value, IntegrationMode.HYBRID.value):
+        if not may_fall_back_from(mode):
             return  # another monitor switched already, or the mode is not ours to change
-        reason = (
-            f"automatic fallback: overall {summary.status} for {self._streak.failing} consecutive "
-            f"evaluations: " + ("; ".join(summary.reasons[:3]) or summary.status)
-        )
+        reason = fallback_reason(summary, self._streak)
         verdict = await client.change(
             set_values={"mode": IntegrationMode.FALLBACK.value},
             reason=reason,
@@ -409,15 +304,9 @@ class MonitorWorker(HandlerBase):
         if not verdict.accepted:
             log.error("automatic fallback refused: %s", verdict.errors)
             return
-        record = FallbackRecord(
-            previous_mode=mode,
-            previous_override="mode" in values,
-            config_revision=verdict.revision or 0,
-            at_ms=now_ms(),
-            reason=reason,
-            monitor=self.instance,
+        await self._store.put_fallback(
+            fallback_record(mode, values, verdict.revision or 0, now_ms(), reason, self.instance)
         )
-        await self._stats.put(FALLBACK_KEY, encode(record))
         self._streak = Streak()
         log.warning("switched to fallback mode (was %s): %s", mode, reason)
         await self._events.emit(
@@ -432,24 +321,20 @@ class MonitorWorker(HandlerBase):
     async def _recover(self) -> None:
         client = ConfigClient(self._bus, actor=AUTO_ACTOR)
         mode, _ = await self._mode_now(client)
-        record = await self._read_record()
+        record = await self._store.fallback()
         change = await self._latest_mode_change()
         # judged again on fresh data: an operator may have stepped in since the evaluation
         if not is_automatic_fallback(mode, record, change):
             return
-        base = str(self._ctx.config.loaded.base().get("mode", IntegrationMode.FULL.value))
-        value, target = restore_target(record, change, base)
-        reason = (
-            f"automatic recovery: healthy for {self._streak.healthy} consecutive evaluations; "
-            f"back to {target}"
-        )
+        value, target = restore_target(record, change, self._base_mode())
+        reason = recovery_reason(self._streak, target)
         verdict = await client.change(
             set_values={"mode": value}, reason=reason, timeout_s=SWITCH_TIMEOUT_S
         )
         if not verdict.accepted:
             log.error("automatic recovery refused: %s", verdict.errors)
             return
-        await self._forget_record()
+        await self._store.forget_fallback()
         self._streak = Streak()
         log.warning("recovered from automatic fallback: mode %s again", target)
         await self._events.emit(
@@ -459,20 +344,6 @@ class MonitorWorker(HandlerBase):
 
 def _level(status: HealthStatus) -> int:
     return logging.INFO if status == "healthy" else logging.WARNING
-
-
-def _details(summary: HealthSummary, component: str) -> list[str]:
-    if component == CONSUMER_LAG_COMPONENT:
-        return [f"{c.durable}: {c.detail}" for c in summary.consumers if c.status != "healthy"]
-    if component == RUNNER_POOL_COMPONENT:
-        pool = summary.runner_pool
-        return [f"{pool.available} available, minimum {pool.min_active}"]
-    return [
-        f"{c.instance} {name}: {check.detail or check.status}"
-        for c in summary.components
-        if c.component == component
-        for name, check in c.failing.items()
-    ]
 
 
 def create(ctx: HandlerContext) -> MonitorWorker:

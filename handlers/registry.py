@@ -17,6 +17,7 @@ from nats.aio.msg import Msg
 
 from schemas import (
     FieldError,
+    JobRecord,
     RegistrationVerdict,
     RunnerBackOnline,
     RunnerCommand,
@@ -40,15 +41,23 @@ from valkyrie.bus.codec import (
     now_ms,
 )
 from valkyrie.bus.kv import cas_update, get_versioned, put_new
-from valkyrie.domain.lifecycle import is_on, runner_state
+from valkyrie.domain.lifecycle import (
+    DEREGISTER_RETRY_MS,
+    deregistration_refusal,
+    from_other_session,
+    heartbeat_needs_write,
+    holding_refusal,
+    new_runner,
+    not_held,
+    reregister,
+    set_drain,
+    touch,
+)
 from valkyrie.runtime.base import HandlerBase
 
 __all__ = ["RegistryWorker", "create"]
 
 log = logging.getLogger("valkyrie.registry")
-#: how often a live runner's record is rewritten just to refresh its shown heartbeat time
-HEARTBEAT_PERSIST_MS = 5000
-DEREGISTER_RETRY_MS = 200
 
 
 class RegistryWorker(HandlerBase):
@@ -107,35 +116,18 @@ class RegistryWorker(HandlerBase):
             return
         now = now_ms()
         rid = registration.runner_id
-        fresh = RunnerRecord(
-            registration=registration,
-            state=RunnerState.ACTIVE,
-            registered_at_ms=now,
-            last_heartbeat_at_ms=now,
-        )
         abandon: dict[str, int] = {}
+
+        def again(old: RunnerRecord) -> RunnerRecord:
+            outcome = reregister(old, registration, now_ms=now)
+            abandon.clear()
+            abandon.update(outcome.abandon)
+            return outcome.record
+
         try:
-            created = await put_new(self._runners, rid, fresh)
-            if created is None:
-
-                def reregister(old: RunnerRecord) -> RunnerRecord:
-                    abandon.clear()
-                    same_session = (
-                        old.registration.session_id is not None
-                        and old.registration.session_id == registration.session_id
-                    )
-                    # A new session means the runner restarted: whatever it held is gone.
-                    if not same_session and old.assigned_jobs:
-                        abandon.update(old.assigned_jobs)
-                    updated = msgspec.structs.replace(
-                        old,
-                        registration=registration,
-                        last_heartbeat_at_ms=now,
-                        state=RunnerState.ACTIVE,
-                    )
-                    return msgspec.structs.replace(updated, state=runner_state(updated))
-
-                latest, _ = await cas_update(self._runners, rid, RUNNER_DECODER, reregister)
+            state = RunnerState.ACTIVE
+            if await put_new(self._runners, rid, new_runner(registration, now_ms=now)) is None:
+                latest, _ = await cas_update(self._runners, rid, RUNNER_DECODER, again)
                 state = latest.value.state if latest else RunnerState.ACTIVE
                 for job_id, attempt in abandon.items():
                     await self._ops.take_back(
@@ -145,8 +137,6 @@ class RegistryWorker(HandlerBase):
                         reason=f"runner {rid} restarted (new session)",
                         outcome="runner_restarted",
                     )
-            else:
-                state = RunnerState.ACTIVE
             await self._events.emit(
                 RunnerRegistered(
                     subject_id=rid,
@@ -180,42 +170,22 @@ class RegistryWorker(HandlerBase):
         now = now_ms()
         known = self._view.records.get(beat.runner_id)
         if known is not None:
-            rec = known.value
-            if (
-                rec.registration.session_id
-                and beat.session_id
-                and rec.registration.session_id != beat.session_id
-            ):
-                return  # a heartbeat from a previous incarnation
-            # Liveness is judged from the live heartbeats (supervisor); the record is only
-            # rewritten when something changed or to refresh the shown time now and then.
-            stale = now - rec.last_heartbeat_at_ms >= HEARTBEAT_PERSIST_MS
-            if rec.state != RunnerState.OFFLINE and not stale:
-                await self._check_running(beat, rec)
+            if from_other_session(known.value, beat.session_id):
                 return
-        came_back: list[bool] = []
+            if not heartbeat_needs_write(known.value, now_ms=now):
+                await self._check_running(beat, known.value)
+                return
+        came_back = False
 
-        def touch(old: RunnerRecord) -> RunnerRecord | None:
-            came_back.clear()
-            if (
-                old.registration.session_id
-                and beat.session_id
-                and old.registration.session_id != beat.session_id
-            ):
-                return None
-            if old.state == RunnerState.OFFLINE:
-                came_back.append(True)
-            updated = msgspec.structs.replace(
-                old,
-                last_heartbeat_at_ms=max(now, old.last_heartbeat_at_ms),
-                load=beat.load,
-                state=RunnerState.ACTIVE if old.state == RunnerState.OFFLINE else old.state,
-            )
-            return msgspec.structs.replace(updated, state=runner_state(updated))
+        def fold(old: RunnerRecord) -> RunnerRecord | None:
+            nonlocal came_back
+            touched = touch(old, beat, now_ms=now)
+            came_back = touched is not None and touched.back_online
+            return touched.record if touched is not None else None
 
         try:
             latest, written = await cas_update(
-                self._runners, beat.runner_id, RUNNER_DECODER, touch, known=known
+                self._runners, beat.runner_id, RUNNER_DECODER, fold, known=known
             )
         except Exception as e:
             log.warning("heartbeat of %s not recorded: %r", beat.runner_id, e)
@@ -230,16 +200,13 @@ class RegistryWorker(HandlerBase):
 
     async def _check_running(self, beat: RunnerHeartbeat, rec: RunnerRecord) -> None:
         """Tell a runner to abandon jobs it runs but no longer holds (taken back meanwhile)."""
-        extra = [j for j in beat.running_jobs if j not in rec.assigned_jobs]
-        if not extra:
+        if not not_held(beat, rec):
             return
         # Our view may lag a fresh dispatch: confirm against the bucket before acting.
         fresh = await get_versioned(self._runners, beat.runner_id, RUNNER_DECODER)
         if fresh is None:
             return
-        for job_id in extra:
-            if job_id in fresh.value.assigned_jobs:
-                continue
+        for job_id in not_held(beat, fresh.value):
             await self._bus.nc.publish(
                 self._bus.names.control(beat.runner_id),
                 encode(
@@ -279,14 +246,9 @@ class RegistryWorker(HandlerBase):
             )
             return
         draining = action == "drain"
-
-        def set_drain(old: RunnerRecord) -> RunnerRecord | None:
-            if old.drain_requested == draining:
-                return None
-            updated = msgspec.structs.replace(old, drain_requested=draining)
-            return msgspec.structs.replace(updated, state=runner_state(updated))
-
-        latest, changed = await cas_update(self._runners, rid, RUNNER_DECODER, set_drain)
+        latest, changed = await cas_update(
+            self._runners, rid, RUNNER_DECODER, lambda old: set_drain(old, draining)
+        )
         if latest is None:
             await self._reply(
                 msg,
@@ -309,42 +271,30 @@ class RegistryWorker(HandlerBase):
             msg, RegistrationVerdict(accepted=True, runner_id=rid, state=latest.value.state)
         )
 
-    async def _on_it(self, rid: str, slots: dict[str, int]) -> list[str]:
-        """The jobs among ``slots`` that really are on runner ``rid`` at that attempt.
-
-        A slot whose job ended, or went to another runner or attempt, is one whose release is
-        still being written or an orphan the supervisor has not freed yet: it goes with the
-        record and must not keep a runner that leaves from deregistering (it would be reported
-        lost instead).
-        """
-        held = []
-        for job_id, attempt in slots.items():
-            current = await get_versioned(self._jobs, job_id, JOB_DECODER)
-            if is_on(current.value if current is not None else None, rid, attempt):
-                held.append(job_id)
-        return held
+    async def _job(self, job_id: str) -> JobRecord | None:
+        current = await get_versioned(self._jobs, job_id, JOB_DECODER)
+        return current.value if current is not None else None
 
     async def _deregister(self, msg: Msg, rid: str, session_id: object) -> None:
         """A runner leaving cleanly: forget it (only its own session, only with no jobs held)."""
         current = await get_versioned(self._runners, rid, RUNNER_DECODER)
-        problem, retry_after_ms = None, None
-        if current is None:
-            problem = f"no runner {rid!r}"
-        elif current.value.registration.session_id not in (None, session_id):
-            problem = "a newer session of this runner is registered"
-        elif held := await self._on_it(rid, current.value.assigned_jobs):
-            # a runner that finished its last jobs leaves before their slot releases are all
-            # written: it may ask again shortly
-            problem = f"it still holds {len(held)} job(s)"
-            retry_after_ms = DEREGISTER_RETRY_MS
-        if problem is not None or current is None:
+        refusal = deregistration_refusal(current.value if current else None, rid, session_id)
+        if refusal is None and current is not None:
+            slots = current.value.assigned_jobs
+            jobs = {job_id: await self._job(job_id) for job_id in slots}
+            refusal = holding_refusal(slots, rid, jobs)
+        if refusal is not None or current is None:
             await self._reply(
                 msg,
                 RegistrationVerdict(
                     accepted=False,
                     runner_id=rid,
-                    errors=[FieldError(path="$.runner_id", reason=problem or "unknown")],
-                    retry_after_ms=retry_after_ms,
+                    errors=[
+                        FieldError(
+                            path="$.runner_id", reason=refusal.reason if refusal else "unknown"
+                        )
+                    ],
+                    retry_after_ms=refusal.retry_after_ms if refusal else None,
                 ),
             )
             return

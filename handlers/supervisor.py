@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 import anyio
-import msgspec
 import nats.errors
 import nats.js.errors
 from anyio.abc import TaskStatus
-from nats.aio.msg import Msg
 
 from schemas import (
-    JobRecord,
     JobState,
     RunnerCommand,
     RunnerForgotten,
@@ -34,8 +32,21 @@ from valkyrie import HandlerContext
 from valkyrie.bus.codec import JOB_DECODER, RUNNER_DECODER, encode, now_ms
 from valkyrie.bus.kv import Versioned, cas_update, get_versioned
 from valkyrie.config.model import DispatchConfig
-from valkyrie.domain.lifecycle import is_on, retry_after_failure
+from valkyrie.domain.lifecycle import (
+    LivenessFacts,
+    acceptance_overdue,
+    ended_unannounced,
+    execution_deadline,
+    is_on,
+    judge_liveness,
+    last_seen,
+    mark_lost,
+    pass_on_time,
+    should_forget,
+    time_out,
+)
 from valkyrie.runtime.base import HandlerBase
+from valkyrie.runtime.heartbeats import HeardHeartbeats
 from valkyrie.runtime.jobops import through_outages
 
 __all__ = ["SupervisorWorker", "create"]
@@ -51,8 +62,7 @@ class SupervisorWorker(HandlerBase):
 
     def __init__(self, ctx: HandlerContext) -> None:
         super().__init__(ctx)
-        self._seen: dict[str, int] = {}
-        self._started_ms = 0
+        self._ear = HeardHeartbeats(ctx.bus)
         self._last_pass = time.monotonic()
         self._first_seen: dict[tuple[str, int], int] = {}
         self._deadline: dict[tuple[str, int], int] = {}
@@ -62,14 +72,13 @@ class SupervisorWorker(HandlerBase):
     def _cfg(self) -> DispatchConfig:
         return self._ctx.config.current.dispatch
 
-    def _last_seen(self, rid: str, record: RunnerRecord) -> int:
-        # Before we heard the runner ourselves, count from our own start (a grace period) so a
-        # restarted supervisor does not declare every runner lost at once.
-        return max(self._seen.get(rid, 0), record.last_heartbeat_at_ms, self._started_ms)
+    def _records(self) -> dict[str, RunnerRecord]:
+        return {rid: versioned.value for rid, versioned in self._view.records.items()}
 
-    async def _on_heartbeat(self, msg: Msg) -> None:
-        runner_id = msg.subject.rsplit(".", 1)[-1]
-        self._seen[runner_id] = now_ms()
+    def _last_seen(self, rid: str, record: RunnerRecord) -> int:
+        return last_seen(
+            record, heard_ms=self._ear.heard.get(rid), listening_since_ms=self._ear.since_ms
+        )
 
     async def run(
         self, stop: anyio.Event, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -79,62 +88,48 @@ class SupervisorWorker(HandlerBase):
         self._runners_kv = await self._bus.kv("runners")
         self._view = await self._ctx.views.runners()
         self._ops.runners = self._view
-        self._started_ms = now_ms()
         # Every supervisor hears every heartbeat (no queue group): liveness is judged live.
-        sub = await self._bus.nc.subscribe(self._bus.names.heartbeat("*"), cb=self._on_heartbeat)
-        self._beats = sub
-        try:
-            async with anyio.create_task_group() as tg:
-                task_status.started()
-                while not stop.is_set():
-                    with anyio.move_on_after(self._cfg().supervise_interval_ms / 1000):
-                        await stop.wait()
-                    if stop.is_set():
-                        break
-                    try:
-                        await self._check()
-                    except Exception:
-                        log.exception("supervision pass failed")
-                    finally:
-                        self._last_pass = time.monotonic()
-                tg.cancel_scope.cancel()
-        finally:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
-                await sub.unsubscribe()
+        async with self._ear.listening(), anyio.create_task_group() as tg:
+            task_status.started()
+            while not stop.is_set():
+                with anyio.move_on_after(self._cfg().supervise_interval_ms / 1000):
+                    await stop.wait()
+                if stop.is_set():
+                    break
+                try:
+                    await self._check()
+                except Exception:
+                    log.exception("supervision pass failed")
+                finally:
+                    self._last_pass = time.monotonic()
+            tg.cancel_scope.cancel()
 
     async def _check(self) -> None:
         now = now_ms()
         if not self._bus.nc.is_connected:
-            # Deaf while disconnected: that silence is ours, not the runners'. Count from the
-            # reconnection on, as from a start (else a server restart "loses" every runner).
-            self._started_ms = now
+            self._ear.deaf(now)
             return
-        live: set[tuple[str, int]] = set()
-        lost_after = self._cfg().runner_lost_after_ms
-        # Silence we caused ourselves is not a runner's fault: after a pass that came late (this
-        # process was starved) judge nobody, and before judging anyone silent read every
-        # heartbeat already sent to us (_caught_up; skipping the pass whenever one waited unread
-        # held a busy process's judgement back by seconds). Late is measured from the end of the
-        # previous pass: a pass made long by our own take-backs is not starvation.
-        judge = (
-            time.monotonic() - self._last_pass <= 2 * self._cfg().supervise_interval_ms / 1000 + 0.5
+        facts = LivenessFacts(
+            now_ms=now,
+            lost_after_ms=self._cfg().runner_lost_after_ms,
+            listening_since_ms=self._ear.since_ms,
+            heard=self._ear.heard,
+            on_time=pass_on_time(
+                time.monotonic() - self._last_pass, self._cfg().supervise_interval_ms
+            ),
         )
-        silent = [
-            rid
-            for rid, versioned in self._view.records.items()
-            if versioned.value.state != RunnerState.OFFLINE
-            and now - self._last_seen(rid, versioned.value) > lost_after
-        ]
-        if judge and silent:
-            judge = await self._caught_up()
+        judgement = judge_liveness(self._records(), facts)
+        if judgement.catch_up:
+            caught_up = await self._ear.caught_up()
             now = now_ms()
+            facts = replace(facts, now_ms=now, caught_up=caught_up)
+            judgement = judge_liveness(self._records(), facts)
         lost = {
-            rid: (versioned, seen)
-            for rid, versioned in list(self._view.records.items())
-            if judge
-            and versioned.value.state != RunnerState.OFFLINE
-            and now - (seen := self._last_seen(rid, versioned.value)) > lost_after
+            rid: (self._view.records[rid], seen)
+            for rid, seen in judgement.lost.items()
+            if rid in self._view.records
         }
+        live: set[tuple[str, int]] = set()
         if lost:
             # first, and all at once: their jobs wait for it (one by one, runners lost together
             # were handled a take-back round trip apart each, seconds on a busy machine)
@@ -150,7 +145,7 @@ class SupervisorWorker(HandlerBase):
                 for job_id, attempt in list(record.assigned_jobs.items()):
                     await self._take_back(rid, job_id, attempt, seen)
                 retention_ms = self._ctx.config.current.limits.offline_runner_retention_s * 1000
-                if not record.assigned_jobs and now - seen > retention_ms:
+                if should_forget(record, last_seen_ms=seen, now_ms=now, retention_ms=retention_ms):
                     await self._forget(rid, versioned)
                 continue
             for job_id, attempt in record.assigned_jobs.items():
@@ -168,23 +163,6 @@ class SupervisorWorker(HandlerBase):
             if key not in live:
                 self._first_seen.pop(key, None)
                 self._deadline.pop(key, None)
-
-    async def _caught_up(self) -> bool:
-        """Read every heartbeat the server already sent us before judging anyone silent.
-
-        A flush is a round trip: its answer comes after every message the server sent before it,
-        so once it returns and our subscription's buffer is empty, a runner still silent really
-        sent nothing (and not merely: we had not read it yet, because this process was busy).
-        """
-        try:
-            await self._bus.nc.flush(timeout=2)
-        except (nats.errors.Error, TimeoutError):
-            return False
-        with anyio.move_on_after(1):
-            while self._beats.pending_msgs:  # noqa: ASYNC110 - nats-py signals no emptied buffer
-                await anyio.sleep(0.01)
-            return True
-        return False
 
     async def _forget(self, rid: str, versioned: Versioned[RunnerRecord]) -> None:
         """Remove a runner offline for longer than ``limits.offline_runner_retention_s``."""
@@ -205,14 +183,12 @@ class SupervisorWorker(HandlerBase):
 
     async def _lose(self, rid: str, versioned: Versioned[RunnerRecord], seen: int) -> None:
         now = now_ms()
-
-        def mark(record: RunnerRecord) -> RunnerRecord | None:
-            if record.state == RunnerState.OFFLINE or record.last_heartbeat_at_ms > seen:
-                return None  # already offline, or a newer heartbeat was recorded meanwhile
-            return msgspec.structs.replace(record, state=RunnerState.OFFLINE)
-
         latest, written = await cas_update(
-            self._runners_kv, rid, RUNNER_DECODER, mark, known=versioned
+            self._runners_kv,
+            rid,
+            RUNNER_DECODER,
+            lambda record: mark_lost(record, last_seen_ms=seen),
+            known=versioned,
         )
         if latest is None or latest.value.state != RunnerState.OFFLINE:
             return
@@ -272,22 +248,15 @@ class SupervisorWorker(HandlerBase):
         if not is_on(rec, rid, attempt):
             if key in self._suspect:
                 self._suspect.discard(key)
-                last = rec.attempts[-1] if rec is not None and rec.attempts else None
-                if (
-                    rec is not None
-                    and rec.attempt == attempt
-                    and last is not None
-                    and (last.attempt, last.runner_id) == (attempt, rid)
-                    and last.outcome is not None
-                ):
-                    # This attempt was ended here (taken back, timed out) by a process that died
-                    # before it announced the outcome and freed the slot: finish both.
+                ended = ended_unannounced(rec, rid, attempt)
+                if ended is not None and ended.outcome is not None:
+                    # finish what the process that ended this attempt here did not
                     await self._ops.take_back(
                         job_id,
                         attempt=attempt,
                         runner_id=rid,
-                        reason=last.reason or last.outcome,
-                        outcome=last.outcome,
+                        reason=ended.reason or ended.outcome,
+                        outcome=ended.outcome,
                         known=current,
                     )
                 else:
@@ -297,9 +266,9 @@ class SupervisorWorker(HandlerBase):
                 self._suspect.add(key)
             return None
         self._suspect.discard(key)
-        accept_ms = self._ctx.config.current.dispatch.accept_timeout_ms
+        accept_ms = self._cfg().accept_timeout_ms
         if rec.state == JobState.DISPATCHED:
-            if rec.dispatched_at_ms is not None and now_ms() - rec.dispatched_at_ms > accept_ms:
+            if acceptance_overdue(rec, now_ms=now_ms(), accept_timeout_ms=accept_ms):
                 await self._ops.take_back(
                     job_id,
                     attempt=attempt,
@@ -309,33 +278,19 @@ class SupervisorWorker(HandlerBase):
                     outcome="not_accepted",
                 )
             return None
-        began = rec.started_at_ms or rec.accepted_at_ms or rec.dispatched_at_ms or rec.updated_at_ms
-        deadline = (
-            began
-            + rec.spec.requirements.max_execution_time_s * 1000
-            + self._cfg().execution_grace_ms
-        )
+        deadline = execution_deadline(rec, grace_ms=self._cfg().execution_grace_ms)
         self._deadline[key] = deadline
         return deadline
 
     async def _time_out(self, rid: str, job_id: str, attempt: int) -> None:
         now = now_ms()
-        limit: list[int] = []
-
-        def decide(record: JobRecord) -> JobRecord | None:
-            if not is_on(record, rid, attempt):
-                return None
-            limit[:] = [record.spec.requirements.max_execution_time_s]
-            return retry_after_failure(
-                record,
-                "timed_out",
-                now_ms=now,
-                reason=f"no result within max_execution_time_s={record.spec.requirements.max_execution_time_s}"
-                f" + {self._cfg().execution_grace_ms} ms grace (runner {rid} silent)",
-            )
-
+        grace_ms = self._cfg().execution_grace_ms
         latest, written = await cas_update(
-            self._jobs, job_id, JOB_DECODER, decide, ttl_for=self._ops.job_ttl()
+            self._jobs,
+            job_id,
+            JOB_DECODER,
+            lambda record: time_out(record, rid, attempt, now_ms=now, grace_ms=grace_ms),
+            ttl_for=self._ops.job_ttl(),
         )
         self._deadline.pop((job_id, attempt), None)
         if latest is None or not written:

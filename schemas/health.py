@@ -91,7 +91,11 @@ class ConsumerLag(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class RunnerPool(msgspec.Struct, frozen=True, kw_only=True):
-    """The runners in the runners KV bucket by state; ``available`` counts every one not offline."""
+    """The runners in the runners KV bucket by state; ``available`` counts the active and busy ones.
+
+    ``status`` is ``unhealthy`` with none available, ``degraded`` with fewer than ``min_active``
+    (``health.min_active_runners``; 0 switches the check off).
+    """
 
     total: NonNegativeInt = 0
     available: NonNegativeInt = 0

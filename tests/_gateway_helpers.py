@@ -71,9 +71,11 @@ async def gateway(
     environ: Mapping[str, str] | None = None,
     handlers: Sequence[str] | None = None,
 ) -> AsyncIterator[Gw]:
-    """Handlers (all by default) and the gateway app, driven through httpx's ASGI transport."""
-    async with running(settings, handlers) as bus:
-        live = LiveConfig(config_for_test(settings, environ=environ))
+    """Handlers (all by default) and the gateway app, driven through httpx's ASGI transport; both
+    run the config of ``environ``."""
+    loaded = config_for_test(settings, environ=environ)
+    async with running(settings, handlers, config=loaded) as bus:
+        live = LiveConfig(loaded)
         registry = CollectorRegistry()
         async with anyio.create_task_group() as tg:
             await tg.start(watch_config, bus, live)

@@ -11,8 +11,7 @@ import msgspec
 import pytest
 from nats.aio.msg import Msg
 
-from handlers.configurator import plan_change
-from schemas import ConfigChange, ConfigRevision, HealthReport, JobState
+from schemas import ConfigRevision, HealthReport, JobState
 from tests._config_helpers import (
     applied_revisions,
     change,
@@ -28,70 +27,6 @@ from valkyrie.config.live import LiveConfig
 from valkyrie.config.load import load_config
 from valkyrie.config.model import IntegrationMode, ValkyrieConfig
 from valkyrie.testing import SimulatedRunner
-
-BASE = load_config(environ={}).base()
-
-
-def plan(current: dict[str, Any] | None = None, **kwargs: Any) -> Any:
-    return plan_change(ConfigChange(**kwargs), current or {}, BASE, {0: {}, 1: {"mode": "hybrid"}})
-
-
-# -- plan_change (pure) -----------------------------------------------------------------------------
-
-
-@pytest.mark.timeout(10)
-def test_plan_a_live_change() -> None:
-    new, diff, errors, warnings = plan(set={"dispatch.max_queue_scan": 10})
-    assert (new, errors, warnings) == ({"dispatch.max_queue_scan": 10}, [], [])
-    assert diff == {"dispatch.max_queue_scan": {"old": 2000, "new": 10}}
-
-
-@pytest.mark.timeout(10)
-@pytest.mark.parametrize("key", ["http.port", "performance.handler_concurrency", "profile"])
-def test_plan_refuses_a_key_that_cannot_change_live(key: str) -> None:
-    new, _, errors, _ = plan(set={key: 1234 if key != "profile" else "testing"})
-    assert new is None
-    assert [e.path for e in errors] == [key]
-    assert errors[0].reason.startswith("cannot change live: ")
-
-
-@pytest.mark.timeout(10)
-def test_plan_refuses_a_non_live_override_even_at_its_current_value() -> None:
-    # another process's base may differ (file, environment): the override would change it live
-    new, _, errors, _ = plan(set={"http.port": BASE["http.port"]})
-    assert new is None
-    assert [e.path for e in errors] == ["http.port"]
-
-
-@pytest.mark.timeout(10)
-def test_plan_reports_every_problem_of_a_change() -> None:
-    new, _, errors, _ = plan(
-        set={"http.port": 1, "dispatch.accept_timeout_ms": 0, "dispatch.nope": 1, "mode": "x"}
-    )
-    assert new is None
-    assert sorted(e.path for e in errors) == [
-        "dispatch.accept_timeout_ms",
-        "dispatch.nope",
-        "http.port",
-        "mode",
-    ]
-
-
-@pytest.mark.timeout(10)
-def test_plan_unset_replace_and_rollback() -> None:
-    current = {"dispatch.max_queue_scan": 10, "mode": "fallback"}
-    new, diff, errors, _ = plan(current, set={"dispatch.max_queue_scan": None})
-    assert (new, errors) == ({"mode": "fallback"}, [])
-    assert diff == {"dispatch.max_queue_scan": {"old": 10, "new": 2000}}
-    new, diff, _, _ = plan(current, replace={"mode": "full", "dispatch": {"max_queue_scan": 5}})
-    assert new == {"dispatch.max_queue_scan": 5}  # values equal to the base are not overrides
-    new, diff, _, _ = plan(current, rollback_to=1)
-    assert new == {"mode": "hybrid"}
-    assert diff["mode"] == {"old": "fallback", "new": "hybrid"}
-    new, _, errors, _ = plan(current, rollback_to=7)
-    assert new is None
-    assert [e.path for e in errors] == ["rollback_to"]
-
 
 # -- LiveConfig (pure) ------------------------------------------------------------------------------
 

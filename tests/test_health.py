@@ -354,14 +354,14 @@ async def test_a_mode_set_by_hand_is_never_overridden(
         assert verdict.accepted, verdict.errors
         await wait_mode(bus, "fallback", timeout_s=30)
 
-        # the operator takes the mode back while it is still degraded: it stays theirs
+        # the operator takes the mode back while it is still unhealthy: it stays theirs
         verdict = await operator.change(set_values={"mode": "hybrid"}, reason="by hand")
         assert verdict.accepted, verdict.errors
         held = await eventually(
             lambda: _held_record(bus), timeout_s=10, what="the fallback marked overridden"
         )
         assert held.previous_mode == "full"
-        await anyio.sleep(2.0)  # ten evaluations, all degraded
+        await anyio.sleep(2.0)  # ten evaluations, all unhealthy
         mode, current = await mode_of(bus)
         assert mode == "hybrid"
         assert current is not None
@@ -478,19 +478,19 @@ async def test_status_reports_health_and_exit_codes(settings: Settings, fast_hea
         assert verdict.accepted, verdict.errors
         await wait_summary(
             bus,
-            lambda s: s.runner_pool.status == "degraded",
+            lambda s: s.runner_pool.status == "unhealthy",
             timeout_s=10,
-            what="the runner pool degraded",
+            what="the runner pool unhealthy",
         )
-        degraded = await valkyrie_status(settings, "status")
-        out = degraded.stdout.decode()
-        assert degraded.returncode == 1, out + degraded.stderr.decode()
-        assert out.startswith("status:   degraded\n"), out
-        assert "  - runner pool degraded: 0 available, minimum 1" in out
-        assert "; minimum 1: degraded" in out
+        unhealthy = await valkyrie_status(settings, "status")
+        out = unhealthy.stdout.decode()
+        assert unhealthy.returncode == 1, out + unhealthy.stderr.decode()
+        assert out.startswith("status:   unhealthy\n"), out
+        assert "  - runner pool unhealthy: 0 available of 0, minimum 1" in out
+        assert "; minimum 1: unhealthy" in out
         # automatic fallback is off: the mode stays
         assert (await mode_of(bus))[0] == "full"
-        assert ("overall", "degraded") in await health_events(bus)
+        assert ("overall", "unhealthy") in await health_events(bus)
 
 
 @pytest.mark.timeout(90)

@@ -1,4 +1,7 @@
-"""Health evaluation without NATS: thresholds, the summary, transitions, fallback decisions."""
+"""Health evaluation without NATS: thresholds, the runner pool, the summary, transitions.
+
+(The automatic-fallback rules are tested in test_fallback_unit.py.)
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,6 @@ from hypothesis import strategies as st
 from schemas import (
     HEALTH_STATUSES,
     CheckResult,
-    ConfigRevision,
     ConsumerLag,
     FallbackRecord,
     HealthReport,
@@ -21,27 +23,23 @@ from schemas import (
 from valkyrie.cli._status import Gathered, render
 from valkyrie.config.model import HealthConfig
 from valkyrie.domain.health import (
-    AUTO_ACTOR,
     CONSUMER_LAG_COMPONENT,
     FORGET_AFTER_STALE,
     RUNNER_POOL_COMPONENT,
-    FallbackAction,
-    RecordFate,
     Seen,
-    Streak,
     component_statuses,
-    decide_fallback,
+    config_handler_alive,
     evaluate_consumer,
     instance_health,
-    is_automatic_fallback,
     kv_latency_check,
-    last_mode_change,
-    reconcile_record,
-    restore_target,
+    note_report,
+    pool_status,
     runner_pool,
+    runner_pool_detail,
     should_forget,
     summarize,
     threshold_status,
+    transition_details,
     transitions,
     worst,
 )
@@ -80,14 +78,6 @@ def report(
         checks=checks if checks is not None else {"nats": OK},
         stopping=stopping,
     )
-
-
-def revision(number: int, by: str, diff: dict[str, object]) -> ConfigRevision:
-    return ConfigRevision(revision=number, at_ms=NOW, changed_by=by, values={}, diff=diff)
-
-
-def fallback_change(number: int = 5, by: str = AUTO_ACTOR, old: str = "full") -> ConfigRevision:
-    return revision(number, by, {"mode": {"old": old, "new": "fallback"}})
 
 
 def record(**overrides: object) -> FallbackRecord:
@@ -149,13 +139,40 @@ def test_consumer_lag_statuses() -> None:
     assert evaluate_consumer(waiting, H).detail == "10 pending (>= 10); no consumer yet"
 
 
-def test_runner_pool_counts_everything_not_offline() -> None:
+def test_runner_pool_counts_active_and_busy_runners_as_available() -> None:
     pool = runner_pool(["active", "busy", "draining", "offline", "offline"], 2)
     assert pool == RunnerPool(
-        total=5, available=3, active=1, busy=1, draining=1, offline=2, min_active=2
+        total=5, available=2, active=1, busy=1, draining=1, offline=2, min_active=2
     )
-    assert runner_pool(["active", "offline"], 2).status == "degraded"
+    assert runner_pool_detail(pool) == "2 available of 5 (1 draining, 2 offline), minimum 2"
+    # draining runners are leaving and take no work: they do not count
+    assert runner_pool(["active", "draining", "draining"], 2).status == "degraded"
+    assert runner_pool(["draining", "offline"], 1).status == "unhealthy"
+    assert runner_pool_detail(runner_pool(["busy"], 3)) == "1 available of 1, minimum 3"
+    # a fully loaded pool is alive and working: the queue shows the load, not the pool
+    assert runner_pool(["busy", "busy"], 2).status == "healthy"
+    # a minimum of 0 switches the check off
     assert runner_pool([], 0).status == "healthy"
+    assert runner_pool(["offline", "draining"], 0).status == "healthy"
+
+
+_STATES = st.sampled_from(["active", "busy", "draining", "offline"])
+
+
+@given(st.lists(_STATES, max_size=30), st.integers(min_value=0, max_value=10), _STATES)
+def test_runner_pool_rule_properties(states: list[str], minimum: int, extra: str) -> None:
+    pool = runner_pool(states, minimum)
+    available = states.count("active") + states.count("busy")
+    assert pool.available == available
+    assert pool.total == len(states) == pool.active + pool.busy + pool.draining + pool.offline
+    assert pool.status == pool_status(available, minimum)
+    assert (pool.status == "healthy") == (available >= minimum)
+    assert (pool.status == "unhealthy") == (available == 0 < minimum)
+    # one more runner never makes the pool worse, and only an available one makes it better
+    more = runner_pool([*states, extra], minimum)
+    assert worst([more.status, pool.status]) == pool.status
+    if extra in ("draining", "offline"):
+        assert more.status == pool.status
 
 
 # -- instances ----------------------------------------------------------------------------------
@@ -197,6 +214,27 @@ def test_forgetting() -> None:
     limit = FORGET_AFTER_STALE * H.stale_after_ms
     assert not should_forget(Seen(report(), NOW - limit), NOW, H)
     assert should_forget(Seen(report(), NOW - limit - 1), NOW, H)
+
+
+def test_reports_fold_into_the_latest_per_instance() -> None:
+    seen: dict[str, Seen] = {}
+    note_report(seen, report(instance="a"), NOW)
+    newer = msgspec.structs.replace(report(instance="a", status="degraded"), at_ms=NOW + 10)
+    note_report(seen, newer, NOW + 20)
+    assert seen == {"a": Seen(newer, NOW + 20)}
+    # reports can overtake each other: an older one arriving late changes nothing
+    note_report(seen, report(instance="a"), NOW + 30)
+    assert seen == {"a": Seen(newer, NOW + 20)}
+    note_report(seen, report(instance="b"), NOW + 30)
+    note_report(seen, report(instance="a", stopping=True), NOW + 40)
+    assert list(seen) == ["b"]
+
+
+def test_a_config_handler_is_alive_while_it_reports() -> None:
+    config = msgspec.structs.replace(report("config", "c"), handlers=["config", "intake"])
+    assert config_handler_alive({"c": Seen(config, NOW - H.stale_after_ms)}, NOW, H)
+    assert not config_handler_alive({"c": Seen(config, NOW - H.stale_after_ms - 1)}, NOW, H)
+    assert not config_handler_alive({"i": Seen(report(), NOW)}, NOW, H)
 
 
 def test_component_name_is_one_subject_token() -> None:
@@ -248,7 +286,7 @@ def test_summary_is_the_worst_of_components_consumers_and_pool() -> None:
 
     few_runners = summary_of(states=["active"])
     assert few_runners.status == "degraded"
-    assert few_runners.reasons == ["runner pool degraded: 1 available, minimum 2"]
+    assert few_runners.reasons == ["runner pool degraded: 1 available of 1, minimum 2"]
 
     stalled = summary_of(seen={"i9": Seen(report("results", "i9"), NOW - 5000)})
     assert stalled.status == "unhealthy"
@@ -269,9 +307,23 @@ def test_component_statuses_take_the_worst_instance() -> None:
         "dispatcher": "degraded",
         "intake": "healthy",
         CONSUMER_LAG_COMPONENT: "unhealthy",
-        RUNNER_POOL_COMPONENT: "degraded",
+        RUNNER_POOL_COMPONENT: "unhealthy",  # no runner at all, minimum 2
     }
     assert summary.status == "unhealthy"
+
+
+def test_transition_details_say_what_is_not_healthy() -> None:
+    failing = {"nats": CheckResult(status="unhealthy", detail="reconnecting")}
+    summary = summary_of(
+        seen={"a": Seen(report("results", "a", checks=failing), NOW)},
+        lags=[ConsumerLag(durable="intake", stream="S", pending=20)],
+        states=["draining"],
+    )
+    assert transition_details(summary, "results") == ["a nats: reconnecting"]
+    assert transition_details(summary, CONSUMER_LAG_COMPONENT) == ["intake: 20 pending (>= 10)"]
+    assert transition_details(summary, RUNNER_POOL_COMPONENT) == [
+        "0 available of 1 (1 draining), minimum 2"
+    ]
 
 
 def test_transitions() -> None:
@@ -285,152 +337,6 @@ def test_transitions() -> None:
     assert transitions({}, {"x": "unhealthy", "y": "healthy"}) == [("x", "healthy", "unhealthy")]
     # a component that went away has no transition of its own
     assert transitions({"gone": "unhealthy"}, {}) == []
-
-
-# -- the fallback state machine -----------------------------------------------------------------
-
-
-def test_streak_counts_consecutive_evaluations() -> None:
-    s = Streak()
-    failing: list[HealthStatus] = ["degraded", "unhealthy", "degraded"]
-    for status in failing:
-        s = s.observe(status)
-    assert s == Streak(failing=3, healthy=0)
-    s = s.observe("healthy")
-    assert s == Streak(failing=0, healthy=1)
-    assert s.observe("degraded") == Streak(failing=1, healthy=0)
-
-
-def _decide(
-    streak: Streak,
-    mode: str = "full",
-    *,
-    auto: bool = True,
-    automatic: bool = False,
-    held: bool = False,
-) -> FallbackAction:
-    return decide_fallback(
-        streak, mode=mode, auto_fallback=auto, automatic=automatic, held=held, health=H
-    )
-
-
-def test_falls_back_after_failure_threshold_from_full_or_hybrid() -> None:
-    assert _decide(Streak(failing=2)) is FallbackAction.NONE
-    assert _decide(Streak(failing=3)) is FallbackAction.FALLBACK
-    assert _decide(Streak(failing=7), "hybrid") is FallbackAction.FALLBACK
-    for mode in ("fallback", "compatibility", "disabled"):
-        assert _decide(Streak(failing=9), mode) is FallbackAction.NONE
-
-
-def test_never_acts_with_auto_fallback_off_or_while_held() -> None:
-    assert _decide(Streak(failing=9), auto=False) is FallbackAction.NONE
-    assert _decide(Streak(failing=9), held=True) is FallbackAction.NONE
-    assert _decide(Streak(healthy=9), "fallback", auto=False, automatic=True) is (
-        FallbackAction.NONE
-    )
-
-
-def test_recovers_only_its_own_fallback_after_recovery_threshold() -> None:
-    assert _decide(Streak(healthy=1), "fallback", automatic=True) is FallbackAction.NONE
-    assert _decide(Streak(healthy=2), "fallback", automatic=True) is FallbackAction.RECOVER
-    assert _decide(Streak(healthy=9), "fallback", automatic=False) is FallbackAction.NONE
-    assert _decide(Streak(healthy=9), "full", automatic=True) is FallbackAction.NONE
-
-
-def test_state_machine_run() -> None:
-    """Degraded x3 -> fallback; healthy x2 -> recover; the streak restarts after each switch."""
-    streak, mode, automatic = Streak(), "full", False
-    actions = []
-    degraded: HealthStatus = "degraded"
-    healthy: HealthStatus = "healthy"
-    statuses = [degraded] * 4 + [healthy, degraded] + [healthy] * 3
-    for status in statuses:
-        streak = streak.observe(status)
-        action = _decide(streak, mode, automatic=automatic)
-        actions.append(action)
-        if action is FallbackAction.FALLBACK:
-            mode, automatic, streak = "fallback", True, Streak()
-        elif action is FallbackAction.RECOVER:
-            mode, automatic, streak = "full", False, Streak()
-    assert [a.value for a in actions] == [
-        "none",
-        "none",
-        "fallback",
-        "none",
-        "none",
-        "none",
-        "none",
-        "recover",
-        "none",
-    ]
-    assert mode == "full"
-
-
-# -- who set the mode ----------------------------------------------------------------------------
-
-
-def test_last_mode_change_skips_revisions_that_left_the_mode_alone() -> None:
-    history = [
-        revision(1, "ops", {"dispatch.accept_timeout_ms": {"old": 5000, "new": 2000}}),
-        fallback_change(2),
-        revision(3, "ops", {"health.min_active_runners": {"old": 0, "new": 1}}),
-    ]
-    found = last_mode_change(history)
-    assert found is not None
-    assert found.revision == 2
-    assert last_mode_change(history[:1]) is None
-    assert last_mode_change([]) is None
-
-
-def test_is_automatic_fallback() -> None:
-    assert is_automatic_fallback("fallback", None, fallback_change())
-    assert not is_automatic_fallback("full", record(), fallback_change())
-    assert not is_automatic_fallback("fallback", record(), fallback_change(by="cli:alice"))
-    # the fallback revision is older than the kept history: only an active record vouches for it
-    assert is_automatic_fallback("fallback", record(), None)
-    assert not is_automatic_fallback("fallback", record(state="overridden"), None)
-    assert not is_automatic_fallback("fallback", None, None)
-
-
-def test_reconcile_record() -> None:
-    assert reconcile_record(None, mode="full", change=None, config_revision=3) is RecordFate.KEEP
-    ours = record(config_revision=5)
-    assert (
-        reconcile_record(ours, mode="fallback", change=fallback_change(5), config_revision=5)
-        is RecordFate.KEEP
-    )
-    # written by a monitor ahead of this one: this process has not applied revision 5 yet
-    assert reconcile_record(ours, mode="full", change=None, config_revision=4) is RecordFate.KEEP
-    operator = revision(6, "cli:alice", {"mode": {"old": "fallback", "new": "full"}})
-    assert (
-        reconcile_record(ours, mode="full", change=operator, config_revision=6)
-        is RecordFate.OVERRIDDEN
-    )
-    by_hand = fallback_change(6, by="cli:alice")
-    assert (
-        reconcile_record(ours, mode="fallback", change=by_hand, config_revision=6)
-        is RecordFate.OVERRIDDEN
-    )
-    recovered = revision(6, AUTO_ACTOR, {"mode": {"old": "fallback", "new": "full"}})
-    assert (
-        reconcile_record(ours, mode="full", change=recovered, config_revision=6)
-        is RecordFate.FORGET
-    )
-    held = record(state="overridden")
-    assert reconcile_record(held, mode="full", change=operator, config_revision=6) is (
-        RecordFate.KEEP
-    )
-
-
-def test_restore_target() -> None:
-    assert restore_target(record(previous_mode="hybrid", previous_override=True), None, "full") == (
-        "hybrid",
-        "hybrid",
-    )
-    # the mode came from the processes' own config: remove the override instead of pinning it
-    assert restore_target(record(previous_mode="full"), None, "full") == (None, "full")
-    assert restore_target(None, fallback_change(old="hybrid"), "full") == ("hybrid", "hybrid")
-    assert restore_target(None, None, "full") == (None, "full")
 
 
 # -- rendering -------------------------------------------------------------------------------------

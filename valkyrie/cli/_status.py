@@ -14,10 +14,8 @@ from collections.abc import Sequence
 import anyio
 import click
 import msgspec
-import nats.js.errors
-from nats.aio.msg import Msg
 
-from schemas import FallbackRecord, HealthReport, HealthSummary
+from schemas import HealthSummary
 from valkyrie.bus.codec import encode, now_ms
 from valkyrie.bus.connection import Bus
 from valkyrie.cli._common import ExitCode, fmt_ms, print_table, run_async, settings_from, with_bus
@@ -26,13 +24,10 @@ from valkyrie.config.live import LiveConfig
 from valkyrie.config.load import LoadedConfig, config_for
 from valkyrie.domain.health import Seen, runner_pool, summarize
 from valkyrie.errors import BusError
-from valkyrie.runtime.health import consumer_lags, list_runner_states
+from valkyrie.runtime.health import HealthReports, consumer_lags, list_runner_states
+from valkyrie.runtime.healthstore import HealthStore
 
 __all__ = ["Gathered", "render", "status"]
-
-_SUMMARY = msgspec.json.Decoder(HealthSummary)
-_REPORT = msgspec.json.Decoder(HealthReport)
-_RECORD = msgspec.json.Decoder(FallbackRecord)
 
 
 class Gathered(msgspec.Struct, frozen=True, kw_only=True):
@@ -44,35 +39,11 @@ class Gathered(msgspec.Struct, frozen=True, kw_only=True):
     stale_summary_at_ms: int | None = None
 
 
-async def _stats_value(bus: Bus, key: str) -> bytes | None:
-    kv = await bus.kv("stats")
-    try:
-        entry = await kv.get(key)
-    except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-        return None
-    return entry.value or None
-
-
 async def _listen(bus: Bus, wait_s: float) -> dict[str, Seen]:
-    seen: dict[str, Seen] = {}
-
-    async def on_report(msg: Msg) -> None:
-        try:
-            report = _REPORT.decode(msg.data)
-        except msgspec.DecodeError:
-            return
-        if report.stopping:
-            seen.pop(report.instance, None)
-        else:
-            seen[report.instance] = Seen(report, now_ms())
-
-    sub = await bus.nc.subscribe(bus.names.health(">"), cb=on_report)
-    try:
+    reports = HealthReports(bus)
+    async with reports.listening():
         await anyio.sleep(wait_s)
-    finally:
-        with anyio.CancelScope(shield=True), anyio.move_on_after(2):
-            await sub.unsubscribe()
-    return seen
+    return reports.seen
 
 
 async def gather(bus: Bus, config: LoadedConfig, wait_s: float | None) -> Gathered:
@@ -82,36 +53,26 @@ async def gather(bus: Bus, config: LoadedConfig, wait_s: float | None) -> Gather
     """
     live = LiveConfig(config)
     try:
-        raw = await _stats_value(bus, "health")
+        store = await HealthStore.open(bus)
+        _, stored = await store.summary()
         current = await ConfigClient(bus).current()
     except BusError:
         return Gathered(summary=None, source="none")  # not provisioned: nothing ever ran here
     if current is not None:
         live.apply(current)
     stale_at: int | None = None
-    if raw is not None:
-        try:
-            stored = _SUMMARY.decode(raw)
-        except msgspec.DecodeError:
-            stored = None
-        if stored is not None:
-            # the monitor writes every interval: two missed writes mean it is gone
-            fresh_ms = max(stored.stale_after_ms, 2 * stored.report_interval_ms)
-            if now_ms() - stored.at_ms <= fresh_ms:
-                return Gathered(summary=stored, source="monitor")
-            stale_at = stored.at_ms
+    if stored is not None:
+        # the monitor writes every interval: two missed writes mean it is gone
+        fresh_ms = max(stored.stale_after_ms, 2 * stored.report_interval_ms)
+        if now_ms() - stored.at_ms <= fresh_ms:
+            return Gathered(summary=stored, source="monitor")
+        stale_at = stored.at_ms
     health = live.current.health
     listen_s = wait_s if wait_s is not None else 2 * health.report_interval_ms / 1000 + 0.25
     seen = await _listen(bus, listen_s)
     if not seen:
         return Gathered(summary=None, source="none", stale_summary_at_ms=stale_at)
-    record_raw = await _stats_value(bus, "fallback")
-    record = None
-    if record_raw is not None:
-        try:
-            record = _RECORD.decode(record_raw)
-        except msgspec.DecodeError:
-            record = None
+    record = await store.fallback()
     summary = summarize(
         seen,
         now_ms=now_ms(),

@@ -1,14 +1,14 @@
-"""Health evaluation as pure functions: thresholds to statuses, the summary, fallback decisions.
+"""Health evaluation as pure functions: thresholds to statuses, the runner pool, the summary.
 
-Nothing here does I/O or reads a clock: the monitor handler and ``valkyrie status`` gather the
-inputs (reports with the instant they arrived, consumer backlogs, runner states, the config) and
-pass ``now_ms`` in, so every rule can be tested on its own.
+Nothing here does I/O or reads a clock: the monitor handler, ``valkyrie status`` and the gateway
+gather the inputs (reports with the instant they arrived, consumer backlogs, runner states, the
+config) and pass ``now_ms`` in, so every rule can be tested on its own. The automatic-fallback
+rules are in :mod:`valkyrie.domain.fallback`.
 """
 
 from __future__ import annotations
 
-import enum
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 
 import msgspec
@@ -17,7 +17,6 @@ from schemas import (
     HEALTH_STATUSES,
     CheckResult,
     ComponentHealth,
-    ConfigRevision,
     ConsumerLag,
     FallbackRecord,
     HealthReport,
@@ -25,45 +24,42 @@ from schemas import (
     HealthSummary,
     RunnerPool,
 )
-from valkyrie.config.model import HealthConfig, IntegrationMode
+from valkyrie.config.model import HealthConfig
 
 __all__ = [
-    "AUTO_ACTOR",
+    "AVAILABLE_RUNNER_STATES",
     "CONSUMER_LAG_COMPONENT",
     "FORGET_AFTER_STALE",
     "RUNNER_POOL_COMPONENT",
-    "FallbackAction",
-    "RecordFate",
     "Seen",
-    "Streak",
     "component_statuses",
-    "decide_fallback",
+    "config_handler_alive",
     "evaluate_consumer",
     "instance_health",
-    "is_automatic_fallback",
     "kv_latency_check",
-    "last_mode_change",
-    "reconcile_record",
-    "restore_target",
+    "note_report",
+    "pool_status",
     "runner_pool",
+    "runner_pool_detail",
     "should_forget",
     "summarize",
     "threshold_status",
+    "transition_details",
     "transitions",
     "worst",
 ]
 
-#: ``requested_by`` of the config changes the monitor makes; how automatic fallbacks are recognised.
-AUTO_ACTOR = "health-monitor"
 #: Pseudo-component names under which consumer lag and the runner pool get transition events.
 CONSUMER_LAG_COMPONENT = "consumer-lag"
 RUNNER_POOL_COMPONENT = "runner-pool"
 #: An instance silent for this many times ``stale_after_ms`` is forgotten: a process that died
 #: without saying goodbye must not keep the installation unhealthy (and in fallback) forever.
 FORGET_AFTER_STALE = 10
+#: The runner states that count as available: taking work (``active``) or doing it (``busy``).
+#: A draining runner is leaving and takes nothing new; an offline one is gone.
+AVAILABLE_RUNNER_STATES = frozenset({"active", "busy"})
 
 _RANK = {status: n for n, status in enumerate(HEALTH_STATUSES)}
-_FALLBACK_FROM = frozenset({IntegrationMode.FULL.value, IntegrationMode.HYBRID.value})
 
 
 def worst(statuses: Iterable[HealthStatus]) -> HealthStatus:
@@ -124,15 +120,33 @@ def evaluate_consumer(lag: ConsumerLag, health: HealthConfig) -> ConsumerLag:
     return msgspec.structs.replace(lag, status=status, detail=detail)
 
 
+def pool_status(available: int, min_active: int) -> HealthStatus:
+    """The runner pool's status from its available runners and ``health.min_active_runners``.
+
+    ``min_active`` 0 switches the check off. Otherwise no available runner at all is
+    ``unhealthy`` (no job can run), fewer than ``min_active`` is ``degraded``.
+    """
+    if available >= min_active:
+        return "healthy"
+    return "unhealthy" if available == 0 else "degraded"
+
+
 def runner_pool(states: Iterable[str], min_active: int) -> RunnerPool:
-    """Count runner states; fewer than ``min_active`` runners not offline is ``degraded``."""
+    """Count runner states and judge the pool.
+
+    This is the one rule the monitor, ``valkyrie status`` and the gateway's
+    ``/api/v2/performance/health`` apply. Available are the runners in :data:`AVAILABLE_RUNNER_STATES` (a busy runner is alive and
+    working: a fully loaded pool is not an unhealthy one; the queue shows the load); the status
+    is :func:`pool_status`.
+    """
     counts = {"active": 0, "busy": 0, "draining": 0, "offline": 0}
-    total = 0
+    total = available = 0
     for state in states:
         total += 1
         if state in counts:
             counts[state] += 1
-    available = total - counts["offline"]
+        if state in AVAILABLE_RUNNER_STATES:
+            available += 1
     return RunnerPool(
         total=total,
         available=available,
@@ -141,8 +155,16 @@ def runner_pool(states: Iterable[str], min_active: int) -> RunnerPool:
         busy=counts["busy"],
         draining=counts["draining"],
         offline=counts["offline"],
-        status="degraded" if available < min_active else "healthy",
+        status=pool_status(available, min_active),
     )
+
+
+def runner_pool_detail(pool: RunnerPool) -> str:
+    """The pool in words, as reasons, events and the gateway's check say it."""
+    away = [f"{n} {state}" for n, state in ((pool.draining, "draining"), (pool.offline, "offline"))]
+    shown = [text for text in away if not text.startswith("0 ")]
+    extra = f" ({', '.join(shown)})" if shown else ""
+    return f"{pool.available} available of {pool.total}{extra}, minimum {pool.min_active}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +173,29 @@ class Seen:
 
     report: HealthReport
     received_at_ms: int
+
+
+def note_report(seen: MutableMapping[str, Seen], report: HealthReport, received_at_ms: int) -> None:
+    """Fold a report into the latest report per instance (``seen``, by instance id).
+
+    A goodbye (``stopping``) forgets the instance at once; a report older than the one held (they
+    can overtake each other) is ignored.
+    """
+    if report.stopping:
+        seen.pop(report.instance, None)
+        return
+    known = seen.get(report.instance)
+    if known is not None and known.report.at_ms > report.at_ms:
+        return
+    seen[report.instance] = Seen(report, received_at_ms)
+
+
+def config_handler_alive(seen: Mapping[str, Seen], now_ms: int, health: HealthConfig) -> bool:
+    """Whether an instance running the ``config`` handler reports (so a mode change is taken)."""
+    return any(
+        "config" in s.report.handlers and now_ms - s.received_at_ms <= health.stale_after_ms
+        for s in seen.values()
+    )
 
 
 def should_forget(seen: Seen, now_ms: int, health: HealthConfig) -> bool:
@@ -220,9 +265,7 @@ def _reasons(
         if lag.status != "healthy":
             out.append(f"consumer {lag.durable} {lag.status}: {lag.detail}")
     if pool.status != "healthy":
-        out.append(
-            f"runner pool {pool.status}: {pool.available} available, minimum {pool.min_active}"
-        )
+        out.append(f"runner pool {pool.status}: {runner_pool_detail(pool)}")
     return out
 
 
@@ -301,142 +344,15 @@ def transitions(
     return out
 
 
-@dataclass(frozen=True, slots=True)
-class Streak:
-    """How many consecutive evaluations were not healthy (``failing``) or healthy."""
-
-    failing: int = 0
-    healthy: int = 0
-
-    def observe(self, status: HealthStatus) -> Streak:
-        """The streak after one more evaluation with ``status``."""
-        if status == "healthy":
-            return Streak(failing=0, healthy=self.healthy + 1)
-        return Streak(failing=self.failing + 1, healthy=0)
-
-
-class FallbackAction(enum.StrEnum):
-    """What the monitor should do with the integration mode after an evaluation."""
-
-    NONE = "none"
-    FALLBACK = "fallback"
-    RECOVER = "recover"
-
-
-def decide_fallback(
-    streak: Streak,
-    *,
-    mode: str,
-    auto_fallback: bool,
-    automatic: bool,
-    held: bool,
-    health: HealthConfig,
-) -> FallbackAction:
-    """Whether to switch to fallback, switch back, or leave the mode alone.
-
-    Args:
-        streak: consecutive evaluations, including the one just made.
-        mode: the integration mode in force.
-        auto_fallback: ``features.auto_fallback``; off means the monitor never touches the mode.
-        automatic: the mode in force is a fallback the monitor itself put in.
-        held: an operator overrode an automatic fallback and the system has not been healthy
-            since; until it is, falling back again would undo the operator's decision.
-        health: ``failure_threshold`` and ``recovery_threshold``.
-    """
-    if not auto_fallback:
-        return FallbackAction.NONE
-    if mode in _FALLBACK_FROM and not held and streak.failing >= health.failure_threshold:
-        return FallbackAction.FALLBACK
-    if (
-        mode == IntegrationMode.FALLBACK.value
-        and automatic
-        and streak.healthy >= health.recovery_threshold
-    ):
-        return FallbackAction.RECOVER
-    return FallbackAction.NONE
-
-
-def last_mode_change(history: Sequence[ConfigRevision]) -> ConfigRevision | None:
-    """The newest revision that changed the mode (``None`` when none in ``history`` did)."""
-    for revision in sorted(history, key=lambda r: r.revision, reverse=True):
-        if "mode" in revision.diff:
-            return revision
-    return None
-
-
-def is_automatic_fallback(
-    mode: str, record: FallbackRecord | None, change: ConfigRevision | None
-) -> bool:
-    """Whether the fallback in force is one the monitor put in (and may therefore take back).
-
-    Args:
-        mode: the integration mode in force.
-        record: the stats bucket's fallback record, if any.
-        change: the newest revision that changed the mode (:func:`last_mode_change`); ``None``
-            when the kept history has none, in which case only an active record vouches for it.
-    """
-    if mode != IntegrationMode.FALLBACK.value:
-        return False
-    if change is None:
-        return record is not None and record.state == "active"
-    new = change.diff.get("mode", {})
-    return (
-        change.changed_by == AUTO_ACTOR
-        and isinstance(new, dict)
-        and new.get("new") == IntegrationMode.FALLBACK.value
-    )
-
-
-class RecordFate(enum.StrEnum):
-    """What to do with the stats bucket's fallback record after looking at the config."""
-
-    KEEP = "keep"
-    FORGET = "forget"
-    OVERRIDDEN = "overridden"
-
-
-def reconcile_record(
-    record: FallbackRecord | None,
-    *,
-    mode: str,
-    change: ConfigRevision | None,
-    config_revision: int,
-) -> RecordFate:
-    """Keep an automatic-fallback record, forget it, or note that an operator overrode it.
-
-    Args:
-        record: the fallback record.
-        mode: the integration mode this process runs.
-        change: the newest revision that changed the mode.
-        config_revision: the revision this process runs; a record from a newer revision is kept,
-            since this process has not seen the fallback it describes yet.
-    """
-    if record is None or record.state != "active":
-        return RecordFate.KEEP
-    if record.config_revision > config_revision:
-        return RecordFate.KEEP
-    if is_automatic_fallback(mode, record, change):
-        return RecordFate.KEEP
-    if change is not None and change.changed_by != AUTO_ACTOR:
-        return RecordFate.OVERRIDDEN
-    return RecordFate.FORGET
-
-
-def restore_target(
-    record: FallbackRecord | None, change: ConfigRevision | None, base_mode: str
-) -> tuple[str | None, str]:
-    """What to set ``mode`` to on recovery: ``(runtime value, resulting mode)``.
-
-    A runtime value of ``None`` removes the override, so every process returns to the mode of its
-    own config; that is what "the previous mode" was when the mode was not overridden at run time.
-    Without a record (it was never written, or lost), the fallback revision's diff tells.
-    """
-    if record is not None:
-        if record.previous_override:
-            return record.previous_mode, record.previous_mode
-        return None, base_mode
-    if change is not None:
-        old = change.diff.get("mode", {})
-        if isinstance(old, dict) and isinstance(old.get("old"), str):
-            return old["old"], old["old"]
-    return None, base_mode
+def transition_details(summary: HealthSummary, component: str) -> list[str]:
+    """What a component's transition event says about it (``details``): what is not healthy."""
+    if component == CONSUMER_LAG_COMPONENT:
+        return [f"{c.durable}: {c.detail}" for c in summary.consumers if c.status != "healthy"]
+    if component == RUNNER_POOL_COMPONENT:
+        return [runner_pool_detail(summary.runner_pool)]
+    return [
+        f"{c.instance} {name}: {check.detail or check.status}"
+        for c in summary.components
+        if c.component == component
+        for name, check in c.failing.items()
+    ]

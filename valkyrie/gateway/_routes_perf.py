@@ -21,15 +21,16 @@ from schemas import (
     HealthSummary,
     JobDispatched,
     JobState,
-    RunnerState,
     typed_event,
 )
 from valkyrie.bus.codec import now_ms
+from valkyrie.domain.health import runner_pool, runner_pool_detail
 from valkyrie.gateway._auth import route_opt
 from valkyrie.gateway._context import Gateway, GatewayDep
 from valkyrie.gateway._kvread import stream_events
 from valkyrie.gateway._problems import COMMON, problem_responses
-from valkyrie.gateway._routes_runners import all_runners
+from valkyrie.runtime.health import list_runner_states
+from valkyrie.runtime.healthstore import HealthStore
 
 __all__ = [
     "ROUTES",
@@ -43,7 +44,6 @@ __all__ = [
 ]
 
 _RANK: dict[str, int] = {status: n for n, status in enumerate(HEALTH_STATUSES)}
-_SUMMARY = msgspec.json.Decoder(HealthSummary)
 #: jobs' terminal event types -> whether they count as a success in ``success_rate``
 _OUTCOMES = {
     "job.succeeded": True,
@@ -54,7 +54,6 @@ _OUTCOMES = {
 }
 #: events read per metrics call at most (a guard against a huge window on a busy system)
 MAX_EVENTS = 200_000
-HEALTH_KEY = "health"
 
 
 class LatencySummary(msgspec.Struct, kw_only=True):
@@ -244,16 +243,8 @@ def _check(name: str, status: HealthStatus, message: str) -> GatewayCheck:
 
 async def _monitor_summary(gateway: Gateway) -> HealthSummary | None:
     """The health monitor's summary (``stats`` bucket, key ``health``) if present and fresh."""
-    try:
-        kv = await gateway.bus.kv("stats")
-        entry = await kv.get(HEALTH_KEY)
-    except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-        return None
-    if not entry.value:
-        return None
-    try:
-        summary = _SUMMARY.decode(entry.value)
-    except msgspec.DecodeError:
+    _, summary = await (await HealthStore.open(gateway.bus)).summary()
+    if summary is None:
         return None
     stale_ms = max(summary.stale_after_ms, gateway.config.health.stale_after_ms)
     if now_ms() - summary.at_ms > stale_ms:
@@ -276,19 +267,10 @@ async def health_report(gateway: Gateway) -> HealthView:
             await gateway.bus.js.stream_info(gateway.bus.names.stream("events"))
             checks.append(_check("jetstream", "healthy", "streams reachable"))
             monitor = await _monitor_summary(gateway)
-            runners = await all_runners(gateway)
-        active = sum(1 for r in runners if r.state in (RunnerState.ACTIVE, RunnerState.BUSY))
-        wanted = config.health.min_active_runners
-        pool: HealthStatus = (
-            "healthy" if active >= wanted else ("unhealthy" if active == 0 else "degraded")
-        )
-        checks.append(
-            _check(
-                "runner_pool",
-                pool,
-                f"{active} of {len(runners)} runner(s) taking work (minimum {wanted})",
+            pool = runner_pool(
+                await list_runner_states(gateway.bus), config.health.min_active_runners
             )
-        )
+        checks.append(_check("runner_pool", pool.status, runner_pool_detail(pool)))
     except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as e:
         checks.append(_check("jetstream", "unhealthy", f"unreachable: {e!r}"))
     if gateway.live.last_error:

@@ -19,6 +19,7 @@ from schemas import (
 )
 from valkyrie.bus.codec import RUNNER_DECODER
 from valkyrie.bus.kv import get_versioned
+from valkyrie.domain.health import AVAILABLE_RUNNER_STATES
 from valkyrie.errors import NotFoundError
 from valkyrie.gateway._auth import route_opt
 from valkyrie.gateway._body import json_body
@@ -36,7 +37,6 @@ __all__ = ["ROUTES", "all_runners", "fetch_runner", "runner_capabilities"]
 
 _VERDICT = msgspec.json.Decoder(RegistrationVerdict)
 #: a runner counts as healthy when it heartbeats and takes work
-HEALTHY = frozenset({RunnerState.ACTIVE, RunnerState.BUSY})
 
 
 async def all_runners(gateway: Gateway) -> list[RunnerRecord]:
@@ -126,7 +126,7 @@ async def list_runners(
         runners=page,
         total_count=len(everything),
         filtered_count=len(matching),
-        healthy_count=sum(1 for r in matching if r.state in HEALTHY),
+        healthy_count=sum(1 for r in matching if r.state in AVAILABLE_RUNNER_STATES),
         total_capacity=capacity,
         used_capacity=used,
         current_utilization=round(used / capacity, 4) if capacity else 0.0,

@@ -13,7 +13,16 @@ import os
 import re
 import socket
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Mapping,
+    Sequence,
+)
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +31,7 @@ import msgspec
 import nats.errors
 import nats.js.errors
 from anyio.abc import TaskStatus
+from nats.aio.msg import Msg
 
 from schemas import CheckResult, ConsumerLag, HealthReport, RunnerRecord
 from valkyrie.bus.codec import RUNNER_DECODER, encode, new_id, now_ms
@@ -29,12 +39,13 @@ from valkyrie.bus.connection import Bus
 from valkyrie.bus.kv import Versioned
 from valkyrie.bus.names import Names
 from valkyrie.config.live import CONFIG_KEY, LiveConfig
-from valkyrie.domain.health import kv_latency_check, worst
+from valkyrie.domain.health import Seen, kv_latency_check, note_report, worst
 from valkyrie.errors import BusError
 
 __all__ = [
     "Durable",
     "HealthReporter",
+    "HealthReports",
     "RunnerStates",
     "component_name",
     "consumer_lags",
@@ -44,6 +55,7 @@ __all__ = [
 
 log = logging.getLogger("valkyrie.health")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-+]")
+_REPORT = msgspec.json.Decoder(HealthReport)
 
 
 def component_name(handlers: Iterable[str]) -> str:
@@ -122,6 +134,33 @@ async def list_runner_states(bus: Bus) -> list[str]:
             except msgspec.DecodeError:
                 continue
     return states
+
+
+class HealthReports:
+    """The latest health report of every instance, heard on ``<prefix>.health.>``."""
+
+    def __init__(self, bus: Bus) -> None:
+        self._bus = bus
+        #: instance id -> its latest report and when it arrived (this process's clock)
+        self.seen: dict[str, Seen] = {}
+
+    async def _on_report(self, msg: Msg) -> None:
+        try:
+            report = _REPORT.decode(msg.data)
+        except msgspec.DecodeError as e:
+            log.debug("unreadable health report on %s: %s", msg.subject, e)
+            return
+        note_report(self.seen, report, now_ms())
+
+    @asynccontextmanager
+    async def listening(self) -> AsyncIterator[HealthReports]:
+        """Hear reports inside the block."""
+        sub = await self._bus.nc.subscribe(self._bus.names.health(">"), cb=self._on_report)
+        try:
+            yield self
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                await sub.unsubscribe()
 
 
 class RunnerStates:

@@ -6,7 +6,12 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-__all__ = ["HandlerMetrics", "serve_metrics"]
+from schemas import HEALTH_STATUSES, HealthSummary
+from valkyrie.domain.health import component_statuses
+
+__all__ = ["HandlerMetrics", "HealthGauges", "serve_metrics"]
+
+_RANK = {status: n for n, status in enumerate(HEALTH_STATUSES)}
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,33 @@ class HandlerMetrics:
                 registry=registry,
             ),
         )
+
+
+class HealthGauges:
+    """The monitor's gauges: status per component (and ``overall``), backlog per consumer."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._status = Gauge(
+            "valkyrie_health_status",
+            "Health per component as the monitor sees it: 0 healthy, 1 degraded, 2 unhealthy.",
+            ["component"],
+            registry=registry,
+        )
+        self._pending = Gauge(
+            "valkyrie_consumer_pending",
+            "Messages waiting for a durable consumer, as the monitor last measured them.",
+            ["consumer"],
+            registry=registry,
+        )
+
+    def export(self, summary: HealthSummary) -> None:
+        """Set the gauges from one evaluation."""
+        for name, status in component_statuses(summary).items():
+            self._status.labels(name).set(_RANK[status])
+        self._status.labels("overall").set(_RANK[summary.status])
+        for lag in summary.consumers:
+            if lag.pending is not None:
+                self._pending.labels(lag.durable).set(lag.pending)
 
 
 def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> int:

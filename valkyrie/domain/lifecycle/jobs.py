@@ -1,4 +1,4 @@
-"""The job lifecycle and runner slot accounting as pure functions (no I/O, unit-testable).
+"""The job lifecycle as pure functions (no I/O, unit-testable).
 
 Job states move forward only: queued -> dispatched -> accepted -> running -> terminal. A re-queue
 (lost runner, refused dispatch, retry) starts a new attempt; updates carrying an older attempt are
@@ -26,9 +26,6 @@ from schemas import (
     JobState,
     JobUpdate,
     RetryPolicy,
-    RunnerRecord,
-    RunnerState,
-    RunnerStats,
 )
 
 __all__ = [
@@ -36,16 +33,17 @@ __all__ = [
     "INFRA_OUTCOMES",
     "UpdateOutcome",
     "UpdateResult",
+    "acceptance_overdue",
     "apply_update",
-    "assign_slot",
     "backoff_ms",
     "dispatch_job",
+    "ended_unannounced",
+    "execution_deadline",
     "finish_job",
     "is_on",
-    "release_slot",
     "requeue_job",
     "retry_after_failure",
-    "runner_state",
+    "time_out",
 ]
 
 _RANK = {
@@ -60,7 +58,6 @@ INFRA_OUTCOMES = frozenset({"runner_lost", "error", "not_accepted", "runner_rest
 #: attempt outcomes that are the job's own failure: retried only with ``retry_on_exit_code``
 JOB_OUTCOMES = frozenset({"failed", "timed_out"})
 MAX_REFUSALS = 10  # runners refusing a dispatch (draining, full) do not use up retries, up to this
-STATS_WINDOW = 50  # success rate and accept latency are moving averages over about this many jobs
 
 
 def backoff_ms(
@@ -355,72 +352,63 @@ def apply_update(
     raise AssertionError(f"unhandled update {update!r}")  # pragma: no cover
 
 
-def runner_state(
-    record: RunnerRecord, *, now_ms: int | None = None, lost_after_ms: int | None = None
-) -> RunnerState:
-    """The state a runner record implies (offline is decided by the registry's liveness check)."""
-    if record.state == RunnerState.OFFLINE:
-        return RunnerState.OFFLINE
-    if (
-        now_ms is not None
-        and lost_after_ms is not None
-        and now_ms - record.last_heartbeat_at_ms > lost_after_ms
-    ):
-        return RunnerState.OFFLINE
-    if record.drain_requested:
-        return RunnerState.DRAINING
-    if len(record.assigned_jobs) >= record.registration.max_concurrent_jobs:
-        return RunnerState.BUSY
-    return RunnerState.ACTIVE
+def execution_deadline(record: JobRecord, *, grace_ms: int) -> int:
+    """When the attempt on its runner must have ended: ``max_execution_time_s`` + ``grace_ms``.
 
-
-def assign_slot(record: RunnerRecord, job_id: str, attempt: int) -> RunnerRecord | None:
-    """Reserve a slot for ``job_id``; ``None`` when the runner cannot take it."""
-    if job_id in record.assigned_jobs:
-        return record if record.assigned_jobs[job_id] == attempt else None
-    if record.state in (RunnerState.OFFLINE, RunnerState.DRAINING) or record.drain_requested:
-        return None
-    if len(record.assigned_jobs) >= record.registration.max_concurrent_jobs:
-        return None
-    updated = msgspec.structs.replace(
-        record, assigned_jobs={**record.assigned_jobs, job_id: attempt}
-    )
-    return msgspec.structs.replace(updated, state=runner_state(updated))
-
-
-def release_slot(
-    record: RunnerRecord,
-    job_id: str,
-    attempt: int | None = None,
-    *,
-    succeeded: bool | None = None,
-    accept_latency_ms: float | None = None,
-) -> RunnerRecord | None:
-    """Free ``job_id``'s slot (only for ``attempt`` when given) and fold the outcome into stats.
-
-    Returns ``None`` when there is nothing to change.
+    Counted from the start, or the latest earlier instant known when no start was reported.
     """
-    held = record.assigned_jobs.get(job_id)
-    if held is None or (attempt is not None and held != attempt):
+    began = (
+        record.started_at_ms
+        or record.accepted_at_ms
+        or record.dispatched_at_ms
+        or record.updated_at_ms
+    )
+    return began + record.spec.requirements.max_execution_time_s * 1000 + grace_ms
+
+
+def acceptance_overdue(record: JobRecord, *, now_ms: int, accept_timeout_ms: int) -> bool:
+    """A dispatch its runner has not accepted within the window (its dispatcher may have died)."""
+    return (
+        record.state == JobState.DISPATCHED
+        and record.dispatched_at_ms is not None
+        and now_ms - record.dispatched_at_ms > accept_timeout_ms
+    )
+
+
+def ended_unannounced(
+    record: JobRecord | None, runner_id: str, attempt: int
+) -> AttemptRecord | None:
+    """Attempt ``attempt`` on ``runner_id`` if it was ended but the job is still at that attempt.
+
+    That is a take-back or time-out whose process died before it announced the outcome and freed
+    the slot: both are still to be done, with the outcome the attempt records.
+    """
+    last = record.attempts[-1] if record is not None and record.attempts else None
+    if (
+        record is not None
+        and record.attempt == attempt
+        and last is not None
+        and (last.attempt, last.runner_id) == (attempt, runner_id)
+        and last.outcome is not None
+    ):
+        return last
+    return None
+
+
+def time_out(
+    record: JobRecord, runner_id: str, attempt: int, *, now_ms: int, grace_ms: int
+) -> JobRecord | None:
+    """The attempt on ``runner_id`` overran its deadline: retried or ended ``timed_out``.
+
+    ``None`` when the job is no longer on that runner at that attempt.
+    """
+    if not is_on(record, runner_id, attempt):
         return None
-    assigned = {k: v for k, v in record.assigned_jobs.items() if k != job_id}
-    stats = record.stats
-    if succeeded is not None:
-        alpha = 1.0 / STATS_WINDOW
-        stats = RunnerStats(
-            jobs_completed=stats.jobs_completed + (1 if succeeded else 0),
-            jobs_failed=stats.jobs_failed + (0 if succeeded else 1),
-            success_rate=(1 - alpha) * stats.success_rate + alpha * (1.0 if succeeded else 0.0),
-            accept_latency_ms=(
-                stats.accept_latency_ms
-                if accept_latency_ms is None
-                else (
-                    accept_latency_ms
-                    if stats.jobs_completed + stats.jobs_failed == 0
-                    else (1 - alpha) * stats.accept_latency_ms + alpha * accept_latency_ms
-                )
-            ),
-            recent_failures=0 if succeeded else stats.recent_failures + 1,
-        )
-    updated = msgspec.structs.replace(record, assigned_jobs=assigned, stats=stats)
-    return msgspec.structs.replace(updated, state=runner_state(updated))
+    limit = record.spec.requirements.max_execution_time_s
+    return retry_after_failure(
+        record,
+        "timed_out",
+        now_ms=now_ms,
+        reason=f"no result within max_execution_time_s={limit}"
+        f" + {grace_ms} ms grace (runner {runner_id} silent)",
+    )
