@@ -28,10 +28,9 @@ from valkyrie import (
     RetryLater,
     delivery_count,
 )
-from valkyrie.bus.codec import ANY_DECODER, JOB_DECODER, encode, now_ms
-from valkyrie.bus.kv import cas_update
+from valkyrie.bus import ANY_DECODER, JOB_DECODER, cas_update, encode, now_ms
 from valkyrie.domain.lifecycle import finish_job
-from valkyrie.runtime.base import HandlerBase
+from valkyrie.runtime import HandlerBase
 
 __all__ = ["CancellerWorker", "create"]
 

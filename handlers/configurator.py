@@ -34,12 +34,10 @@ from valkyrie import (
     RetryLater,
     headers_of,
 )
-from valkyrie.bus.codec import ANY_DECODER, encode, now_ms
-from valkyrie.config.live import CONFIG_KEY
-from valkyrie.config.load import known_keys
-from valkyrie.config.validate import validate_dotted
+from valkyrie.bus import ANY_DECODER, encode, now_ms
+from valkyrie.config import CONFIG_KEY, known_keys, validate_dotted
 from valkyrie.domain.config_plan import plan_change
-from valkyrie.runtime.base import HandlerBase
+from valkyrie.runtime import HandlerBase
 
 __all__ = ["ConfigWorker", "create"]
 

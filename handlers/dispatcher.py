@@ -28,23 +28,26 @@ from schemas import (
     RunnerRecord,
     typed_event,
 )
-from valkyrie.bus.codec import EVENT_DECODER, now_ms
-from valkyrie.bus.kv import Versioned
-from valkyrie.config.model import ValkyrieConfig
-from valkyrie.domain.scheduling.index import RunnerIndex
-from valkyrie.domain.scheduling.queue import (
+from valkyrie.bus import EVENT_DECODER, Versioned, now_ms
+from valkyrie.config import ValkyrieConfig
+from valkyrie.domain.scheduling import (
     Breach,
     Commit,
     DispatchQueue,
     Expire,
     HeldJob,
     Offer,
+    RunnerIndex,
 )
-from valkyrie.runtime.base import HandlerBase
-from valkyrie.runtime.dispatching import Dispatching
-from valkyrie.runtime.explaining import Explainer
-from valkyrie.runtime.holding import HoldingConsumer, same_message, settle
-from valkyrie.runtime.workers import HandlerContext
+from valkyrie.runtime import (
+    Dispatching,
+    Explainer,
+    HandlerBase,
+    HandlerContext,
+    HoldingConsumer,
+    same_message,
+    settle,
+)
 
 __all__ = ["DispatcherWorker", "create"]
 

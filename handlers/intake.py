@@ -27,11 +27,10 @@ from valkyrie import (
     SchemaError,
     headers_of,
 )
-from valkyrie.bus.codec import JOB_DECODER, encode, now_ms
-from valkyrie.bus.kv import kv_create
+from valkyrie.bus import JOB_DECODER, encode, kv_create, now_ms
 from valkyrie.domain.intake import idempotency_token, job_id_for, parse_submission, queued_record
 from valkyrie.domain.modes import check_intake_mode
-from valkyrie.runtime.base import HandlerBase
+from valkyrie.runtime import HandlerBase
 
 __all__ = ["IntakeWorker", "create"]
 

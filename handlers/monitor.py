@@ -29,9 +29,9 @@ from schemas import (
     HealthSummary,
 )
 from valkyrie import BusError, HandlerContext
-from valkyrie.bus.codec import new_id, now_ms
-from valkyrie.client.config import ConfigClient
-from valkyrie.config.model import IntegrationMode
+from valkyrie.bus import new_id, now_ms
+from valkyrie.client import ConfigClient
+from valkyrie.config import IntegrationMode
 from valkyrie.domain.fallback import (
     AUTO_ACTOR,
     FallbackAction,
@@ -57,10 +57,14 @@ from valkyrie.domain.health import (
     transitions,
 )
 from valkyrie.domain.health import transition_details as _details
-from valkyrie.runtime.base import HandlerBase
-from valkyrie.runtime.health import HealthReports, RunnerStates, consumer_lags
-from valkyrie.runtime.healthstore import HealthStore
-from valkyrie.runtime.metrics import HealthGauges
+from valkyrie.runtime import (
+    HandlerBase,
+    HealthGauges,
+    HealthReports,
+    HealthStore,
+    RunnerStates,
+    consumer_lags,
+)
 
 __all__ = ["MonitorWorker", "create"]
 

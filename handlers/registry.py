@@ -32,15 +32,17 @@ from schemas import (
     convert_or_errors,
 )
 from valkyrie import HandlerContext
-from valkyrie.bus.codec import (
+from valkyrie.bus import (
     ANY_DECODER,
     HEARTBEAT_DECODER,
     JOB_DECODER,
     RUNNER_DECODER,
+    cas_update,
     encode,
+    get_versioned,
     now_ms,
+    put_new,
 )
-from valkyrie.bus.kv import cas_update, get_versioned, put_new
 from valkyrie.domain.lifecycle import (
     DEREGISTER_RETRY_MS,
     deregistration_refusal,
@@ -53,7 +55,7 @@ from valkyrie.domain.lifecycle import (
     set_drain,
     touch,
 )
-from valkyrie.runtime.base import HandlerBase
+from valkyrie.runtime import HandlerBase
 
 __all__ = ["RegistryWorker", "create"]
 

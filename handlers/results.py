@@ -30,11 +30,9 @@ from schemas import (
     RunnerCommand,
 )
 from valkyrie import GiveUp, HandlerContext
-from valkyrie.bus.codec import JOB_DECODER, UPDATE_DECODER, encode, now_ms
-from valkyrie.bus.kv import Versioned, cas_update
-from valkyrie.bus.outbox import Outbox
+from valkyrie.bus import JOB_DECODER, UPDATE_DECODER, Outbox, Versioned, cas_update, encode, now_ms
 from valkyrie.domain.lifecycle import UpdateOutcome, UpdateResult, apply_update
-from valkyrie.runtime.base import HandlerBase
+from valkyrie.runtime import HandlerBase
 
 __all__ = ["ResultsWorker", "create"]
 

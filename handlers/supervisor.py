@@ -29,9 +29,16 @@ from schemas import (
     RunnerState,
 )
 from valkyrie import HandlerContext
-from valkyrie.bus.codec import JOB_DECODER, RUNNER_DECODER, encode, now_ms
-from valkyrie.bus.kv import Versioned, cas_update, get_versioned
-from valkyrie.config.model import DispatchConfig
+from valkyrie.bus import (
+    JOB_DECODER,
+    RUNNER_DECODER,
+    Versioned,
+    cas_update,
+    encode,
+    get_versioned,
+    now_ms,
+)
+from valkyrie.config import DispatchConfig
 from valkyrie.domain.lifecycle import (
     LivenessFacts,
     acceptance_overdue,
@@ -45,9 +52,7 @@ from valkyrie.domain.lifecycle import (
     should_forget,
     time_out,
 )
-from valkyrie.runtime.base import HandlerBase
-from valkyrie.runtime.heartbeats import HeardHeartbeats
-from valkyrie.runtime.jobops import through_outages
+from valkyrie.runtime import HandlerBase, HeardHeartbeats, through_outages
 
 __all__ = ["SupervisorWorker", "create"]
 

@@ -20,9 +20,22 @@ PACKAGES = [
     "valkyrie.cli",
     "valkyrie.gateway",
     "valkyrie.runner",
+    "valkyrie.bus",
+    "valkyrie.client",
+    "valkyrie.config",
+    "valkyrie.domain",
+    "valkyrie.domain.scheduling",
+    "valkyrie.runtime",
 ]
 #: packages whose public names load on first use (valkyrie._lazy)
-LAZY = ["valkyrie"]
+LAZY = [
+    "valkyrie",
+    "valkyrie.bus",
+    "valkyrie.client",
+    "valkyrie.config",
+    "valkyrie.domain.scheduling",
+    "valkyrie.runtime",
+]
 TOP_LEVEL = ["valkyrie", "schemas", "handlers"]
 
 

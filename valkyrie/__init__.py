@@ -42,25 +42,25 @@ if TYPE_CHECKING:
     from valkyrie.config.live import LiveConfig
     from valkyrie.config.load import LoadedConfig, config_for
     from valkyrie.config.settings import Settings
-    from valkyrie.runtime.app import default_data_dir, open_bus, run_control_plane
+    from valkyrie.runtime.app import default_data_dir, open_bus, run_control_plane, run_workers
     from valkyrie.runtime.base import HandlerBase
     from valkyrie.runtime.consumer import StreamConsumer, delivery_count, headers_of
-    from valkyrie.runtime.metrics import HandlerMetrics, serve_metrics
-    from valkyrie.runtime.workers import (
+    from valkyrie.runtime.context import (
         ENTRY_POINT_GROUP,
         HandlerContext,
         HandlerFactory,
         Worker,
         discover_handlers,
-        run_workers,
     )
+    from valkyrie.runtime.metrics import HandlerMetrics, serve_metrics
 
 try:
     __version__ = _version("valkyrie")
 except _NotInstalled:  # running from a source tree that was never installed
     __version__ = "0.0.0"
 
-__getattr__, __dir__ = _attach(__name__, __file__)
+if not TYPE_CHECKING:  # type checkers see the imports above, and no catch-all __getattr__
+    __getattr__, __dir__ = _attach(__name__, __file__)
 
 __all__ = [
     "BUCKETS",

@@ -14,7 +14,7 @@ from valkyrie.config.live import LiveConfig
 from valkyrie.config.load import config_for
 from valkyrie.runner import run_reference_runner
 from valkyrie.runtime.app import open_bus, run_control_plane
-from valkyrie.runtime.workers import discover_handlers
+from valkyrie.runtime.context import discover_handlers
 
 __all__ = ["handlers_cmd", "provision", "up", "worker"]
 

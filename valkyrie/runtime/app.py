@@ -1,4 +1,4 @@
-"""Running the control plane in one process: embedded server (optional), provisioning, handlers."""
+"""Running the control plane in a process: embedded server (optional), provisioning, handlers."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import anyio
 import platformdirs
-from anyio.abc import TaskGroup
+from anyio.abc import TaskGroup, TaskStatus
 from prometheus_client import CollectorRegistry
 
 from valkyrie.bus.connection import Bus, connect
@@ -21,12 +21,16 @@ from valkyrie.config.live import LiveConfig
 from valkyrie.config.load import config_for
 from valkyrie.config.model import ValkyrieConfig
 from valkyrie.config.settings import Settings
-from valkyrie.runtime.metrics import serve_metrics
-from valkyrie.runtime.workers import run_workers
+from valkyrie.errors import ConfigError
+from valkyrie.runtime.context import HandlerContext, discover_handlers
+from valkyrie.runtime.health import HealthReporter
+from valkyrie.runtime.metrics import HandlerMetrics, serve_metrics
+from valkyrie.runtime.views import SharedViews, watch_config
 
-__all__ = ["default_data_dir", "open_bus", "run_control_plane"]
+__all__ = ["default_data_dir", "open_bus", "run_control_plane", "run_workers"]
 
 log = logging.getLogger("valkyrie")
+handlers_log = logging.getLogger("valkyrie.handlers")
 
 
 def default_data_dir() -> Path:
@@ -122,3 +126,51 @@ async def run_control_plane(
                 if on_ready is not None:
                     on_ready(bus)
             tg.cancel_scope.cancel()
+
+
+async def run_workers(
+    bus: Bus,
+    registry: CollectorRegistry,
+    stop: anyio.Event,
+    names: list[str] | None = None,
+    *,
+    config: LiveConfig,
+    task_status: TaskStatus[list[str]] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the named handlers (all registered ones by default) until ``stop`` is set.
+
+    ``config`` is the process's live config (built once at start from its loaded config); it is
+    kept current from the config bucket here while the handlers run.
+    """
+    available = discover_handlers()
+    wanted = names or list(available)
+    unknown = [n for n in wanted if n not in available]
+    if unknown:
+        raise ConfigError(
+            f"unknown handler(s) {', '.join(unknown)}; registered: {', '.join(available) or 'none'}"
+        )
+    metrics = HandlerMetrics.create(registry)
+    reporter = HealthReporter(bus, config, wanted, stop)
+    async with anyio.create_task_group() as tg:
+        views = SharedViews(bus, tg)
+        workers = [
+            available[n](
+                HandlerContext(
+                    bus=bus, registry=registry, metrics=metrics, name=n, config=config, views=views
+                )
+            )
+            for n in wanted
+        ]
+        await tg.start(watch_config, bus, config)
+        await tg.start(reporter.run)
+        async with anyio.create_task_group() as running:
+            for name, worker in zip(wanted, workers, strict=True):
+                await running.start(reporter.track(name, worker.run), stop)
+            reporter.started()
+            handlers_log.info(
+                "handlers running: %s (config revision %d)", ", ".join(wanted), config.revision
+            )
+            task_status.started(wanted)
+        # a deliberate stop is not a stall: tell the monitor before going quiet
+        await reporter.goodbye()
+        tg.cancel_scope.cancel()

@@ -10,8 +10,8 @@ from nats.aio.msg import Msg
 
 from valkyrie.bus.events import EventPublisher
 from valkyrie.runtime.consumer import StreamConsumer
+from valkyrie.runtime.context import HandlerContext
 from valkyrie.runtime.jobops import JobOps
-from valkyrie.runtime.workers import HandlerContext
 
 __all__ = ["HandlerBase"]
 

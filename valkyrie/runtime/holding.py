@@ -25,7 +25,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from valkyrie.bus.connection import Bus
 from valkyrie.bus.pullfeed import PullFeed, ensure_consumer
 
-__all__ = ["KEEPALIVE_S", "HoldingConsumer", "same_message"]
+__all__ = ["KEEPALIVE_S", "HoldingConsumer", "same_message", "settle"]
 
 log = logging.getLogger("valkyrie.holding")
 #: held messages are kept alive at least this often (more often when the ack wait is short)
