@@ -25,10 +25,11 @@ from schemas import (
     JobQueued,
     JobRecord,
     JobSucceeded,
+    QueueSnapshot,
     RunnerRecord,
     typed_event,
 )
-from valkyrie.bus import EVENT_DECODER, Versioned, now_ms
+from valkyrie.bus import EVENT_DECODER, Versioned, new_id, now_ms
 from valkyrie.config import ValkyrieConfig
 from valkyrie.domain.scheduling import (
     Breach,
@@ -38,6 +39,7 @@ from valkyrie.domain.scheduling import (
     HeldJob,
     Offer,
     RunnerIndex,
+    queue_snapshot,
 )
 from valkyrie.runtime import (
     Dispatching,
@@ -45,6 +47,7 @@ from valkyrie.runtime import (
     HandlerBase,
     HandlerContext,
     HoldingConsumer,
+    publish_queue,
     same_message,
     settle,
 )
@@ -82,6 +85,8 @@ class DispatcherWorker(HandlerBase):
             batch=perf.fetch_batch,
             deliver=self._on_queued,
         )
+        #: this dispatcher in the queue ledger (``queue.<instance>`` in the stats bucket)
+        self.instance = new_id()[:12]
         self._wake = anyio.Event()
         self._commits = anyio.Semaphore(COMMIT_CONCURRENCY)
         self._stopping = False
@@ -136,6 +141,7 @@ class DispatcherWorker(HandlerBase):
                 await tg.start(self.holding.run, stop)
                 tg.start_soon(self._place_loop)
                 tg.start_soon(self._upkeep_loop, stop)
+                tg.start_soon(publish_queue, bus, self.snapshot, stop)
                 self._ctx.views.placer = self
                 task_status.started()
                 await stop.wait()
@@ -347,6 +353,15 @@ class DispatcherWorker(HandlerBase):
         if not fresh:
             await self.holding.done(job.job_id)
         return True
+
+    def snapshot(self) -> QueueSnapshot:
+        """What this dispatcher holds now (the queue ledger's entry)."""
+        return queue_snapshot(
+            self.queue,
+            instance=self.instance,
+            now_ms=now_ms(),
+            tenant_key=self._cfg().scheduling.tenant_key,
+        )
 
     async def explain(self, job_id: str) -> JobExplanation:
         """Why ``job_id`` is pending, or why it went where it went."""

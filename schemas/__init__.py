@@ -93,6 +93,7 @@ from schemas.ops_events import (
     HealthHealthy,
     HealthUnhealthy,
 )
+from schemas.queue import OTHER, QueueGroup, QueueSnapshot
 from schemas.runner_events import (
     RunnerBackOnline,
     RunnerDeregistered,
@@ -131,6 +132,7 @@ __all__ = [
     "HEALTH_CHANGED",
     "HEALTH_STATUSES",
     "JOB_ENDED",
+    "OTHER",
     "TERMINAL_STATES",
     "AffinityRule",
     "AttemptRecord",
@@ -201,6 +203,8 @@ __all__ = [
     "LegacyRequirementsV1",
     "PerformanceTargets",
     "QosRequirements",
+    "QueueGroup",
+    "QueueSnapshot",
     "RegistrationVerdict",
     "Requirements",
     "ResourceUsage",

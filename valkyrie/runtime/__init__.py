@@ -83,6 +83,12 @@ if TYPE_CHECKING:
     from valkyrie.runtime.placer import (
         LocalPlacer,
     )
+    from valkyrie.runtime.queue_ledger import (
+        FRESH_MS,
+        LEDGER_PREFIX,
+        QueueLedger,
+        publish_queue,
+    )
     from valkyrie.runtime.views import (
         RunnerView,
         SharedViews,
@@ -95,9 +101,11 @@ if not TYPE_CHECKING:  # type checkers see the imports above, and no catch-all _
 __all__ = [
     "ENTRY_POINT_GROUP",
     "FALLBACK_KEY",
+    "FRESH_MS",
     "HEALTH_KEY",
     "INLINE_RECORD_BYTES",
     "KEEPALIVE_S",
+    "LEDGER_PREFIX",
     "Dispatched",
     "Dispatching",
     "Durable",
@@ -114,6 +122,7 @@ __all__ = [
     "HoldingConsumer",
     "JobOps",
     "LocalPlacer",
+    "QueueLedger",
     "RunnerStates",
     "RunnerView",
     "SharedViews",
@@ -128,6 +137,7 @@ __all__ = [
     "headers_of",
     "list_runner_states",
     "open_bus",
+    "publish_queue",
     "run_control_plane",
     "run_workers",
     "same_message",

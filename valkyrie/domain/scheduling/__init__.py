@@ -11,6 +11,15 @@ if TYPE_CHECKING:
         IndexedSet,
         RunnerIndex,
     )
+    from valkyrie.domain.scheduling.ledger import (
+        MAX_GROUPS,
+        MAX_LABELS_CHARS,
+        MAX_TENANTS,
+        job_labels,
+        job_region,
+        merge_snapshots,
+        queue_snapshot,
+    )
     from valkyrie.domain.scheduling.placement import (
         CONSTRAINTS,
         Placement,
@@ -49,6 +58,9 @@ if not TYPE_CHECKING:  # type checkers see the imports above, and no catch-all _
 __all__ = [
     "CONSTRAINTS",
     "FULL_SCAN_EVERY_MS",
+    "MAX_GROUPS",
+    "MAX_LABELS_CHARS",
+    "MAX_TENANTS",
     "Action",
     "Breach",
     "Commit",
@@ -67,8 +79,12 @@ __all__ = [
     "dispatch_decision",
     "effective_priority",
     "failing_constraints",
+    "job_labels",
+    "job_region",
+    "merge_snapshots",
     "place",
     "predicted_finish_at_ms",
+    "queue_snapshot",
     "runner_labels",
     "score_runner",
     "score_weights",
