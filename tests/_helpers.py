@@ -63,15 +63,42 @@ def unique_prefix() -> str:
 TEST_CONFIG: dict[str, object] = {"performance.ack_wait_s": 5.0, "observability.metrics_port": 0}
 
 
+MiB = 1024 * 1024
+#: the size limits of a test prefix's streams and buckets (about 40 MiB in all)
+TEST_SIZES: dict[str, int] = {
+    "submit_max_bytes": 4 * MiB,
+    "commands_max_bytes": 1 * MiB,
+    "updates_max_bytes": 4 * MiB,
+    "events_max_bytes": 8 * MiB,
+    "logs_max_bytes": 4 * MiB,
+    "dead_max_bytes": 2 * MiB,
+    "jobs_max_bytes": 8 * MiB,
+    "runners_max_bytes": 1 * MiB,
+    "idempotency_max_bytes": 2 * MiB,
+    "config_max_bytes": 2 * MiB,
+    "stats_max_bytes": 1 * MiB,
+    "secrets_max_bytes": 1 * MiB,
+}
+
+
+def size_env(settings: Settings) -> dict[str, str]:
+    """The ``VALKYRIE_<NAME>_MAX_BYTES`` variables that give a subprocess ``settings``' limits."""
+    return {
+        f"VALKYRIE_{name.upper()}": str(getattr(settings, name))
+        for name in (f.name for f in msgspec.structs.fields(Settings))
+        if name.endswith("_max_bytes")
+    }
+
+
 def settings_for(url: str, prefix: str, **overrides: object) -> Settings:
     """Test settings: memory-light (the tunables are in :func:`config_for_test`)."""
     base: dict[str, object] = {
         "nats_url": url,
         "prefix": prefix,
         "connect_timeout_s": 10.0,
-        # the server reserves each stream's max_bytes: the 1 GiB default of the events and logs
-        # streams would exhaust the session server's store after a few test prefixes
-        "events_max_bytes": 8 * 1024 * 1024,
+        # the server reserves each stream's and bucket's max_bytes: the defaults (4.5 GiB in all)
+        # would exhaust the session server's store after a few test prefixes
+        **TEST_SIZES,
     }
     base.update(overrides)
     return Settings.from_env({}, **base)
@@ -125,7 +152,7 @@ def env_for(settings: Settings, config: LoadedConfig | None = None) -> dict[str,
             "VALKYRIE_PREFIX": settings.prefix,
             # provisioning from the subprocess must not grow the streams' reserved bytes (the
             # session server has room for a few hundred test prefixes, not for 1 GiB each)
-            "VALKYRIE_EVENTS_MAX_BYTES": str(settings.events_max_bytes),
+            **size_env(settings),
             **config_env(config if config is not None else config_for_test(settings)),
         }
     )

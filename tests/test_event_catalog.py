@@ -46,8 +46,8 @@ from schemas.__main__ import SUBJECTS_DOC
 from schemas._eventdoc import id_template, render, render_doc
 from schemas.event_base import data_keys, required_keys
 from tests._event_catalogue import check_stream
-from tests._helpers import config_for_test, unique_prefix
-from valkyrie import Settings, open_bus
+from tests._helpers import config_for_test, settings_for, unique_prefix
+from valkyrie import open_bus
 from valkyrie.bus.codec import EVENT_DECODER, encode
 from valkyrie.bus.events import EventPublisher
 from valkyrie.gateway._auth import route_opt
@@ -345,9 +345,7 @@ def test_a_kind_decodes_only_its_own_type() -> None:
 # -- over the bus -----------------------------------------------------------------------------------
 @pytest.mark.nats
 async def test_a_derived_id_is_stored_once_and_a_random_one_each_time(nats_url: str) -> None:
-    settings = Settings.from_env(
-        {}, nats_url=nats_url, prefix=unique_prefix(), events_max_bytes=1 << 20
-    )
+    settings = settings_for(nats_url, unique_prefix(), events_max_bytes=1 << 20)
     async with open_bus(settings, embed=False, config=config_for_test(settings).config) as (
         bus,
         _,

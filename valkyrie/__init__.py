@@ -27,6 +27,7 @@ from valkyrie.errors import (
     RetryLater,
     SchemaError,
     ServerError,
+    StorageFullError,
     ValkyrieError,
 )
 
@@ -90,6 +91,7 @@ __all__ = [
     "SchemaError",
     "ServerError",
     "Settings",
+    "StorageFullError",
     "StreamConsumer",
     "ValkyrieError",
     "Worker",

@@ -9,6 +9,7 @@
     │   ├── ConnectError       could not connect (the message says what to check)
     │   ├── ServerError        the embedded nats-server could not start or stopped
     │   ├── NotFoundError      a job, runner or message that does not exist
+    │   ├── StorageFullError   a stream or bucket (or the server's store) has no room left
     │   └── NoVerdictError     a submission was stored, but no verdict came in time
     └── HandlerOutcome         raised inside a handler to decide a message's fate
         ├── RetryLater         nak with a delay: the message is delivered again
@@ -30,6 +31,7 @@ __all__ = [
     "RetryLater",
     "SchemaError",
     "ServerError",
+    "StorageFullError",
     "ValkyrieError",
 ]
 
@@ -64,6 +66,15 @@ class ServerError(BusError):
 
 class NotFoundError(BusError):
     """Raised when a job, runner or stored message does not exist."""
+
+
+class StorageFullError(BusError):
+    """Raised when JetStream refused to store something for want of room.
+
+    A stream or bucket reached its size limit (a ``VALKYRIE_<NAME>_MAX_BYTES`` setting) or the
+    server's store is full. Nothing stored before is lost; trying again succeeds once room is
+    made (jobs end and age out, limits are raised).
+    """
 
 
 class NoVerdictError(BusError):

@@ -64,6 +64,10 @@ if TYPE_CHECKING:
         PullFeed,
         ensure_consumer,
     )
+    from valkyrie.bus.storage import (
+        full_error,
+        storage_full,
+    )
     from valkyrie.bus.tls import (
         tls_context,
     )
@@ -101,12 +105,14 @@ __all__ = [
     "connect",
     "encode",
     "ensure_consumer",
+    "full_error",
     "get_versioned",
     "kv_create",
     "kv_write",
     "new_id",
     "now_ms",
     "put_new",
+    "storage_full",
     "tls_context",
     "watch_kv",
 ]

@@ -29,21 +29,24 @@ from tenacity import (
 )
 
 from valkyrie.bus.names import Names
+from valkyrie.bus.storage import provisioning
 from valkyrie.config.model import ValkyrieConfig
-from valkyrie.config.settings import Settings
+from valkyrie.config.settings import Settings, redact_url
 from valkyrie.errors import BusError, ConnectError
 
 __all__ = ["BUCKETS", "Bus", "connect"]
 
 log = logging.getLogger("valkyrie.bus")
 
-#: bucket name -> (history, ttl seconds or None)
+#: bucket name -> (history, ttl seconds or None); the size limit of each is a setting
+#: (``<name>_max_bytes``), the secrets bucket's TTL the jobs' retention (``limits.job_retention_s``)
 BUCKETS: dict[str, tuple[int, float | None]] = {
     "jobs": (1, None),
     "runners": (1, None),
     "idempotency": (1, 7 * 24 * 3600.0),
     "config": (64, None),
     "stats": (1, None),
+    "secrets": (1, None),
 }
 
 
@@ -58,7 +61,7 @@ class Bus:
     _kv: dict[str, KeyValue] = field(default_factory=dict)
 
     async def kv(self, name: str) -> KeyValue:
-        """The KV bucket ``name`` (``jobs``, ``runners``, ``idempotency``, ``config``, ``stats``)."""
+        """The KV bucket ``name`` (one of :data:`BUCKETS`)."""
         bucket = self._kv.get(name)
         if bucket is None:
             try:
@@ -75,7 +78,13 @@ class Bus:
         return StorageType.FILE if self.settings.storage == "file" else StorageType.MEMORY
 
     def stream_configs(self, config: ValkyrieConfig) -> list[StreamConfig]:
-        """The configuration of every stream Valkyrie uses (retention of events from ``config``)."""
+        """The configuration of every stream Valkyrie uses (retention of events from ``config``).
+
+        Every stream has a size limit (a setting). The work queues and the dead letters refuse
+        new messages when full (``discard: new``): dropping the oldest would lose a submission,
+        command, update or dead letter already acknowledged. Events and logs drop their oldest,
+        each in a stream of its own, so that logs never push out events.
+        """
         s, n = self.settings, self.names
         common: dict[str, Any] = {
             "storage": self._storage(),
@@ -83,27 +92,30 @@ class Bus:
             "duplicate_window": float(s.duplicate_window_s),
         }
         week = 7 * 24 * 3600.0
+        queue: dict[str, Any] = {
+            "retention": RetentionPolicy.WORK_QUEUE,
+            "discard": DiscardPolicy.NEW,
+            "max_age": week,
+            **common,
+        }
         return [
             StreamConfig(
                 name=n.stream("submit"),
                 subjects=[n.submit],
-                retention=RetentionPolicy.WORK_QUEUE,
-                max_age=week,
-                **common,
+                max_bytes=s.submit_max_bytes,
+                **queue,
             ),
             StreamConfig(
                 name=n.stream("commands"),
                 subjects=[n.cancel, n.config_change],
-                retention=RetentionPolicy.WORK_QUEUE,
-                max_age=week,
-                **common,
+                max_bytes=s.commands_max_bytes,
+                **queue,
             ),
             StreamConfig(
                 name=n.stream("updates"),
                 subjects=[n.updates("*")],
-                retention=RetentionPolicy.WORK_QUEUE,
-                max_age=week,
-                **common,
+                max_bytes=s.updates_max_bytes,
+                **queue,
             ),
             StreamConfig(
                 name=n.stream("events"),
@@ -120,32 +132,57 @@ class Bus:
                 retention=RetentionPolicy.LIMITS,
                 discard=DiscardPolicy.OLD,
                 max_age=float(s.logs_max_age_s),
-                max_bytes=s.events_max_bytes,
+                max_bytes=s.logs_max_bytes,
+                max_msgs_per_subject=s.logs_max_msgs_per_job,
                 **common,
             ),
             StreamConfig(
                 name=n.stream("dead"),
                 subjects=[n.dead(">")],
                 retention=RetentionPolicy.LIMITS,
-                discard=DiscardPolicy.OLD,
+                discard=DiscardPolicy.NEW,
                 max_age=float(s.dead_max_age_s),
+                max_bytes=s.dead_max_bytes,
                 **common,
             ),
         ]
+
+    def bucket_configs(self, config: ValkyrieConfig) -> dict[str, KeyValueConfig]:
+        """The configuration of every KV bucket by short name (the secrets TTL from ``config``)."""
+        configs = {}
+        for name, (history, ttl) in BUCKETS.items():
+            if name == "secrets":
+                # a job's secret values are kept no longer than the record of a job that ended
+                ttl = float(config.limits.job_retention_s)
+            configs[name] = KeyValueConfig(
+                bucket=self.names.bucket(name),
+                history=history,
+                ttl=ttl,
+                max_bytes=self.settings.max_bytes(name),
+                storage=self._storage(),
+                replicas=self.settings.replicas,
+                direct=True,
+            )
+        return configs
 
     async def provision(self, config: ValkyrieConfig) -> None:
         """Create or update every stream and bucket; safe to run any number of times, concurrently.
 
         ``config`` is the process's runtime config (the provisioning values that are runtime keys,
         such as ``observability.events_max_age_s``, come from it).
+
+        Raises:
+            BusError: naming the stream or bucket that could not be provisioned and why (a
+                server without room for its size limit: which setting to lower).
         """
-        try:
-            for stream in self.stream_configs(config):
+        for stream in self.stream_configs(config):
+            name = stream.name or ""
+            # <PREFIX>_<NAME>: the name's last part is the stream's short name
+            with provisioning(name, name.rpartition("_")[2].lower(), stream.max_bytes):
                 await self._ensure_stream(stream)
-            for name, (history, ttl) in BUCKETS.items():
-                await self._ensure_bucket(name, history, ttl)
-        except nats.errors.Error as e:
-            raise BusError(f"provisioning JetStream failed: {e!r} (is JetStream enabled?)") from e
+        for short, bucket in self.bucket_configs(config).items():
+            with provisioning(f"KV_{bucket.bucket}", short, bucket.max_bytes):
+                self._kv[short] = await self._ensure_bucket(bucket)
 
     async def _ensure_stream(self, config: StreamConfig) -> None:
         try:
@@ -156,31 +193,23 @@ class Bus:
                 raise
             await self.js.update_stream(config)
 
-    async def _ensure_bucket(self, name: str, history: int, ttl: float | None) -> None:
-        config = KeyValueConfig(
-            bucket=self.names.bucket(name),
-            history=history,
-            ttl=ttl,
-            storage=self._storage(),
-            replicas=self.settings.replicas,
-            direct=True,
-        )
+    async def _ensure_bucket(self, config: KeyValueConfig) -> KeyValue:
         try:
-            self._kv[name] = await self.js.create_key_value(config)
+            return await self.js.create_key_value(config)
         except nats.js.errors.BadRequestError as e:
             if e.err_code != 10058:
                 raise
-            # It exists with other settings (say replicas 1 -> 3): update its stream in place.
-            stream = f"KV_{self.names.bucket(name)}"
-            current = (await self.js.stream_info(stream)).config
-            wanted = current.evolve(
-                num_replicas=self.settings.replicas,
-                max_msgs_per_subject=history,
-                max_age=ttl,
-            )
-            if wanted.as_dict() != current.as_dict():
-                await self.js.update_stream(wanted)
-            self._kv[name] = await self.js.key_value(self.names.bucket(name))
+        # It exists with other settings (say replicas 1 -> 3): update its stream in place.
+        current = (await self.js.stream_info(f"KV_{config.bucket}")).config
+        wanted = current.evolve(
+            num_replicas=config.replicas,
+            max_msgs_per_subject=config.history,
+            max_age=config.ttl,
+            max_bytes=config.max_bytes,
+        )
+        if wanted.as_dict() != current.as_dict():
+            await self.js.update_stream(wanted)
+        return await self.js.key_value(config.bucket)
 
     async def close(self) -> None:
         """Drain and close the connection (in-flight publishes are flushed)."""
@@ -263,8 +292,8 @@ async def connect(
                 holder[:] = [nc]
     except (nats.errors.NoServersError, OSError, TimeoutError) as e:
         raise ConnectError(
-            f"cannot connect to NATS at {target} within {settings.connect_timeout_s:g}s "
-            f"({last_error[0] if last_error else e!r}): "
+            f"cannot connect to NATS at {redact_url(target)} within "
+            f"{settings.connect_timeout_s:g}s ({last_error[0] if last_error else e!r}): "
             "check that the server runs and the URL (VALKYRIE_NATS_URL) is right"
         ) from e
     return Bus(nc=nc, js=nc.jetstream(), names=Names(settings.prefix), settings=settings)

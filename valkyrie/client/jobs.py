@@ -35,6 +35,7 @@ from valkyrie.bus.codec import (
 )
 from valkyrie.bus.connection import Bus
 from valkyrie.bus.kv import get_versioned, watch_kv
+from valkyrie.bus.storage import full_error, storage_full
 from valkyrie.config.live import CONFIG_KEY, LiveConfig
 from valkyrie.config.load import load_config
 from valkyrie.config.model import LimitsConfig
@@ -91,6 +92,7 @@ class Client:
         Raises:
             NoVerdictError: it was stored, but no verdict came within ``timeout_s`` (do not
                 submit it again without a message id or idempotency key: that makes a second job).
+            StorageFullError: the submit stream is full (nothing was submitted: try again later).
             BusError: the stream did not store it (nothing was submitted: safe to try again).
         """
         body = job if isinstance(job, bytes) else encode(job)
@@ -109,6 +111,8 @@ class Client:
                     self.bus.names.submit, body, headers=headers or None, timeout=timeout_s
                 )
             except (nats.errors.Error, nats.js.errors.Error) as e:
+                if storage_full(e):
+                    raise full_error(e, "submission") from e
                 raise BusError(f"submission not stored: {e!r}") from e
             if sub is None:
                 return None

@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     )
     from valkyrie.config.settings import (
         Settings,
+        redact_url,
     )
     from valkyrie.config.validate import (
         ValidationResult,
@@ -98,6 +99,7 @@ __all__ = [
     "load_config",
     "migrate_ancestor",
     "profile_overrides",
+    "redact_url",
     "unflatten",
     "validate_dotted",
 ]

@@ -14,9 +14,13 @@ import msgspec
 
 from valkyrie.errors import ConfigError
 
-__all__ = ["Settings"]
+__all__ = ["Settings", "redact_url"]
 
 _ENV_PREFIX = "VALKYRIE_"
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+#: a stream's or bucket's size limit: at least 1 MiB (the server reserves it in its store)
+Bytes = Annotated[int, msgspec.Meta(ge=MiB)]
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -37,9 +41,25 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         storage: JetStream storage for streams and buckets.
         replicas: stream/bucket replica count (1 for one server, 3 for a cluster).
         connect_timeout_s: how long to keep trying to connect at start-up.
-        events_max_bytes: how many bytes of events are kept (also the logs stream's limit).
+        events_max_bytes: how many bytes of events are kept (the oldest go first).
+        logs_max_bytes: how many bytes of job logs are kept (the oldest go first); a stream of
+            its own, so that logs never push events out.
+        logs_max_msgs_per_job: log messages kept per job (and runner): the server's own bound on
+            one job's log, whatever its runner does (the oldest of that job go first).
         logs_max_age_s: how long job logs are kept.
         dead_max_age_s: how long dead letters are kept.
+        submit_max_bytes: pending submissions; when full, submitting is refused (none is dropped).
+        commands_max_bytes: pending cancels and config changes; when full, new ones are refused.
+        updates_max_bytes: runner updates not yet applied; when full, runners retry.
+        dead_max_bytes: dead letters; when full, new ones are refused (the message stays where
+            it was, unacknowledged) rather than old ones dropped.
+        jobs_max_bytes: the jobs bucket; when full, intake refuses new jobs (jobs already
+            accepted go on: rewriting a record never needs more room than it had).
+        runners_max_bytes: the runners bucket.
+        idempotency_max_bytes: the idempotency bucket.
+        config_max_bytes: the config bucket (every kept revision).
+        stats_max_bytes: the stats bucket (health summary, fallback record, queue ledger).
+        secrets_max_bytes: the secrets bucket (jobs' secret environment values until they end).
         duplicate_window_s: how long ``Nats-Msg-Id`` de-duplicates publishes.
     """
 
@@ -52,10 +72,26 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     storage: Literal["file", "memory"] = "file"
     replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
     connect_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 10.0
-    events_max_bytes: Annotated[int, msgspec.Meta(ge=1024 * 1024)] = 1024 * 1024 * 1024
+    events_max_bytes: Bytes = GiB
+    logs_max_bytes: Bytes = GiB
+    logs_max_msgs_per_job: Annotated[int, msgspec.Meta(ge=100)] = 100_000
     logs_max_age_s: Annotated[int, msgspec.Meta(ge=1)] = 7 * 24 * 3600
     dead_max_age_s: Annotated[int, msgspec.Meta(ge=1)] = 30 * 24 * 3600
+    submit_max_bytes: Bytes = 256 * MiB
+    commands_max_bytes: Bytes = 64 * MiB
+    updates_max_bytes: Bytes = 256 * MiB
+    dead_max_bytes: Bytes = 256 * MiB
+    jobs_max_bytes: Bytes = GiB
+    runners_max_bytes: Bytes = 64 * MiB
+    idempotency_max_bytes: Bytes = 256 * MiB
+    config_max_bytes: Bytes = 64 * MiB
+    stats_max_bytes: Bytes = 64 * MiB
+    secrets_max_bytes: Bytes = 256 * MiB
     duplicate_window_s: Annotated[int, msgspec.Meta(ge=1, le=24 * 3600)] = 120
+
+    def max_bytes(self, name: str) -> int:
+        """The size limit of stream or bucket ``name`` (``submit``, ``events``, ``jobs`` …)."""
+        return int(getattr(self, f"{name}_max_bytes"))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -78,3 +114,23 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             return msgspec.convert(raw, cls, strict=False)
         except msgspec.ValidationError as e:
             raise ConfigError(f"invalid setting: {e} (check the VALKYRIE_* variables)") from e
+
+
+def redact_url(url: str) -> str:
+    """``url`` (or comma-separated URLs) with any credentials in it replaced by ``***``.
+
+    ``nats://user:password@host:4222`` and ``nats://token@host`` become ``nats://***@host:4222``
+    and ``nats://***@host``: what every message, log line and health report shows of a URL.
+    """
+    return ",".join(_redact_one(part) for part in url.split(","))
+
+
+def _redact_one(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    authority, slash, path = rest.partition("/")
+    if "@" not in authority:
+        return url
+    host = authority.rpartition("@")[2]
+    return f"{scheme}{sep}***@{host}{slash}{path}"
