@@ -29,7 +29,7 @@ from schemas import (
     RunnerRecord,
     typed_event,
 )
-from valkyrie.bus import EVENT_DECODER, Versioned, new_id, now_ms
+from valkyrie.bus import EVENT_DECODER, Versioned, new_id, now_ms, storage_full
 from valkyrie.config import ValkyrieConfig
 from valkyrie.domain.scheduling import (
     Breach,
@@ -271,10 +271,13 @@ class DispatcherWorker(HandlerBase):
                 await self._try_commit(commit, fresh=True)
             finally:
                 self._commits.release()
-        except Exception:
+        except Exception as e:
             if job.was_dispatched():
                 raise  # placed, but not announced: the caller's message must come back
-            log.exception("placing %s at once failed; it takes the usual way", record.id)
+            if storage_full(e):  # intake refuses the job, saying so
+                log.warning("placing %s at once failed: JetStream is full (%r)", record.id, e)
+            else:
+                log.exception("placing %s at once failed; it takes the usual way", record.id)
             self.queue.decline(record.id, time.monotonic() + DECLINED_WAIT_S)
             return False
         finally:

@@ -8,7 +8,7 @@ import msgspec
 
 from schemas._common import TimestampMs
 from schemas.event_base import TypedEvent
-from schemas.jobs import FieldError, JobRecord, JobState
+from schemas.jobs import FieldError, JobRecord, JobState, Refusal
 
 __all__ = [
     "JOB_ENDED",
@@ -256,7 +256,12 @@ class JobDuplicate(TypedEvent, frozen=True, kw_only=True):
 
 
 class IntakeRejected(TypedEvent, frozen=True, kw_only=True):
-    """A submission was refused, with every problem (intake); it is also dead-lettered."""
+    """A submission was refused, with every problem (intake).
+
+    An invalid submission (``refusal`` ``invalid``, or ``None`` from older intakes) and one
+    refused because JetStream is full (``storage_full``) are also dead-lettered, so they can be
+    replayed; one over its tenant's queue ``quota`` is not (its sender retries later).
+    """
 
     entity: ClassVar[str] = "intake"
     event_type: ClassVar[str] = "intake.rejected"
@@ -264,6 +269,7 @@ class IntakeRejected(TypedEvent, frozen=True, kw_only=True):
 
     errors: list[FieldError]
     stream_seq: int
+    refusal: Refusal | None = None
 
     def event_id(self) -> str:
         """``rejected-<subject_id>``: once per submission."""

@@ -18,6 +18,9 @@ from schemas._common import (
 )
 
 __all__ = [
+    "MAX_SECRET_ENV",
+    "MAX_SECRET_VALUE_CHARS",
+    "REDACTED",
     "TERMINAL_STATES",
     "AffinityRule",
     "AttemptRecord",
@@ -28,12 +31,36 @@ __all__ = [
     "JobSubmission",
     "PerformanceTargets",
     "QosRequirements",
+    "Refusal",
     "Requirements",
     "ResourceUsage",
     "RetryPolicy",
     "RoutingHints",
+    "SecretName",
     "SubmitVerdict",
 ]
+
+#: what every copy of a job shows in place of a secret value
+REDACTED = "***"
+#: secret environment variables one job may declare
+MAX_SECRET_ENV = 64
+#: characters one secret value may have
+MAX_SECRET_VALUE_CHARS = 32 * 1024
+
+#: an environment variable name (it is also a JSON-path member and a log word)
+SecretName = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="an environment variable name: letters, digits and '_', not starting with a digit",
+    ),
+]
+
+#: why intake refused a submission: it is ``invalid`` (``errors`` say where), its tenant has as
+#: many queued jobs as its ``quota`` allows, or JetStream is full (``storage_full``)
+Refusal = Literal["invalid", "quota", "storage_full"]
 
 
 class Requirements(msgspec.Struct, frozen=True, kw_only=True):
@@ -103,6 +130,9 @@ class JobSubmission(msgspec.Struct, frozen=True, kw_only=True):
 
     ``job_id`` lets a client choose the id; ``idempotency_key`` makes resubmissions return the
     first job. ``deadline_at_ms`` is the instant after which the job may no longer start.
+    ``secret_env`` holds environment variables only the runner of an attempt receives: every
+    copy of the job (its record, events, HTTP and CLI views) shows their names with the value
+    ``"***"`` (docs/security.md#secrets).
     """
 
     job_type: Label
@@ -119,6 +149,18 @@ class JobSubmission(msgspec.Struct, frozen=True, kw_only=True):
     idempotency_key: Annotated[str, msgspec.Meta(min_length=1, max_length=512)] | None = None
     retry_policy: RetryPolicy | None = None
     labels: dict[str, str] = msgspec.field(default_factory=dict)
+    secret_env: Annotated[
+        dict[SecretName, Annotated[str, msgspec.Meta(max_length=MAX_SECRET_VALUE_CHARS)]],
+        msgspec.Meta(max_length=MAX_SECRET_ENV),
+    ] = msgspec.field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        # a submission in memory still holds its secret values: a log line or a traceback that
+        # shows it must not
+        if not self.secret_env or all(v == REDACTED for v in self.secret_env.values()):
+            return msgspec.Struct.__repr__(self)
+        hidden = dict.fromkeys(self.secret_env, REDACTED)
+        return msgspec.Struct.__repr__(msgspec.structs.replace(self, secret_env=hidden))
 
 
 class JobState(enum.StrEnum):
@@ -202,7 +244,11 @@ class FieldError(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class SubmitVerdict(msgspec.Struct, frozen=True, kw_only=True):
-    """The answer to a submission, sent to the ``Valkyrie-Reply-To`` subject when present."""
+    """The answer to a submission, sent to the ``Valkyrie-Reply-To`` subject when present.
+
+    A refusal (``accepted`` false) says why in ``refusal`` (``None`` from intakes that predate
+    it: then the submission was invalid) and ``errors``.
+    """
 
     accepted: bool
     job_id: str | None = None
@@ -210,3 +256,4 @@ class SubmitVerdict(msgspec.Struct, frozen=True, kw_only=True):
     state: JobState | None = None
     errors: list[FieldError] = msgspec.field(default_factory=list)
     warnings: list[FieldError] = msgspec.field(default_factory=list)
+    refusal: Refusal | None = None

@@ -15,7 +15,7 @@ from schemas._common import (
     Ratio,
     TimestampMs,
 )
-from schemas.jobs import FieldError, JobResult, JobSubmission
+from schemas.jobs import REDACTED, FieldError, JobResult, JobSubmission
 
 __all__ = [
     "CancelJob",
@@ -125,7 +125,13 @@ class RunnerRecord(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Dispatch(msgspec.Struct, frozen=True, kw_only=True):
-    """A placement decision, published on ``<prefix>.dispatch.<runner_id>``."""
+    """A placement decision, published on ``<prefix>.dispatch.<runner_id>``.
+
+    ``spec`` is the job as recorded (secret values are ``"***"`` there); ``secret_env`` holds
+    the values, for this attempt's runner only: it sets them in the job's environment and
+    replaces them with ``***`` in every log line and result it publishes. ``log_max_bytes``
+    bounds what it publishes of the attempt's log (``None``: the runner's own default).
+    """
 
     job_id: Identifier
     attempt: Annotated[int, msgspec.Meta(ge=1)]
@@ -133,6 +139,15 @@ class Dispatch(msgspec.Struct, frozen=True, kw_only=True):
     spec: JobSubmission
     dispatched_at_ms: TimestampMs
     accept_by_at_ms: TimestampMs
+    secret_env: dict[str, str] = msgspec.field(default_factory=dict)
+    log_max_bytes: Annotated[int, msgspec.Meta(ge=1)] | None = None
+
+    def __repr__(self) -> str:
+        # never show the values in a log line or a traceback
+        if not self.secret_env:
+            return msgspec.Struct.__repr__(self)
+        hidden = dict.fromkeys(self.secret_env, REDACTED)
+        return msgspec.Struct.__repr__(msgspec.structs.replace(self, secret_env=hidden))
 
 
 class JobAccepted(msgspec.Struct, frozen=True, kw_only=True, tag="accepted", tag_field="kind"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,8 @@ def _show(record: JobRecord) -> None:
             for line in record.result.output_tail.splitlines():
                 click.echo(f"  {line}")
     click.echo(f"payload:     {json.dumps(record.spec.payload)}")
+    if record.spec.secret_env:  # the record holds the names only
+        click.echo(f"secret env:  {', '.join(sorted(record.spec.secret_env))} (values hidden)")
 
 
 @click.command()
@@ -65,6 +68,14 @@ def _show(record: JobRecord) -> None:
     "--label", "labels", multiple=True, help="Required runner label KEY=VALUE (repeatable)."
 )
 @click.option("--meta", multiple=True, help="Metadata KEY=VALUE (repeatable).")
+@click.option(
+    "--secret-env",
+    "secret_names",
+    multiple=True,
+    metavar="NAME",
+    help="Give the job this shell's variable NAME as a secret: only its runner sees the value, "
+    "every view shows *** (repeatable).",
+)
 @click.option("--job-id", help="Choose the job id.")
 @click.option("--idempotency-key", help="Resubmissions with this key return the first job.")
 @click.option(
@@ -83,6 +94,7 @@ def submit(
     timeout_s: int | None,
     labels: tuple[str, ...],
     meta: tuple[str, ...],
+    secret_names: tuple[str, ...],
     job_id: str | None,
     idempotency_key: str | None,
     wait: bool,
@@ -92,6 +104,8 @@ def submit(
 ) -> None:
     """Submit a job: from --file, or flags, or a COMMAND after `--`; prints the job id."""
     if file_ is not None:
+        if secret_names:
+            raise click.UsageError("--secret-env goes with flags; with --file, use secret_env")
         body: bytes = sys.stdin.buffer.read() if str(file_) == "-" else file_.read_bytes()
     else:
         doc: dict[str, Any] = {"job_type": job_type, "priority": priority}
@@ -113,6 +127,14 @@ def submit(
                 pairs[k] = v
             if pairs:
                 doc[key] = pairs
+        missing = [name for name in secret_names if name not in os.environ]
+        if missing:
+            raise click.BadParameter(
+                f"not set in this shell: {', '.join(missing)}", param_hint="--secret-env"
+            )
+        if secret_names:
+            # taken from the environment, never from the command line (other users see that)
+            doc["secret_env"] = {name: os.environ[name] for name in secret_names}
         if job_id:
             doc["job_id"] = job_id
         if idempotency_key:

@@ -130,7 +130,12 @@ class TokenConfig(_Section, frozen=True, kw_only=True):
 
 
 class HttpConfig(_Section, frozen=True, kw_only=True):
-    """The HTTP bridge."""
+    """The HTTP bridge.
+
+    Authentication is required whatever ``auth_required`` says when ``host`` is not a loopback
+    address. Failed authentications are rate limited per client address
+    (``failed_auth_per_s``, ``failed_auth_burst``) before they are answered.
+    """
 
     enabled: bool = True
     host: str = "127.0.0.1"
@@ -142,6 +147,8 @@ class HttpConfig(_Section, frozen=True, kw_only=True):
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
     cors_origins: list[str] = msgspec.field(default_factory=list)
     request_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 10.0
+    failed_auth_per_s: Annotated[float, msgspec.Meta(gt=0, le=1000)] = 1.0
+    failed_auth_burst: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 10
 
 
 class ObservabilityConfig(_Section, frozen=True, kw_only=True):
@@ -174,12 +181,27 @@ class PerformanceConfig(_Section, frozen=True, kw_only=True):
 
 
 class LimitsConfig(_Section, frozen=True, kw_only=True):
-    """Input limits."""
+    """Input limits, retention, quotas.
+
+    ``max_queued_per_tenant`` caps the jobs one tenant (``scheduling.tenant_key``) may have
+    queued (``None``: no cap); ``tenant_max_queued`` sets the cap of named tenants.
+    ``job_log_max_bytes`` is what a runner publishes of one attempt's log at most.
+    ``job_store_reserve`` is the part of the jobs bucket kept for the records of accepted jobs
+    to grow as they run: intake refuses new jobs once the rest is used.
+    """
 
     submission_max_bytes: Annotated[int, msgspec.Meta(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
     max_metadata_entries: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 64
     job_retention_s: Annotated[int, msgspec.Meta(ge=60, le=10 * 365 * 86_400)] = 7 * 86_400
     offline_runner_retention_s: Annotated[int, msgspec.Meta(ge=60, le=365 * 86_400)] = 86_400
+    max_queued_per_tenant: Annotated[int, msgspec.Meta(ge=1, le=100_000_000)] | None = 10_000
+    tenant_max_queued: dict[str, Annotated[int, msgspec.Meta(ge=0, le=100_000_000)]] = (
+        msgspec.field(default_factory=dict)
+    )
+    job_log_max_bytes: Annotated[int, msgspec.Meta(ge=1024, le=1024 * 1024 * 1024)] = (
+        8 * 1024 * 1024
+    )
+    job_store_reserve: Annotated[float, msgspec.Meta(ge=0.0, le=0.9)] = 0.2
 
 
 class ValkyrieConfig(_Section, frozen=True, kw_only=True):
@@ -212,6 +234,8 @@ LIVE_KEYS: tuple[str, ...] = (
     "http.max_body_bytes",
     "http.cors_origins",
     "http.request_timeout_s",
+    "http.failed_auth_per_s",
+    "http.failed_auth_burst",
     "observability.log_level",
     "limits.",
     "security.audit_enabled",

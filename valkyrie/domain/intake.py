@@ -23,6 +23,8 @@ from schemas import (
     unknown_fields,
     v1_to_v2,
 )
+from valkyrie.config.model import LimitsConfig
+from valkyrie.domain.secrets import redact_spec, secret_env_errors
 from valkyrie.errors import SchemaError
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "idempotency_token",
     "job_id_for",
     "parse_submission",
+    "queue_quota_error",
     "queued_record",
     "token_for",
 ]
@@ -280,7 +283,31 @@ def check_submission(
                 reason="must be at least initial_backoff_ms",
             )
         )
+    errors.extend(secret_env_errors(spec))
     return errors
+
+
+def queue_quota_error(
+    spec: JobSubmission, queued: int, *, tenant: str, tenant_key: str, limits: LimitsConfig
+) -> FieldError | None:
+    """Why ``spec`` may not be queued now that its ``tenant`` has ``queued`` jobs waiting, if so.
+
+    The cap is ``limits.tenant_max_queued[tenant]``, else ``limits.max_queued_per_tenant``
+    (``None``: no cap).
+    """
+    cap = limits.tenant_max_queued.get(tenant, limits.max_queued_per_tenant)
+    if cap is None or queued < cap:
+        return None
+    where = (
+        f"limits.tenant_max_queued[{tenant!r}]"
+        if tenant in limits.tenant_max_queued
+        else "limits.max_queued_per_tenant"
+    )
+    return FieldError(
+        path=f"$.metadata.{tenant_key}" if tenant_key in spec.metadata else "$.metadata",
+        reason=f"tenant {tenant!r} has {queued} jobs queued, its cap is {cap} ({where}): "
+        "submit again once some have started",
+    )
 
 
 def idempotency_token(spec: JobSubmission, msg_id: str | None) -> str | None:
@@ -314,11 +341,11 @@ def queued_record(
     now_ms: int,
     source_seq: int | None,
 ) -> JobRecord:
-    """The record of a newly accepted job."""
+    """The record of a newly accepted job (its secret values replaced by ``"***"``)."""
     return JobRecord(
         id=job_id,
         state=JobState.QUEUED,
-        spec=parsed.spec,
+        spec=redact_spec(parsed.spec),
         api_version=parsed.api_version,
         submitted_at_ms=now_ms,
         updated_at_ms=now_ms,

@@ -18,10 +18,11 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.types import ExceptionHandlersMap
 
 from schemas import FieldError
-from valkyrie.errors import BusError, NotFoundError, NoVerdictError
+from valkyrie.errors import BusError, NotFoundError, NoVerdictError, StorageFullError
 
 __all__ = [
     "COMMON",
+    "FULL_RETRY_AFTER_S",
     "PROBLEM_MEDIA_TYPE",
     "Problem",
     "ProblemError",
@@ -51,6 +52,7 @@ _DEFAULT_SLUGS = {
     500: "internal-error",
     503: "bus-unavailable",
     504: "no-verdict",
+    507: "storage-full",
 }
 
 
@@ -167,6 +169,17 @@ def _on_no_verdict(request: Request[Any, Any, Any], exc: NoVerdictError) -> Resp
     )
 
 
+#: how long a client is asked to wait after JetStream was full
+FULL_RETRY_AFTER_S = 30
+
+
+def _on_full(request: Request[Any, Any, Any], exc: StorageFullError) -> Response[bytes]:
+    log.warning("JetStream full for %s %s: %s", request.method, request.url.path, exc)
+    return problem_response(
+        request, 507, str(exc), headers={"Retry-After": str(FULL_RETRY_AFTER_S)}
+    )
+
+
 def _on_bus(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     log.warning("bus unavailable for %s %s: %r", request.method, request.url.path, exc)
     return problem_response(
@@ -190,6 +203,7 @@ def exception_handlers() -> ExceptionHandlersMap:
         HTTPException: _on_http,
         NotFoundError: _on_not_found,
         NoVerdictError: _on_no_verdict,
+        StorageFullError: _on_full,
         BusError: _on_bus,
         nats.errors.Error: _on_bus,
         TimeoutError: _on_bus,
@@ -206,10 +220,13 @@ _DESCRIPTIONS = {
     413: "The body exceeds `http.max_body_bytes` (or `limits.submission_max_bytes`).",
     415: "The body is not `application/json`.",
     422: "The body or a parameter is invalid; `errors` names every field.",
-    429: "Rate limited; retry after the `Retry-After` seconds.",
+    429: "Rate limited; retry after the `Retry-After` seconds. Submissions: the tenant has as "
+    "many jobs queued as its cap allows (`tenant-quota`).",
     503: "NATS is unavailable or did not answer in time.",
     504: "Submissions: stored, but intake gave no verdict in time (the job will be taken in; "
     "do not resubmit without an `Idempotency-Key`).",
+    507: "JetStream is full: nothing was stored (jobs already accepted are not affected); retry "
+    "after the `Retry-After` seconds.",
 }
 
 

@@ -112,7 +112,7 @@ def parse_states(raw: str | None) -> set[JobState] | None:
             description="A retry: the original job.",
             generate_examples=False,
         ),
-        **problem_responses(400, 413, 415, 422, 504, *COMMON),
+        **problem_responses(400, 413, 415, 422, 504, 507, *COMMON),
     },
     tags=["jobs"],
 )

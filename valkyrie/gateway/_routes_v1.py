@@ -67,7 +67,7 @@ def _require_v1(request: Request[Any, Any, Any]) -> None:
             description="A retry: the original job.",
             generate_examples=False,
         ),
-        **problem_responses(400, 404, 413, 415, 422, 504, *COMMON),
+        **problem_responses(400, 404, 413, 415, 422, 504, 507, *COMMON),
     },
     tags=["v1"],
 )

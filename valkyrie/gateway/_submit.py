@@ -7,13 +7,13 @@ from typing import Any
 
 from litestar import Request
 
-from schemas import FieldError, JobRecord
+from schemas import FieldError, JobRecord, Refusal
 from valkyrie.bus.codec import encode, now_ms
 from valkyrie.domain.intake import parse_submission
 from valkyrie.errors import SchemaError
 from valkyrie.gateway._body import json_body
 from valkyrie.gateway._context import gateway_of
-from valkyrie.gateway._problems import ProblemError
+from valkyrie.gateway._problems import FULL_RETRY_AFTER_S, ProblemError
 
 __all__ = ["Submitted", "submit_from_request"]
 
@@ -48,13 +48,38 @@ def _with_hints(warnings: tuple[FieldError, ...]) -> list[FieldError]:
     return hinted
 
 
+#: how long a tenant over its queue cap is asked to wait (the queue ledger's own delay is ~1 s)
+QUOTA_RETRY_AFTER_S = 5
+
+
+def _refused(refusal: Refusal | None, errors: list[FieldError]) -> ProblemError:
+    """The problem for a submission intake refused (``refusal`` says why)."""
+    if refusal == "quota":
+        return ProblemError(
+            429,
+            "the tenant has as many jobs queued as its cap allows: submit again later",
+            slug="tenant-quota",
+            errors=errors,
+            headers={"Retry-After": str(QUOTA_RETRY_AFTER_S)},
+        )
+    if refusal == "storage_full":
+        return ProblemError(
+            507,
+            "JetStream is full: nothing was stored (jobs already accepted are not affected)",
+            errors=errors,
+            headers={"Retry-After": str(FULL_RETRY_AFTER_S)},
+        )
+    return ProblemError(422, "intake rejected the submission", slug="rejected", errors=errors)
+
+
 async def submit_from_request(
     request: Request[Any, Any, Any], idempotency_key: str | None
 ) -> Submitted:
     """Validate the body like intake does, publish it, and return the job intake recorded.
 
     Raises:
-        ProblemError: 400/413/415 (body), 422 (invalid, or rejected by intake), 503 (bus).
+        ProblemError: 400/413/415 (body), 422 (invalid, or rejected by intake), 429 (the
+            tenant's queue cap), 503 (bus), 507 (JetStream full).
     """
     gateway = gateway_of(request)
     body, obj = await json_body(request)
@@ -88,8 +113,6 @@ async def submit_from_request(
     verdict = await client.submit(body, timeout_s=gateway.timeout_s)
     assert verdict is not None  # wait_verdict is on
     if not verdict.accepted or verdict.job_id is None:
-        raise ProblemError(
-            422, "intake rejected the submission", slug="rejected", errors=verdict.errors
-        )
+        raise _refused(verdict.refusal, verdict.errors)
     record = await client.get_job(verdict.job_id)
     return Submitted(record, verdict.duplicate, parsed.api_version, warnings)

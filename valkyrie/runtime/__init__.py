@@ -89,6 +89,12 @@ if TYPE_CHECKING:
         QueueLedger,
         publish_queue,
     )
+    from valkyrie.runtime.room import (
+        BucketRoom,
+    )
+    from valkyrie.runtime.secrets import (
+        SecretStore,
+    )
     from valkyrie.runtime.views import (
         RunnerView,
         SharedViews,
@@ -106,6 +112,7 @@ __all__ = [
     "INLINE_RECORD_BYTES",
     "KEEPALIVE_S",
     "LEDGER_PREFIX",
+    "BucketRoom",
     "Dispatched",
     "Dispatching",
     "Durable",
@@ -125,6 +132,7 @@ __all__ = [
     "QueueLedger",
     "RunnerStates",
     "RunnerView",
+    "SecretStore",
     "SharedViews",
     "StreamConsumer",
     "Worker",

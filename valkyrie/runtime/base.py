@@ -9,7 +9,7 @@ from anyio.abc import TaskStatus
 from nats.aio.msg import Msg
 
 from valkyrie.bus.events import EventPublisher
-from valkyrie.runtime.consumer import StreamConsumer
+from valkyrie.runtime.consumer import Redact, StreamConsumer
 from valkyrie.runtime.context import HandlerContext
 from valkyrie.runtime.jobops import JobOps
 
@@ -34,12 +34,14 @@ class HandlerBase:
         filter_subject: str,
         handle: Callable[[Msg], Awaitable[None]],
         concurrency: int | None = None,
+        redact: Redact | None = None,
         task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         """Consume ``stream`` through this handler's durable consumer until ``stop`` is set.
 
         Sizes come from the ``performance`` config section (read at start: not live);
-        ``concurrency`` overrides ``handler_concurrency`` for handlers that must go one by one.
+        ``concurrency`` overrides ``handler_concurrency`` for handlers that must go one by one;
+        ``redact`` decides what a dead letter keeps of a message body.
         """
         consumer = StreamConsumer(
             name=self.name,
@@ -50,5 +52,6 @@ class HandlerBase:
             metrics=self._ctx.metrics,
             performance=self._ctx.config.current.performance,
             concurrency=concurrency,
+            redact=redact,
         )
         await consumer.run(stop, task_status=task_status)

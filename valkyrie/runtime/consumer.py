@@ -35,6 +35,8 @@ __all__ = ["StreamConsumer", "delivery_count", "headers_of"]
 log = logging.getLogger("valkyrie.worker")
 
 Handle = Callable[[Msg], Awaitable[None]]
+#: a message body -> what a dead letter may keep of it, and a note on what was removed
+Redact = Callable[[bytes], tuple[bytes, str | None]]
 #: errors that say the bus is unavailable for now (a leader election, a reconnect), not that the
 #: message is bad: the handler is tried again in place, without using up a delivery
 UNAVAILABLE: tuple[type[Exception], ...] = (
@@ -77,6 +79,8 @@ class StreamConsumer:
             before dead-lettering, ack wait (the model's defaults when not given).
         concurrency: messages processed at once; ``None`` = ``performance.handler_concurrency``.
         fetch_timeout_s: how long one pull waits for messages.
+        redact: what a dead letter keeps of a message body (say, without secret values); the
+            note it returns is added to the dead letter's reason.
     """
 
     name: str
@@ -88,6 +92,7 @@ class StreamConsumer:
     performance: PerformanceConfig = field(default_factory=PerformanceConfig)
     concurrency: int | None = None
     fetch_timeout_s: float = 0.5
+    redact: Redact | None = None
 
     def __post_init__(self) -> None:
         self._events = EventPublisher(self.bus, self.name)
@@ -231,10 +236,13 @@ class StreamConsumer:
             seq = int(msg.metadata.sequence.stream)
         except (nats.errors.Error, AttributeError, TypeError, ValueError):
             seq = None
+        payload, note = self.redact(msg.data) if self.redact is not None else (msg.data, None)
+        if note:
+            reason = f"{reason} ({note})"
         try:
             await self._events.dead_letter(
                 subject=msg.subject,
-                payload=msg.data,
+                payload=payload,
                 reason=reason,
                 errors=field_errors,
                 deliveries=delivery_count(msg),

@@ -105,21 +105,39 @@ class Dispatching:
         queued = job.record
         queued_at = job.queued_at_ms()
         attempt = job.attempt + 1
+        secret_env: dict[str, str] = {}
+        if queued.spec.secret_env:  # only jobs with secrets pay for reading them
+            found = await self._ops.secrets.read(job.job_id)
+            if found is None:
+                # intake stores them before the record: gone means expired (or the job ended)
+                return False if fresh else await self.secrets_gone(job, now_ms=now_ms())
+            secret_env = found
         runner, claimed = await self.claim_slot(rid, job.job_id, attempt)
         if runner is None:
             return False
         now = now_ms()
-        dispatched = await self.record(job, rid, now_ms=now, fresh=fresh)
+        # Only a slot this call took goes back: one that was already there may be the slot of
+        # whoever did dispatch this attempt here (or ours from before a crash, which the
+        # supervisor frees if nobody holds it).
+        try:
+            dispatched = await self.record(job, rid, now_ms=now, fresh=fresh)
+        except Exception:
+            if claimed:  # say, the jobs bucket is full: the slot must not wait for the supervisor
+                await self._ops.release(rid, job.job_id, attempt)
+            raise
         if dispatched is None:
-            # Only a slot this call took goes back: one that was already there may be the slot of
-            # whoever did dispatch this attempt here (or ours from before a crash, which the
-            # supervisor frees if nobody holds it).
             if claimed:
                 await self._ops.release(rid, job.job_id, attempt)
             return True
         accept_by = now + config.dispatch.accept_timeout_ms
         self._awaiting[job.job_id] = (rid, attempt, accept_by)
-        await self.send(dispatched, now_ms=now, accept_by_at_ms=accept_by)
+        await self.send(
+            dispatched,
+            now_ms=now,
+            accept_by_at_ms=accept_by,
+            secret_env=secret_env,
+            log_max_bytes=config.limits.job_log_max_bytes,
+        )
         tenant = tenant_of(dispatched.spec, config.scheduling.tenant_key)
         decision = dispatch_decision(
             job,
@@ -212,8 +230,20 @@ class Dispatching:
             return new
         return None
 
-    async def send(self, record: JobRecord, *, now_ms: int, accept_by_at_ms: int) -> None:
-        """Tell the runner (core NATS: the acceptance timer covers a lost message)."""
+    async def send(
+        self,
+        record: JobRecord,
+        *,
+        now_ms: int,
+        accept_by_at_ms: int,
+        secret_env: dict[str, str],
+        log_max_bytes: int,
+    ) -> None:
+        """Tell the runner (core NATS: the acceptance timer covers a lost message).
+
+        ``secret_env`` (the job's secret values) goes to this runner only: its dispatch subject
+        is the one subject they travel on.
+        """
         assert record.runner_id is not None
         message = Dispatch(
             job_id=record.id,
@@ -222,6 +252,8 @@ class Dispatching:
             spec=record.spec,
             dispatched_at_ms=now_ms,
             accept_by_at_ms=accept_by_at_ms,
+            secret_env=secret_env,
+            log_max_bytes=log_max_bytes,
         )
         await self._bus.nc.publish(self._bus.names.dispatch(record.runner_id), encode(message))
 
@@ -305,12 +337,28 @@ class Dispatching:
     async def expire(self, job: HeldJob, *, now_ms: int) -> JobRecord | None:
         """End ``job`` ``expired`` (its deadline passed while queued); the record if this did it."""
         assert job.record is not None
+        reason = f"deadline {job.record.spec.deadline_at_ms} passed before the job could start"
+        return await self._end_queued(job, JobState.EXPIRED, reason, now_ms=now_ms)
+
+    async def secrets_gone(self, job: HeldJob, *, now_ms: int) -> bool:
+        """End ``job`` ``failed``: its secret values are no longer stored. ``True`` (it moved on)."""
+        reason = (
+            "its secret values are no longer stored (kept at most limits.job_retention_s after "
+            "submission): submit it again"
+        )
+        await self._end_queued(job, JobState.FAILED, reason, now_ms=now_ms)
+        return True
+
+    async def _end_queued(
+        self, job: HeldJob, state: JobState, reason: str, *, now_ms: int
+    ) -> JobRecord | None:
+        """End the queued ``job`` in ``state``; its record if this call ended it."""
+        assert job.record is not None
 
         def decide(record: JobRecord) -> JobRecord | None:
             if record.state != JobState.QUEUED or record.attempt != job.attempt:
                 return None
-            reason = f"deadline {record.spec.deadline_at_ms} passed before the job could start"
-            return finish_job(record, JobState.EXPIRED, now_ms=now_ms, reason=reason)
+            return finish_job(record, state, now_ms=now_ms, reason=reason)
 
         latest, _ = await cas_update(
             self._jobs,
@@ -320,7 +368,7 @@ class Dispatching:
             known=Versioned(job.record, job.revision or 0),
             ttl_for=self._ops.job_ttl(),
         )
-        if latest is None or latest.value.state != JobState.EXPIRED:
+        if latest is None or latest.value.state != state:
             return None
         await self._ops.announce_outcome(latest.value, from_runner=None)
         return latest.value

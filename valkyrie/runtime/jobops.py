@@ -29,6 +29,7 @@ from valkyrie.bus.kv import Versioned, cas_update, get_versioned
 from valkyrie.bus.outbox import Outbox
 from valkyrie.domain.lifecycle import release_slot, retry_after_failure
 from valkyrie.runtime.consumer import OUTAGE_PATIENCE_S, UNAVAILABLE
+from valkyrie.runtime.secrets import SecretStore
 from valkyrie.runtime.views import RunnerView
 
 __all__ = ["INLINE_RECORD_BYTES", "JobOps", "terminal_ttl", "through_outages"]
@@ -64,9 +65,10 @@ def terminal_ttl(retention_s: float | None) -> Callable[[JobRecord], float | Non
 
 
 class JobOps:
-    """Take jobs back, free slots, announce queued jobs.
+    """Take jobs back, free slots, announce queued jobs and outcomes.
 
     ``retention_s`` (read on every write, so it can change live) bounds how long ended jobs stay.
+    Announcing that a job ended also deletes its secret values (:attr:`secrets`).
     """
 
     def __init__(
@@ -81,6 +83,8 @@ class JobOps:
         #: the process's runner view, when its handler holds one: slot releases then start from
         #: the record it already has instead of reading it first
         self.runners: RunnerView | None = None
+        #: the jobs' secret values (deleted here when a job ends)
+        self.secrets = SecretStore(bus)
 
     def job_ttl(self) -> Callable[[JobRecord], float | None]:
         """The TTL function for job-record writes now."""
@@ -249,7 +253,11 @@ class JobOps:
         revision: int | None = None,
         outbox: Outbox | None = None,
     ) -> None:
-        """Emit the events for a record that left its runner: re-queued, or its terminal state."""
+        """Emit the events for a record that left its runner: re-queued, or its terminal state.
+
+        A job that ended has its secret values deleted too (best effort: the bucket's TTL is the
+        backstop).
+        """
         if record.state == JobState.QUEUED and record.runner_id is None:
             await self._events.emit(
                 JobRequeued(
@@ -293,3 +301,5 @@ class JobOps:
                     ),
                     outbox=outbox,
                 )
+            if record.spec.secret_env:
+                await self.secrets.forget(record.id)

@@ -100,6 +100,19 @@ class QueueLedger:
                 except msgspec.DecodeError:
                     log.warning("unreadable queue snapshot %s", change.key)
 
+    def queued_of(self, tenant: str, now: int | None = None) -> int:
+        """Jobs ``tenant`` has queued, by the fresh snapshots (a few seconds stale at most).
+
+        Each dispatcher names its largest tenants only (``MAX_TENANTS``); a tenant merged into
+        ``(other)`` there counts nothing from that dispatcher.
+        """
+        at = now_ms() if now is None else now
+        return sum(
+            snap.tenants.get(tenant, 0)
+            for snap in self.snapshots.values()
+            if at - snap.at_ms <= FRESH_MS
+        )
+
     def total(self, now: int | None = None) -> QueueSnapshot:
         """The installation's queue now: the sum of every fresh snapshot."""
         return merge_snapshots(

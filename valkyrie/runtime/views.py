@@ -21,6 +21,7 @@ from valkyrie.bus.connection import Bus
 from valkyrie.bus.kv import Versioned, watch_kv
 from valkyrie.config.live import CONFIG_KEY, LiveConfig
 from valkyrie.runtime.placer import LocalPlacer
+from valkyrie.runtime.queue_ledger import QueueLedger
 
 __all__ = ["RunnerView", "SharedViews", "watch_config"]
 
@@ -76,6 +77,8 @@ class RunnerView:
 class SharedViews:
     """What one process's handlers share: one watch of the runners bucket, not one each.
 
+    Likewise one watch of the queue ledger (intake's per-tenant quota).
+
     Every runner-record write (two per job) reaches each watcher; with the dispatcher, registry,
     supervisor and monitor in one process that was four deliveries and four decodes per write.
     A dispatcher also offers itself here (``placer``) so intake can hand it new jobs directly.
@@ -85,6 +88,7 @@ class SharedViews:
         self._bus = bus
         self._tg = task_group
         self._runners: RunnerView | None = None
+        self._ledger: QueueLedger | None = None
         self._lock = anyio.Lock()
         #: a dispatcher of this process that places new jobs at once (None: there is none)
         self.placer: LocalPlacer | None = None
@@ -97,6 +101,15 @@ class SharedViews:
                 await self._tg.start(view.watch)
                 self._runners = view
             return self._runners
+
+    async def queue_ledger(self) -> QueueLedger:
+        """The process's view of the queue ledger, loaded (started on first use)."""
+        async with self._lock:
+            if self._ledger is None:
+                ledger = QueueLedger()
+                await self._tg.start(ledger.follow, self._bus)
+                self._ledger = ledger
+            return self._ledger
 
 
 async def watch_config(
