@@ -18,7 +18,7 @@ import nats.js.errors
 from anyio.abc import TaskGroup
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RawStreamMsg
 
 from schemas import (
     Dispatch,
@@ -213,19 +213,23 @@ class FakeControlPlane:
         await self.bus.nc.publish(self.bus.names.control(self.runner_id), encode(command))
         await self.bus.nc.flush()
 
-    async def logs(self, job_id: str) -> list[JobLog]:
-        """Every log batch stored for ``job_id``, in stream order."""
+    async def logs_raw(self, job_id: str) -> list[RawStreamMsg]:
+        """Every log message stored for ``job_id``, as stored, in stream order."""
         stream, subject = self.bus.names.stream("logs"), self.bus.names.logs(job_id)
-        found: list[JobLog] = []
+        found: list[RawStreamMsg] = []
         seq = 1
         while True:
             try:
                 msg = await self.bus.js.get_msg(stream, seq=seq, subject=subject, next=True)
             except nats.js.errors.NotFoundError:
                 return found
-            found.append(LOG_DECODER.decode(msg.data or b""))
+            found.append(msg)
             assert msg.seq is not None
             seq = msg.seq + 1
+
+    async def logs(self, job_id: str) -> list[JobLog]:
+        """Every log batch stored for ``job_id``, in stream order."""
+        return [LOG_DECODER.decode(msg.data or b"") for msg in await self.logs_raw(job_id)]
 
     async def log_lines(self, job_id: str, stream: str | None = None) -> list[str]:
         return [

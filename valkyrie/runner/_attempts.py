@@ -18,7 +18,7 @@ from valkyrie.bus.codec import DISPATCH_DECODER, now_ms
 from valkyrie.bus.names import Names
 from valkyrie.runner._context import JobContext, JobHandler, StopReason
 from valkyrie.runner._errors import JobError
-from valkyrie.runner._logs import LogPublisher
+from valkyrie.runner._logs import DEFAULT_LOG_MAX_BYTES, LogPublisher
 from valkyrie.runner._outcome import Outcome, decide_outcome
 from valkyrie.runner._protocol import publish_update
 
@@ -106,7 +106,9 @@ class Attempts:
                 reason,
                 detail,
             )
-            job.logs.write(f"[valkyrie] stopping the job ({reason}): {detail}", "system")
+            job.logs.write(
+                job.ctx.redact(f"[valkyrie] stopping the job ({reason}): {detail}"), "system"
+            )
         self._changed()
 
     def abandon(self, job_ids: list[str], why: str) -> None:
@@ -167,6 +169,7 @@ class Attempts:
             runner_id=self._runner_id,
             flush_interval_s=self._t.log_flush_interval_s,
             batch_lines=self._t.log_batch_lines,
+            max_bytes=dispatch.log_max_bytes or DEFAULT_LOG_MAX_BYTES,
         )
         job = RunningJob(ctx=JobContext(dispatch, self._runner_id, logs), logs=logs)
         self.jobs[key] = job
@@ -233,7 +236,7 @@ class Attempts:
                 runner_id=rid,
                 at_ms=now_ms(),
                 outcome=outcome.outcome,
-                result=outcome.result,
+                result=ctx.redact_result(outcome.result),
             )
             await self._report(ctx, finished)
         finally:

@@ -7,9 +7,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Literal, TypeAlias
 
 import anyio
+import msgspec
 
 from schemas import Dispatch, JobResult, JobSubmission
 from valkyrie.runner._logs import MAX_LINE_CHARS, LogPublisher, LogStream
+from valkyrie.runner._redact import Redactor
 
 __all__ = ["JobContext", "JobHandler", "StopReason"]
 
@@ -38,6 +40,8 @@ class JobContext:
 
     def __init__(self, dispatch: Dispatch, runner_id: str, logs: LogPublisher) -> None:
         self.dispatch = dispatch
+        #: replaces this attempt's secret values with ``***`` in what is published
+        self.redact = Redactor(dispatch.secret_env.values())
         self.runner_id = runner_id
         self.stop_requested = anyio.Event()
         self._stop_reason: StopReason | None = None
@@ -60,6 +64,15 @@ class JobContext:
     def spec(self) -> JobSubmission:
         """The job as it was submitted."""
         return self.dispatch.spec
+
+    @property
+    def secret_env(self) -> dict[str, str]:
+        """The job's secret environment values (``spec.secret_env`` shows ``***`` instead).
+
+        Set them in the job's environment; never log them: every line passed to :meth:`log` and
+        the result's ``output_tail`` and ``error`` have them replaced by ``***`` all the same.
+        """
+        return self.dispatch.secret_env
 
     @property
     def payload(self) -> Any:
@@ -91,8 +104,11 @@ class JobContext:
 
         Lines are published in batches in the background; this only waits (a few seconds at
         most) when publishing falls far behind. ``stdout`` and ``stderr`` lines also feed
-        :attr:`output_tail`.
+        :attr:`output_tail`. Secret values are replaced by ``***`` first (before a line is cut),
+        and at most the dispatch's ``log_max_bytes`` are published.
         """
+        if self.redact:
+            line = self.redact(line)
         for part in line.splitlines() or [""]:
             if len(part) > MAX_LINE_CHARS:
                 part = f"{part[:MAX_LINE_CHARS]}… [{len(part) - MAX_LINE_CHARS} characters cut]"
@@ -109,6 +125,16 @@ class JobContext:
         if len(data) <= _TAIL_BYTES:
             return text
         return data[-_TAIL_BYTES:].decode(errors="ignore")
+
+    def redact_result(self, result: JobResult) -> JobResult:
+        """``result`` with this attempt's secret values replaced by ``***`` (what is reported)."""
+        if not self.redact:
+            return result
+        return msgspec.structs.replace(
+            result,
+            output_tail=self.redact(result.output_tail),
+            error=self.redact(result.error) if result.error is not None else None,
+        )
 
     def _request_stop(self, reason: StopReason, grace_period_s: float, detail: str | None) -> bool:
         """Ask the job to stop; the first request wins. Returns whether this one took effect."""

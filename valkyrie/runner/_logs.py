@@ -18,8 +18,9 @@ from tenacity import (
 
 from schemas import JobLog
 from valkyrie.bus.codec import encode, now_ms
+from valkyrie.config.model import LimitsConfig
 
-__all__ = ["MAX_LINE_CHARS", "LogPublisher", "LogStream"]
+__all__ = ["DEFAULT_LOG_MAX_BYTES", "MAX_LINE_CHARS", "LogPublisher", "LogStream"]
 
 log = logging.getLogger("valkyrie.runner")
 
@@ -34,6 +35,11 @@ _HIGH_WATER = 32
 #: Sealed batches kept at most: when publishing is stuck (NATS unreachable), writers stop waiting
 #: after ``room_timeout_s`` and lines beyond this are dropped (and counted): the job goes on.
 _MAX_PENDING_BATCHES = 256
+#: What is published of one attempt's log when its dispatch sets no cap (a control plane that
+#: predates ``Dispatch.log_max_bytes``): the config key's default.
+DEFAULT_LOG_MAX_BYTES = LimitsConfig().job_log_max_bytes
+#: Past the cap, the runner's own ``system`` lines (why a job stops, …) may still add this much.
+_SYSTEM_ALLOWANCE = 64 * 1024
 
 
 class LogPublisher:
@@ -42,6 +48,10 @@ class LogPublisher:
     A batch holds lines of one stream; it is sealed when the stream changes (so that the order of
     interleaved stdout/stderr lines survives), when it is full, or ``flush_interval_s`` after its
     first line. :meth:`run` publishes sealed batches until :meth:`close`.
+
+    At most ``max_bytes`` of lines are published (``None``: no cap): the line that would pass it
+    is replaced by a last one saying the log was truncated, and later lines are not published
+    (the runner's ``system`` lines may still add ``_SYSTEM_ALLOWANCE``).
     """
 
     def __init__(
@@ -56,6 +66,7 @@ class LogPublisher:
         batch_lines: int = 100,
         publish_timeout_s: float = 5.0,
         publish_retry_s: float = 10.0,
+        max_bytes: int | None = None,
     ) -> None:
         self._js = js
         self._subject = subject
@@ -80,6 +91,10 @@ class LogPublisher:
         self._done = anyio.Event()
         self._room = anyio.Event()
         self._stalled = False
+        self._max_bytes = max_bytes
+        self._written = 0
+        #: lines not published because the log reached ``max_bytes``
+        self.truncated = 0
 
     @property
     def dropped(self) -> int:
@@ -90,6 +105,22 @@ class LogPublisher:
         """Queue one line (never blocks; see ``_MAX_PENDING_BATCHES``)."""
         if self._closing:
             return
+        if self._max_bytes is not None:
+            self._written += len(line) if line.isascii() else len(line.encode())
+            if self._written > self._max_bytes and (
+                stream != "system" or self._written > self._max_bytes + _SYSTEM_ALLOWANCE
+            ):
+                if not self.truncated:
+                    self._append(
+                        f"[valkyrie] log truncated: this attempt's log reached {self._max_bytes} "
+                        "bytes (limits.job_log_max_bytes); later lines are not published",
+                        "system",
+                    )
+                self.truncated += 1
+                return
+        self._append(line, stream)
+
+    def _append(self, line: str, stream: LogStream) -> None:
         if self._lines and stream != self._stream:
             self._seal()
         if not self._lines:

@@ -126,6 +126,7 @@ class ShellHandler:
         else:
             env = {"PATH": os.environ.get("PATH", os.defpath)}
         env.update(payload.env)
+        env.update(ctx.secret_env)  # the values: the spec shows *** (docs/security.md#secrets)
         env.update(
             VALKYRIE_JOB_ID=ctx.job_id,
             VALKYRIE_JOB_ATTEMPT=str(ctx.attempt),
