@@ -35,7 +35,10 @@ ROUTES: list[tuple[str, str, object, str]] = [
 
 
 async def test_tokens_and_scopes(settings: Settings) -> None:
-    async with gateway(settings, environ=auth_environ()) as gw:
+    # every route is tried with a wrong token: more failures than one address may make
+    # (tests/test_gateway_hardening.py checks that limit)
+    environ = auth_environ(VALKYRIE_HTTP__FAILED_AUTH_BURST="1000")
+    async with gateway(settings, environ=environ) as gw:
         for method, path, body, scope in ROUTES:
             anonymous = await gw.http.request(method, path, json=body)
             assert anonymous.status_code == 401, (method, path)

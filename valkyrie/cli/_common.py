@@ -15,7 +15,7 @@ import msgspec
 from valkyrie.bus.connection import Bus, connect
 from valkyrie.bus.tls import tls_context
 from valkyrie.config.load import LoadedConfig, config_for
-from valkyrie.config.settings import Settings
+from valkyrie.config.settings import Settings, redact_url
 from valkyrie.errors import ConnectError, NotFoundError, ValkyrieError
 
 __all__ = ["ExitCode", "fmt_ms", "print_table", "run_async", "settings_from", "with_bus"]
@@ -92,7 +92,8 @@ async def with_bus(
             bus = await connect(quick, tls=tls_context(config.config.security))
     except TimeoutError as e:
         raise ConnectError(
-            f"cannot connect to NATS at {quick.nats_url} within {quick.connect_timeout_s:g}s: "
+            f"cannot connect to NATS at {redact_url(quick.nats_url or '')} within "
+            f"{quick.connect_timeout_s:g}s: "
             "check that the server runs and the URL (VALKYRIE_NATS_URL) is right"
         ) from e
     try:

@@ -40,9 +40,11 @@ def gateway(ctx: click.Context, host: str | None, port: int | None, verbose: boo
 
     async def serve() -> None:
         # imported here: the web stack is not worth loading for every other command
-        from valkyrie.gateway import run_gateway
+        from valkyrie.gateway import check_auth_setup, run_gateway
 
         loaded = config_for(settings)
+        # before connecting: a gateway that would refuse every call must not start at all
+        check_auth_setup(loaded.config.http, host or loaded.config.http.host)
         live = LiveConfig(loaded)
         async with open_bus(
             settings, embed=False, config=loaded.config, name="valkyrie-gateway"

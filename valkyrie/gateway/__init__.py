@@ -5,7 +5,7 @@ group. ``python -m valkyrie.gateway --write-openapi docs/openapi.json`` regenera
 OpenAPI document.
 """
 
-from valkyrie.gateway._auth import SCOPES, authenticate, hash_token
+from valkyrie.gateway._auth import SCOPES, authenticate, check_auth_setup, hash_token
 from valkyrie.gateway._context import ANONYMOUS, Gateway, Identity
 from valkyrie.gateway._factory import build_app, create_app
 from valkyrie.gateway._openapi import openapi_json, write_openapi
@@ -24,6 +24,7 @@ __all__ = [
     "RateLimiter",
     "authenticate",
     "build_app",
+    "check_auth_setup",
     "create_app",
     "gateway_extra",
     "hash_token",

@@ -98,6 +98,8 @@ class Gateway:
         live: the process's live config (auth, limits and mode are read from it on every request).
         registry: where the gateway's metrics are registered and what ``/metrics`` exposes.
         limiter: per-caller token buckets.
+        failures: per-address token buckets of failed authentications.
+        host: the address the gateway listens on (off loopback, authentication is required).
         started_at: when the gateway was created (for uptime).
         closing: set when the server shuts down, so that event streams end.
     """
@@ -106,6 +108,8 @@ class Gateway:
     live: LiveConfig
     registry: CollectorRegistry
     limiter: RateLimiter = field(default_factory=RateLimiter)
+    failures: RateLimiter = field(default_factory=RateLimiter)
+    host: str = "127.0.0.1"
     started_at: float = field(default_factory=time.time)
     closing: bool = False
     metrics: HttpMetrics = field(init=False)

@@ -23,7 +23,7 @@ from valkyrie.gateway import (
     _routes_v1,
     _sse,
 )
-from valkyrie.gateway._auth import authorize
+from valkyrie.gateway._auth import authorize, check_auth_setup
 from valkyrie.gateway._context import Gateway
 from valkyrie.gateway._middleware import GatewayMiddleware
 from valkyrie.gateway._openapi import finish_openapi
@@ -93,7 +93,11 @@ def build_app(gateway: Gateway | None) -> Litestar:
 
 
 def create_app(
-    bus: Bus, live_config: LiveConfig, registry: CollectorRegistry | None = None
+    bus: Bus,
+    live_config: LiveConfig,
+    registry: CollectorRegistry | None = None,
+    *,
+    host: str = "127.0.0.1",
 ) -> Litestar:
     """The HTTP bridge as an ASGI app over a connected, provisioned ``bus``.
 
@@ -102,6 +106,13 @@ def create_app(
         live_config: the process's live config; run
             :func:`~valkyrie.runtime.views.watch_config` on it so that changes apply here.
         registry: metrics registry exposed at ``/metrics`` (gateway metrics are added to it).
+        host: the address the app is served on: off loopback, every call must authenticate.
+
+    Raises:
+        ConfigError: authentication would be required but no token is configured.
     """
-    gateway = Gateway(bus=bus, live=live_config, registry=registry or CollectorRegistry())
+    check_auth_setup(live_config.current.http, host)
+    gateway = Gateway(
+        bus=bus, live=live_config, registry=registry or CollectorRegistry(), host=host
+    )
     return build_app(gateway)

@@ -37,6 +37,12 @@ class RateLimiter:
             self._prune(now, rate, burst)
         return wait
 
+    def wait(self, key: str, *, rate: float, burst: int) -> float:
+        """The seconds until ``key`` has a token (0: it has one now), without taking it."""
+        tokens, last = self._buckets.get(key, (float(burst), self._clock()))
+        tokens = min(float(burst), tokens + (self._clock() - last) * rate)
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / rate
+
     def _prune(self, now: float, rate: float, burst: int) -> None:
         for key, (tokens, last) in list(self._buckets.items()):
             if tokens + (now - last) * rate >= burst:

@@ -10,7 +10,7 @@ from litestar import Request, get, post
 
 from schemas import FieldError, JobState, RunnerState, convert_or_errors
 from valkyrie.config.model import IntegrationMode
-from valkyrie.gateway._auth import SCOPES, route_opt
+from valkyrie.gateway._auth import SCOPES, auth_required, route_opt
 from valkyrie.gateway._body import json_body
 from valkyrie.gateway._context import Gateway, GatewayDep, identity_of
 from valkyrie.gateway._models import FallbackRequest, FallbackResponse
@@ -98,7 +98,7 @@ async def capabilities(gateway: GatewayDep) -> Capabilities:
         modes=[m.value for m in IntegrationMode],
         current_mode=config.mode.value,
         features={k: bool(v) for k, v in flags.items()},
-        auth_required=config.http.auth_required,
+        auth_required=auth_required(config.http, gateway.host),
         scopes=list(SCOPES),
         idempotency=True,
         event_streaming={

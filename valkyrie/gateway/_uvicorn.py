@@ -18,6 +18,7 @@ from valkyrie.bus.connection import Bus
 from valkyrie.config.live import LiveConfig
 from valkyrie.config.load import LoadedConfig
 from valkyrie.errors import ConfigError
+from valkyrie.gateway._auth import check_auth_setup
 from valkyrie.gateway._context import Gateway
 from valkyrie.gateway._factory import build_app
 from valkyrie.runtime.health import HealthReporter
@@ -73,8 +74,13 @@ async def serve_gateway(
 
     ``live`` is not watched here: whoever owns it runs
     :func:`~valkyrie.runtime.views.watch_config` (see :func:`run_gateway`).
+
+    Raises:
+        ConfigError: authentication would be required (``http.auth_required``, or ``host`` is
+            not loopback) but no token is configured; or the address cannot be bound.
     """
-    gateway = Gateway(bus=bus, live=live, registry=registry or CollectorRegistry())
+    check_auth_setup(live.current.http, host)
+    gateway = Gateway(bus=bus, live=live, registry=registry or CollectorRegistry(), host=host)
     app = build_app(gateway)
     config = uvicorn.Config(
         app,
@@ -141,14 +147,21 @@ async def run_gateway(
     registry: CollectorRegistry | None = None,
     task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Watch the live config and serve the gateway (host and port default to ``http.*``)."""
+    """Watch the live config and serve the gateway (host and port default to ``http.*``).
+
+    Raises:
+        ConfigError: authentication would be required but no token is configured (before
+            anything starts).
+    """
     http = live.current.http
+    host = host if host is not None else http.host
+    check_auth_setup(http, host)
     serve = functools.partial(
         serve_gateway,
         bus,
         live,
         stop,
-        host=host if host is not None else http.host,
+        host=host,
         port=port if port is not None else http.port,
         registry=registry,
     )
@@ -166,7 +179,12 @@ def gateway_extra(
     """An ``extras`` entry for ``run_control_plane``: the gateway alongside the handlers.
 
     The gateway gets a live config of its own, built from the process's loaded ``config``.
+
+    Raises:
+        ConfigError: the gateway would require authentication but knows no token (checked here,
+            before anything starts).
     """
+    check_auth_setup(config.config.http, config.config.http.host)
 
     async def extra(bus: Bus, stop: anyio.Event) -> None:
         await run_gateway(bus, stop, live=LiveConfig(config), port=port)

@@ -243,9 +243,9 @@ class HealthReporter:
         nc = self._bus.nc
         if nc.is_connected:
             url = nc.connected_url
-            return CheckResult(
-                status="healthy", detail=f"connected to {url.netloc if url else '?'}"
-            )
+            # host and port only: the URL may carry credentials (user:password@, token@)
+            where = f"{url.hostname}:{url.port}" if url is not None else "?"
+            return CheckResult(status="healthy", detail=f"connected to {where}")
         if nc.is_reconnecting:
             return CheckResult(status="unhealthy", detail="reconnecting")
         return CheckResult(status="unhealthy", detail="not connected")
