@@ -151,12 +151,14 @@ class IntakeWorker(HandlerBase):
         # a redelivery may be of a job taken in already (the quota counts it, the store holds
         # it): never refuse it for either
         if delivery_count(msg) == 1:
-            over = await self._over_quota(parsed.spec, job_id, token)
-            if over is not None:
-                await self._refuse(reply_to, seq, [over], "quota")
-                return  # not dead-lettered: its sender submits again later
-            full = await self._room.full()
-            if full is not None:
+            over = await self._over_quota(parsed.spec)
+            full = None if over is not None else await self._room.full()
+            # a resubmission of a job taken in already is answered as the duplicate it is
+            if (over or full) is not None and not await self._taken_in(job_id, token):
+                if over is not None:
+                    await self._refuse(reply_to, seq, [over], "quota")
+                    return  # not dead-lettered: its sender submits again later
+                assert full is not None
                 await self._no_room(full, job_id, None, False, reply_to, seq)
         claimed = stored = False  # what to undo if JetStream has no room for the job
         try:
@@ -210,37 +212,40 @@ class IntakeWorker(HandlerBase):
         except nats.errors.Error as e:
             if not storage_full(e):
                 raise
+            # the job does not exist: whatever secret values are kept under its id go too
+            secrets = stored or bool(parsed.spec.secret_env)
             await self._no_room(
-                _detail(e), job_id, token if claimed else None, stored, reply_to, seq
+                _detail(e), job_id, token if claimed else None, secrets, reply_to, seq
             )
         await self._ops.announce_queued(
             record, revision=revision, at_ms=record.submitted_at_ms, placed_attempt=placed_attempt
         )
         await self._accepted(job_id, parsed.warnings, reply_to)
 
-    async def _over_quota(
-        self, spec: JobSubmission, job_id: str, token: str | None
-    ) -> FieldError | None:
+    async def _over_quota(self, spec: JobSubmission) -> FieldError | None:
         """Why the tenant of ``spec`` may not queue another job now (``None``: it may)."""
         current = self._ctx.config.current
         limits, tenant_key = current.limits, current.scheduling.tenant_key
         if limits.max_queued_per_tenant is None and not limits.tenant_max_queued:
             return None
         tenant = tenant_of(spec, tenant_key)
-        over = queue_quota_error(
+        return queue_quota_error(
             spec,
             self._ledger.queued_of(tenant),
             tenant=tenant,
             tenant_key=tenant_key,
             limits=limits,
         )
-        if over is None:
-            return None
-        # a resubmission of a job taken in already is answered as the duplicate it is
+
+    async def _taken_in(self, job_id: str, token: str | None) -> bool:
+        """Whether this submission's idempotency token or job id is known already.
+
+        Read only before a refusal, never on the way of a job that is taken in.
+        """
         for kv, key in ((self._idem, token), (self._jobs, job_id)):
             if key is not None and await get_versioned(kv, key, ANY_DECODER) is not None:
-                return None
-        return over
+                return True
+        return False
 
     async def _no_room(
         self,
