@@ -100,5 +100,5 @@ class Names:
         return f"{self.prefix.upper()}_{name.upper()}".replace("-", "_")
 
     def bucket(self, name: str) -> str:
-        """A KV bucket name: ``jobs``, ``runners``, ``idempotency``, ``config``, ``stats``, …"""
+        """A KV bucket name: one of ``valkyrie.bus.BUCKETS`` (``jobs``, ``secrets`` …)."""
         return f"{self.prefix}_{name}".replace("-", "_")
