@@ -334,14 +334,15 @@ def test_env_values_are_json_else_strings() -> None:
     layer = env_layer(
         {
             "VALKYRIE_FEATURES__EXPLAIN": "false",
-            "VALKYRIE_HTTP__HOST": "0.0.0.0",
+            # looks numeric, is not JSON: stays a string (nothing binds to it)
+            "VALKYRIE_HTTP__HOST": "0.0.0.0",  # noqa: S104
             "VALKYRIE_HTTP__CORS_ORIGINS": '["https://ci.example"]',
             "VALKYRIE_NATS_URL": "nats://x:4222",  # a process setting, not a config key
         }
     )
     assert layer == {
         "features.explain": False,
-        "http.host": "0.0.0.0",
+        "http.host": "0.0.0.0",  # noqa: S104
         "http.cors_origins": ["https://ci.example"],
     }
 
