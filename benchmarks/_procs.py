@@ -213,6 +213,6 @@ class Children:
             child = self.started.pop()
             try:
                 child.stop(timeout_s)
-            except Exception:
+            except (subprocess.TimeoutExpired, OSError):
                 if child.proc.poll() is None:
                     child.proc.kill()

@@ -252,7 +252,7 @@ async def _serve(args: argparse.Namespace) -> int:
             await emit(job_id, runners[index], "queued", "dispatched")
             await msg.ack()
             counters["processed"] += 1
-        except Exception as e:  # count and let the message be redelivered
+        except Exception as e:  # noqa: BLE001 - counted; the message is redelivered
             failed(e)
 
     async def finish(msg: Msg) -> None:
@@ -267,7 +267,7 @@ async def _serve(args: argparse.Namespace) -> int:
             await emit(done.job_id, done.runner_id, "accepted", "finished")
             await msg.ack()
             counters["finished"] += 1
-        except Exception as e:  # count and let the message be redelivered
+        except Exception as e:  # noqa: BLE001 - counted; the message is redelivered
             failed(e)
 
     async def consume(sub: JetStreamContext.PullSubscription, work: _Work) -> None:

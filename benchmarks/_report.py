@@ -114,13 +114,13 @@ def _version(dist: str) -> str | None:
 
 
 def _nats_server_version() -> str | None:
-    try:
-        from valkyrie import find_nats_server
+    from valkyrie import ServerError, find_nats_server
 
+    try:
         out = subprocess.run(
             [find_nats_server(), "--version"], capture_output=True, text=True, timeout=10
         )
-    except Exception:  # a missing binary must not break a report
+    except (ServerError, OSError, subprocess.SubprocessError):  # a missing binary: no version
         return None
     return (out.stdout or out.stderr).strip() or None
 

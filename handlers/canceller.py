@@ -59,34 +59,17 @@ class CancellerWorker(HandlerBase):
 
     async def handle(self, msg: Msg) -> None:
         """Process one cancel request (first delivery: request; a later one: enforce)."""
-        try:
-            raw = ANY_DECODER.decode(msg.data)
-        except msgspec.DecodeError as e:
-            raise GiveUp(f"invalid JSON: {e}") from e
-        request, errors = convert_or_errors(CancelJob, raw)
-        if request is None:
-            raise GiveUp("invalid cancel request", errors=errors)
+        request = _decode(msg)
         now = now_ms()
         first = delivery_count(msg) == 1
         grace = self._ctx.config.current.dispatch.cancel_grace_s
         reason = request.reason + (f" (by {request.requested_by})" if request.requested_by else "")
-
-        def decide(record: JobRecord) -> JobRecord | None:
-            if record.state in TERMINAL_STATES:
-                return None
-            if record.state == JobState.QUEUED:
-                return finish_job(record, JobState.CANCELLED, now_ms=now, reason=reason)
-            if first and not record.cancel_requested:
-                return msgspec.structs.replace(record, cancel_requested=True, updated_at_ms=now)
-            if first:
-                return None
-            # the runner had its chance: end it here
-            return finish_job(
-                record, JobState.CANCELLED, now_ms=now, reason=f"{reason}; runner did not confirm"
-            )
-
         latest, _written = await cas_update(
-            self._jobs, request.job_id, JOB_DECODER, decide, ttl_for=self._ops.job_ttl()
+            self._jobs,
+            request.job_id,
+            JOB_DECODER,
+            lambda record: _decide(record, first=first, now=now, reason=reason),
+            ttl_for=self._ops.job_ttl(),
         )
         if latest is None:
             raise GiveUp(f"no job {request.job_id!r}")
@@ -98,6 +81,13 @@ class CancellerWorker(HandlerBase):
             return
         if record.state in TERMINAL_STATES:
             return
+        await self._ask_to_cancel(record, reason, grace)
+        raise RetryLater(
+            "waiting for the runner to confirm the cancel", delay_s=grace + FORCE_AFTER_S
+        )
+
+    async def _ask_to_cancel(self, record: JobRecord, reason: str, grace: float) -> None:
+        """Send the job's runner (if it has one) the cancel command; record that it was asked."""
         if record.runner_id is not None:
             await self._bus.nc.publish(
                 self._bus.names.control(record.runner_id),
@@ -119,9 +109,33 @@ class CancellerWorker(HandlerBase):
                 runner_id=record.runner_id,
             )
         )
-        raise RetryLater(
-            "waiting for the runner to confirm the cancel", delay_s=grace + FORCE_AFTER_S
-        )
+
+
+def _decode(msg: Msg) -> CancelJob:
+    try:
+        raw = ANY_DECODER.decode(msg.data)
+    except msgspec.DecodeError as e:
+        raise GiveUp(f"invalid JSON: {e}") from e
+    request, errors = convert_or_errors(CancelJob, raw)
+    if request is None:
+        raise GiveUp("invalid cancel request", errors=errors)
+    return request
+
+
+def _decide(record: JobRecord, *, first: bool, now: int, reason: str) -> JobRecord | None:
+    """The job after a cancel request (``first`` delivery) or its enforcement (a later one)."""
+    if record.state in TERMINAL_STATES:
+        return None
+    if record.state == JobState.QUEUED:
+        return finish_job(record, JobState.CANCELLED, now_ms=now, reason=reason)
+    if first and not record.cancel_requested:
+        return msgspec.structs.replace(record, cancel_requested=True, updated_at_ms=now)
+    if first:
+        return None
+    # the runner had its chance: end it here
+    return finish_job(
+        record, JobState.CANCELLED, now_ms=now, reason=f"{reason}; runner did not confirm"
+    )
 
 
 def create(ctx: HandlerContext) -> CancellerWorker:

@@ -120,7 +120,7 @@ class IntakeWorker(HandlerBase):
         await self._reply(reply_to, SubmitVerdict(accepted=False, errors=errors, refusal=refusal))
         self._ctx.metrics.jobs.labels(self.name, "rejected").inc()
 
-    async def handle(self, msg: Msg) -> None:
+    async def handle(self, msg: Msg) -> None:  # noqa: C901, PLR0915 - split once #15 lands
         """Process one submission."""
         now = now_ms()
         headers = headers_of(msg)

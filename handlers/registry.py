@@ -31,7 +31,7 @@ from schemas import (
     RunnerUndrained,
     convert_or_errors,
 )
-from valkyrie import HandlerContext
+from valkyrie import BusError, HandlerContext
 from valkyrie.bus import (
     ANY_DECODER,
     HEARTBEAT_DECODER,
@@ -189,7 +189,8 @@ class RegistryWorker(HandlerBase):
             latest, written = await cas_update(
                 self._runners, beat.runner_id, RUNNER_DECODER, fold, known=known
             )
-        except Exception as e:
+        except (nats.errors.Error, BusError, OSError, TimeoutError) as e:
+            # the next heartbeat tries again
             log.warning("heartbeat of %s not recorded: %r", beat.runner_id, e)
             return
         if latest is None:

@@ -107,7 +107,7 @@ class ResultsWorker(HandlerBase):
                 queue.clear()
                 try:
                     await self._apply(batch)
-                except Exception as e:
+                except Exception as e:  # noqa: BLE001 - not swallowed: every waiter raises it
                     for other in [*batch, *queue]:
                         other.fail(e)  # each message is handed back and tried again
                     break

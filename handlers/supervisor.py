@@ -114,6 +114,33 @@ class SupervisorWorker(HandlerBase):
         if not self._bus.nc.is_connected:
             self._ear.deaf(now)
             return
+        now, lost = await self._judge(now)
+        if lost:
+            # first, and all at once: their jobs wait for it (one by one, runners lost together
+            # were handled a take-back round trip apart each, seconds on a busy machine)
+            async with anyio.create_task_group() as tg:
+                for rid, (versioned, seen) in lost.items():
+                    tg.start_soon(self._lose_logged, rid, versioned, seen)
+        live: set[tuple[str, int]] = set()
+        for rid, versioned in list(self._view.records.items()):
+            record = versioned.value
+            seen = self._last_seen(rid, record)
+            if rid in lost:
+                continue
+            if record.state == RunnerState.OFFLINE:
+                await self._sweep_offline(rid, versioned, seen, now)
+            else:
+                live.update(await self._watch_deadlines(rid, record, now))
+        for key in list(self._first_seen):
+            if key not in live:
+                self._first_seen.pop(key, None)
+                self._deadline.pop(key, None)
+
+    async def _judge(self, now: int) -> tuple[int, dict[str, tuple[Versioned[RunnerRecord], int]]]:
+        """The runners lost now (their record and when they were last seen), and when "now" is.
+
+        A judgement that needs the heartbeats in flight first waits for them, so "now" moves.
+        """
         facts = LivenessFacts(
             now_ms=now,
             lost_after_ms=self._cfg().runner_lost_after_ms,
@@ -134,40 +161,36 @@ class SupervisorWorker(HandlerBase):
             for rid, seen in judgement.lost.items()
             if rid in self._view.records
         }
-        live: set[tuple[str, int]] = set()
-        if lost:
-            # first, and all at once: their jobs wait for it (one by one, runners lost together
-            # were handled a take-back round trip apart each, seconds on a busy machine)
-            async with anyio.create_task_group() as tg:
-                for rid, (versioned, seen) in lost.items():
-                    tg.start_soon(self._lose_logged, rid, versioned, seen)
-        for rid, versioned in list(self._view.records.items()):
-            record = versioned.value
-            seen = self._last_seen(rid, record)
-            if rid in lost:
+        return now, lost
+
+    async def _sweep_offline(
+        self, rid: str, versioned: Versioned[RunnerRecord], seen: int, now: int
+    ) -> None:
+        """Take back what an offline runner still holds; forget it once retention is over."""
+        record = versioned.value
+        for job_id, attempt in list(record.assigned_jobs.items()):
+            await self._take_back(rid, job_id, attempt, seen)
+        retention_ms = self._ctx.config.current.limits.offline_runner_retention_s * 1000
+        if should_forget(record, last_seen_ms=seen, now_ms=now, retention_ms=retention_ms):
+            await self._forget(rid, versioned)
+
+    async def _watch_deadlines(
+        self, rid: str, record: RunnerRecord, now: int
+    ) -> set[tuple[str, int]]:
+        """Time out the runner's jobs past their deadline; returns the (job, attempt)s it holds."""
+        held: set[tuple[str, int]] = set()
+        for job_id, attempt in record.assigned_jobs.items():
+            key = (job_id, attempt)
+            held.add(key)
+            first = self._first_seen.setdefault(key, now)
+            if now - first < MIN_EXECUTION_MS:
                 continue
-            if record.state == RunnerState.OFFLINE:
-                for job_id, attempt in list(record.assigned_jobs.items()):
-                    await self._take_back(rid, job_id, attempt, seen)
-                retention_ms = self._ctx.config.current.limits.offline_runner_retention_s * 1000
-                if should_forget(record, last_seen_ms=seen, now_ms=now, retention_ms=retention_ms):
-                    await self._forget(rid, versioned)
-                continue
-            for job_id, attempt in record.assigned_jobs.items():
-                key = (job_id, attempt)
-                live.add(key)
-                first = self._first_seen.setdefault(key, now)
-                if now - first < MIN_EXECUTION_MS:
-                    continue
-                deadline = self._deadline.get(key)
-                if deadline is None:
-                    deadline = await self._inspect(rid, key)
-                if deadline is not None and now > deadline:
-                    await self._time_out(rid, job_id, attempt)
-        for key in list(self._first_seen):
-            if key not in live:
-                self._first_seen.pop(key, None)
-                self._deadline.pop(key, None)
+            deadline = self._deadline.get(key)
+            if deadline is None:
+                deadline = await self._inspect(rid, key)
+            if deadline is not None and now > deadline:
+                await self._time_out(rid, job_id, attempt)
+        return held
 
     async def _forget(self, rid: str, versioned: Versioned[RunnerRecord]) -> None:
         """Remove a runner offline for longer than ``limits.offline_runner_retention_s``."""

@@ -88,7 +88,7 @@ def catalogue_problems(url: str, prefix: str) -> list[str]:
     def run() -> None:
         try:
             found.extend(anyio.run(check_stream, url, prefix, backend="asyncio"))
-        except BaseException as e:
+        except BaseException as e:  # noqa: BLE001 - handed to the caller, which raises it
             failure.append(e)
 
     thread = threading.Thread(target=run, name=f"event-catalogue-{prefix}", daemon=True)

@@ -17,6 +17,7 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
+import nats.errors
 import pytest
 
 from schemas import JobState
@@ -189,7 +190,8 @@ async def _leader_after(bus: Bus, stream: str, old: str) -> str:
         while True:
             try:
                 leader = await leader_of(bus, stream)
-            except Exception:  # no leader yet: the API times out or answers an error
+            except (nats.errors.Error, TimeoutError, AssertionError):
+                # no leader yet: the API times out or answers an error, or the info names none
                 leader = old
             if leader != old:
                 return leader

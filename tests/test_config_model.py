@@ -334,6 +334,7 @@ def test_env_values_are_json_else_strings() -> None:
     layer = env_layer(
         {
             "VALKYRIE_FEATURES__EXPLAIN": "false",
+            # looks numeric, is not JSON: stays a string (nothing binds to it)
             "VALKYRIE_HTTP__HOST": "0.0.0.0",
             "VALKYRIE_HTTP__CORS_ORIGINS": '["https://ci.example"]',
             "VALKYRIE_NATS_URL": "nats://x:4222",  # a process setting, not a config key

@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 
 import anyio
 import anyio.abc
+import nats.js.errors
 import pytest
 
 from handlers import dispatcher as dispatcher_module
@@ -145,7 +146,7 @@ async def _has_free(worker: DispatcherWorker) -> bool:
 async def _missing(bus: Bus, job_id: str) -> bool:
     try:
         await (await bus.kv("jobs")).get(job_id)
-    except Exception:
+    except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
         return True
     return False
 

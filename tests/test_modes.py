@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import nats.js.errors
 import pytest
 
 from schemas import JobState, JobSubmission, RoutingHints
@@ -99,8 +100,8 @@ async def _runners_known(bus: Bus, ids: list[str]) -> None:
         for rid in ids:
             try:
                 entry = await kv.get(rid)
-            except Exception:
-                return False
+            except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+                return False  # not registered yet
             if not entry.value or RUNNER_DECODER.decode(entry.value).registration.runner_id != rid:
                 return False
         return True

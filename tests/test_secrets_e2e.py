@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import nats.js.errors
 import pytest
 
 from schemas import REDACTED, JobRecord, JobState, RunnerCapabilities, RunnerRegistration
@@ -73,10 +74,10 @@ async def stored_everywhere(bus: Bus) -> list[tuple[str, bytes]]:
             continue
         if name == f"KV_{bus.names.bucket('secrets')}":
             continue
-        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        for seq in range(max(1, info.state.first_seq), info.state.last_seq + 1):
             try:
                 msg = await bus.js.get_msg(name, seq=seq)
-            except Exception:  # deleted or aged out in between
+            except nats.js.errors.NotFoundError:  # deleted or aged out in between
                 continue
             found.append((name, (msg.data or b"") + repr(msg.headers).encode()))
     return found
@@ -91,7 +92,7 @@ async def secrets_left(bus: Bus) -> list[str]:
     kv = await bus.kv("secrets")
     try:
         return list(await kv.keys())
-    except Exception:  # nats-py: no keys
+    except nats.js.errors.NoKeysError:
         return []
 
 

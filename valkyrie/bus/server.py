@@ -189,7 +189,8 @@ class NatsServer:
         conf = self._conf
         conf.write_text(self._config())
         self.log_file.unlink(missing_ok=True)
-        self._proc = subprocess.Popen(
+        # the binary find_nats_server resolved, with the config written just above
+        self._proc = subprocess.Popen(  # noqa: S603 - no outside input in argv
             [binary, "-c", str(conf), "-l", str(self.log_file)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,

@@ -24,7 +24,7 @@ from valkyrie.cli._common import (
 )
 from valkyrie.client.jobs import Client
 from valkyrie.config.live import LiveConfig
-from valkyrie.config.load import LoadedConfig, config_for
+from valkyrie.config.load import config_for
 
 __all__ = ["jobs", "submit"]
 
@@ -108,81 +108,125 @@ def submit(
             raise click.UsageError("--secret-env goes with flags; with --file, use secret_env")
         body: bytes = sys.stdin.buffer.read() if str(file_) == "-" else file_.read_bytes()
     else:
-        doc: dict[str, Any] = {"job_type": job_type, "priority": priority}
-        if payload is not None:
-            try:
-                doc["payload"] = json.loads(payload)
-            except json.JSONDecodeError as e:
-                raise click.BadParameter(f"not JSON: {e}", param_hint="--payload") from e
-        elif command:
-            doc["payload"] = {"command": list(command)}
-        if timeout_s:
-            doc["requirements"] = {"max_execution_time_s": timeout_s}
-        for opt, key, values in (("--label", "labels", labels), ("--meta", "metadata", meta)):
-            pairs = {}
-            for item in values:
-                k, sep, v = item.partition("=")
-                if not sep:
-                    raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint=opt)
-                pairs[k] = v
-            if pairs:
-                doc[key] = pairs
-        missing = [name for name in secret_names if name not in os.environ]
-        if missing:
-            raise click.BadParameter(
-                f"not set in this shell: {', '.join(missing)}", param_hint="--secret-env"
-            )
-        if secret_names:
-            # taken from the environment, never from the command line (other users see that)
-            doc["secret_env"] = {name: os.environ[name] for name in secret_names}
-        if job_id:
-            doc["job_id"] = job_id
-        if idempotency_key:
-            doc["idempotency_key"] = idempotency_key
-        body = encode(doc)
+        body = _body_from_flags(
+            job_type=job_type,
+            priority=priority,
+            payload=payload,
+            command=command,
+            timeout_s=timeout_s,
+            labels=labels,
+            meta=meta,
+            job_id=job_id,
+            idempotency_key=idempotency_key,
+            secret_names=secret_names,
+        )
     settings = settings_from(ctx)
-
-    async def submit_with(bus: Bus, loaded: LoadedConfig) -> int:
-        client = Client(bus, config=LiveConfig(loaded))
-        verdict = await client.submit(body)
-        assert verdict is not None
-        if not verdict.accepted:
-            if as_json:
-                click.echo(encode(verdict).decode())
-            for err in verdict.errors:
-                click.echo(f"rejected: {err.path}: {err.reason}", err=True)
-            return ExitCode.REJECTED
-        for warning in verdict.warnings:
-            click.echo(f"warning: {warning.path}: {warning.reason}", err=True)
-        if not wait:
-            click.echo(encode(verdict).decode() if as_json else verdict.job_id)
-            return ExitCode.OK
-        assert verdict.job_id is not None
-        if not as_json:
-            click.echo(verdict.job_id)
-        record = await client.wait_for_job(verdict.job_id, timeout_s=wait_timeout)
-        if as_json:
-            click.echo(encode(record).decode())
-        else:
-            tail = record.result.output_tail if record.result else ""
-            if tail:
-                click.echo(tail.rstrip("\n"))
-            code = record.result.exit_code if record.result else None
-            click.echo(
-                f"{record.state} (exit code {code if code is not None else '-'})"
-                + (
-                    f": {record.reason}"
-                    if record.reason and record.reason != f"exit code {code}"
-                    else ""
-                )
-            )
-        return ExitCode.OK if record.state == JobState.SUCCEEDED else ExitCode.JOB_FAILED
 
     async def go() -> int:
         loaded = config_for(settings)
-        return await with_bus(settings, lambda bus: submit_with(bus, loaded), config=loaded)
+
+        async def submit_with(bus: Bus) -> int:
+            client = Client(bus, config=LiveConfig(loaded))
+            return await _submit(
+                client, body, wait=wait, wait_timeout=wait_timeout, as_json=as_json
+            )
+
+        return await with_bus(settings, submit_with, config=loaded)
 
     sys.exit(run_async(go))
+
+
+def _body_from_flags(
+    *,
+    job_type: str,
+    priority: int,
+    payload: str | None,
+    command: tuple[str, ...],
+    timeout_s: int | None,
+    labels: tuple[str, ...],
+    meta: tuple[str, ...],
+    job_id: str | None,
+    idempotency_key: str | None,
+    secret_names: tuple[str, ...] = (),
+) -> bytes:
+    """The submission the flags describe (the v2 body a --file would hold)."""
+    doc: dict[str, Any] = {"job_type": job_type, "priority": priority}
+    if payload is not None:
+        try:
+            doc["payload"] = json.loads(payload)
+        except json.JSONDecodeError as e:
+            raise click.BadParameter(f"not JSON: {e}", param_hint="--payload") from e
+    elif command:
+        doc["payload"] = {"command": list(command)}
+    if timeout_s:
+        doc["requirements"] = {"max_execution_time_s": timeout_s}
+    for opt, key, values in (("--label", "labels", labels), ("--meta", "metadata", meta)):
+        pairs = _pairs(opt, values)
+        if pairs:
+            doc[key] = pairs
+    missing = [name for name in secret_names if name not in os.environ]
+    if missing:
+        raise click.BadParameter(
+            f"not set in this shell: {', '.join(missing)}", param_hint="--secret-env"
+        )
+    if secret_names:
+        # taken from the environment, never from the command line (other users see that)
+        doc["secret_env"] = {name: os.environ[name] for name in secret_names}
+    if job_id:
+        doc["job_id"] = job_id
+    if idempotency_key:
+        doc["idempotency_key"] = idempotency_key
+    return encode(doc)
+
+
+def _pairs(opt: str, items: tuple[str, ...]) -> dict[str, str]:
+    pairs = {}
+    for item in items:
+        k, sep, v = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint=opt)
+        pairs[k] = v
+    return pairs
+
+
+async def _submit(
+    client: Client, body: bytes, *, wait: bool, wait_timeout: float, as_json: bool
+) -> int:
+    """Submit ``body``; print the verdict, or follow the job to its end with ``wait``."""
+    verdict = await client.submit(body)
+    assert verdict is not None
+    if not verdict.accepted:
+        if as_json:
+            click.echo(encode(verdict).decode())
+        for err in verdict.errors:
+            click.echo(f"rejected: {err.path}: {err.reason}", err=True)
+        return ExitCode.REJECTED
+    for warning in verdict.warnings:
+        click.echo(f"warning: {warning.path}: {warning.reason}", err=True)
+    if not wait:
+        click.echo(encode(verdict).decode() if as_json else verdict.job_id)
+        return ExitCode.OK
+    assert verdict.job_id is not None
+    if not as_json:
+        click.echo(verdict.job_id)
+    record = await client.wait_for_job(verdict.job_id, timeout_s=wait_timeout)
+    if as_json:
+        click.echo(encode(record).decode())
+    else:
+        _print_outcome(record)
+    return ExitCode.OK if record.state == JobState.SUCCEEDED else ExitCode.JOB_FAILED
+
+
+def _print_outcome(record: JobRecord) -> None:
+    """The output tail, then the end state with its exit code (and a reason that adds to it)."""
+    tail = record.result.output_tail if record.result else ""
+    if tail:
+        click.echo(tail.rstrip("\n"))
+    code = record.result.exit_code if record.result else None
+    click.echo(
+        f"{record.state} (exit code {code if code is not None else '-'})"
+        + (f": {record.reason}" if record.reason and record.reason != f"exit code {code}" else "")
+    )
 
 
 @click.group()

@@ -115,6 +115,17 @@ def _bounds(tp: mi.IntType | mi.FloatType) -> str:
     return " " + ", ".join(parts) if parts else ""
 
 
+def _str_bounds(tp: mi.StrType) -> str:
+    parts = []
+    if tp.pattern:
+        parts.append(f"matching `{tp.pattern}`")
+    if tp.min_length is not None:
+        parts.append(f"length ≥ {tp.min_length}")
+    if tp.max_length is not None:
+        parts.append(f"length ≤ {tp.max_length}")
+    return " " + ", ".join(parts) if parts else ""
+
+
 def type_name(tp: mi.Type) -> str:
     """A short human description of a msgspec type (with its bounds)."""
     if isinstance(tp, mi.BoolType):
@@ -124,14 +135,7 @@ def type_name(tp: mi.Type) -> str:
     if isinstance(tp, mi.FloatType):
         return "float" + _bounds(tp)
     if isinstance(tp, mi.StrType):
-        extra = []
-        if tp.pattern:
-            extra.append(f"matching `{tp.pattern}`")
-        if tp.min_length is not None:
-            extra.append(f"length ≥ {tp.min_length}")
-        if tp.max_length is not None:
-            extra.append(f"length ≤ {tp.max_length}")
-        return "string" + (" " + ", ".join(extra) if extra else "")
+        return "string" + _str_bounds(tp)
     if isinstance(tp, mi.LiteralType):
         return "one of " + ", ".join(f"`{v}`" for v in sorted(map(str, tp.values)))
     if isinstance(tp, mi.EnumType):

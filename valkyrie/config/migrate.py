@@ -6,6 +6,7 @@ dropped (no equivalent here) — each with the reason.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,140 +82,187 @@ _DROPPED = {
 }
 
 
+@dataclass
+class _Migration:
+    """One document's migration: the report it fills and the document, for fields read together."""
+
+    doc: Mapping[str, Any]
+    report: MigrationReport = field(default_factory=MigrationReport)
+
+    def mapped(self, name: str, target: str, value: Any, reason: str = "same meaning") -> None:
+        self.report.values[target] = value
+        self.report.steps.append(MigrationStep(name, "mapped", target, value, reason))
+
+    def changed(self, name: str, target: str, value: Any, reason: str) -> None:
+        self.report.values[target] = value
+        self.report.steps.append(MigrationStep(name, "changed", target, value, reason))
+
+    def dropped(self, name: str, value: Any, reason: str) -> None:
+        self.report.steps.append(MigrationStep(name, "dropped", None, value, reason))
+
+
+#: A field's translation: it records the field's step (and any values) on the migration.
+_Translate = Callable[[_Migration, str, Any], None]
+
+
+def _flag(target: str, reason: str = "same meaning") -> _Translate:
+    """A switch that means the same here under another name."""
+
+    def translate(m: _Migration, name: str, value: Any) -> None:
+        m.mapped(name, target, bool(value), reason)
+
+    return translate
+
+
+def _file(target: str) -> _Translate:
+    """A file path, carried over when set."""
+
+    def translate(m: _Migration, name: str, value: Any) -> None:
+        if value:
+            m.mapped(name, target, str(value))
+        else:
+            m.dropped(name, value, "not set")
+
+    return translate
+
+
+def _enabled(m: _Migration, name: str, value: Any) -> None:
+    if value is False:
+        m.changed(
+            name,
+            "mode",
+            "disabled",
+            "valkyrie_enabled=false: intake still accepts jobs, nothing is dispatched",
+        )
+    else:
+        m.dropped(name, value, "enabled is the default; the mode decides behaviour")
+
+
+def _mode(m: _Migration, name: str, value: Any) -> None:
+    mode = str(value).lower()
+    if m.doc.get("valkyrie_enabled") is False:
+        m.dropped(name, value, "valkyrie_enabled=false wins: mode is disabled")
+    elif mode in _MODES:
+        m.changed(name, "mode", mode, "enum names are lower-case here")
+    else:
+        m.dropped(name, value, f"unknown mode {value!r}")
+
+
+def _fallback_timeout(m: _Migration, name: str, value: Any) -> None:
+    ms = _ms(value)
+    if ms:
+        m.changed(
+            name,
+            "http.request_timeout_s",
+            ms / 1000,
+            "milliseconds -> seconds; bounds a bridged call",
+        )
+    else:
+        m.dropped(name, value, "zero or unreadable duration")
+
+
+def _health_interval(m: _Migration, name: str, value: Any) -> None:
+    ms = _ms(value)
+    if ms and ms >= 50:
+        stale = max(int(ms) * 3, 5000)
+        m.changed(
+            name,
+            "health.report_interval_ms",
+            int(ms),
+            "health is reported by every worker at this interval; "
+            f"health.stale_after_ms becomes {stale} (3 intervals) to stay above it",
+        )
+        m.report.values.setdefault("health.stale_after_ms", stale)
+    else:
+        m.dropped(name, value, "below 50 ms or unreadable")
+
+
+def _threshold(m: _Migration, name: str, value: Any) -> None:
+    if isinstance(value, int) and value >= 1:
+        m.mapped(name, f"health.{name}", value, "consecutive evaluations before fallback/recovery")
+    else:
+        m.dropped(name, value, "must be at least 1")
+
+
+def _log_level(m: _Migration, name: str, value: Any) -> None:
+    level = _LOG_LEVELS.get(str(value).lower())
+    if level:
+        m.changed(
+            name, "observability.log_level", level, "lower-case; trace becomes debug, warn warning"
+        )
+    else:
+        m.dropped(name, value, f"unknown level {value!r}")
+
+
+def _dispatch_timeout(m: _Migration, name: str, value: Any) -> None:
+    ms = _ms(value)
+    shown = f"{ms:g} ms" if ms is not None else repr(value)
+    m.dropped(
+        name,
+        value,
+        f"the ancestor's {shown} dispatch target (100 µs, rounded to 0 ms on its wire) is not a "
+        "timeout; the acceptance window is dispatch.accept_timeout_ms (default 5000)",
+    )
+
+
+def _no_equivalent(m: _Migration, name: str, value: Any) -> None:
+    ms = _ms(value) if name in _DURATIONS else None
+    read = f"{ms:g} ms: " if ms is not None else ""
+    m.dropped(name, value, read + _DROPPED[name])
+
+
+def _listen_address(m: _Migration, name: str, value: Any) -> None:
+    if isinstance(value, str) and ":" in value:
+        host, _, port = value.rpartition(":")
+        if port.isdigit():
+            m.changed(
+                name,
+                "http.host",
+                host,
+                f"the engine listener becomes the HTTP bridge address (http.port {port})",
+            )
+            m.report.values["http.port"] = int(port)
+            return
+    _no_equivalent(m, name, value)
+
+
+def _unknown(m: _Migration, name: str, value: Any) -> None:
+    m.report.steps.append(
+        MigrationStep(name, "unknown", None, value, "not an ancestor field; ignored")
+    )
+
+
+#: How each ancestor field translates; a field without an entry is not the ancestor's.
+_TRANSLATE: dict[str, _Translate] = dict.fromkeys(_DROPPED, _no_equivalent) | {
+    "valkyrie_enabled": _enabled,
+    "integration_mode": _mode,
+    "backward_compatibility_enabled": _flag("features.legacy_v1_api"),
+    "intelligent_routing_enabled": _flag(
+        "features.qos_routing", "QoS and routing hints in placement"
+    ),
+    "fallback_mode_enabled": _flag(
+        "features.auto_fallback", "fall back automatically on degradation"
+    ),
+    "fallback_timeout": _fallback_timeout,
+    "health_check_interval": _health_interval,
+    "failure_threshold": _threshold,
+    "recovery_threshold": _threshold,
+    "enable_tls": _flag("security.tls_enabled", "TLS to NATS"),
+    "tls_cert_path": _file("security.tls_cert_file"),
+    "tls_key_path": _file("security.tls_key_file"),
+    "metrics_enabled": _flag("observability.metrics_enabled"),
+    "logging_level": _log_level,
+    "authentication_required": _flag("http.auth_required", "bearer tokens on the HTTP bridge"),
+    "audit_logging_enabled": _flag("security.audit_enabled"),
+    "dispatch_timeout": _dispatch_timeout,
+    # in _DROPPED too: dropped unless it reads as host:port
+    "valkyrie_listen_address": _listen_address,
+}
+
+
 def migrate_ancestor(doc: dict[str, Any]) -> MigrationReport:
     """Translate an ancestor config document (its field names and units) to dotted Valkyrie keys."""
-    report = MigrationReport()
-
-    def mapped(name: str, target: str, value: Any, reason: str = "same meaning") -> None:
-        report.values[target] = value
-        report.steps.append(MigrationStep(name, "mapped", target, value, reason))
-
-    def changed(name: str, target: str, value: Any, reason: str) -> None:
-        report.values[target] = value
-        report.steps.append(MigrationStep(name, "changed", target, value, reason))
-
-    def dropped(name: str, value: Any, reason: str) -> None:
-        report.steps.append(MigrationStep(name, "dropped", None, value, reason))
-
-    enabled = doc.get("valkyrie_enabled")
+    migration = _Migration(doc)
     for name, value in doc.items():
-        if name == "valkyrie_enabled":
-            if value is False:
-                changed(
-                    name,
-                    "mode",
-                    "disabled",
-                    "valkyrie_enabled=false: intake still accepts jobs, nothing is dispatched",
-                )
-            else:
-                dropped(name, value, "enabled is the default; the mode decides behaviour")
-        elif name == "integration_mode":
-            mode = str(value).lower()
-            if enabled is False:
-                dropped(name, value, "valkyrie_enabled=false wins: mode is disabled")
-            elif mode in _MODES:
-                changed(name, "mode", mode, "enum names are lower-case here")
-            else:
-                dropped(name, value, f"unknown mode {value!r}")
-        elif name == "backward_compatibility_enabled":
-            mapped(name, "features.legacy_v1_api", bool(value))
-        elif name == "intelligent_routing_enabled":
-            mapped(name, "features.qos_routing", bool(value), "QoS and routing hints in placement")
-        elif name == "fallback_mode_enabled":
-            mapped(
-                name,
-                "features.auto_fallback",
-                bool(value),
-                "fall back automatically on degradation",
-            )
-        elif name == "fallback_timeout":
-            ms = _ms(value)
-            if ms:
-                changed(
-                    name,
-                    "http.request_timeout_s",
-                    ms / 1000,
-                    "milliseconds -> seconds; bounds a bridged call",
-                )
-            else:
-                dropped(name, value, "zero or unreadable duration")
-        elif name == "health_check_interval":
-            ms = _ms(value)
-            if ms and ms >= 50:
-                stale = max(int(ms) * 3, 5000)
-                changed(
-                    name,
-                    "health.report_interval_ms",
-                    int(ms),
-                    "health is reported by every worker at this interval; "
-                    f"health.stale_after_ms becomes {stale} (3 intervals) to stay above it",
-                )
-                report.values.setdefault("health.stale_after_ms", stale)
-            else:
-                dropped(name, value, "below 50 ms or unreadable")
-        elif name in ("failure_threshold", "recovery_threshold"):
-            if isinstance(value, int) and value >= 1:
-                mapped(
-                    name,
-                    f"health.{name}",
-                    value,
-                    "consecutive evaluations before fallback/recovery",
-                )
-            else:
-                dropped(name, value, "must be at least 1")
-        elif name == "enable_tls":
-            mapped(name, "security.tls_enabled", bool(value), "TLS to NATS")
-        elif name in ("tls_cert_path", "tls_key_path"):
-            if value:
-                target = (
-                    "security.tls_cert_file" if name == "tls_cert_path" else "security.tls_key_file"
-                )
-                mapped(name, target, str(value))
-            else:
-                dropped(name, value, "not set")
-        elif name == "metrics_enabled":
-            mapped(name, "observability.metrics_enabled", bool(value))
-        elif name == "logging_level":
-            level = _LOG_LEVELS.get(str(value).lower())
-            if level:
-                changed(
-                    name,
-                    "observability.log_level",
-                    level,
-                    "lower-case; trace becomes debug, warn warning",
-                )
-            else:
-                dropped(name, value, f"unknown level {value!r}")
-        elif name == "authentication_required":
-            mapped(name, "http.auth_required", bool(value), "bearer tokens on the HTTP bridge")
-        elif name == "audit_logging_enabled":
-            mapped(name, "security.audit_enabled", bool(value))
-        elif name == "dispatch_timeout":
-            ms = _ms(value)
-            shown = f"{ms:g} ms" if ms is not None else repr(value)
-            dropped(
-                name,
-                value,
-                f"the ancestor's {shown} dispatch target (100 µs, rounded to 0 ms on its wire) is not a "
-                "timeout; the acceptance window is dispatch.accept_timeout_ms (default 5000)",
-            )
-        elif name in _DROPPED:
-            if name == "valkyrie_listen_address" and isinstance(value, str) and ":" in value:
-                host, _, port = value.rpartition(":")
-                if port.isdigit():
-                    changed(
-                        name,
-                        "http.host",
-                        host,
-                        f"the engine listener becomes the HTTP bridge address (http.port {port})",
-                    )
-                    report.values["http.port"] = int(port)
-                    continue
-            ms = _ms(value) if name in _DURATIONS else None
-            read = f"{ms:g} ms: " if ms is not None else ""
-            dropped(name, value, read + _DROPPED[name])
-        else:
-            report.steps.append(
-                MigrationStep(name, "unknown", None, value, "not an ancestor field; ignored")
-            )
-    return report
+        _TRANSLATE.get(name, _unknown)(migration, name, value)
+    return migration.report

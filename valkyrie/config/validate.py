@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, get_args, get_origin
+from typing import Any, Literal, get_args, get_origin
 
 import msgspec
 
@@ -135,72 +135,124 @@ def _dedupe(errors: list[FieldError]) -> list[FieldError]:
     return out
 
 
-def _rules(c: ValkyrieConfig) -> tuple[list[FieldError], list[FieldError]]:
-    errors: list[FieldError] = []
-    warnings: list[FieldError] = []
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    """A cross-field rule: how bad breaking it is, the path it names, why it is broken (if so)."""
 
-    def err(path: str, reason: str) -> None:
-        errors.append(FieldError(path=path, reason=reason))
+    level: Literal["error", "warning"]
+    path: str
+    #: the reasons ``config`` breaks the rule: none when it keeps it
+    broken: Callable[[ValkyrieConfig], Iterable[str]]
 
-    def warn(path: str, reason: str) -> None:
-        warnings.append(FieldError(path=path, reason=reason))
 
-    h = c.health
-    if h.consumer_lag_degraded >= h.consumer_lag_unhealthy:
-        err("health.consumer_lag_degraded", "must be below health.consumer_lag_unhealthy")
-    if h.kv_latency_degraded_ms >= h.kv_latency_unhealthy_ms:
-        err("health.kv_latency_degraded_ms", "must be below health.kv_latency_unhealthy_ms")
-    if h.stale_after_ms <= h.report_interval_ms:
-        err(
-            "health.stale_after_ms",
-            "must exceed health.report_interval_ms (reports would look stale)",
-        )
-    d = c.dispatch
-    if d.supervise_interval_ms >= d.runner_lost_after_ms:
-        err("dispatch.supervise_interval_ms", "must be below dispatch.runner_lost_after_ms")
-    if d.runner_lost_after_ms > 5000:
-        warn(
-            "dispatch.runner_lost_after_ms",
-            "above 5000 ms: lost runners' jobs wait longer than 5 s",
-        )
-    s = c.security
-    if s.tls_enabled:
-        if not s.tls_cert_file:
-            err("security.tls_cert_file", "required when security.tls_enabled is true")
-        if not s.tls_key_file:
-            err("security.tls_key_file", "required when security.tls_enabled is true")
-    http = c.http
-    if http.auth_required and not http.tokens:
-        warn(
-            "http.tokens",
-            "http.auth_required is true but no token is configured: every call is refused",
-        )
-    names = [t.name for t in http.tokens]
-    for dup in sorted({n for n in names if names.count(n) > 1}):
-        err("http.tokens", f"token name {dup!r} is used twice")
-    if http.rate_limit_burst < http.rate_limit_per_s:
-        warn(
-            "http.rate_limit_burst",
-            "below rate_limit_per_s: a full second's allowance cannot burst",
-        )
-    o = c.observability
-    if (
+def _error(path: str, reason: str, broken: Callable[[ValkyrieConfig], bool]) -> _Rule:
+    return _Rule("error", path, lambda c: [reason] if broken(c) else [])
+
+
+def _warning(path: str, reason: str, broken: Callable[[ValkyrieConfig], bool]) -> _Rule:
+    return _Rule("warning", path, lambda c: [reason] if broken(c) else [])
+
+
+def _twice_named_tokens(c: ValkyrieConfig) -> list[str]:
+    names = [t.name for t in c.http.tokens]
+    return [
+        f"token name {dup!r} is used twice"
+        for dup in sorted({n for n in names if names.count(n) > 1})
+    ]
+
+
+def _http_on_metrics_address(c: ValkyrieConfig) -> list[str]:
+    http, o = c.http, c.observability
+    clash = (
         http.enabled
         and o.metrics_enabled
         and http.port
         and http.port == o.metrics_port
         and http.host == o.metrics_host
-    ):
-        err("http.port", f"same address as observability.metrics_port ({http.port})")
-    if "*" in http.cors_origins and http.auth_required:
-        warn("http.cors_origins", "'*' with authentication lets any site call the API with a token")
-    if c.profile == "production":
-        if not s.tls_enabled:
-            warn("security.tls_enabled", "TLS is off in production")
-        if not http.auth_required:
-            warn(
-                "http.auth_required", "the HTTP bridge accepts unauthenticated calls in production"
-            )
-        if not s.audit_enabled:
-            warn("security.audit_enabled", "auditing is off in production")
+    )
+    return [f"same address as observability.metrics_port ({http.port})"] if clash else []
+
+
+def _in_production(broken: Callable[[ValkyrieConfig], bool]) -> Callable[[ValkyrieConfig], bool]:
+    return lambda c: c.profile == "production" and broken(c)
+
+
+#: The cross-field rules, in the order their errors and warnings are reported.
+_RULES: tuple[_Rule, ...] = (
+    _error(
+        "health.consumer_lag_degraded",
+        "must be below health.consumer_lag_unhealthy",
+        lambda c: c.health.consumer_lag_degraded >= c.health.consumer_lag_unhealthy,
+    ),
+    _error(
+        "health.kv_latency_degraded_ms",
+        "must be below health.kv_latency_unhealthy_ms",
+        lambda c: c.health.kv_latency_degraded_ms >= c.health.kv_latency_unhealthy_ms,
+    ),
+    _error(
+        "health.stale_after_ms",
+        "must exceed health.report_interval_ms (reports would look stale)",
+        lambda c: c.health.stale_after_ms <= c.health.report_interval_ms,
+    ),
+    _error(
+        "dispatch.supervise_interval_ms",
+        "must be below dispatch.runner_lost_after_ms",
+        lambda c: c.dispatch.supervise_interval_ms >= c.dispatch.runner_lost_after_ms,
+    ),
+    _warning(
+        "dispatch.runner_lost_after_ms",
+        "above 5000 ms: lost runners' jobs wait longer than 5 s",
+        lambda c: c.dispatch.runner_lost_after_ms > 5000,
+    ),
+    _error(
+        "security.tls_cert_file",
+        "required when security.tls_enabled is true",
+        lambda c: c.security.tls_enabled and not c.security.tls_cert_file,
+    ),
+    _error(
+        "security.tls_key_file",
+        "required when security.tls_enabled is true",
+        lambda c: c.security.tls_enabled and not c.security.tls_key_file,
+    ),
+    _warning(
+        "http.tokens",
+        "http.auth_required is true but no token is configured: every call is refused",
+        lambda c: c.http.auth_required and not c.http.tokens,
+    ),
+    _Rule("error", "http.tokens", _twice_named_tokens),
+    _warning(
+        "http.rate_limit_burst",
+        "below rate_limit_per_s: a full second's allowance cannot burst",
+        lambda c: c.http.rate_limit_burst < c.http.rate_limit_per_s,
+    ),
+    _Rule("error", "http.port", _http_on_metrics_address),
+    _warning(
+        "http.cors_origins",
+        "'*' with authentication lets any site call the API with a token",
+        lambda c: "*" in c.http.cors_origins and c.http.auth_required,
+    ),
+    _warning(
+        "security.tls_enabled",
+        "TLS is off in production",
+        _in_production(lambda c: not c.security.tls_enabled),
+    ),
+    _warning(
+        "http.auth_required",
+        "the HTTP bridge accepts unauthenticated calls in production",
+        _in_production(lambda c: not c.http.auth_required),
+    ),
+    _warning(
+        "security.audit_enabled",
+        "auditing is off in production",
+        _in_production(lambda c: not c.security.audit_enabled),
+    ),
+)
+
+
+def _rules(c: ValkyrieConfig) -> tuple[list[FieldError], list[FieldError]]:
+    errors: list[FieldError] = []
+    warnings: list[FieldError] = []
+    for rule in _RULES:
+        found = errors if rule.level == "error" else warnings
+        found.extend(FieldError(path=rule.path, reason=reason) for reason in rule.broken(c))
     return errors, warnings

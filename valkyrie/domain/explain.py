@@ -8,11 +8,18 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 
-from schemas import ConstraintGroup, JobDispatched, JobExplanation, JobRecord, RunnerRecord
+from schemas import (
+    ConstraintGroup,
+    JobDispatched,
+    JobExplanation,
+    JobRecord,
+    JobSubmission,
+    RunnerRecord,
+)
 from valkyrie.domain.scheduling.placement import CONSTRAINTS, failing_constraints, runner_labels
 
 __all__ = ["QueueFacts", "explain_dispatched", "explain_queued"]
@@ -86,6 +93,114 @@ def _fill(template: str, record: JobRecord) -> str:
     )
 
 
+@dataclass
+class _Survey:
+    """Where every runner stands for one job."""
+
+    #: runner ids by the first constraint that rejects them
+    groups: dict[str, list[str]] = field(default_factory=dict)
+    #: how many runners each constraint alone rejects (lifting it would make them match)
+    single: Counter[str] = field(default_factory=Counter)
+    feasible: list[RunnerRecord] = field(default_factory=list)
+    #: runners that only lack a free slot
+    full: list[RunnerRecord] = field(default_factory=list)
+
+
+def _survey(
+    spec: JobSubmission, runners: Sequence[RunnerRecord], *, now_ms: int, advanced: bool
+) -> _Survey:
+    survey = _Survey()
+    for runner in runners:
+        failing = failing_constraints(spec, runner, now_ms=now_ms, advanced=advanced)
+        if not failing:
+            survey.feasible.append(runner)
+            continue
+        survey.groups.setdefault(failing[0], []).append(runner.registration.runner_id)
+        if len(failing) == 1:
+            survey.single[failing[0]] += 1
+        if failing == ["capacity"]:
+            survey.full.append(runner)
+    return survey
+
+
+def _queue_causes(record: JobRecord, facts: QueueFacts, *, now_ms: int) -> list[str]:
+    """What holds the job back on the queue's side, whatever the runners."""
+    causes = []
+    if facts.mode == "disabled":
+        causes.append("mode_disabled")
+    if record.not_before_at_ms is not None and record.not_before_at_ms > now_ms:
+        causes.append("retry_backoff")
+    if facts.waiting_for_preferred:
+        causes.append("preferred_wait")
+    return causes
+
+
+def _suggestions(record: JobRecord, runners: Sequence[RunnerRecord], survey: _Survey) -> list[str]:
+    suggestions = [
+        f"{count} runner(s) match {_fill(_WITHOUT[code], record)}"
+        for code, count in sorted(survey.single.items(), key=lambda kv: (-kv[1], kv[0]))
+        if code != "capacity"
+    ]
+    wanted = record.spec.labels
+    if wanted and "labels" in survey.groups:
+        have = Counter(
+            f"{k}={runner_labels(r).get(k)}"
+            for r in runners
+            for k in wanted
+            if runner_labels(r).get(k)
+        )
+        if have:
+            suggestions.append(
+                "labels offered: " + ", ".join(f"{k} ({n})" for k, n in have.most_common(5))
+            )
+    return suggestions
+
+
+def _summary(
+    survey: _Survey,
+    runners: Sequence[RunnerRecord],
+    causes: list[str],
+    rejected: list[ConstraintGroup],
+) -> str:
+    if survey.feasible:
+        if "mode_disabled" in causes:
+            why = "placement is paused (mode disabled)"
+        elif "preferred_wait" in causes:
+            why = "it waits for a busy preferred runner (routing_hints.preferred_wait_s)"
+        else:
+            why = "it is waiting its turn"
+        return f"{len(survey.feasible)} runner(s) can take it; {why}"
+    if not runners:
+        return "no runner is registered"
+    if rejected:
+        top = rejected[0]
+        return f"no runner can take it: {top.count} runner(s) rejected because {top.detail}"
+    return "no runner can take it"
+
+
+def _estimated_start(
+    record: JobRecord, facts: QueueFacts, survey: _Survey, causes: list[str], *, now_ms: int
+) -> int | None:
+    if "mode_disabled" in causes:
+        return None  # nothing starts until the mode changes
+    estimate = None
+    if facts.position is not None and facts.avg_duration_ms and (survey.feasible or survey.full):
+        if (
+            survey.feasible
+        ):  # the jobs ahead fill the feasible slots, one round per average duration
+            slots = sum(r.registration.max_concurrent_jobs for r in survey.feasible)
+            rounds = facts.position // slots
+        else:  # every slot is taken: the first one frees after (about) one average duration
+            slots = sum(r.registration.max_concurrent_jobs for r in survey.full)
+            rounds = facts.position // slots + 1
+        estimate = now_ms + int(rounds * facts.avg_duration_ms)
+    elif survey.feasible:
+        estimate = now_ms
+    if estimate is not None and record.not_before_at_ms is not None:
+        estimate = max(estimate, record.not_before_at_ms)  # not before its retry backoff ends
+    return estimate
+
+
 def explain_queued(
     record: JobRecord,
     runners: Sequence[RunnerRecord],
@@ -94,92 +209,24 @@ def explain_queued(
     now_ms: int,
 ) -> JobExplanation:
     """Why ``record`` (queued) is not running yet, and what would make it placeable."""
-    causes: list[str] = []
-    spec = record.spec
-    if facts.mode == "disabled":
-        causes.append("mode_disabled")
-    if record.not_before_at_ms is not None and record.not_before_at_ms > now_ms:
-        causes.append("retry_backoff")
-    if facts.waiting_for_preferred:
-        causes.append("preferred_wait")
-    groups: dict[str, list[str]] = {}
-    single: Counter[str] = Counter()
-    feasible: list[RunnerRecord] = []
-    full: list[RunnerRecord] = []  # runners that only lack a free slot
-    for runner in runners:
-        failing = failing_constraints(spec, runner, now_ms=now_ms, advanced=facts.advanced)
-        rid = runner.registration.runner_id
-        if not failing:
-            feasible.append(runner)
-            continue
-        groups.setdefault(failing[0], []).append(rid)
-        if len(failing) == 1:
-            single[failing[0]] += 1
-        if failing == ["capacity"]:
-            full.append(runner)
+    causes = _queue_causes(record, facts, now_ms=now_ms)
+    survey = _survey(record.spec, runners, now_ms=now_ms, advanced=facts.advanced)
     if not runners:
         causes.append("no_runners")
     rejected = [
         ConstraintGroup(
             constraint=code,
-            count=len(groups[code]),
-            runners=sorted(groups[code])[:5],
+            count=len(survey.groups[code]),
+            runners=sorted(survey.groups[code])[:5],
             detail=_fill(_WHAT[code], record),
         )
         for code in CONSTRAINTS
-        if code in groups
+        if code in survey.groups
     ]
     for group in rejected:
         if group.constraint not in causes:
             causes.append(group.constraint)
-    suggestions = [
-        f"{count} runner(s) match {_fill(_WITHOUT[code], record)}"
-        for code, count in sorted(single.items(), key=lambda kv: (-kv[1], kv[0]))
-        if code != "capacity"
-    ]
-    if spec.labels and "labels" in groups:
-        have = Counter(
-            f"{k}={runner_labels(r).get(k)}"
-            for r in runners
-            for k in spec.labels
-            if runner_labels(r).get(k)
-        )
-        if have:
-            suggestions.append(
-                "labels offered: " + ", ".join(f"{k} ({n})" for k, n in have.most_common(5))
-            )
-    if feasible:
-        summary = f"{len(feasible)} runner(s) can take it; " + (
-            "placement is paused (mode disabled)"
-            if "mode_disabled" in causes
-            else "it waits for a busy preferred runner (routing_hints.preferred_wait_s)"
-            if "preferred_wait" in causes
-            else "it is waiting its turn"
-        )
-    elif not runners:
-        summary = "no runner is registered"
-    else:
-        top = rejected[0] if rejected else None
-        summary = (
-            f"no runner can take it: {top.count} runner(s) rejected because {top.detail}"
-            if top
-            else "no runner can take it"
-        )
-    estimate = None
-    if facts.position is not None and facts.avg_duration_ms and (feasible or full):
-        if feasible:  # the jobs ahead fill the feasible slots, one round per average duration
-            slots = sum(r.registration.max_concurrent_jobs for r in feasible)
-            rounds = facts.position // slots
-        else:  # every slot is taken: the first one frees after (about) one average duration
-            slots = sum(r.registration.max_concurrent_jobs for r in full)
-            rounds = facts.position // slots + 1
-        estimate = now_ms + int(rounds * facts.avg_duration_ms)
-    if feasible and "mode_disabled" not in causes:
-        estimate = now_ms if estimate is None else estimate
-    if estimate is not None and record.not_before_at_ms is not None:
-        estimate = max(estimate, record.not_before_at_ms)  # not before its retry backoff ends
-    if "mode_disabled" in causes:
-        estimate = None  # nothing starts until the mode changes
+    estimate = _estimated_start(record, facts, survey, causes, now_ms=now_ms)
     finish = (
         estimate + int(facts.avg_duration_ms)
         if estimate is not None and facts.avg_duration_ms
@@ -188,7 +235,7 @@ def explain_queued(
     return JobExplanation(
         job_id=record.id,
         state=record.state.value,
-        summary=summary,
+        summary=_summary(survey, runners, causes, rejected),
         causes=causes,
         mode=facts.mode,
         effective_priority=facts.effective_priority,
@@ -197,7 +244,7 @@ def explain_queued(
         estimated_start_at_ms=estimate,
         predicted_finish_at_ms=finish,
         rejected=rejected,
-        suggestions=suggestions,
+        suggestions=_suggestions(record, runners, survey),
     )
 
 

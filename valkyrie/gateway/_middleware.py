@@ -7,6 +7,7 @@ import re
 import time
 
 import anyio
+import nats.errors
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, HTTPScope, Message, Receive, Scope, Send
 
@@ -135,5 +136,5 @@ class GatewayMiddleware:
         with anyio.CancelScope(shield=True), anyio.move_on_after(2):
             try:
                 await gateway.events().emit(event)
-            except Exception as e:
+            except (nats.errors.Error, OSError) as e:  # the bus refused or lost it
                 log.warning("audit event for %s by %s not stored: %r", action, who, e)

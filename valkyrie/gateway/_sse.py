@@ -30,11 +30,11 @@ _POLL_S = 0.5
 
 def valid_filter(pattern: str) -> bool:
     """Whether ``pattern`` is a subject filter (tokens, ``*``, a final ``>``)."""
-    tokens = pattern.split(".")
-    for index, token in enumerate(tokens):
-        if token == ">":
-            return index == len(tokens) - 1
-        if token != "*" and not _TOKEN.fullmatch(token):
+    parts = pattern.split(".")
+    for index, part in enumerate(parts):
+        if part == ">":
+            return index == len(parts) - 1
+        if part != "*" and not _TOKEN.fullmatch(part):
             return False
     return True
 

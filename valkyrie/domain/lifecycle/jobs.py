@@ -270,14 +270,8 @@ def _requeued_by(record: JobRecord, update: JobUpdate) -> bool:
     )
 
 
-def apply_update(
-    record: JobRecord,
-    update: JobUpdate,
-    *,
-    now_ms: int,
-    jitter: Callable[[], float] = random.random,
-) -> UpdateResult:
-    """Apply a runner's update to the job record (pure)."""
+def _not_applicable(record: JobRecord, update: JobUpdate) -> UpdateResult | None:
+    """Why ``update`` does not apply to ``record`` (already applied, or stale), else ``None``."""
     if _requeued_by(record, update):
         # A redelivery of the very result that re-queued this attempt (the handler stopped before
         # announcing it): not stale, so that the announcement is redone.
@@ -295,6 +289,33 @@ def apply_update(
     if record.state == JobState.QUEUED:
         # This attempt was already taken back (refused, timed out, or runner lost).
         return UpdateResult(UpdateOutcome.STALE, reason=f"attempt {update.attempt} was taken back")
+    return None
+
+
+def _failure_reason(update: JobFinished) -> str:
+    """The reason recorded for an attempt that did not succeed."""
+    if update.outcome == "rejected":
+        return f"runner {update.runner_id} refused the dispatch" + (
+            f": {update.result.error}" if update.result.error else ""
+        )
+    if update.outcome == "cancelled":
+        return update.result.error or "cancelled"
+    if update.outcome == "timed_out":
+        return update.result.error or "exceeded max_execution_time_s"
+    return update.result.error or f"exit code {update.result.exit_code}"
+
+
+def apply_update(
+    record: JobRecord,
+    update: JobUpdate,
+    *,
+    now_ms: int,
+    jitter: Callable[[], float] = random.random,
+) -> UpdateResult:
+    """Apply a runner's update to the job record (pure)."""
+    refused = _not_applicable(record, update)
+    if refused is not None:
+        return refused
     match update:
         case JobAccepted():
             if _rank(record.state) >= _rank(JobState.ACCEPTED):
@@ -329,21 +350,11 @@ def apply_update(
                 ),
             )
         case JobFinished():
-            if update.outcome == "rejected":
-                reason = f"runner {update.runner_id} refused the dispatch" + (
-                    f": {update.result.error}" if update.result.error else ""
-                )
-            elif update.outcome == "cancelled":
-                reason = update.result.error or "cancelled"
-            elif update.outcome == "timed_out":
-                reason = update.result.error or "exceeded max_execution_time_s"
-            else:
-                reason = update.result.error or f"exit code {update.result.exit_code}"
             new = retry_after_failure(
                 record,
                 update.outcome,
                 now_ms=now_ms,
-                reason=reason,
+                reason=_failure_reason(update),
                 result=update.result,
                 jitter=jitter,
             )

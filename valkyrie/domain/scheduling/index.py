@@ -65,7 +65,8 @@ class RunnerIndex:
         self._reserved: dict[str, set[str]] = {}
         self._free_by_type: dict[str, IndexedSet] = {}
         self._by_region: dict[str, set[str]] = {}
-        self._rng = rng or random.Random()
+        # sampling spreads load over runners; nobody gains by predicting it
+        self._rng = rng or random.Random()  # noqa: S311 - not a secret
         self.version = 0
 
     def _view(self, runner_id: str) -> RunnerRecord:

@@ -7,10 +7,16 @@ in the order they are checked, are listed in ``CONSTRAINTS`` (docs/scheduling.md
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from schemas import JobSubmission, RunnerRecord, RunnerState
+from schemas import (
+    AffinityRule,
+    JobSubmission,
+    QosRequirements,
+    RunnerRecord,
+    RunnerState,
+)
 
 __all__ = [
     "CONSTRAINTS",
@@ -123,26 +129,50 @@ def failing_constraints(
     offline (the dispatcher leaves liveness to the supervisor and passes ``None``). Without
     ``advanced`` placement, affinity rules and QoS filters do not apply (integration modes).
     """
-    out: list[str] = []
+    failing = _failing(job, runner, now_ms=now_ms, lost_after_ms=lost_after_ms, advanced=advanced)
+    if not first_only:
+        return list(failing)
+    first = next(failing, None)
+    return [] if first is None else [first]
 
-    def fail(code: str) -> bool:
-        out.append(code)
-        return first_only
 
-    reg = runner.registration
+def _failing(
+    job: JobSubmission,
+    runner: RunnerRecord,
+    *,
+    now_ms: int,
+    lost_after_ms: int | None,
+    advanced: bool,
+) -> Iterator[str]:
+    """The failed constraints in ``CONSTRAINTS`` order, lazily: the first one checks least."""
     silent = lost_after_ms is not None and now_ms - runner.last_heartbeat_at_ms > lost_after_ms
-    if (runner.state == RunnerState.OFFLINE or silent) and fail("offline"):
-        return out
-    if (runner.drain_requested or runner.state == RunnerState.DRAINING) and fail("draining"):
-        return out
+    if runner.state == RunnerState.OFFLINE or silent:
+        yield "offline"
+    if runner.drain_requested or runner.state == RunnerState.DRAINING:
+        yield "draining"
+    yield from _unfit(job, runner)
+    labels = runner_labels(runner)
+    if any(labels.get(k) != v for k, v in job.labels.items()):
+        yield "labels"
+    if advanced and job.routing_hints is not None and job.routing_hints.affinity_rules:
+        yield from _affinity_failures(job.routing_hints.affinity_rules, labels)
+    if advanced and job.qos_requirements is not None:
+        yield from _qos_failures(job.qos_requirements, runner, labels)
+    if len(runner.assigned_jobs) >= runner.registration.max_concurrent_jobs:
+        yield "capacity"
+
+
+def _unfit(job: JobSubmission, runner: RunnerRecord) -> Iterator[str]:
+    """``excluded`` to ``gpu``: what the job names or needs that the runner is not or lacks."""
+    reg = runner.registration
     hints = job.routing_hints
-    if hints is not None and reg.runner_id in hints.excluded_runners and fail("excluded"):
-        return out
-    if job.job_type not in reg.capabilities.job_types and fail("job_type"):
-        return out
+    if hints is not None and reg.runner_id in hints.excluded_runners:
+        yield "excluded"
+    if job.job_type not in reg.capabilities.job_types:
+        yield "job_type"
     needed = job.requirements.required_capabilities
-    if needed and not set(needed) <= _capabilities(runner) and fail("capabilities"):
-        return out
+    if needed and not set(needed) <= _capabilities(runner):
+        yield "capabilities"
     req, res = job.requirements, reg.resources
     for code, wanted, offered in (
         ("cpu", req.cpu_cores, res.cpu_cores),
@@ -150,50 +180,49 @@ def failing_constraints(
         ("storage", req.storage_gb, res.storage_gb),
         ("gpu", req.gpu_count, res.gpu_count),
     ):
-        if wanted > offered and fail(code):
-            return out
-    labels = runner_labels(runner)
-    if any(labels.get(k) != v for k, v in job.labels.items()) and fail("labels"):
-        return out
-    if advanced and hints is not None:
-        for rule in hints.affinity_rules:
-            have = labels.get(rule.key)
-            if rule.rule_type == "required" and have not in rule.values:
-                if fail("affinity"):
-                    return out
-                break
-        for rule in hints.affinity_rules:
-            have = labels.get(rule.key)
-            hit = have in rule.values if rule.values else have is not None
-            if rule.rule_type == "anti_affinity" and rule.weight is None and hit:
-                if fail("anti_affinity"):
-                    return out
-                break
-    qos = job.qos_requirements
-    if advanced and qos is not None:
-        stats = runner.stats
-        if (
-            qos.max_latency_ms is not None
-            and _measured(runner)
-            and stats.accept_latency_ms > qos.max_latency_ms
-            and fail("qos_latency")
-        ):
-            return out
-        if (
-            qos.reliability_threshold is not None
-            and _measured(runner)
-            and stats.success_rate < qos.reliability_threshold
-            and fail("qos_reliability")
-        ):
-            return out
-        if qos.min_throughput_bytes_per_s is not None:
-            declared = labels.get("network_bytes_per_s", "")
-            ok = declared.isdigit() and int(declared) >= qos.min_throughput_bytes_per_s
-            if not ok and fail("qos_throughput"):
-                return out
-    if len(runner.assigned_jobs) >= reg.max_concurrent_jobs:
-        fail("capacity")
-    return out
+        if wanted > offered:
+            yield code
+
+
+def _affinity_failures(rules: Sequence[AffinityRule], labels: Mapping[str, str]) -> Iterator[str]:
+    """A required rule the labels miss; a hard (unweighted) anti-affinity rule they hit."""
+    for rule in rules:
+        if rule.rule_type == "required" and labels.get(rule.key) not in rule.values:
+            yield "affinity"
+            break
+    for rule in rules:
+        if rule.rule_type == "anti_affinity" and rule.weight is None and _hits(rule, labels):
+            yield "anti_affinity"
+            break
+
+
+def _hits(rule: AffinityRule, labels: Mapping[str, str]) -> bool:
+    """Whether the labels have one of the rule's values (any value, when it lists none)."""
+    have = labels.get(rule.key)
+    return have in rule.values if rule.values else have is not None
+
+
+def _qos_failures(
+    qos: QosRequirements, runner: RunnerRecord, labels: Mapping[str, str]
+) -> Iterator[str]:
+    """The QoS filters; latency and reliability judge only a runner measured often enough."""
+    stats = runner.stats
+    if (
+        qos.max_latency_ms is not None
+        and _measured(runner)
+        and stats.accept_latency_ms > qos.max_latency_ms
+    ):
+        yield "qos_latency"
+    if (
+        qos.reliability_threshold is not None
+        and _measured(runner)
+        and stats.success_rate < qos.reliability_threshold
+    ):
+        yield "qos_reliability"
+    if qos.min_throughput_bytes_per_s is not None:
+        declared = labels.get("network_bytes_per_s", "")
+        if not (declared.isdigit() and int(declared) >= qos.min_throughput_bytes_per_s):
+            yield "qos_throughput"
 
 
 def check_runner(
