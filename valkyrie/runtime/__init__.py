@@ -75,9 +75,15 @@ if TYPE_CHECKING:
         terminal_ttl,
         through_outages,
     )
+    from valkyrie.runtime.metric_catalogue import (
+        CATALOGUE,
+        MetricSpec,
+    )
     from valkyrie.runtime.metrics import (
+        BoundedLabel,
         HandlerMetrics,
         HealthGauges,
+        ProcessGauges,
         serve_metrics,
     )
     from valkyrie.runtime.placer import (
@@ -89,6 +95,10 @@ if TYPE_CHECKING:
         QueueLedger,
         publish_queue,
     )
+    from valkyrie.runtime.state_metrics import (
+        QueueCollector,
+        RunnerGauges,
+    )
     from valkyrie.runtime.views import (
         RunnerView,
         SharedViews,
@@ -99,6 +109,7 @@ if not TYPE_CHECKING:  # type checkers see the imports above, and no catch-all _
     __getattr__, __dir__ = _attach(__name__, __file__)
 
 __all__ = [
+    "CATALOGUE",
     "ENTRY_POINT_GROUP",
     "FALLBACK_KEY",
     "FRESH_MS",
@@ -106,6 +117,7 @@ __all__ = [
     "INLINE_RECORD_BYTES",
     "KEEPALIVE_S",
     "LEDGER_PREFIX",
+    "BoundedLabel",
     "Dispatched",
     "Dispatching",
     "Durable",
@@ -122,7 +134,11 @@ __all__ = [
     "HoldingConsumer",
     "JobOps",
     "LocalPlacer",
+    "MetricSpec",
+    "ProcessGauges",
+    "QueueCollector",
     "QueueLedger",
+    "RunnerGauges",
     "RunnerStates",
     "RunnerView",
     "SharedViews",

@@ -14,6 +14,7 @@ import platformdirs
 from anyio.abc import TaskGroup, TaskStatus
 from prometheus_client import CollectorRegistry
 
+from valkyrie._version import __version__
 from valkyrie.bus.connection import Bus, connect
 from valkyrie.bus.server import NatsServer
 from valkyrie.bus.tls import tls_context
@@ -24,7 +25,7 @@ from valkyrie.config.settings import Settings
 from valkyrie.errors import ConfigError
 from valkyrie.runtime.context import HandlerContext, discover_handlers
 from valkyrie.runtime.health import HealthReporter
-from valkyrie.runtime.metrics import HandlerMetrics, serve_metrics
+from valkyrie.runtime.metrics import HandlerMetrics, ProcessGauges, serve_metrics
 from valkyrie.runtime.views import SharedViews, watch_config
 
 __all__ = ["default_data_dir", "open_bus", "run_control_plane", "run_workers"]
@@ -150,6 +151,7 @@ async def run_workers(
             f"unknown handler(s) {', '.join(unknown)}; registered: {', '.join(available) or 'none'}"
         )
     metrics = HandlerMetrics.create(registry)
+    ProcessGauges(registry, __version__).follow(config)
     reporter = HealthReporter(bus, config, wanted, stop)
     async with anyio.create_task_group() as tg:
         views = SharedViews(bus, tg)
