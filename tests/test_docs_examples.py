@@ -87,6 +87,8 @@ SUBJECT_MEMBERS = {
 }
 #: members that build stream and bucket names or filters, not subjects
 NOT_SUBJECTS = {"prefix", "stream", "bucket", "events"}
+#: service discovery: NATS micro's own protocol ($SRV.*), one row of the overview, no examples
+DISCOVERY = {"service_name", "srv_subject", "srv_subjects"}
 STREAMS = ("submit", "commands", "updates", "events", "logs", "dead")
 
 _HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*$")
@@ -136,10 +138,11 @@ CASES = [
 
 
 def test_every_subject_is_documented() -> None:
-    members = {m for m in dir(Names) if not m.startswith("_")} - NOT_SUBJECTS
+    members = {m for m in dir(Names) if not m.startswith("_")} - NOT_SUBJECTS - DISCOVERY
     assert members == set(SUBJECT_MEMBERS), "a subject was added to Names: document it"
     assert set(SUBJECT_MEMBERS.values()) <= set(EXPECTED)
     text = DOC.read_text(encoding="utf-8")
+    assert "`$SRV.PING\\|INFO\\|STATS[.valkyrie[.<id>]]`" in text
     for stream in STREAMS:
         assert f"`{N.stream(stream)}`" in text
     for bucket in BUCKETS:

@@ -38,6 +38,11 @@ if TYPE_CHECKING:
         Worker,
         discover_handlers,
     )
+    from valkyrie.runtime.discovery import (
+        DiscoveredService,
+        ServiceAnnouncer,
+        discover,
+    )
     from valkyrie.runtime.dispatching import (
         Dispatched,
         Dispatching,
@@ -118,6 +123,7 @@ __all__ = [
     "KEEPALIVE_S",
     "LEDGER_PREFIX",
     "BoundedLabel",
+    "DiscoveredService",
     "Dispatched",
     "Dispatching",
     "Durable",
@@ -141,6 +147,7 @@ __all__ = [
     "RunnerGauges",
     "RunnerStates",
     "RunnerView",
+    "ServiceAnnouncer",
     "SharedViews",
     "StreamConsumer",
     "Worker",
@@ -148,6 +155,7 @@ __all__ = [
     "consumer_lags",
     "default_data_dir",
     "delivery_count",
+    "discover",
     "discover_handlers",
     "durables",
     "headers_of",
