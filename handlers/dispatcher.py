@@ -126,6 +126,7 @@ class DispatcherWorker(HandlerBase):
             read=self._writes.read,
             decision_of=self._writes.decision_of,
             now_ms=now_ms,
+            instance=self.instance,
         )
         view.add_listener(self._on_runner)
         self._ctx.config.on_change(lambda _old, _new: self._poke())
@@ -138,6 +139,8 @@ class DispatcherWorker(HandlerBase):
             # every dispatcher answers (no queue group): only the one holding a queued job knows
             # its place in line, and the client waits a moment for that answer
             await bus.nc.subscribe(bus.names.explain, cb=self._explainer.answer),
+            # likewise for a queue listing: each dispatcher lists the jobs it holds
+            await bus.nc.subscribe(bus.names.queue_list, cb=self._explainer.answer_queue),
         ]
         try:
             async with anyio.create_task_group() as tg:

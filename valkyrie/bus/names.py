@@ -45,6 +45,11 @@ class Names:
         return f"{self.prefix}.jobs.explain"
 
     @property
+    def queue_list(self) -> str:
+        """Request/reply: a page of the queued jobs each dispatcher holds, with reasons."""
+        return f"{self.prefix}.jobs.queue"
+
+    @property
     def register(self) -> str:
         """Request/reply: runner registration."""
         return f"{self.prefix}.runners.register"
