@@ -125,6 +125,14 @@ def test_pending_reasons() -> None:
     assert pending_reason(backoff, None, mode="full", now_ms=NOW, has_free=True) == (
         "retry backoff: placed again in 2.5s"
     )
+    # what the job asks for stays the reason while every runner is busy; a full runner does not
+    assert "labels do not match" in pending_reason(
+        record, rejected, mode="full", now_ms=NOW, has_free=False
+    )
+    full = Placement(runner_id=None, rejected={"capacity": ["r1"]})
+    assert pending_reason(record, full, mode="full", now_ms=NOW, has_free=False) == (
+        "no runner that takes job type 'shell' has a free slot"
+    )
     preferred = Placement(runner_id=None, waiting_for_preferred=True)
     assert "preferred runner" in pending_reason(
         record, preferred, mode="full", now_ms=NOW, has_free=True

@@ -60,6 +60,10 @@ _WITHOUT = {
 }
 
 
+#: rejections for what a runner is doing now, not for what the job asks
+_TRANSIENT = frozenset({"capacity", "offline", "draining"})
+
+
 @dataclass(frozen=True, slots=True)
 class QueueFacts:
     """What the dispatcher knows about a queued job's place in line."""
@@ -247,8 +251,8 @@ def pending_reason(
     """A one-line reason a queued job still waits, from what its dispatcher already knows.
 
     ``last`` is the dispatcher's last placement attempt for the job (it looks at a sample of the
-    runners with a free slot) and ``has_free`` whether any runner of its job type has a free
-    slot. Cheap enough for every row of a queue listing; :func:`explain_queued` scans every
+    runners with a free slot; while none is free it keeps the previous one) and ``has_free``
+    whether any runner of its job type has a free slot now. Cheap enough for every row of a queue listing; :func:`explain_queued` scans every
     runner for the full answer.
     """
     spec = record.spec
@@ -258,12 +262,15 @@ def pending_reason(
         return f"retry backoff: placed again in {(record.not_before_at_ms - now_ms) / 1000:.1f}s"
     if last is not None and last.waiting_for_preferred:
         return "it waits for a busy preferred runner (routing_hints.preferred_wait_s)"
-    if not has_free and not (spec.routing_hints and spec.routing_hints.preferred_runners):
-        return f"no runner that takes job type {spec.job_type!r} has a free slot"
     if last is not None and last.runner_id is None and last.rejected:
         reasons = last.reasons()
-        # the first constraint in checking order, as the full explanation's summary names it
-        code = next((c for c in CONSTRAINTS if c in reasons), reasons.most_common(1)[0][0])
-        detail = _fill(_WHAT.get(code, code), record)
-        return f"no runner can take it: {reasons[code]} runner(s) rejected because {detail}"
+        # a rejection for what the job asks (labels, resources...) stays true while runners are
+        # busy; one for what runners are doing right now says less than "no free slot"
+        if has_free or not set(reasons) <= _TRANSIENT:
+            # the first constraint in checking order, as the full explanation's summary names it
+            code = next((c for c in CONSTRAINTS if c in reasons), reasons.most_common(1)[0][0])
+            detail = _fill(_WHAT.get(code, code), record)
+            return f"no runner can take it: {reasons[code]} runner(s) rejected because {detail}"
+    if not has_free and not (spec.routing_hints and spec.routing_hints.preferred_runners):
+        return f"no runner that takes job type {spec.job_type!r} has a free slot"
     return "it is waiting its turn"

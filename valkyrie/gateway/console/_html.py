@@ -18,8 +18,10 @@ __all__ = [
     "badge",
     "button",
     "esc",
+    "filters_form",
     "link",
     "section",
+    "short",
     "table",
     "when",
 ]
@@ -57,6 +59,11 @@ def link(href: str, text: object, query: Mapping[str, object | None] | None = No
     return Html(f'<a href="{esc(href)}" data-nav>{esc(text)}</a>')
 
 
+def short(ident: str, keep: int = 12) -> str:
+    """A long id cut for a table cell (the link and the row's data keep it whole)."""
+    return ident if len(ident) <= keep + 1 else ident[:keep] + "…"
+
+
 def badge(state: str, **data: object) -> Html:
     """A state shown as a coloured label (class ``s-<state>``)."""
     extra = attrs({f"data-{k.replace('_', '-')}": v for k, v in data.items()})
@@ -91,6 +98,18 @@ def table(
     ident = attrs({"id": id_})
     return Html(
         f"<table{ident}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    )
+
+
+def filters_form(action: str, fields: Sequence[tuple[str, str, str | None]]) -> Html:
+    """A GET form of text inputs (name, label, value) that reloads the page with its filters."""
+    inputs = "".join(
+        f'<label>{esc(label)} <input name="{esc(name)}"{attrs({"value": value})}></label>'
+        for name, label, value in fields
+    )
+    return Html(
+        f'<form class="filters" method="get" action="{esc(action)}" data-nav>{inputs}'
+        '<button type="submit">Filter</button></form>'
     )
 
 

@@ -21,12 +21,13 @@ from valkyrie.gateway.console._data import JobsPage, QueuePage
 from valkyrie.gateway.console._html import (
     Html,
     age,
-    attrs,
     badge,
     button,
     esc,
+    filters_form,
     link,
     section,
+    short,
     table,
     when,
 )
@@ -44,18 +45,6 @@ _EVENT_DETAILS = (
     "queued_ms",
     "from_runner",
 )
-
-
-def _filters(action: str, fields: Sequence[tuple[str, str, str | None]]) -> Html:
-    """A GET form of text inputs (name, label, value) that reloads the page with its filters."""
-    inputs = "".join(
-        f'<label>{esc(label)} <input name="{esc(name)}"{attrs({"value": value})}></label>'
-        for name, label, value in fields
-    )
-    return Html(
-        f'<form class="filters" method="get" action="{esc(action)}" data-nav>{inputs}'
-        '<button type="submit">Filter</button></form>'
-    )
 
 
 def overview_view(
@@ -217,7 +206,7 @@ def queue_view(
         ],
         empty="no job waits for a runner",
     )
-    filters = _filters(
+    filters = filters_form(
         "/console/queue",
         [
             ("job_type", "Job type", request.job_type),
@@ -231,7 +220,7 @@ def queue_view(
         actions = button("Cancel", "cancel", job_id=j.job_id) if can_cancel else ""
         rows.append(
             (
-                link(f"/console/jobs/{j.job_id}", j.job_id),
+                link(f"/console/jobs/{j.job_id}", short(j.job_id)),
                 j.job_type,
                 j.region,
                 j.labels or "-",
@@ -281,14 +270,14 @@ def queue_view(
 
 def jobs_view(page: JobsPage, states: str | None, *, now_ms: int) -> Html:
     """Recently changed jobs, newest first, with an "older" link."""
-    filters = _filters("/console/jobs", [("state", "States (comma-separated)", states)])
+    filters = filters_form("/console/jobs", [("state", "States (comma-separated)", states)])
     find = Html(
         '<form class="filters" data-find-job><label>Job id <input name="job_id"></label>'
         '<button type="submit">Open</button></form>'
     )
     rows = [
         (
-            link(f"/console/jobs/{r.id}", r.id),
+            link(f"/console/jobs/{r.id}", short(r.id)),
             badge(r.state.value),
             r.spec.job_type,
             r.spec.priority,
@@ -370,10 +359,11 @@ def job_view(
             empty="no runner rejected it",
         )
         tips = "".join(f"<li>{esc(s)}</li>" for s in explanation.suggestions)
+        pending = " pending" if record.state.value == "queued" else ""
         why = section(
             "Why" if record.state.value == "queued" else "Placement",
             Html(
-                f'<p class="summary" data-explain="{esc(", ".join(explanation.causes))}">'
+                f'<p class="summary{pending}" data-explain="{esc(", ".join(explanation.causes))}">'
                 f"{esc(explanation.summary)}</p>"
             ),
             groups,
@@ -470,7 +460,7 @@ def runners_view(
         + ", ".join(f"{s} {counts.get(s.value, 0)}" for s in RunnerState)
         + f"); {len(matching)} match.</p>"
     )
-    filters = _filters(
+    filters = filters_form(
         "/console/runners",
         [("state", "State", state), ("pool", "Pool (region)", pool), ("q", "Id contains", query)],
     )

@@ -13,7 +13,7 @@
   let loading = null; // the AbortController of the fragment being loaded
   let lastEventId = null;
   let refreshTimer = null;
-  let lastRefresh = 0;
+  let wakeFollow = null; // cuts the reconnect wait short (a new token)
 
   function token() {
     return sessionStorage.getItem(TOKEN_KEY) || "";
@@ -82,7 +82,6 @@
       view.innerHTML = html;
       view.dataset.loaded = location.pathname + location.search;
       view.dataset.loadedAt = String(Date.now());
-      lastRefresh = Date.now();
       if (!quiet) say("");
       if (current.name === "events") fillFullEvents();
     } catch (e) {
@@ -179,13 +178,16 @@
     const strong = document.createElement("strong");
     strong.textContent = event.type;
     li.append(time + " ", strong, " ");
-    if (event.subject_id) {
+    const entity = event.type.split(".")[0];
+    if (event.subject_id && (entity === "job" || entity === "runner")) {
       const a = document.createElement("a");
-      const entity = event.type.split(".")[0];
       a.textContent = event.subject_id;
-      a.href = entity === "job" ? "/console/jobs/" + event.subject_id : "/console/runners?q=" + event.subject_id;
+      a.href = entity === "job" ? "/console/jobs/" + encodeURIComponent(event.subject_id)
+        : "/console/runners?q=" + encodeURIComponent(event.subject_id);
       a.dataset.nav = "";
       li.append(a);
+    } else if (event.subject_id) {
+      li.append(event.subject_id);
     }
     const detail = data.runner_id || data.reason || "";
     if (detail) li.append(" " + detail);
@@ -211,6 +213,10 @@
     scheduleRefresh(event);
   }
 
+  // The job on screen: refresh 150 ms after its event. Other views: 1.2 s after the last event
+  // (the queue ledger is written once a second), but at least every 3 s while events keep coming.
+  let pendingSince = 0;
+
   function scheduleRefresh(event) {
     const current = currentView();
     if (current.name === "events") return;
@@ -218,13 +224,16 @@
     let delay;
     if (current.name === "job") {
       if (event.subject_id !== current.id) return;
-      delay = 150; // the job on screen changed: show it at once
+      delay = 150;
     } else {
-      delay = Math.max(200, 1500 - (Date.now() - lastRefresh)); // at most one refresh a 1.5 s
+      const now = Date.now();
+      if (!pendingSince) pendingSince = now;
+      delay = Math.min(1200, Math.max(0, 3000 - (now - pendingSince)));
     }
-    if (refreshTimer) return;
+    if (refreshTimer) clearTimeout(refreshTimer);
     refreshTimer = setTimeout(function () {
       refreshTimer = null;
+      pendingSince = 0;
       load(true);
     }, delay);
   }
@@ -271,7 +280,11 @@
         /* reconnect below */
       }
       setLive(false);
-      await new Promise(function (resolve) { setTimeout(resolve, wait); });
+      await new Promise(function (resolve) {
+        wakeFollow = resolve;
+        setTimeout(resolve, wait);
+      });
+      wakeFollow = null;
       wait = Math.min(wait * 2, 5000);
     }
   }
@@ -287,6 +300,7 @@
     tokenForm.reset();
     tokenForm.hidden = true;
     load(false);
+    if (wakeFollow) wakeFollow();
   });
   document.getElementById("token-forget").addEventListener("click", function () {
     sessionStorage.removeItem(TOKEN_KEY);
