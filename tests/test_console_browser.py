@@ -36,7 +36,13 @@ from tests._metrics_helpers import parse, value
 from valkyrie import Settings
 from valkyrie.runtime import discover_handlers
 
-pytestmark = [pytest.mark.nats, pytest.mark.slow, pytest.mark.browser]
+# one `valkyrie up` for the module: its tests run on one xdist worker, in file order
+pytestmark = [
+    pytest.mark.nats,
+    pytest.mark.slow,
+    pytest.mark.browser,
+    pytest.mark.xdist_group("console-browser"),
+]
 
 IMPOSSIBLE_GROUP = {"job_type": "shell", "region": "-", "labels": "os=plan9"}
 
