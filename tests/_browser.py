@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -79,8 +81,28 @@ def chromium() -> Iterator[WebDriver]:
 def wait_for(
     driver: WebDriver, check: Callable[[WebDriver], object], *, timeout_s: float = 20.0
 ) -> object:
-    """Poll ``check`` until it returns something truthy (fails the test after ``timeout_s``)."""
-    return WebDriverWait(driver, timeout_s, poll_frequency=0.1).until(check)
+    """Poll ``check`` until it returns something truthy (fails the test after ``timeout_s``).
+
+    The console replaces a view's HTML when its events arrive, so an element found a moment ago
+    may be gone: ``check`` is simply asked again then (find and read in the same ``check``).
+    """
+    wait = WebDriverWait(
+        driver,
+        timeout_s,
+        poll_frequency=0.1,
+        ignored_exceptions=(StaleElementReferenceException,),
+    )
+    return wait.until(check)
+
+
+def click(driver: WebDriver, css: str, *, timeout_s: float = 20.0) -> None:
+    """Click the element ``css`` selects, finding it again if the view was just re-rendered."""
+
+    def attempt(d: WebDriver) -> bool:
+        d.find_element(By.CSS_SELECTOR, css).click()
+        return True
+
+    wait_for(driver, attempt, timeout_s=timeout_s)
 
 
 def screenshot(driver: WebDriver, name: str) -> Path:

@@ -20,7 +20,7 @@ import pytest
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 
-from tests._browser import chromium, screenshot, wait_for
+from tests._browser import chromium, click, screenshot, wait_for
 from tests._gateway_helpers import TOKENS, auth_environ
 from tests._helpers import (
     ROOT,
@@ -115,11 +115,9 @@ def _queue_series(up: Up) -> tuple[float | None, float | None]:
 
 def _use_token(driver: WebDriver, name: str) -> None:
     """Give the console a token through its form (shown by the first refused request)."""
-    field = wait_for(
-        driver, lambda d: next(iter(d.find_elements(By.CSS_SELECTOR, "#token-form input")), None)
-    )
+    # the form is part of the page shell (never re-rendered)
     wait_for(driver, lambda d: d.find_element(By.ID, "token-form").is_displayed())
-    field.send_keys(TOKENS[name][0])  # type: ignore[attr-defined]
+    driver.find_element(By.CSS_SELECTOR, "#token-form input").send_keys(TOKENS[name][0])
     driver.find_element(By.CSS_SELECTOR, "#token-form button[type=submit]").click()
 
 
@@ -148,25 +146,22 @@ def test_done_when_a_job_nobody_can_take_shows_in_metrics_console_and_discovery(
     assert later_age >= first_age + 1.0, (first_age, later_age)
     with chromium() as driver:
         _open(driver, f"{up.url}/console/queue?labels=os%3Dplan9", "reader")
-        row = wait_for(
-            driver,
-            lambda d: next(
-                iter(d.find_elements(By.CSS_SELECTOR, f'#queue-jobs tr[data-job-id="{job_id}"]')),
-                None,
-            ),
-        )
-        reason = row.find_element(By.CSS_SELECTOR, ".reason").text  # type: ignore[attr-defined]
-        assert "rejected because their labels do not match {'os': 'plan9'}" in reason
+        row = f'#queue-jobs tr[data-job-id="{job_id}"]'
+        reason = wait_for(driver, lambda d: d.find_element(By.CSS_SELECTOR, f"{row} .reason").text)
+        assert "rejected because their labels do not match {'os': 'plan9'}" in str(reason)
         # a reader sees no cancel button
         assert not driver.find_elements(By.CSS_SELECTOR, "button[data-action=cancel]")
         screenshot(driver, "console-queue")
         # the job's own page explains it in full
-        row.find_element(By.CSS_SELECTOR, "a").click()  # type: ignore[attr-defined]
-        wait_for(
-            driver, lambda d: d.find_elements(By.CSS_SELECTOR, f'.job[data-job-id="{job_id}"]')
+        click(driver, f"{row} a")
+        summary = wait_for(
+            driver,
+            lambda d: (
+                d.find_element(By.CSS_SELECTOR, f'.job[data-job-id="{job_id}"]')
+                and d.find_element(By.CSS_SELECTOR, "p.summary").text
+            ),
         )
-        summary = driver.find_element(By.CSS_SELECTOR, "p.summary").text
-        assert "no runner can take it" in summary
+        assert "no runner can take it" in str(summary)
         assert driver.find_elements(By.CSS_SELECTOR, '#timeline tr[data-event="job.queued"]')
         screenshot(driver, "console-job-queued")
     # `nats micro ls`'s question, asked by `valkyrie status`: every handler answers
@@ -196,8 +191,9 @@ def test_a_job_goes_from_queued_to_succeeded_live(up: Up) -> None:
         # the token stays in the tab: the job's page loads at once
         driver.get(f"{up.url}/console/jobs/{job_id}")
         job = f'.job[data-job-id="{job_id}"]'
-        first = wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, job))
-        state = first[0].get_attribute("data-job-state")  # type: ignore[index]
+        state = wait_for(
+            driver, lambda d: d.find_element(By.CSS_SELECTOR, job).get_attribute("data-job-state")
+        )
         assert state in ("queued", "dispatched"), state
         driver.execute_script("window.__sameDocument = true")
         # no reload: the live event stream brings every change
@@ -210,11 +206,16 @@ def test_a_job_goes_from_queued_to_succeeded_live(up: Up) -> None:
             timeout_s=30,
         )
         assert driver.execute_script("return window.__sameDocument === true")
-        assert "hello console" in driver.find_element(By.ID, "log").text
-        events = [
-            e.get_attribute("data-event")
-            for e in driver.find_elements(By.CSS_SELECTOR, "#timeline tr[data-event]")
-        ]
+        log = wait_for(driver, lambda d: d.find_element(By.ID, "log").text)
+        assert "hello console" in str(log)
+        events = wait_for(
+            driver,
+            lambda d: [
+                e.get_attribute("data-event")
+                for e in d.find_elements(By.CSS_SELECTOR, "#timeline tr[data-event]")
+            ],
+        )
+        assert isinstance(events, list)
         assert events[0] == "job.queued"
         assert events[-1] == "job.succeeded"
         assert "job.dispatched" in events
@@ -233,11 +234,13 @@ def test_cancel_a_job_from_the_console(up: Up) -> None:
     with chromium() as driver:
         _open(driver, f"{up.url}/console/jobs/{job_id}", "writer")
         job = f'.job[data-job-id="{job_id}"]'
-        wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, job))
-        button = driver.find_element(By.CSS_SELECTOR, f'{job} button[data-action="cancel"]')
-        button.click()  # asks first
-        assert button.get_attribute("data-armed") == "1"
-        button.click()
+        button = f'{job} button[data-action="cancel"]'
+        click(driver, button)
+        # it asks first: the button is armed, and a second click within 5 s confirms
+        wait_for(
+            driver, lambda d: d.find_element(By.CSS_SELECTOR, button).get_attribute("data-armed")
+        )
+        driver.find_element(By.CSS_SELECTOR, button).click()
         wait_for(
             driver,
             lambda d: (
@@ -252,14 +255,19 @@ def test_runners_and_overview_pages(up: Up) -> None:
     with chromium() as driver:
         _open(driver, f"{up.url}/console/runners", "admin")
         rows = wait_for(
-            driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#runners tr[data-runner-id]")
+            driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#runners tr[data-runner-id]"))
         )
-        assert len(rows) == 2  # type: ignore[arg-type]
+        assert rows == 2
         assert driver.find_elements(By.CSS_SELECTOR, 'button[data-action="drain"]')
-        driver.find_element(By.CSS_SELECTOR, 'nav a[data-view="overview"]').click()
-        health = wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "[data-health]"))
-        assert health[0].get_attribute("data-health") in ("healthy", "degraded", "unhealthy")  # type: ignore[index]
-        assert (
-            driver.find_element(By.CSS_SELECTOR, "[data-mode]").get_attribute("data-mode") == "full"
+        click(driver, 'nav a[data-view="overview"]')
+        health = wait_for(
+            driver,
+            lambda d: d.find_element(By.CSS_SELECTOR, "[data-health]").get_attribute("data-health"),
         )
+        assert health in ("healthy", "degraded", "unhealthy")
+        mode = wait_for(
+            driver,
+            lambda d: d.find_element(By.CSS_SELECTOR, "[data-mode]").get_attribute("data-mode"),
+        )
+        assert mode == "full"
         screenshot(driver, "console-overview")

@@ -54,6 +54,7 @@ def test_a_listing_filters_pages_and_gives_reasons() -> None:
         _hold(queue, f"b{i}", spec, NOW - 10_000 + i)
     _hold(queue, "urgent", JobSubmission(job_type="build", labels={"os": "linux"}, priority=0), NOW)
     _hold(queue, "gpu", JobSubmission(job_type="gpu", labels={"region": "eu"}), NOW)
+    queue.ordered(NOW, config)  # a placement round ranks every held job; listings read that
 
     def page(request: QueueListRequest) -> QueueListing:
         return list_queue(
@@ -79,6 +80,7 @@ def test_merging_pages_of_several_dispatchers() -> None:
         queue = DispatchQueue()
         for i in range(4):
             _hold(queue, f"{name}{i}", JobSubmission(job_type="t"), NOW + 2 * i + offset)
+        queue.ordered(NOW, config)
         listings.append(
             list_queue(
                 queue,

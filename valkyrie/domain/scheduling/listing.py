@@ -12,7 +12,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable
 
-from schemas import QueuedJob, QueueListing, QueueListRequest
+from schemas import JobSubmission, QueuedJob, QueueListing, QueueListRequest
 from valkyrie.config.model import ValkyrieConfig
 from valkyrie.domain.explain import pending_reason
 from valkyrie.domain.scheduling.ledger import job_labels, job_region
@@ -39,27 +39,26 @@ def list_queue(
     """The first ``request.limit`` held jobs matching ``request`` after its cursor.
 
     Jobs whose record is not known yet, and jobs being dispatched right now, are not listed
-    (they are in the ledger's counts, and gone or placed in a moment).
+    (they are in the ledger's counts, and gone or placed in a moment). Each job's effective
+    priority is the one the last placement round gave it (a round runs at least every 0.25 s and
+    ranks every held job), so a listing costs one pass over the held jobs, not a sort.
     """
     tenant_key = config.scheduling.tenant_key
-    matching: list[tuple[str, HeldJob, str, str, str]] = []
-    for job in queue.ordered(
-        now_ms, config
-    ):  # also brings each job's effective priority up to date
-        assert job.record is not None
-        spec = job.record.spec
-        if request.job_type is not None and spec.job_type != request.job_type:
+
+    def wanted(spec: JobSubmission) -> bool:
+        # the cheap test first; a group or tenant is only worked out when asked for
+        return (
+            (request.job_type is None or spec.job_type == request.job_type)
+            and (request.region is None or job_region(spec) == request.region)
+            and (request.labels is None or job_labels(spec) == request.labels)
+            and (request.tenant is None or tenant_of(spec, tenant_key) == request.tenant)
+        )
+
+    matching: list[tuple[str, HeldJob]] = []
+    for job in queue.jobs.values():
+        if job.record is None or job.committing or not wanted(job.record.spec):
             continue
-        region, labels = job_region(spec), job_labels(spec)
-        if request.region is not None and region != request.region:
-            continue
-        if request.labels is not None and labels != request.labels:
-            continue
-        tenant = tenant_of(spec, tenant_key)
-        if request.tenant is not None and tenant != request.tenant:
-            continue
-        key = listing_key(job.effective, job.record.submitted_at_ms, job.job_id)
-        matching.append((key, job, region, labels, tenant))
+        matching.append((listing_key(job.effective, job.record.submitted_at_ms, job.job_id), job))
     after = request.after
     page = heapq.nsmallest(
         request.limit,
@@ -67,17 +66,18 @@ def list_queue(
         key=lambda m: m[0],
     )
     jobs = []
-    for key, job, region, labels, tenant in page:
+    for key, job in page:
         record = job.record
         assert record is not None
+        spec = record.spec
         jobs.append(
             QueuedJob(
                 job_id=job.job_id,
-                job_type=record.spec.job_type,
-                region=region,
-                labels=labels,
-                tenant=tenant,
-                priority=record.spec.priority,
+                job_type=spec.job_type,
+                region=job_region(spec),
+                labels=job_labels(spec),
+                tenant=tenant_of(spec, tenant_key),
+                priority=spec.priority,
                 effective_priority=job.effective,
                 attempt=record.attempt,
                 submitted_at_ms=record.submitted_at_ms,
@@ -87,7 +87,7 @@ def list_queue(
                     job.last,
                     mode=config.mode.value,
                     now_ms=now_ms,
-                    has_free=has_free(record.spec.job_type),
+                    has_free=has_free(spec.job_type),
                 ),
                 key=key,
             )
