@@ -47,6 +47,7 @@ from valkyrie.runtime import (
     HandlerBase,
     HandlerContext,
     HoldingConsumer,
+    QueueCollector,
     publish_queue,
     same_message,
     settle,
@@ -87,6 +88,9 @@ class DispatcherWorker(HandlerBase):
         )
         #: this dispatcher in the queue ledger (``queue.<instance>`` in the stats bucket)
         self.instance = new_id()[:12]
+        #: the last snapshot made for the ledger, also what the queue gauges export
+        self.latest: QueueSnapshot | None = None
+        ctx.registry.register(QueueCollector(lambda: self.latest))
         self._wake = anyio.Event()
         self._commits = anyio.Semaphore(COMMIT_CONCURRENCY)
         self._stopping = False
@@ -122,6 +126,7 @@ class DispatcherWorker(HandlerBase):
             read=self._writes.read,
             decision_of=self._writes.decision_of,
             now_ms=now_ms,
+            instance=self.instance,
         )
         view.add_listener(self._on_runner)
         self._ctx.config.on_change(lambda _old, _new: self._poke())
@@ -134,6 +139,8 @@ class DispatcherWorker(HandlerBase):
             # every dispatcher answers (no queue group): only the one holding a queued job knows
             # its place in line, and the client waits a moment for that answer
             await bus.nc.subscribe(bus.names.explain, cb=self._explainer.answer),
+            # likewise for a queue listing: each dispatcher lists the jobs it holds
+            await bus.nc.subscribe(bus.names.queue_list, cb=self._explainer.answer_queue),
         ]
         try:
             async with anyio.create_task_group() as tg:
@@ -157,6 +164,7 @@ class DispatcherWorker(HandlerBase):
                     await self.holding.consumed()
                 tg.cancel_scope.cancel()
         finally:
+            self.latest = None  # what it held is handed back: it exports nothing any more
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 await self.holding.hand_back(keep=self._committing)
                 for sub in subs:
@@ -340,6 +348,11 @@ class DispatcherWorker(HandlerBase):
         """Dispatch as ``commit`` says; ``False``: the runner filled up, place the job again."""
         job = commit.job
         assert job.record is not None
+        began, job_type, queued_at = (
+            time.perf_counter(),
+            job.record.spec.job_type,
+            job.queued_at_ms(),
+        )
         outcome = await self._writes.dispatch(
             commit,
             fresh=fresh,
@@ -351,20 +364,25 @@ class DispatcherWorker(HandlerBase):
             if outcome:
                 self._drop(job)  # someone else dispatched, cancelled or expired it
             return outcome
-        self._ctx.metrics.jobs.labels(self.name, "dispatched").inc()
-        self.queue.dispatched(job, tenant=outcome.tenant, now_ms=now_ms())
+        metrics, now = self._ctx.metrics, now_ms()
+        metrics.jobs.labels(self.name, "dispatched").inc()
+        metrics.messages.labels(self.name, "ack").inc()
+        metrics.duration.labels(self.name).observe(time.perf_counter() - began)
+        metrics.observe_dispatch(job_type, now - queued_at)
+        self.queue.dispatched(job, tenant=outcome.tenant, now_ms=now)
         if not fresh:
             await self.holding.done(job.job_id)
         return True
 
     def snapshot(self) -> QueueSnapshot:
-        """What this dispatcher holds now (the queue ledger's entry)."""
-        return queue_snapshot(
+        """What this dispatcher holds now (the queue ledger's entry, and its queue gauges)."""
+        self.latest = queue_snapshot(
             self.queue,
             instance=self.instance,
             now_ms=now_ms(),
             tenant_key=self._cfg().scheduling.tenant_key,
         )
+        return self.latest
 
     async def explain(self, job_id: str) -> JobExplanation:
         """Why ``job_id`` is pending, or why it went where it went."""

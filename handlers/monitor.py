@@ -62,6 +62,7 @@ from valkyrie.runtime import (
     HealthGauges,
     HealthReports,
     HealthStore,
+    RunnerGauges,
     RunnerStates,
     consumer_lags,
 )
@@ -91,6 +92,7 @@ class MonitorWorker(HandlerBase):
         # (config revision it was looked up at, the newest mode-changing revision)
         self._mode_change: tuple[int, ConfigRevision | None] | None = None
         self._gauges = HealthGauges(ctx.registry)
+        self._runner_gauges = RunnerGauges(ctx.registry)
 
     async def run(
         self, stop: anyio.Event, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -100,6 +102,7 @@ class MonitorWorker(HandlerBase):
         async with self._reports.listening(), anyio.create_task_group() as tg:
             view = await self._ctx.views.runners()
             view.add_listener(self._runners.hear)
+            view.add_listener(self._runner_gauges.hear)
             tg.start_soon(self._loop, stop, tg)
             task_status.started()
             await stop.wait()

@@ -197,6 +197,11 @@ class ResultsWorker(HandlerBase):
                 await self._emit(record, JobAcceptedEvent, update.runner_id, outbox)
             case JobStarted():
                 await self._emit(record, JobStartedEvent, update.runner_id, outbox)
+                if written and result.outcome == UpdateOutcome.APPLIED and record.dispatched_at_ms:
+                    # the control plane's clock at both ends: a runner's clock is never trusted
+                    self._ctx.metrics.observe_start(
+                        record.spec.job_type, now_ms() - record.dispatched_at_ms
+                    )
             case JobFinished():
                 if record.attempt != update.attempt or record.state not in (
                     {JobState.QUEUED} | TERMINAL_STATES

@@ -98,7 +98,14 @@ from schemas.ops_events import (
     HealthHealthy,
     HealthUnhealthy,
 )
-from schemas.queue import OTHER, QueueGroup, QueueSnapshot
+from schemas.queue import (
+    OTHER,
+    QueuedJob,
+    QueueGroup,
+    QueueListing,
+    QueueListRequest,
+    QueueSnapshot,
+)
 from schemas.runner_events import (
     RunnerBackOnline,
     RunnerDeregistered,
@@ -212,7 +219,10 @@ __all__ = [
     "PerformanceTargets",
     "QosRequirements",
     "QueueGroup",
+    "QueueListRequest",
+    "QueueListing",
     "QueueSnapshot",
+    "QueuedJob",
     "Refusal",
     "RegistrationVerdict",
     "Requirements",

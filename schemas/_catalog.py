@@ -13,7 +13,7 @@ from schemas.explain import ExplainRequest, JobExplanation
 from schemas.health import FallbackRecord, HealthReport, HealthSummary
 from schemas.jobs import JobRecord, JobSubmission, SubmitVerdict
 from schemas.legacy import LegacyJobV1
-from schemas.queue import QueueSnapshot
+from schemas.queue import QueueListing, QueueListRequest, QueueSnapshot
 from schemas.runners import (
     CancelJob,
     Dispatch,
@@ -55,6 +55,8 @@ CATALOG: dict[str, Any] = {
     "health-report": HealthReport,
     "health-summary": HealthSummary,
     "fallback-record": FallbackRecord,
+    "queue-list-request": QueueListRequest,
+    "queue-listing": QueueListing,
     "queue-snapshot": QueueSnapshot,
     # one per event type: the envelope with its ``type`` fixed and its ``data`` typed
     **{event_schema_name(kind): event_wire_type(kind) for kind in EVENT_KINDS},

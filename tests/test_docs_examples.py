@@ -31,6 +31,8 @@ from schemas import (
     JobSubmission,
     JobUpdate,
     LegacyJobV1,
+    QueueListing,
+    QueueListRequest,
     RegistrationVerdict,
     RunnerCommand,
     RunnerHeartbeat,
@@ -51,6 +53,7 @@ EXPECTED: dict[str, tuple[Any, ...]] = {
     N.submit: (JobSubmission, LegacyJobV1, SubmitVerdict, SubmitVerdict),
     N.cancel: (CancelJob,),
     N.explain: (ExplainRequest, JobExplanation),
+    N.queue_list: (QueueListRequest, QueueListing),
     N.register: (RunnerRegistration, RegistrationVerdict),
     N.heartbeat("<runner_id>"): (RunnerHeartbeat,),
     # the admin request has no schema type: a plain object naming the runner
@@ -73,6 +76,7 @@ SUBJECT_MEMBERS = {
     "submit": N.submit,
     "cancel": N.cancel,
     "explain": N.explain,
+    "queue_list": N.queue_list,
     "register": N.register,
     "heartbeat": N.heartbeat("<runner_id>"),
     "runner_admin": N.runner_admin("<action>"),
@@ -87,6 +91,8 @@ SUBJECT_MEMBERS = {
 }
 #: members that build stream and bucket names or filters, not subjects
 NOT_SUBJECTS = {"prefix", "stream", "bucket", "events"}
+#: service discovery: NATS micro's own protocol ($SRV.*), one row of the overview, no examples
+DISCOVERY = {"service_name", "srv_subject", "srv_subjects"}
 STREAMS = ("submit", "commands", "updates", "events", "logs", "dead")
 
 _HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*$")
@@ -136,10 +142,11 @@ CASES = [
 
 
 def test_every_subject_is_documented() -> None:
-    members = {m for m in dir(Names) if not m.startswith("_")} - NOT_SUBJECTS
+    members = {m for m in dir(Names) if not m.startswith("_")} - NOT_SUBJECTS - DISCOVERY
     assert members == set(SUBJECT_MEMBERS), "a subject was added to Names: document it"
     assert set(SUBJECT_MEMBERS.values()) <= set(EXPECTED)
     text = DOC.read_text(encoding="utf-8")
+    assert "`$SRV.PING\\|INFO\\|STATS[.valkyrie[.<id>]]`" in text
     for stream in STREAMS:
         assert f"`{N.stream(stream)}`" in text
     for bucket in BUCKETS:

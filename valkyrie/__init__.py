@@ -11,11 +11,10 @@ every other name loads its module on first use (``valkyrie._lazy``), so a runner
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError as _NotInstalled
-from importlib.metadata import version as _version
 from typing import TYPE_CHECKING
 
 from valkyrie._lazy import attach as _attach
+from valkyrie._version import __version__
 from valkyrie.errors import (
     BusError,
     ConfigError,
@@ -54,11 +53,6 @@ if TYPE_CHECKING:
         discover_handlers,
     )
     from valkyrie.runtime.metrics import HandlerMetrics, serve_metrics
-
-try:
-    __version__ = _version("valkyrie")
-except _NotInstalled:  # running from a source tree that was never installed
-    __version__ = "0.0.0"
 
 if not TYPE_CHECKING:  # type checkers see the imports above, and no catch-all __getattr__
     __getattr__, __dir__ = _attach(__name__, __file__)

@@ -64,8 +64,13 @@ if TYPE_CHECKING:
         PullFeed,
         ensure_consumer,
     )
+    from valkyrie.bus.server import (
+        NatsServer,
+        find_nats_server,
+    )
     from valkyrie.bus.storage import (
         full_error,
+        provisioning,
         storage_full,
     )
     from valkyrie.bus.tls import (
@@ -96,6 +101,7 @@ __all__ = [
     "EventPublisher",
     "KvChange",
     "Names",
+    "NatsServer",
     "Outbox",
     "PubAck",
     "PullFeed",
@@ -105,12 +111,14 @@ __all__ = [
     "connect",
     "encode",
     "ensure_consumer",
+    "find_nats_server",
     "full_error",
     "get_versioned",
     "kv_create",
     "kv_write",
     "new_id",
     "now_ms",
+    "provisioning",
     "put_new",
     "storage_full",
     "tls_context",

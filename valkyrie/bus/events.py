@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from schemas import DeadLetter, Event, FieldError, TypedEvent
 from valkyrie.bus.acked import acked_publisher
 from valkyrie.bus.codec import encode, new_id, now_ms
@@ -17,11 +19,16 @@ class EventPublisher:
     Every event is a typed event (``schemas.event_catalog``). Those whose id is derived from what
     happened (``<job_id>.queued.<attempt>``) are de-duplicated by the stream, so a handler that
     redoes work after a crash does not emit them twice.
+
+    ``observe`` hears every event as it is sent (the handlers' metrics count some kinds there).
     """
 
-    def __init__(self, bus: Bus, source: str) -> None:
+    def __init__(
+        self, bus: Bus, source: str, *, observe: Callable[[TypedEvent], None] | None = None
+    ) -> None:
         self._bus = bus
         self._source = source
+        self._observe = observe
 
     async def emit(
         self, event: TypedEvent, *, at_ms: int | None = None, outbox: Outbox | None = None
@@ -43,6 +50,8 @@ class EventPublisher:
             await outbox.publish(subject, encode(envelope), headers)
         else:
             await acked_publisher(self._bus.nc).publish(subject, encode(envelope), headers)
+        if self._observe is not None:
+            self._observe(event)
         return envelope
 
     async def dead_letter(

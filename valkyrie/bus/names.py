@@ -45,6 +45,11 @@ class Names:
         return f"{self.prefix}.jobs.explain"
 
     @property
+    def queue_list(self) -> str:
+        """Request/reply: a page of the queued jobs each dispatcher holds, with reasons."""
+        return f"{self.prefix}.jobs.queue"
+
+    @property
     def register(self) -> str:
         """Request/reply: runner registration."""
         return f"{self.prefix}.runners.register"
@@ -93,6 +98,30 @@ class Names:
     def dead(self, handler: str = "*") -> str:
         """Dead letters of ``handler``."""
         return f"{self.prefix}.dead.{handler}"
+
+    # -- service discovery (NATS micro: `$SRV`, outside the prefix by the NATS convention) --------
+    @property
+    def service_name(self) -> str:
+        """The micro service name every process of this installation answers as."""
+        return self.prefix
+
+    def srv_subject(self, verb: str, instance: str | None = None) -> str:
+        """``$SRV.<VERB>.<service_name>[.<instance>]``: ask this installation's processes."""
+        tail = f".{instance}" if instance else ""
+        return f"$SRV.{verb}.{self.service_name}{tail}"
+
+    def srv_subjects(self) -> list[str]:
+        """Every subject a process answers discovery on (what its NATS user must subscribe to).
+
+        ``$SRV.<VERB>`` (every service on the server), ``$SRV.<VERB>.<name>`` and
+        ``$SRV.<VERB>.<name>.<id>`` for the verbs PING, INFO and STATS; the answers go to the
+        asker's reply inbox.
+        """
+        return [
+            f"$SRV.{verb}{tail}"
+            for verb in ("PING", "INFO", "STATS")
+            for tail in ("", f".{self.service_name}", f".{self.service_name}.*")
+        ]
 
     # -- streams and buckets ----------------------------------------------------------------------
     def stream(self, name: str) -> str:

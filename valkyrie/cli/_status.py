@@ -24,10 +24,11 @@ from valkyrie.config.live import LiveConfig
 from valkyrie.config.load import LoadedConfig, config_for
 from valkyrie.domain.health import Seen, runner_pool, summarize
 from valkyrie.errors import BusError
+from valkyrie.runtime.discovery import DiscoveredService, discover
 from valkyrie.runtime.health import HealthReports, consumer_lags, list_runner_states
 from valkyrie.runtime.healthstore import HealthStore
 
-__all__ = ["Gathered", "render", "status"]
+__all__ = ["Gathered", "gather", "gather_health", "render", "service_rows", "status"]
 
 
 class Gathered(msgspec.Struct, frozen=True, kw_only=True):
@@ -37,6 +38,8 @@ class Gathered(msgspec.Struct, frozen=True, kw_only=True):
     source: str  # "monitor", "local" (evaluated here) or "none"
     reports: int = 0
     stale_summary_at_ms: int | None = None
+    #: the processes that answered ``$SRV.STATS`` (service discovery)
+    services: list[DiscoveredService] = msgspec.field(default_factory=list)
 
 
 async def _listen(bus: Bus, wait_s: float) -> dict[str, Seen]:
@@ -47,6 +50,19 @@ async def _listen(bus: Bus, wait_s: float) -> dict[str, Seen]:
 
 
 async def gather(bus: Bus, config: LoadedConfig, wait_s: float | None) -> Gathered:
+    """The health summary (:func:`gather_health`) and the processes service discovery finds."""
+    async with anyio.create_task_group() as tg:
+        found: list[DiscoveredService] = []
+
+        async def services() -> None:
+            found.extend(await discover(bus))
+
+        tg.start_soon(services)
+        gathered = await gather_health(bus, config, wait_s)
+    return msgspec.structs.replace(gathered, services=found)
+
+
+async def gather_health(bus: Bus, config: LoadedConfig, wait_s: float | None) -> Gathered:
     """The monitor's summary if it is fresh, else one evaluated here from live reports.
 
     ``config`` is the command's loaded config; the revision in force is applied over it.
@@ -140,6 +156,26 @@ def _component_rows(summary: HealthSummary, now: int) -> list[Sequence[object]]:
     return rows
 
 
+def service_rows(services: Sequence[DiscoveredService]) -> list[Sequence[object]]:
+    """One row per process that answered service discovery."""
+    rows: list[Sequence[object]] = []
+    for svc in services:
+        meta = svc.metadata
+        rows.append(
+            (
+                svc.id,
+                ",".join(svc.handlers) or "-",
+                meta.get("valkyrie_version", svc.version),
+                meta.get("config_revision", "-"),
+                meta.get("mode", "-"),
+                f"{meta.get('host', '?')}:{meta.get('pid', '?')}",
+                sum(e.num_requests for e in svc.endpoints),
+                sum(e.num_errors for e in svc.endpoints),
+            )
+        )
+    return rows
+
+
 def _print(gathered: Gathered) -> None:
     summary = gathered.summary
     assert summary is not None
@@ -161,6 +197,14 @@ def _print(gathered: Gathered) -> None:
         f"{pool.busy}, draining {pool.draining}, offline {pool.offline}); minimum "
         f"{pool.min_active}: {pool.status}"
     )
+    click.echo("")
+    if gathered.services:
+        print_table(
+            ["PROCESS", "HANDLERS", "VERSION", "REV", "MODE", "HOST:PID", "MESSAGES", "ERRORS"],
+            service_rows(gathered.services),
+        )
+    else:
+        click.echo("no process answers service discovery ($SRV.STATS)")
     click.echo("")
     print_table(
         ["CONSUMER", "STREAM", "PENDING", "STATUS", "DETAIL"],
@@ -188,7 +232,7 @@ def _print(gathered: Gathered) -> None:
 )
 @click.pass_context
 def status(ctx: click.Context, as_json: bool, wait_s: float | None) -> None:
-    """Show the installation's health: status, mode, components, runners, consumer lag.
+    """Show the installation's health: status, mode, components, processes, runners, consumer lag.
 
     Exit code 0 when healthy, 1 when degraded or unhealthy, 5 when nothing answers.
     """

@@ -20,9 +20,14 @@ from schemas import (
     JobSubmission,
     RunnerRecord,
 )
-from valkyrie.domain.scheduling.placement import CONSTRAINTS, failing_constraints, runner_labels
+from valkyrie.domain.scheduling.placement import (
+    CONSTRAINTS,
+    Placement,
+    failing_constraints,
+    runner_labels,
+)
 
-__all__ = ["QueueFacts", "explain_dispatched", "explain_queued"]
+__all__ = ["QueueFacts", "explain_dispatched", "explain_queued", "pending_reason"]
 
 _WHAT = {
     "offline": "they are offline",
@@ -60,6 +65,10 @@ _WITHOUT = {
     "offline": "once they come back online",
     "capacity": "as soon as a slot frees up",
 }
+
+
+#: rejections for what a runner is doing now, not for what the job asks
+_TRANSIENT = frozenset({"capacity", "offline", "draining"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,3 +285,39 @@ def explain_dispatched(record: JobRecord, decision: JobDispatched | None) -> Job
         placement=msgspec.to_builtins(decision.data()),
         rejected=rejected,
     )
+
+
+def pending_reason(
+    record: JobRecord,
+    last: Placement | None,
+    *,
+    mode: str,
+    now_ms: int,
+    has_free: bool,
+) -> str:
+    """A one-line reason a queued job still waits, from what its dispatcher already knows.
+
+    ``last`` is the dispatcher's last placement attempt for the job (it looks at a sample of the
+    runners with a free slot; while none is free it keeps the previous one) and ``has_free``
+    whether any runner of its job type has a free slot now. Cheap enough for every row of a queue listing; :func:`explain_queued` scans every
+    runner for the full answer.
+    """
+    spec = record.spec
+    if mode == "disabled":
+        return "placement is paused (mode disabled)"
+    if record.not_before_at_ms is not None and record.not_before_at_ms > now_ms:
+        return f"retry backoff: placed again in {(record.not_before_at_ms - now_ms) / 1000:.1f}s"
+    if last is not None and last.waiting_for_preferred:
+        return "it waits for a busy preferred runner (routing_hints.preferred_wait_s)"
+    if last is not None and last.runner_id is None and last.rejected:
+        reasons = last.reasons()
+        # a rejection for what the job asks (labels, resources...) stays true while runners are
+        # busy; one for what runners are doing right now says less than "no free slot"
+        if has_free or not set(reasons) <= _TRANSIENT:
+            # the first constraint in checking order, as the full explanation's summary names it
+            code = next((c for c in CONSTRAINTS if c in reasons), reasons.most_common(1)[0][0])
+            detail = _fill(_WHAT.get(code, code), record)
+            return f"no runner can take it: {reasons[code]} runner(s) rejected because {detail}"
+    if not has_free and not (spec.routing_hints and spec.routing_hints.preferred_runners):
+        return f"no runner that takes job type {spec.job_type!r} has a free slot"
+    return "it is waiting its turn"

@@ -12,6 +12,7 @@ from litestar.connection import ASGIConnection
 from litestar.di import NamedDependency
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from valkyrie._version import __version__
 from valkyrie.bus.connection import Bus
 from valkyrie.bus.events import EventPublisher
 from valkyrie.client.admin import Admin
@@ -20,6 +21,8 @@ from valkyrie.client.jobs import Client
 from valkyrie.config.live import LiveConfig
 from valkyrie.config.model import ValkyrieConfig
 from valkyrie.gateway._ratelimit import RateLimiter
+from valkyrie.runtime.metric_catalogue import spec
+from valkyrie.runtime.metrics import ProcessGauges
 
 __all__ = [
     "ANONYMOUS",
@@ -44,10 +47,11 @@ def valid_id(value: str) -> bool:
 
 @dataclass(frozen=True)
 class HttpMetrics:
-    """The gateway's request counter and latency histogram (labels: method, route, status)."""
+    """The gateway's metrics: requests and their latency, and the process's own gauges."""
 
     requests: Counter
     duration: Histogram
+    process: ProcessGauges
 
     @classmethod
     def on(cls, registry: CollectorRegistry) -> HttpMetrics:
@@ -55,19 +59,9 @@ class HttpMetrics:
         found = _METRICS.get(registry)
         if found is None:
             found = cls(
-                requests=Counter(
-                    "valkyrie_http_requests",
-                    "HTTP requests the gateway answered, by method, route template and status.",
-                    ["method", "route", "status"],
-                    registry=registry,
-                ),
-                duration=Histogram(
-                    "valkyrie_http_request_duration_seconds",
-                    "Time from request to the end of the response (streams: their whole life).",
-                    ["method", "route"],
-                    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
-                    registry=registry,
-                ),
+                requests=spec("valkyrie_http_requests").counter(registry),
+                duration=spec("valkyrie_http_request_duration_seconds").histogram(registry),
+                process=ProcessGauges(registry, __version__),
             )
             _METRICS[registry] = found
         return found
@@ -116,6 +110,7 @@ class Gateway:
 
     def __post_init__(self) -> None:
         self.metrics = HttpMetrics.on(self.registry)
+        self.metrics.process.follow(self.live)
 
     @property
     def config(self) -> ValkyrieConfig:

@@ -28,6 +28,7 @@ from valkyrie.gateway._context import Gateway
 from valkyrie.gateway._middleware import GatewayMiddleware
 from valkyrie.gateway._openapi import finish_openapi
 from valkyrie.gateway._problems import exception_handlers
+from valkyrie.gateway.console import ROUTES as CONSOLE_ROUTES
 
 __all__ = ["build_app", "create_app"]
 
@@ -68,6 +69,7 @@ def build_app(gateway: Gateway | None) -> Litestar:
             *_sse.ROUTES,
             *_routes_v1.ROUTES,
             *_routes_ops.ROUTES,
+            *CONSOLE_ROUTES,
         ],
         dependencies={"gateway": Provide(provide_gateway, sync_to_thread=False)},
         guards=[authorize],

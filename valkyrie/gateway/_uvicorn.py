@@ -21,6 +21,7 @@ from valkyrie.errors import ConfigError
 from valkyrie.gateway._auth import check_auth_setup
 from valkyrie.gateway._context import Gateway
 from valkyrie.gateway._factory import build_app
+from valkyrie.runtime.discovery import ServiceAnnouncer
 from valkyrie.runtime.health import HealthReporter
 from valkyrie.runtime.views import watch_config
 
@@ -103,6 +104,7 @@ async def serve_gateway(
 
     # the gateway is a component like any worker process: the monitor and `valkyrie status` see it
     reporter = HealthReporter(bus, live, [COMPONENT], stop, checks={"http": http_check})
+    service = ServiceAnnouncer(bus, live, [COMPONENT], gateway.registry)
     reporting = anyio.CancelScope()
     async with anyio.create_task_group() as tg:
 
@@ -119,8 +121,10 @@ async def serve_gateway(
 
         async def report() -> None:
             with reporting:
+                await service.start()
                 await reporter.run()
             with anyio.CancelScope(shield=True):
+                await service.stop()
                 await reporter.goodbye()
 
         tg.start_soon(stopper)

@@ -38,6 +38,13 @@ if TYPE_CHECKING:
         Worker,
         discover_handlers,
     )
+    from valkyrie.runtime.discovery import (
+        DiscoveredService,
+        HandlerStats,
+        ServiceAnnouncer,
+        discover,
+        handler_endpoints,
+    )
     from valkyrie.runtime.dispatching import (
         Dispatched,
         Dispatching,
@@ -75,9 +82,20 @@ if TYPE_CHECKING:
         terminal_ttl,
         through_outages,
     )
+    from valkyrie.runtime.metric_catalogue import (
+        CATALOGUE,
+        LATENCY_BUCKETS,
+        MetricSpec,
+        exposed_names,
+        main,
+        render_table,
+        spec,
+    )
     from valkyrie.runtime.metrics import (
+        BoundedLabel,
         HandlerMetrics,
         HealthGauges,
+        ProcessGauges,
         serve_metrics,
     )
     from valkyrie.runtime.placer import (
@@ -95,6 +113,12 @@ if TYPE_CHECKING:
     from valkyrie.runtime.secrets import (
         SecretStore,
     )
+    from valkyrie.runtime.state_metrics import (
+        MAX_POOLS,
+        QueueCollector,
+        RunnerGauges,
+        runner_pool_of,
+    )
     from valkyrie.runtime.views import (
         RunnerView,
         SharedViews,
@@ -105,14 +129,19 @@ if not TYPE_CHECKING:  # type checkers see the imports above, and no catch-all _
     __getattr__, __dir__ = _attach(__name__, __file__)
 
 __all__ = [
+    "CATALOGUE",
     "ENTRY_POINT_GROUP",
     "FALLBACK_KEY",
     "FRESH_MS",
     "HEALTH_KEY",
     "INLINE_RECORD_BYTES",
     "KEEPALIVE_S",
+    "LATENCY_BUCKETS",
     "LEDGER_PREFIX",
+    "MAX_POOLS",
+    "BoundedLabel",
     "BucketRoom",
+    "DiscoveredService",
     "Dispatched",
     "Dispatching",
     "Durable",
@@ -121,6 +150,7 @@ __all__ = [
     "HandlerContext",
     "HandlerFactory",
     "HandlerMetrics",
+    "HandlerStats",
     "HealthGauges",
     "HealthReporter",
     "HealthReports",
@@ -129,10 +159,15 @@ __all__ = [
     "HoldingConsumer",
     "JobOps",
     "LocalPlacer",
+    "MetricSpec",
+    "ProcessGauges",
+    "QueueCollector",
     "QueueLedger",
+    "RunnerGauges",
     "RunnerStates",
     "RunnerView",
     "SecretStore",
+    "ServiceAnnouncer",
     "SharedViews",
     "StreamConsumer",
     "Worker",
@@ -140,17 +175,24 @@ __all__ = [
     "consumer_lags",
     "default_data_dir",
     "delivery_count",
+    "discover",
     "discover_handlers",
     "durables",
+    "exposed_names",
+    "handler_endpoints",
     "headers_of",
     "list_runner_states",
+    "main",
     "open_bus",
     "publish_queue",
+    "render_table",
     "run_control_plane",
     "run_workers",
+    "runner_pool_of",
     "same_message",
     "serve_metrics",
     "settle",
+    "spec",
     "terminal_ttl",
     "through_outages",
     "watch_config",

@@ -14,6 +14,7 @@ import platformdirs
 from anyio.abc import TaskGroup, TaskStatus
 from prometheus_client import CollectorRegistry
 
+from valkyrie._version import __version__
 from valkyrie.bus.connection import Bus, connect
 from valkyrie.bus.server import NatsServer
 from valkyrie.bus.tls import tls_context
@@ -23,8 +24,9 @@ from valkyrie.config.model import ValkyrieConfig
 from valkyrie.config.settings import Settings
 from valkyrie.errors import ConfigError
 from valkyrie.runtime.context import HandlerContext, discover_handlers
+from valkyrie.runtime.discovery import ServiceAnnouncer
 from valkyrie.runtime.health import HealthReporter
-from valkyrie.runtime.metrics import HandlerMetrics, serve_metrics
+from valkyrie.runtime.metrics import HandlerMetrics, ProcessGauges, serve_metrics
 from valkyrie.runtime.views import SharedViews, watch_config
 
 __all__ = ["default_data_dir", "open_bus", "run_control_plane", "run_workers"]
@@ -150,7 +152,9 @@ async def run_workers(
             f"unknown handler(s) {', '.join(unknown)}; registered: {', '.join(available) or 'none'}"
         )
     metrics = HandlerMetrics.create(registry)
+    ProcessGauges(registry, __version__).follow(config)
     reporter = HealthReporter(bus, config, wanted, stop)
+    service = ServiceAnnouncer(bus, config, wanted, registry)
     async with anyio.create_task_group() as tg:
         views = SharedViews(bus, tg)
         workers = [
@@ -167,10 +171,12 @@ async def run_workers(
             for name, worker in zip(wanted, workers, strict=True):
                 await running.start(reporter.track(name, worker.run), stop)
             reporter.started()
+            await service.start()  # `nats micro ls` lists this process once its handlers run
             handlers_log.info(
                 "handlers running: %s (config revision %d)", ", ".join(wanted), config.revision
             )
             task_status.started(wanted)
         # a deliberate stop is not a stall: tell the monitor before going quiet
+        await service.stop()
         await reporter.goodbye()
         tg.cancel_scope.cancel()

@@ -23,7 +23,9 @@ class HandlerBase:
         self.name = ctx.name
         self._ctx = ctx
         self._bus = ctx.bus
-        self._events = EventPublisher(ctx.bus, ctx.name)
+        self._events = EventPublisher(
+            ctx.bus, ctx.name, observe=lambda event: ctx.metrics.observe_event(ctx.name, event)
+        )
         self._ops = JobOps(ctx.bus, self._events, lambda: ctx.config.current.limits.job_retention_s)
 
     async def consume(

@@ -1,8 +1,11 @@
-"""Answering ``<prefix>.jobs.explain``: why a job waits, or why it went where it went.
+"""Answering a dispatcher's requests: ``jobs.explain`` and ``jobs.queue``.
 
-The answer is assembled from what the dispatcher that holds the job knows (its queue and runner
-index) and what is stored (the job record, the ``job.dispatched`` decision); the explanation
-itself is pure logic (:mod:`valkyrie.domain.explain`).
+``<prefix>.jobs.explain``: why a job waits, or why it went where it went; ``<prefix>.jobs.queue``:
+a page of the queued jobs this dispatcher holds, with short reasons.
+
+The answers are assembled from what the dispatcher knows (its queue and runner index) and what is
+stored (the job record, the ``job.dispatched`` decision); the explanations and the listing are
+pure logic (:mod:`valkyrie.domain.explain`, :mod:`valkyrie.domain.scheduling.listing`).
 """
 
 from __future__ import annotations
@@ -14,18 +17,28 @@ import msgspec
 import nats.errors
 from nats.aio.msg import Msg
 
-from schemas import ExplainRequest, JobDispatched, JobExplanation, JobRecord, JobState
+from schemas import (
+    ExplainRequest,
+    JobDispatched,
+    JobExplanation,
+    JobRecord,
+    JobState,
+    QueueListing,
+    QueueListRequest,
+)
 from valkyrie.bus.codec import encode
 from valkyrie.bus.kv import Versioned
 from valkyrie.config.model import ValkyrieConfig
 from valkyrie.domain.explain import explain_dispatched, explain_queued
 from valkyrie.domain.scheduling.index import RunnerIndex
+from valkyrie.domain.scheduling.listing import list_queue
 from valkyrie.domain.scheduling.queue import DispatchQueue
 
 __all__ = ["Explainer"]
 
 log = logging.getLogger("valkyrie.dispatcher")
 _REQUEST = msgspec.json.Decoder(ExplainRequest)
+_LIST_REQUEST = msgspec.json.Decoder(QueueListRequest)
 
 
 class Explainer:
@@ -40,7 +53,9 @@ class Explainer:
         read: Callable[[str], Awaitable[Versioned[JobRecord] | None]],
         decision_of: Callable[[str], Awaitable[JobDispatched | None]],
         now_ms: Callable[[], int],
+        instance: str = "",
     ) -> None:
+        self._instance = instance
         self._queue = queue
         self._index = index
         self._config = config
@@ -84,3 +99,26 @@ class Explainer:
                 await msg.respond(encode(answer))
             except nats.errors.Error as e:
                 log.warning("could not answer explain: %r", e)
+
+    async def answer_queue(self, msg: Msg) -> None:
+        """Answer one queue listing request with this dispatcher's page (errors in ``error``)."""
+        try:
+            request = _LIST_REQUEST.decode(msg.data)
+            answer = list_queue(
+                self._queue,
+                request,
+                instance=self._instance,
+                now_ms=self._now_ms(),
+                config=self._config(),
+                has_free=self._index.has_free,
+            )
+        except msgspec.DecodeError as e:
+            answer = QueueListing(instance=self._instance, error=f"bad request: {e}")
+        except Exception as e:
+            log.exception("queue listing failed")
+            answer = QueueListing(instance=self._instance, error=repr(e))
+        if msg.reply:
+            try:
+                await msg.respond(encode(answer))
+            except nats.errors.Error as e:
+                log.warning("could not answer a queue listing: %r", e)

@@ -20,6 +20,11 @@ if TYPE_CHECKING:
         merge_snapshots,
         queue_snapshot,
     )
+    from valkyrie.domain.scheduling.listing import (
+        list_queue,
+        listing_key,
+        merge_listings,
+    )
     from valkyrie.domain.scheduling.placement import (
         CONSTRAINTS,
         Placement,
@@ -81,6 +86,9 @@ __all__ = [
     "failing_constraints",
     "job_labels",
     "job_region",
+    "list_queue",
+    "listing_key",
+    "merge_listings",
     "merge_snapshots",
     "place",
     "predicted_finish_at_ms",
