@@ -22,12 +22,14 @@ from nats.aio.msg import Msg
 from schemas import FieldError, IntakeRejected, JobDuplicate, JobState, SubmitVerdict
 from valkyrie import (
     REPLY_TO_HEADER,
+    REQUESTED_BY_HEADER,
     GiveUp,
     HandlerContext,
     SchemaError,
     headers_of,
 )
 from valkyrie.bus import JOB_DECODER, encode, kv_create, now_ms
+from valkyrie.domain.identity import reply_allowed, requester
 from valkyrie.domain.intake import idempotency_token, job_id_for, parse_submission, queued_record
 from valkyrie.domain.modes import check_intake_mode
 from valkyrie.runtime import HandlerBase
@@ -36,7 +38,12 @@ __all__ = ["IntakeWorker", "create"]
 
 
 class IntakeWorker(HandlerBase):
-    """Consumes ``<prefix>.jobs.submit`` through the durable consumer ``intake``."""
+    """Consumes ``<prefix>.jobs.submit[.<identity>]`` through the durable consumer ``intake``.
+
+    The submitter is the identity the subject carries (NATS permissions let each identity
+    publish only its own); its verdict goes to ``Valkyrie-Reply-To`` only inside that
+    identity's inbox.
+    """
 
     def __init__(self, ctx: HandlerContext) -> None:
         super().__init__(ctx)
@@ -56,7 +63,7 @@ class IntakeWorker(HandlerBase):
         await self.consume(
             stop,
             stream="submit",
-            filter_subject=bus.names.submit,
+            filter_subject=bus.names.submissions(),
             handle=self.handle,
             task_status=task_status,
         )
@@ -73,7 +80,10 @@ class IntakeWorker(HandlerBase):
         """Process one submission."""
         now = now_ms()
         headers = headers_of(msg)
+        identity = self._bus.names.sender(msg.subject, self._bus.names.submit)
         reply_to = headers.get(REPLY_TO_HEADER)
+        if reply_to is not None and not reply_allowed(reply_to, identity):
+            reply_to = None  # not the sender's inbox: the event says what happened instead
         seq = int(msg.metadata.sequence.stream)
         try:
             parsed = parse_submission(
@@ -111,7 +121,13 @@ class IntakeWorker(HandlerBase):
                     await self._duplicate(first.decode(), reply_to, seq)
                     return
 
-        record = queued_record(job_id, parsed, now_ms=now, source_seq=seq)
+        record = queued_record(
+            job_id,
+            parsed,
+            now_ms=now,
+            source_seq=seq,
+            submitted_by=requester(identity, headers.get(REQUESTED_BY_HEADER)),
+        )
         placer = self._ctx.views.placer
         if placer is not None and await placer.place_new(record):
             await self._accepted(job_id, parsed.warnings, reply_to)

@@ -183,6 +183,12 @@ async def events_of(bus: Bus, pattern: str = ">") -> list[Event]:
     return [EVENT_DECODER.decode(m.data or b"") for m in msgs]
 
 
+async def audits_of(bus: Bus) -> list[Event]:
+    """Every stored audit event (the audit stream), oldest first."""
+    msgs = await stream_messages(bus, bus.names.stream("audit"), bus.names.audit(">"))
+    return [EVENT_DECODER.decode(m.data or b"") for m in msgs]
+
+
 async def dead_letters(bus: Bus, handler: str = "intake") -> list[DeadLetter]:
     """Every stored dead letter of ``handler``, oldest first."""
     msgs = await stream_messages(bus, bus.names.stream("dead"), bus.names.dead(handler))

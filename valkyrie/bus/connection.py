@@ -28,6 +28,7 @@ from tenacity import (
     wait_exponential,
 )
 
+from valkyrie.bus.credentials import Credentials
 from valkyrie.bus.names import Names
 from valkyrie.config.model import ValkyrieConfig
 from valkyrie.config.settings import Settings
@@ -45,16 +46,24 @@ BUCKETS: dict[str, tuple[int, float | None]] = {
     "config": (64, None),
     "stats": (1, None),
 }
+#: what the server answers a connection whose credentials it does not accept
+_REFUSED = ("authorization violation", "authentication", "user authentication expired")
 
 
 @dataclass
 class Bus:
-    """A connected NATS client, its JetStream context, and Valkyrie's names and buckets."""
+    """A connected NATS client, its JetStream context, and Valkyrie's names and buckets.
+
+    ``identity`` is who the connection speaks as (``None``: an open installation's anonymous
+    connection): the identity-bearing subjects (``jobs.submit.<identity>``) and the inbox prefix
+    ``_INBOX_<identity>`` are its.
+    """
 
     nc: NatsClient
     js: JetStreamContext
     names: Names
     settings: Settings
+    identity: str | None = None
     _kv: dict[str, KeyValue] = field(default_factory=dict)
 
     async def kv(self, name: str) -> KeyValue:
@@ -86,14 +95,14 @@ class Bus:
         return [
             StreamConfig(
                 name=n.stream("submit"),
-                subjects=[n.submit],
+                subjects=[n.submit, n.submit_as("*")],
                 retention=RetentionPolicy.WORK_QUEUE,
                 max_age=week,
                 **common,
             ),
             StreamConfig(
                 name=n.stream("commands"),
-                subjects=[n.cancel, n.config_change],
+                subjects=[n.cancel, n.cancel_as("*"), n.config_change, n.config_change_as("*")],
                 retention=RetentionPolicy.WORK_QUEUE,
                 max_age=week,
                 **common,
@@ -116,10 +125,20 @@ class Bus:
             ),
             StreamConfig(
                 name=n.stream("logs"),
-                subjects=[n.logs("*")],
+                subjects=[n.logs("*", "*")],
                 retention=RetentionPolicy.LIMITS,
                 discard=DiscardPolicy.OLD,
                 max_age=float(s.logs_max_age_s),
+                max_bytes=s.events_max_bytes,
+                **common,
+            ),
+            StreamConfig(
+                # audit events: their own stream, so that nothing else can push them out
+                name=n.stream("audit"),
+                subjects=[n.audit(">")],
+                retention=RetentionPolicy.LIMITS,
+                discard=DiscardPolicy.OLD,
+                max_age=float(s.dead_max_age_s),
                 max_bytes=s.events_max_bytes,
                 **common,
             ),
@@ -204,16 +223,21 @@ async def connect(
     url: str | None = None,
     name: str = "valkyrie",
     tls: ssl.SSLContext | None = None,
+    credentials: Credentials | None = None,
 ) -> Bus:
     """Connect to NATS (retrying until ``settings.connect_timeout_s``) and return a :class:`Bus`.
 
     ``tls`` is the client TLS context, ``None`` for a plain connection; the caller builds it from
     its loaded config (:func:`valkyrie.bus.tls.tls_context` of the ``security`` section): this
-    reads no config.
+    reads no config. ``credentials`` say who connects (default: what the settings name,
+    :meth:`Credentials.from_settings`).
 
     Raises:
-        ConnectError: when no server answered in time; the message names the URL and what to check.
+        ConnectError: when no server answered in time, or it refused the credentials; the
+            message names the URL and what to check.
     """
+    creds = credentials if credentials is not None else Credentials.from_settings(settings)
+    auth = creds.options()
     target = url or settings.nats_url
     if not target:
         raise ConnectError("no NATS URL: set VALKYRIE_NATS_URL or let `valkyrie up` embed a server")
@@ -259,6 +283,7 @@ async def connect(
                     error_cb=_on_error,
                     disconnected_cb=_on_disconnect,
                     reconnected_cb=_on_reconnect,
+                    **auth,
                 )
                 holder[:] = [nc]
     except (nats.errors.NoServersError, OSError, TimeoutError) as e:
@@ -267,4 +292,23 @@ async def connect(
             f"({last_error[0] if last_error else e!r}): "
             "check that the server runs and the URL (VALKYRIE_NATS_URL) is right"
         ) from e
-    return Bus(nc=nc, js=nc.jetstream(), names=Names(settings.prefix), settings=settings)
+    except nats.errors.Error as e:
+        if not any(r in str(e).lower() for r in _REFUSED):
+            raise
+        raise ConnectError(
+            f"NATS at {target} refused {creds.describe()}: "
+            + (
+                "check the credentials (VALKYRIE_NATS_CREDS, or the generated ones in the data "
+                "dir: `valkyrie auth ls`)"
+                if creds.authenticated
+                else "it requires credentials: set VALKYRIE_NATS_CREDS, or run this on the host "
+                "of `valkyrie up`, which finds the generated ones in its data dir"
+            )
+        ) from e
+    return Bus(
+        nc=nc,
+        js=nc.jetstream(),
+        names=Names(settings.prefix),
+        settings=settings,
+        identity=creds.identity,
+    )

@@ -15,6 +15,7 @@ from valkyrie.bus.codec import encode
 from valkyrie.bus.connection import Bus
 from valkyrie.cli._common import (
     ExitCode,
+    actor,
     fmt_ms,
     print_table,
     run_async,
@@ -121,7 +122,7 @@ def submit(
     settings = settings_from(ctx)
 
     async def submit_with(bus: Bus, loaded: LoadedConfig) -> int:
-        client = Client(bus, config=LiveConfig(loaded))
+        client = Client(bus, config=LiveConfig(loaded), requested_by=actor(bus))
         verdict = await client.submit(body)
         assert verdict is not None
         if not verdict.accepted:

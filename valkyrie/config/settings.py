@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
+import platformdirs
 
 from valkyrie.errors import ConfigError
 
-__all__ = ["Settings"]
+__all__ = ["Settings", "data_dir_of"]
 
 _ENV_PREFIX = "VALKYRIE_"
 
@@ -32,8 +34,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         profile: environment profile of the runtime config (docs/configuration.md).
         config_file: TOML file layered over the profile.
         prefix: subject prefix and stream/bucket name prefix.
-        data_dir: where the embedded server keeps its store; ``None`` = the user data directory.
+        data_dir: where the embedded server keeps its store and ``valkyrie auth`` its identities
+            (``auth/``); ``None`` = the user data directory.
+        embedded_host: the address the embedded server listens on (loopback by default).
         embedded_port: client port of the embedded server.
+        embedded_auth: secure the embedded server with the generated identities (``valkyrie
+            auth init`` on first start); ``false`` runs it open, for development only.
+        nats_creds: NATS credentials file: an nkey seed (``<identity>.nk``) or a JWT ``.creds``.
+        nats_user: NATS user name (with ``nats_password``).
+        nats_password: NATS password.
+        nats_token: NATS authentication token.
+        nats_identity: the identity this process speaks as (its subjects and inbox
+            ``_INBOX_<identity>``); by default the credentials file's name, else the command's
+            own (``admin`` for the CLI).
         storage: JetStream storage for streams and buckets.
         replicas: stream/bucket replica count (1 for one server, 3 for a cluster).
         connect_timeout_s: how long to keep trying to connect at start-up.
@@ -48,7 +61,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     config_file: str | None = None
     prefix: str = "valkyrie"
     data_dir: str | None = None
+    embedded_host: str = "127.0.0.1"
     embedded_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 4222
+    embedded_auth: bool = True
+    nats_creds: str | None = None
+    nats_user: str | None = None
+    nats_password: str | None = None
+    nats_token: str | None = None
+    nats_identity: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_\-]{1,128}$")] | None = None
     storage: Literal["file", "memory"] = "file"
     replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
     connect_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 10.0
@@ -78,3 +98,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             return msgspec.convert(raw, cls, strict=False)
         except msgspec.ValidationError as e:
             raise ConfigError(f"invalid setting: {e} (check the VALKYRIE_* variables)") from e
+
+
+def data_dir_of(settings: Settings) -> Path:
+    """The data directory: ``settings.data_dir``, else the user data directory."""
+    if settings.data_dir:
+        return Path(settings.data_dir).expanduser()
+    return Path(platformdirs.user_data_dir("valkyrie", appauthor=False))

@@ -31,10 +31,14 @@ __all__ = ["default_runner_id", "local_resources", "reference_registration", "ru
 _NOT_ID = re.compile(r"[^A-Za-z0-9_\-]+")
 
 
-def default_runner_id() -> str:
-    """``<hostname>-<6 hex digits>``: readable, and unique per process start."""
+def default_runner_id(suffix: str | None = None) -> str:
+    """``<hostname>-<suffix>``; by default ``<hostname>-<6 hex digits>``, unique per start.
+
+    ``valkyrie up --runners N`` names its local runners ``<hostname>-local-<n>``: stable, since
+    each has an identity of its own.
+    """
     host = _NOT_ID.sub("-", socket.gethostname().split(".")[0]).strip("-_")[:48] or "runner"
-    return f"{host}-{secrets.token_hex(3)}"
+    return f"{host}-{suffix or secrets.token_hex(3)}"
 
 
 def local_resources(workdir: str | Path | None = None) -> RunnerResources:

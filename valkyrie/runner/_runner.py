@@ -220,7 +220,7 @@ class Runner:
     async def _deregister(self) -> None:
         await deregister(
             self._nc,
-            self._names.runner_admin("deregister"),
+            self._names.deregister(self.runner_id),
             self.runner_id,
             self.session_id,
             request_timeout_s=self._request_timeout_s,
@@ -257,7 +257,7 @@ class Runner:
     async def _register(self) -> RegistrationVerdict | None:
         return await register(
             self._nc,
-            self._names.register,
+            self._names.register_as(self.runner_id),
             self.registration,
             stopping=self._shutdown,
             request_timeout_s=self._request_timeout_s,

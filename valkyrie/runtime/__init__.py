@@ -18,10 +18,13 @@ from valkyrie._lazy import attach as _attach
 
 if TYPE_CHECKING:
     from valkyrie.runtime.app import (
+        Connector,
+        Extra,
         default_data_dir,
         open_bus,
         run_control_plane,
         run_workers,
+        serving,
     )
     from valkyrie.runtime.base import (
         HandlerBase,
@@ -98,10 +101,12 @@ __all__ = [
     "HEALTH_KEY",
     "INLINE_RECORD_BYTES",
     "KEEPALIVE_S",
+    "Connector",
     "Dispatched",
     "Dispatching",
     "Durable",
     "Explainer",
+    "Extra",
     "HandlerBase",
     "HandlerContext",
     "HandlerFactory",
@@ -132,6 +137,7 @@ __all__ = [
     "run_workers",
     "same_message",
     "serve_metrics",
+    "serving",
     "settle",
     "terminal_ttl",
     "through_outages",
