@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from valkyrie.cli._admin import cancel, dead, drain, explain, undrain
+from valkyrie.cli._auth import auth
 from valkyrie.cli._config import config
 from valkyrie.cli._gateway import gateway
 from valkyrie.cli._jobs import jobs, submit
@@ -65,6 +66,7 @@ for _command in (
     config,
     gateway,
     status,
+    auth,
 ):
     cli.add_command(_command)
 jobs.add_command(cancel)

@@ -18,7 +18,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from schemas import TERMINAL_STATES, JobLog, JobState, RunnerRecord
 from valkyrie.bus.codec import JOB_DECODER, LOG_DECODER, RUNNER_DECODER, encode, now_ms
 from valkyrie.bus.connection import Bus, connect
-from valkyrie.bus.credentials import Credentials, discover
+from valkyrie.bus.credentials import Credentials, auth_dir, discover
 from valkyrie.bus.kv import watch_kv
 from valkyrie.bus.tls import tls_context
 from valkyrie.cli._common import (
@@ -41,8 +41,16 @@ from valkyrie.domain.identity import (
     log_refusal,
     runner_identity,
 )
-from valkyrie.errors import NotFoundError
-from valkyrie.runner import RegistrationRejected, Runner, ShellHandler, reference_registration
+from valkyrie.errors import NotFoundError, ValkyrieError
+from valkyrie.runner import (
+    RegistrationRejected,
+    Runner,
+    ShellHandler,
+    default_runner_id,
+    reference_registration,
+)
+from valkyrie.security.embedded import reload_embedded
+from valkyrie.security.store import AuthStore
 
 __all__ = ["jobs_logs", "runner", "runners"]
 
@@ -163,9 +171,31 @@ def _runner_credentials(
                 )
             return explicit, own
         return explicit, runner_id
-    if runner_id is not None:
-        return discover(settings, runner_identity(runner_id)), runner_id
-    return explicit, None
+    store = AuthStore(auth_dir(settings))
+    if not store.exists():
+        return explicit, runner_id  # an open installation
+    runner_id = runner_id or default_runner_id()
+    if not store.creds(runner_identity(runner_id)).is_file():
+        _issue_here(settings, store, runner_id)
+    return discover(settings, runner_identity(runner_id)), runner_id
+
+
+def _issue_here(settings: Settings, store: AuthStore, runner_id: str) -> None:
+    """Issue a runner's identity on the host of ``valkyrie up``, as ``auth runner`` would.
+
+    Whoever can write this data dir can read every seed in it already: issuing one more for a
+    runner on the same host grants nothing new. The embedded server is reloaded so it applies.
+    """
+    try:
+        store.add_runner(runner_id)
+        reloaded = reload_embedded(settings)
+    except (OSError, ValkyrieError) as e:
+        raise click.ClickException(
+            f"runner {runner_id} has no credentials and they could not be issued here ({e}): "
+            f"run `valkyrie auth runner {runner_id}` and pass --creds"
+        ) from e
+    where = "the embedded server reloaded" if reloaded else "reload the server to apply it"
+    click.echo(f"issued runner {runner_id}'s identity in {store.root} ({where})", err=True)
 
 
 async def _serve(the_runner: Runner) -> int:

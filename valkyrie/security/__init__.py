@@ -41,6 +41,7 @@ if TYPE_CHECKING:
         SYS_IDENTITY,
         AuthStore,
         StoredIdentity,
+        write_private,
     )
 
 if not TYPE_CHECKING:  # type checkers see the imports above, and no catch-all __getattr__
@@ -67,4 +68,5 @@ __all__ = [
     "role_of",
     "secured_server",
     "server_conf",
+    "write_private",
 ]

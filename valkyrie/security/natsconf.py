@@ -90,6 +90,7 @@ class ServerSpec:
     jetstream_key: str
     max_mem: str = "1G"
     max_file: str = "20G"
+    monitor: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None
@@ -116,11 +117,13 @@ def server_conf(spec: ServerSpec, accounts: str) -> str:
         f"listen: {_q(spec.listen)}",
         "max_payload: 8MB",
     ]
+    if spec.monitor:
+        lines.append(f"http: {_q(spec.monitor)}")
     tls = ""
     if spec.tls_cert and spec.tls_key:
         tls_lines = [f"cert_file: {_q(spec.tls_cert)}", f"key_file: {_q(spec.tls_key)}"]
         if spec.tls_ca:
-            tls_lines.append(f"ca_file: {_q(spec.tls_ca)}")
+            tls_lines += [f"ca_file: {_q(spec.tls_ca)}", "verify: true"]
         tls = " ".join(tls_lines)
         lines.append(f"tls {{ {tls} }}")
     lines += [

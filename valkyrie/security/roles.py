@@ -337,6 +337,7 @@ def _gateway(lists: _Lists, identity: str, everyone: Sequence[str]) -> bool:
         n.runner_admin("*"),
         n.register_as("*"),  # POST /api/v2/runners/register (scope runners:admin)
         n.audit(">"),
+        n.health(identity),
     )
     return False
 

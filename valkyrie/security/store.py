@@ -36,7 +36,7 @@ from valkyrie.errors import ConfigError
 from valkyrie.security.natsconf import accounts_conf
 from valkyrie.security.roles import HANDLER_ROLES, role_of
 
-__all__ = ["FIXED_IDENTITIES", "SYS_IDENTITY", "AuthStore", "StoredIdentity"]
+__all__ = ["FIXED_IDENTITIES", "SYS_IDENTITY", "AuthStore", "StoredIdentity", "write_private"]
 
 #: what ``valkyrie auth init`` creates: the control plane, the gateway, the operator's two
 FIXED_IDENTITIES = ("provisioner", *HANDLER_ROLES, "gateway", "admin", "ops")
@@ -64,7 +64,7 @@ def _new_seed() -> tuple[bytes, str]:
     return bytes(seed), public
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` readable by its owner only (0600), atomically."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
@@ -161,7 +161,7 @@ class AuthStore:
     def route_password(self) -> str:
         """The cluster routes' password, created on first use."""
         if not self.route_password_file.is_file():
-            _write_private(self.route_password_file, secrets.token_urlsafe(32).encode())
+            write_private(self.route_password_file, secrets.token_urlsafe(32).encode())
         return self.route_password_file.read_text().strip()
 
     def accounts(self) -> str:
@@ -191,7 +191,7 @@ class AuthStore:
                 f"not {prefix!r}: use that prefix, or another data dir"
             )
         if not self.key_file.is_file():
-            _write_private(self.key_file, secrets.token_hex(32).encode())
+            write_private(self.key_file, secrets.token_hex(32).encode())
         with self._editing(prefix) as entries:
             created = [i for i in (*FIXED_IDENTITIES, SYS_IDENTITY) if i not in entries]
             for identity in created:
@@ -243,7 +243,7 @@ class AuthStore:
 
     def _issue(self, identity: str, *, role: str | None = None) -> dict[str, str]:
         seed, public = _new_seed()
-        _write_private(self.creds(identity), seed + b"\n")
+        write_private(self.creds(identity), seed + b"\n")
         return {
             "role": role or role_of(identity),
             "public_key": public,
@@ -265,7 +265,7 @@ class AuthStore:
                 entries = {k: dict(v) for k, v in current.items()}
             yield entries
             index = {"version": _VERSION, "prefix": prefix, "identities": entries}
-            _write_private(self.index_file, (json.dumps(index, indent=2) + "\n").encode())
-            _write_private(self.conf_file, self.accounts().encode())
+            write_private(self.index_file, (json.dumps(index, indent=2) + "\n").encode())
+            write_private(self.conf_file, self.accounts().encode())
         finally:
             os.close(fd)
