@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import ssl
 from dataclasses import dataclass, field
@@ -48,6 +50,32 @@ BUCKETS: dict[str, tuple[int, float | None]] = {
 }
 #: what the server answers a connection whose credentials it does not accept
 _REFUSED = ("authorization violation", "authentication", "user authentication expired")
+#: refusals in a row after which a connection that worked gives up reconnecting
+_REFUSALS_BEFORE_CLOSING = 3
+
+
+async def _connect(nc: NatsClient, **options: Any) -> None:
+    """``nc.connect``, closing what a failed attempt leaves open.
+
+    A refused attempt leaves its socket open: ``nats.connect`` only drops the client.
+    """
+    try:
+        await nc.connect(**options)
+    except BaseException:
+        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+            await nc.close()
+            # a close interrupted by our cancellation (a refusal) leaves the socket closing:
+            # wait for it, or it is collected unclosed
+            transport = nc._transport
+            if transport is not None:
+                transport.close()
+                await transport.wait_closed()
+        raise
+
+
+def _refused(e: Exception) -> bool:
+    """Whether ``e`` is the server refusing the connection's credentials."""
+    return any(r in str(e).lower() for r in _REFUSED)
 
 
 @dataclass
@@ -248,18 +276,35 @@ async def connect(
         return bool(holder) and (holder[0].is_closed or holder[0].is_draining)
 
     last_error: list[Exception] = []
+    refusals = [0]
+    attempt_scope: list[anyio.CancelScope] = []
 
     async def _on_error(e: Exception) -> None:
         last_error[:] = [e]
-        # before the first connection succeeds, the final ConnectError says it all
-        if holder and not closing():
-            log.warning("NATS error: %r", e)
+        if not holder:
+            # before the first connection succeeds, the final ConnectError says it all; a
+            # refusal will not change by trying again (nats-py would, for ever)
+            if _refused(e) and attempt_scope:
+                attempt_scope[0].cancel()
+            return
+        if closing():
+            return
+        if _refused(e):
+            # A rotated seed is read again at the next reconnect and works; a revoked identity
+            # is refused for good: stop trying instead of reconnecting for ever.
+            refusals[0] += 1
+            if refusals[0] >= _REFUSALS_BEFORE_CLOSING:
+                log.error("NATS refuses %s (revoked?): closing the connection", creds.describe())
+                asyncio.get_running_loop().create_task(holder[0].close())
+                return
+        log.warning("NATS error: %r", e)
 
     async def _on_disconnect() -> None:
         if not closing():
             log.warning("disconnected from NATS; reconnecting")
 
     async def _on_reconnect() -> None:
+        refusals[0] = 0
         log.info("reconnected to NATS")
 
     try:
@@ -269,9 +314,16 @@ async def connect(
             retry=retry_if_exception_type((nats.errors.NoServersError, OSError, TimeoutError)),
             reraise=True,
         ):
-            with attempt, anyio.fail_after(max(2.0, settings.connect_timeout_s)):
+            with (
+                attempt,
+                anyio.fail_after(max(2.0, settings.connect_timeout_s)),
+                anyio.CancelScope() as scope,
+            ):
+                attempt_scope[:] = [scope]
                 # nats-py's first connect retries forever when reconnects are unlimited
-                nc = await nats.connect(
+                nc = NatsClient()
+                await _connect(
+                    nc,
                     servers=servers,
                     name=name,
                     connect_timeout=2,
@@ -286,6 +338,8 @@ async def connect(
                     **auth,
                 )
                 holder[:] = [nc]
+            if scope.cancelled_caught:
+                raise nats.errors.Error(str(last_error[0]) if last_error else "refused")
     except (nats.errors.NoServersError, OSError, TimeoutError) as e:
         raise ConnectError(
             f"cannot connect to NATS at {target} within {settings.connect_timeout_s:g}s "
@@ -293,7 +347,7 @@ async def connect(
             "check that the server runs and the URL (VALKYRIE_NATS_URL) is right"
         ) from e
     except nats.errors.Error as e:
-        if not any(r in str(e).lower() for r in _REFUSED):
+        if not _refused(e):
             raise
         raise ConnectError(
             f"NATS at {target} refused {creds.describe()}: "

@@ -284,6 +284,13 @@ class Runner:
         interval_s = self.registration.heartbeat_interval_ms / 1000
         reconnects = self._reconnects()
         while True:
+            if self._nc.is_closed:
+                # closed under us: the server refused our credentials (revoked) for good
+                log.error("runner %s: the NATS connection is closed: stopping", self.runner_id)
+                for job in list(self._jobs.values()):
+                    self._attempts.stop(job, "abandon", 0.0, "the NATS connection is closed")
+                self.drain()
+                return
             await self._heartbeat()
             with anyio.move_on_after(interval_s):
                 await self._beat_now.wait()

@@ -121,9 +121,14 @@ class _Lists:
         self.reader(f"KV_{self.n.bucket(bucket)}")
 
     def kv_write(self, bucket: str) -> None:
-        """Create, update and delete keys (acks come on the inbox)."""
+        """Read, create, update and delete keys (acks come on the inbox)."""
         self.kv_read(bucket)
-        self.publish(f"$KV.{self.n.bucket(bucket)}.>")
+        self.kv_put(bucket)
+
+    def kv_put(self, bucket: str) -> None:
+        """Write and delete keys without reading any (a write-only bucket: job secrets)."""
+        stream = f"KV_{self.n.bucket(bucket)}"
+        self.publish(f"{API}.STREAM.INFO.{stream}", f"$KV.{self.n.bucket(bucket)}.>")
 
     def reader(self, stream: str) -> None:
         """Ordered push consumers on ``stream`` (full name): unnamed, acked by nobody.
@@ -225,15 +230,13 @@ def _provisioner(lists: _Lists, identity: str, everyone: Sequence[str]) -> bool:
 
 
 def _intake(lists: _Lists, identity: str, everyone: Sequence[str]) -> bool:
-    n = lists.n
     _base(lists, identity)
     lists.durable("submit", identity)
     lists.stream_info("submit")
     lists.kv_write("jobs")
     lists.kv_write("idempotency")
-    lists.kv_write("secrets")
+    lists.kv_put("secrets")  # stores a job's secrets; only the dispatcher reads them
     lists.publish(*(f"{inbox_prefix(i)}.>" for i in _submitters(everyone)))
-    lists.publish(n.dispatch("*"))  # direct placement hands the job to its process's dispatcher
     return False
 
 
@@ -251,8 +254,7 @@ def _dispatcher(lists: _Lists, identity: str, everyone: Sequence[str]) -> bool:
     _job_writer(lists, identity)
     lists.durable("events", identity)
     lists.msg_get("events")  # the dispatched event of a placed job (explain)
-    lists.kv_read("secrets")
-    lists.publish(f"$KV.{n.bucket('secrets')}.>")  # deleted with the job it belongs to
+    lists.kv_write("secrets")  # the only reader: a dispatch carries them to its runner
     lists.publish(n.dispatch("*"))
     lists.subscribe(n.events("job.>"), n.explain)
     return True
@@ -261,7 +263,7 @@ def _dispatcher(lists: _Lists, identity: str, everyone: Sequence[str]) -> bool:
 def _results(lists: _Lists, identity: str, everyone: Sequence[str]) -> bool:
     _job_writer(lists, identity)
     lists.durable("updates", identity)
-    lists.kv_write("secrets")
+    lists.kv_put("secrets")  # deleted when the job ends
     return False
 
 
@@ -276,7 +278,7 @@ def _registry(lists: _Lists, identity: str, everyone: Sequence[str]) -> bool:
 
 def _supervisor(lists: _Lists, identity: str, everyone: Sequence[str]) -> bool:
     _job_writer(lists, identity)
-    lists.kv_write("secrets")
+    lists.kv_put("secrets")  # deleted when the job ends
     lists.subscribe(lists.n.heartbeat("*"))
     return False
 
@@ -284,7 +286,7 @@ def _supervisor(lists: _Lists, identity: str, everyone: Sequence[str]) -> bool:
 def _canceller(lists: _Lists, identity: str, everyone: Sequence[str]) -> bool:
     _job_writer(lists, identity)
     lists.durable("commands", identity)
-    lists.kv_write("secrets")
+    lists.kv_put("secrets")  # deleted when the job ends
     return False
 
 
