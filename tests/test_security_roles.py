@@ -13,6 +13,7 @@ from schemas import AttemptRecord, JobRecord, JobState, JobSubmission
 from valkyrie import Names
 from valkyrie.bus.credentials import JWT_MARKER, Credentials, discover
 from valkyrie.bus.server import find_nats_server
+from valkyrie.config.load import config_for
 from valkyrie.config.settings import Settings
 from valkyrie.domain.identity import (
     attempt_runners,
@@ -23,6 +24,7 @@ from valkyrie.domain.identity import (
     runner_mismatch,
 )
 from valkyrie.errors import ConfigError
+from valkyrie.runtime.app import serving
 from valkyrie.security import AuthStore, ServerSpec, permissions, role_of, server_conf
 from valkyrie.security.doc import DOC_PATH, render_doc
 from valkyrie.security.roles import CONTROL_PLANE, ROLES
@@ -209,3 +211,20 @@ def test_docs_security_md_lists_every_roles_permissions() -> None:
     assert render_doc(text) == text, (
         "docs/security.md is out of date: run python -m valkyrie.security.doc --write"
     )
+
+
+async def test_production_refuses_to_start_without_nats_auth_and_tls(tmp_path: Path) -> None:
+    open_bus_settings = Settings.from_env(
+        {}, data_dir=str(tmp_path / "a"), nats_url="nats://127.0.0.1:1", profile="production"
+    )
+    config = config_for(open_bus_settings).config
+    with pytest.raises(ConfigError, match=r"without NATS authentication .* and TLS"):
+        async with serving(open_bus_settings, embed=False, config=config):
+            pass
+    secured = Settings.from_env(
+        {}, data_dir=str(tmp_path / "b"), embedded_port=0, profile="production"
+    )
+    with pytest.raises(ConfigError, match="without TLS to NATS") as caught:
+        async with serving(secured, embed=True, config=config):
+            pass
+    assert "authentication" not in str(caught.value)  # the embedded server is secured

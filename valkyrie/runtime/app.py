@@ -183,7 +183,8 @@ async def open_bus(
     ``config`` is the process's config: TLS comes from its ``security`` section and the events
     stream's retention from ``observability.events_max_age_s``. Without it, it is loaded from
     ``settings`` (:func:`~valkyrie.config.load.config_for`) here. The connection speaks as
-    ``identity``; it provisions when it may (:meth:`Connector.may_provision`).
+    ``identity``; it provisions when it may (:meth:`Connector.may_provision`): as
+    ``provisioner``, or as anyone on an open server.
     """
     if config is None:
         config = config_for(settings).config
@@ -191,7 +192,9 @@ async def open_bus(
         serving(settings, embed=embed, config=config) as (connector, server),
         connector.bus(identity, name=name) as bus,
     ):
-        if identity == PROVISIONER and connector.may_provision():
+        # on an open server anyone provisions (as before identities); else only the provisioner
+        anyone = not bus.identity and not connector.credentials(identity).authenticated
+        if (identity == PROVISIONER or anyone) and connector.may_provision():
             await bus.provision(config)
         yield bus, server
 
