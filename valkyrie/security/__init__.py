@@ -41,6 +41,7 @@ if TYPE_CHECKING:
         SYS_IDENTITY,
         AuthStore,
         StoredIdentity,
+        new_seed,
         write_private,
     )
 
@@ -63,6 +64,7 @@ __all__ = [
     "StoredIdentity",
     "accounts_conf",
     "embedded_server",
+    "new_seed",
     "permissions",
     "reload_embedded",
     "role_of",

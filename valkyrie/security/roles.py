@@ -10,10 +10,11 @@ Facts the table relies on (nats-server 2.10+, nats-py):
 
 * a KV read is a direct get (``$JS.API.DIRECT.GET.KV_<bucket>.$KV.<bucket>.<key>``), after one
   ``STREAM.INFO`` when the bucket is opened; a KV write publishes on ``$KV.<bucket>.<key>``;
-* a watch (and ``history``, ``keys``) is an ordered push consumer created without a name
-  (``$JS.API.CONSUMER.CREATE.<stream>``), acked by nobody, with flow-control replies on
-  ``$JS.FC.<stream>.>``; the server refuses a durable name on that subject, so a reader cannot
-  take over a handler's durable consumer through it;
+* a watch (and ``history``, ``keys``, reading a whole bucket or a window of events) is an
+  ordered push consumer created without a name (``$JS.API.CONSUMER.CREATE.<stream>``), acked by
+  nobody, with flow-control replies on ``$JS.FC.<stream>.>`` and one ``CONSUMER.INFO``; the
+  server refuses a durable name on that subject, so a reader cannot take over a handler's durable
+  consumer through it, and readers get no ``MSG.NEXT`` or ``$JS.ACK`` at all;
 * a durable pull consumer needs its own ``CONSUMER.INFO|CREATE|DURABLE.CREATE``, ``MSG.NEXT``
   and ``$JS.ACK.<stream>.<durable>.>``: nobody else gets those of a handler's consumer;
 * replies come on the requester's inbox ``_INBOX_<identity>.>``, the only inbox it may read.
@@ -187,14 +188,9 @@ def permissions(
     everyone = sorted(set(identities) | {identity})
     lists = _Lists(names)
     lists.subscribe(f"{inbox_prefix(identity)}.>")
-    allow_responses = False
-    build = _BUILDERS[role]
     if role == "runner":
-        _runner(lists, runner_id or identity.removeprefix("runner-"))
-    elif role == "submitter":
-        _submitter(lists, identity)
-    else:
-        allow_responses = build(lists, identity, everyone)
+        identity = runner_id or identity.removeprefix("runner-")
+    allow_responses = _BUILDERS[role](lists, identity, everyone)
     return Permissions(
         publish=tuple(lists.pub), subscribe=tuple(lists.sub), allow_responses=allow_responses
     )
@@ -367,14 +363,15 @@ def _ops(lists: _Lists, identity: str, everyone: Sequence[str]) -> bool:
     return False
 
 
-def _submitter(lists: _Lists, identity: str) -> None:
+def _submitter(lists: _Lists, identity: str, everyone: Sequence[str]) -> bool:
     n = lists.n
     lists.publish(n.submit_as(identity), n.cancel_as(identity), n.explain)
     for bucket in ("jobs", "config", "idempotency"):
         lists.kv_read(bucket)  # by key only: a submitter cannot list, watch or consume
+    return False
 
 
-def _runner(lists: _Lists, runner_id: str) -> None:
+def _runner(lists: _Lists, runner_id: str, everyone: Sequence[str]) -> bool:
     n = lists.n
     lists.publish(
         n.register_as(runner_id),
@@ -384,10 +381,7 @@ def _runner(lists: _Lists, runner_id: str) -> None:
         n.logs(runner_id, "*"),
     )
     lists.subscribe(n.dispatch(runner_id), n.control(runner_id))
-
-
-def _unused(lists: _Lists, identity: str, everyone: Sequence[str]) -> bool:
-    raise AssertionError("runner and submitter lists are built by their own functions")
+    return False
 
 
 _BUILDERS = {
@@ -403,6 +397,6 @@ _BUILDERS = {
     "gateway": _gateway,
     "admin": _admin,
     "ops": _ops,
-    "submitter": _unused,
-    "runner": _unused,
+    "submitter": _submitter,
+    "runner": _runner,
 }

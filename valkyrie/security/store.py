@@ -17,7 +17,7 @@ import fcntl
 import json
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +34,16 @@ from valkyrie.domain.identity import (
 )
 from valkyrie.errors import ConfigError
 from valkyrie.security.natsconf import accounts_conf
-from valkyrie.security.roles import HANDLER_ROLES, role_of
+from valkyrie.security.roles import HANDLER_ROLES, Permissions, role_of
 
-__all__ = ["FIXED_IDENTITIES", "SYS_IDENTITY", "AuthStore", "StoredIdentity", "write_private"]
+__all__ = [
+    "FIXED_IDENTITIES",
+    "SYS_IDENTITY",
+    "AuthStore",
+    "StoredIdentity",
+    "new_seed",
+    "write_private",
+]
 
 #: what ``valkyrie auth init`` creates: the control plane, the gateway, the operator's two
 FIXED_IDENTITIES = ("provisioner", *HANDLER_ROLES, "gateway", "admin", "ops")
@@ -55,7 +62,7 @@ class StoredIdentity:
     created_at: str
 
 
-def _new_seed() -> tuple[bytes, str]:
+def new_seed() -> tuple[bytes, str]:
     """A fresh user nkey: (seed, public key)."""
     seed = nkeys.encode_seed(secrets.token_bytes(32), nkeys.PREFIX_BYTE_USER)
     pair = nkeys.from_seed(bytearray(seed))
@@ -164,12 +171,18 @@ class AuthStore:
             write_private(self.route_password_file, secrets.token_urlsafe(32).encode())
         return self.route_password_file.read_text().strip()
 
-    def accounts(self) -> str:
-        """The accounts configuration for the identities as they are now."""
+    def accounts(self, extra_users: Mapping[str, Permissions] | None = None) -> str:
+        """The accounts configuration for the identities as they are now.
+
+        ``extra_users`` (public nkey -> permissions) are users the role table does not know.
+        """
         users = {i.name: i.public_key for i in self.identities() if i.name != SYS_IDENTITY}
         system = self.get(SYS_IDENTITY)
         return accounts_conf(
-            users, Names(self.prefix), system_user=system.public_key if system else None
+            users,
+            Names(self.prefix),
+            system_user=system.public_key if system else None,
+            extra_users=extra_users,
         )
 
     # -- changing -----------------------------------------------------------------------------------
@@ -242,7 +255,7 @@ class AuthStore:
         return [i.name.removeprefix(RUNNER_PREFIX) for i in self.identities() if i.role == "runner"]
 
     def _issue(self, identity: str, *, role: str | None = None) -> dict[str, str]:
-        seed, public = _new_seed()
+        seed, public = new_seed()
         write_private(self.creds(identity), seed + b"\n")
         return {
             "role": role or role_of(identity),
