@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import anyio
 import msgspec
@@ -27,12 +28,15 @@ from schemas import (
 )
 from tests._helpers import audits_of, dead_letters, wait_until
 from tests._security_helpers import Attacker, Secured, secured_up
-from valkyrie import Bus, Client, ConfigError, ConnectError, connect
+from valkyrie import Bus, Client, ConfigError, ConnectError, Settings, connect
 from valkyrie.bus.codec import RUNNER_DECODER, encode, now_ms
+from valkyrie.bus.credentials import Credentials, auth_dir
 from valkyrie.client.admin import Admin
 from valkyrie.client.config import ConfigClient
+from valkyrie.config.model import ValkyrieConfig
 from valkyrie.runner import JobContext, Runner
-from valkyrie.security.embedded import reload_embedded
+from valkyrie.security.embedded import embedded_server, reload_embedded, secured_server
+from valkyrie.security.store import AuthStore
 
 pytestmark = [pytest.mark.nats, pytest.mark.security, pytest.mark.slow]
 _VERDICT = msgspec.json.Decoder(dict)
@@ -342,3 +346,40 @@ async def test_revoking_a_runner_disconnects_it_for_good(inst: Secured) -> None:
 
 async def _closed(who: Attacker) -> bool:
     return who.nc.is_closed or not who.nc.is_connected
+
+
+async def test_securing_keeps_the_store_an_open_server_left_and_encrypts_it(
+    tmp_path: Path,
+) -> None:
+    settings = Settings.from_env(
+        {}, data_dir=str(tmp_path), embedded_port=0, prefix="keep", events_max_bytes=2**23
+    )
+    server = embedded_server(settings)
+    await server.astart()
+    try:
+        bus = await connect(msgspec.structs.replace(settings, nats_url=server.url))
+        await bus.provision(ValkyrieConfig())
+        await bus.js.publish("keep.events.job.x.queued", b"a secret in clear")
+        await bus.close()
+    finally:
+        await server.astop()
+    secured = secured_server(settings)  # what valkyrie up does on its next start
+    await secured.astart()
+    try:
+        creds = Credentials(
+            identity="provisioner", nkey_file=AuthStore(auth_dir(settings)).creds("provisioner")
+        )
+        url = msgspec.structs.replace(settings, nats_url=secured.url)
+        bus = await connect(url, credentials=creds)
+        try:
+            info = await bus.js.stream_info("KEEP_EVENTS")
+            assert info.state.messages == 1  # kept, now in the VALKYRIE account
+        finally:
+            await bus.close()
+    finally:
+        await secured.astop()
+    jetstream = tmp_path / "nats" / "jetstream"
+    stored = b"".join(p.read_bytes() for p in jetstream.rglob("*.blk"))
+    assert stored
+    assert b"a secret in clear" not in stored  # encrypted at rest
+    assert not (jetstream / "jetstream" / "$G").exists()

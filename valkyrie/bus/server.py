@@ -152,7 +152,8 @@ class NatsServer:
         (encryption comes with the accounts), so moving the directory is all it takes; the
         server encrypts it on start.
         """
-        base = self.store_dir / "jetstream"
+        # the server keeps each account's streams under <store_dir>/jetstream/<account>
+        base = self.store_dir / "jetstream" / "jetstream"
         old, new = base / "$G", base / _ACCOUNT
         if old.is_dir() and not new.exists():
             log.warning("moving the open store %s to account %s (securing it)", old, _ACCOUNT)
