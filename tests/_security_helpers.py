@@ -40,6 +40,7 @@ class Secured:
     store: AuthStore
     log: Path
     proc: subprocess.Popen[bytes]
+    http_port: int
 
     @property
     def url(self) -> str:
@@ -91,7 +92,7 @@ def secured_up(tmp: Path, *args: str) -> Iterator[Secured]:
             stderr=subprocess.STDOUT,
             cwd=ROOT,
         )
-    secured = Secured(settings, AuthStore(auth_dir(settings)), log, proc)
+    secured = Secured(settings, AuthStore(auth_dir(settings)), log, proc, http_port)
     try:
         deadline = time.monotonic() + 60
         while "valkyrie is up" not in log.read_text(errors="replace"):

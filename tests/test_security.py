@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
+import httpx
 import msgspec
 import nats
 import pytest
@@ -158,6 +159,23 @@ async def test_a_submitter_submits_and_reads_its_own_job(inst: Secured) -> None:
         done = await client.wait_for_job(verdict.job_id, timeout_s=20)
         assert done.state == JobState.CANCELLED
         assert "(by submitter-ci)" in (done.reason or "")
+
+
+async def test_the_gateway_submits_as_itself_for_the_http_caller(inst: Secured) -> None:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{inst.http_port}") as http:
+        created = await http.post("/api/v2/jobs", json={"job_type": "nobody-runs-this"})
+    assert created.status_code == 201, created.text
+    job_id = created.json()["job_id"]
+    async with as_(inst, "admin") as bus:
+        assert (await Client(bus).get_job(job_id)).submitted_by == "http:anonymous"
+
+        async def audited() -> bool:
+            return any(e.data.get("job_id") == job_id for e in await audits_of(bus))
+
+        await wait_until(audited, timeout_s=10)
+        audit = next(e for e in await audits_of(bus) if e.data.get("job_id") == job_id)
+        assert audit.type == "audit.job_submit"
+        assert audit.data["bus_identity"] == "gateway"
 
 
 # -- the attacks ----------------------------------------------------------------------------------
