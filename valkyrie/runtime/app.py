@@ -108,8 +108,12 @@ class Connector:
 Extra = Callable[[Connector, anyio.Event], Coroutine[Any, Any, None]]
 
 
-def _refuse_open_production(settings: Settings, config: ValkyrieConfig, secured: bool) -> None:
-    """The production profile runs only on an authenticated, encrypted (TLS) bus."""
+def _refuse_open_production(config: ValkyrieConfig, secured: bool) -> None:
+    """The production profile runs only on an authenticated, encrypted (TLS) bus.
+
+    The embedded server serves no TLS: in production the bus is an external server (or cluster)
+    configured with ``valkyrie auth nats-config --tls-cert …``.
+    """
     if config.profile != "production":
         return
     missing = []
@@ -149,11 +153,11 @@ async def serving(
             if settings.embedded_auth
             else embedded_server(settings)
         )
-        _refuse_open_production(settings, config, server.auth_conf is not None)
+        _refuse_open_production(config, server.auth_conf is not None)
     else:
         explicit = Credentials.from_settings(settings).authenticated
         store = AuthStore(auth_dir(settings)).exists()
-        _refuse_open_production(settings, config, explicit or store)
+        _refuse_open_production(config, explicit or store)
     if server is not None:
         await server.astart()
         url = server.url
