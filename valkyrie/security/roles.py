@@ -211,7 +211,7 @@ def _base(lists: _Lists, identity: str) -> None:
 
 def _provisioner(lists: _Lists, identity: str, everyone: Sequence[str]) -> bool:
     n = lists.n
-    lists.publish(f"{API}.INFO")
+    lists.publish(f"{API}.INFO")  # a bucket with limit markers asks for the API level
     for short in STREAMS:
         s = n.stream(short)
         lists.publish(
@@ -314,13 +314,13 @@ def _lag_reader(lists: _Lists) -> None:
 def _reader(lists: _Lists) -> None:
     """What every operator-facing role reads: jobs, runners, config, stats, events, logs."""
     n = lists.n
-    lists.publish(f"{API}.INFO", n.explain)
+    lists.publish(n.explain)
     for bucket in ("jobs", "runners", "config", "stats", "idempotency"):
         lists.kv_watch(bucket)  # listing a bucket is a watch of every key's last value
     for short in ("events", "logs", "audit"):
         lists.reader(n.stream(short))
         lists.msg_get(short)
-    lists.publish(f"{API}.STREAM.LIST", f"{API}.CONSUMER.LIST.*")
+    lists.publish(*(f"{API}.CONSUMER.LIST.{n.stream(s)}" for s in STREAMS))  # health pages
     _lag_reader(lists)
     lists.subscribe(n.health(">"))
 
