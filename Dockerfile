@@ -11,11 +11,16 @@ COPY schemas ./schemas
 COPY valkyrie ./valkyrie
 COPY handlers ./handlers
 RUN pip install . \
-    && useradd --create-home --uid 10001 valkyrie
+    && useradd --create-home --uid 10001 valkyrie \
+    && install -d -o valkyrie -g valkyrie -m 0700 /var/lib/valkyrie /var/lib/valkyrie/auth \
+        /runner-creds
 
 # Runners execute the commands they are sent: never as root.
 USER valkyrie
 WORKDIR /home/valkyrie
-# In a container the metrics endpoint must listen beyond loopback to be scraped.
-ENV VALKYRIE_METRICS_HOST=0.0.0.0
+# In a container the metrics endpoint must listen beyond loopback to be scraped. The data dir
+# (NATS identities under auth/, a volume in compose.yaml) is owned by the valkyrie user: a named
+# volume mounted there starts with this ownership and mode.
+ENV VALKYRIE_METRICS_HOST=0.0.0.0 \
+    VALKYRIE_DATA_DIR=/var/lib/valkyrie
 CMD ["valkyrie", "--help"]

@@ -208,7 +208,7 @@ class LeanFleet:
             async with limiter:
                 while True:
                     try:
-                        reply = await self.nc.request(self.names.register, body, timeout=2)
+                        reply = await self.nc.request(self.names.register_as(rid), body, timeout=2)
                     except (nats.errors.Error, TimeoutError):
                         problem = alive()
                         if problem:

@@ -95,8 +95,10 @@ from benchmarks._report import (  # noqa: E402
     write_json,
 )
 from schemas import JobSubmission  # noqa: E402
-from valkyrie import BUCKETS, Bus, NatsServer, Settings, connect  # noqa: E402
+from valkyrie import BUCKETS, Bus, Names, NatsServer, Settings, connect  # noqa: E402
+from valkyrie.bus.credentials import discover  # noqa: E402
 from valkyrie.config.model import ValkyrieConfig  # noqa: E402
+from valkyrie.security import AuthStore, Permissions, new_seed, permissions  # noqa: E402
 
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "dispatch.json"
 #: default worker processes: the submit->dispatch path in one, runner upkeep and results in the other
@@ -143,6 +145,11 @@ class Params:
     raw_processes: int = 1
     raw_lifecycle: bool = True
     raw_events: bool = True
+    #: ``--secure``: NATS auth on (generated identities, each handler its own), prefix and data
+    #: dir of the identities (set by main once they are generated)
+    secure: bool = False
+    secure_prefix: str | None = None
+    secure_dir: str | None = None
 
     def process_groups(self) -> list[list[str]]:
         """The handlers of each worker process (``--processes``)."""
@@ -444,7 +451,39 @@ def _env_for(settings: Settings) -> dict[str, str]:
             "PYTHONUNBUFFERED": "1",
         }
     )
+    if settings.data_dir:  # --secure: each worker finds its handlers' seeds there
+        env["VALKYRIE_DATA_DIR"] = settings.data_dir
     return env
+
+
+FLEET_IDENTITY = "fleet"
+
+
+def secure_setup(p: Params, workdir: Path) -> tuple[Params, Path]:
+    """Generate the identities of a ``--secure`` run; returns the params and the auth include.
+
+    The simulated runners share one connection here, so they share one user: the union of every
+    runner's permissions (an extra user the role table does not know), which makes the server
+    check each publish against a longer list than a real runner's.
+    """
+    prefix = "bv" + uuid.uuid4().hex[:8]
+    data = workdir / "secure"
+    store = AuthStore(data / "auth")
+    store.init(prefix)
+    seed, public = new_seed()
+    (data / "fleet.nk").write_bytes(seed + b"\n")
+    (data / "fleet.nk").chmod(0o600)
+    names = Names(prefix)
+    publish: dict[str, None] = {}
+    subscribe: dict[str, None] = {f"_INBOX_{FLEET_IDENTITY}.>": None}
+    for rid in runner_ids(max(p.runners, p.scale_runners)):
+        perms = permissions(f"runner-{rid}", names)
+        publish.update(dict.fromkeys(perms.publish))
+        subscribe.update(dict.fromkeys(s for s in perms.subscribe if not s.startswith("_INBOX")))
+    fleet = Permissions(publish=tuple(publish), subscribe=tuple(subscribe))
+    conf = workdir / "bench-auth.conf"
+    conf.write_text(store.accounts(extra_users={public: fleet}))
+    return replace(p, secure_prefix=prefix, secure_dir=str(data)), conf
 
 
 async def _delete_valkyrie(bus: Bus) -> None:
@@ -502,16 +541,30 @@ async def valkyrie_scenario(
     label: str = "valkyrie",
 ) -> dict[str, Any]:
     """The Valkyrie pipeline: handlers in one subprocess, lean runners here."""
-    prefix = "bv" + uuid.uuid4().hex[:8]
-    settings = Settings.from_env({}, nats_url=url, prefix=prefix, events_max_bytes=EVENTS_MAX_BYTES)
+    prefix = p.secure_prefix or "bv" + uuid.uuid4().hex[:8]
+    settings = Settings.from_env(
+        {},
+        nats_url=url,
+        prefix=prefix,
+        events_max_bytes=EVENTS_MAX_BYTES,
+        data_dir=p.secure_dir,
+    )
     names = settings.prefix
-    log(f"valkyrie: prefix {names}, {p.runners} runners x capacity {p.runner_capacity}")
-    bus = await connect(settings, name="bench-valkyrie-submit")
+    secured = " (secure: NATS auth, one identity per handler)" if p.secure else ""
+    log(f"valkyrie: prefix {names}, {p.runners} runners x capacity {p.runner_capacity}{secured}")
+    # --secure: the benchmark submits and reads as admin, and provisions as provisioner
+    bus = await connect(
+        settings, name="bench-valkyrie-submit", credentials=discover(settings, "admin")
+    )
     fleet_nc: NatsClient | None = None
     workers: list[Child] = []
     try:
         # the model's defaults: the worker processes (no config variables) provision the same
-        await bus.provision(ValkyrieConfig())
+        provisioner = await connect(settings, credentials=discover(settings, "provisioner"))
+        try:
+            await provisioner.provision(ValkyrieConfig())
+        finally:
+            await provisioner.close()
         groups = p.process_groups()
         for i, group in enumerate(groups, 1):
             name = "valkyrie-worker" if len(groups) == 1 else f"valkyrie-worker-{i}"
@@ -527,7 +580,15 @@ async def valkyrie_scenario(
             )
         alive = _all_alive(workers)
 
-        fleet_nc = await nats.connect(url, name="bench-valkyrie-fleet", error_cb=_nats_error)
+        fleet_auth: dict[str, Any] = {}
+        if p.secure_dir:
+            fleet_auth = {
+                "nkeys_seed": str(Path(p.secure_dir) / "fleet.nk"),
+                "inbox_prefix": f"_INBOX_{FLEET_IDENTITY}",
+            }
+        fleet_nc = await nats.connect(
+            url, name="bench-valkyrie-fleet", error_cb=_nats_error, **fleet_auth
+        )
         recorder = Recorder()
         fleet = LeanFleet(
             fleet_nc,
@@ -601,7 +662,7 @@ async def valkyrie_scenario(
             target = Target(
                 name="valkyrie",
                 js=bus.js,
-                subject=bus.names.submit,
+                subject=bus.names.submit_as(bus.identity),
                 recorder=recorder,
                 alive=alive,
                 settle=settle,
@@ -623,7 +684,8 @@ async def valkyrie_scenario(
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(20):
             await _stop_started(children, workers)
-            await _delete_valkyrie(bus)
+            if not p.secure:  # a secured run's server store is thrown away: nobody may delete
+                await _delete_valkyrie(bus)
             if fleet_nc is not None:
                 await fleet_nc.close()
             await bus.close()
@@ -1348,6 +1410,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Params, Path, bool]:
         "(default %(default)s; 'intake+registry+dispatcher+results' runs all in one)",
     )
     parser.add_argument(
+        "--secure",
+        action="store_true",
+        help="run Valkyrie with NATS auth: generated identities, each handler on its own "
+        "connection with its permissions (the raw baselines, which have none, are skipped)",
+    )
+    parser.add_argument(
         "--raw-processes",
         type=int,
         default=1,
@@ -1385,6 +1453,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Params, Path, bool]:
         raw_processes=a.raw_processes,
         raw_lifecycle=not a.skip_raw_lifecycle,
         raw_events=not a.skip_raw_events,
+        secure=a.secure,
     )
     problems = [
         name
@@ -1411,6 +1480,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Params, Path, bool]:
         parser.error(f"{', '.join(problems)} must be positive")
     if params.skip_raw and params.skip_valkyrie:
         parser.error("--skip-raw and --skip-valkyrie together leave nothing to run")
+    if params.secure:
+        if params.nats_url or params.breakdown:
+            parser.error("--secure starts its own server, and has no --breakdown subscriber")
+        params = replace(params, skip_raw=True)
     return params, a.json, a.keep
 
 
@@ -1432,9 +1505,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             if directory:
                 Path(directory).mkdir(parents=True, exist_ok=True)
         url = params.nats_url
+        auth_conf = None
+        if params.secure:
+            params, auth_conf = secure_setup(params, workdir)
         if not url:
             server = NatsServer(
-                store_dir=workdir / "nats", port=0, name="bench-dispatch", max_mem="2G"
+                store_dir=workdir / "nats",
+                port=0,
+                name="bench-dispatch",
+                max_mem="2G",
+                auth_conf=auth_conf,
             )
             server.start()
             url = server.url

@@ -1,4 +1,7 @@
-"""Canceller: cancel requests from ``<prefix>.jobs.cancel``.
+"""Canceller: cancel requests from ``<prefix>.jobs.cancel[.<identity>]``.
+
+Who asked is the identity the subject carries (a body's ``requested_by`` may only refine it);
+a submitter may cancel only the jobs it submitted.
 
 A queued job is cancelled at once. A job on a runner gets ``cancel_requested`` and its runner a
 cancel command (SIGTERM, grace period, SIGKILL on the reference runner); the runner's ``cancelled``
@@ -29,6 +32,7 @@ from valkyrie import (
     delivery_count,
 )
 from valkyrie.bus import ANY_DECODER, JOB_DECODER, cas_update, encode, now_ms
+from valkyrie.domain.identity import SUBMITTER_PREFIX, requester, speaks_for
 from valkyrie.domain.lifecycle import finish_job
 from valkyrie.runtime import HandlerBase
 
@@ -51,7 +55,7 @@ class CancellerWorker(HandlerBase):
         await self.consume(
             stop,
             stream="commands",
-            filter_subject=self._bus.names.cancel,
+            filter_subject=self._bus.names.cancels(),
             handle=self.handle,
             concurrency=16,
             task_status=task_status,
@@ -63,16 +67,33 @@ class CancellerWorker(HandlerBase):
         now = now_ms()
         first = delivery_count(msg) == 1
         grace = self._ctx.config.current.dispatch.cancel_grace_s
-        reason = request.reason + (f" (by {request.requested_by})" if request.requested_by else "")
+        identity = self._bus.names.sender(msg.subject, self._bus.names.cancel)
+        who = requester(identity, request.requested_by)
+        reason = request.reason + (f" (by {who})" if who else "")
+        refusal: list[str] = []
+
+        def decide(record: JobRecord) -> JobRecord | None:
+            refusal.clear()
+            if (
+                identity is not None
+                and identity.startswith(SUBMITTER_PREFIX)
+                and not speaks_for(identity, record.submitted_by)
+            ):
+                refusal.append(f"{identity} may cancel only the jobs it submitted")
+                return None
+            return _decide(record, first=first, now=now, reason=reason)
+
         latest, _written = await cas_update(
             self._jobs,
             request.job_id,
             JOB_DECODER,
-            lambda record: _decide(record, first=first, now=now, reason=reason),
+            decide,
             ttl_for=self._ops.job_ttl(),
         )
         if latest is None:
             raise GiveUp(f"no job {request.job_id!r}")
+        if refusal:
+            raise GiveUp(refusal[0])
         record = latest.value
         if record.state == JobState.CANCELLED:
             if record.runner_id is not None:

@@ -1,10 +1,13 @@
-"""Config: validate changes from ``<prefix>.config.change`` and write them as new revisions.
+"""Config: validate changes from ``<prefix>.config.change[.<identity>]``, write new revisions.
 
 A revision holds the runtime overrides (dotted keys); each process layers them over its own base
 (defaults, profile, file, environment) and applies them live. A change that touches a key which
 cannot change live, or that makes the config invalid, is refused with every reason
 (:func:`valkyrie.domain.config_plan.plan_change` plans it). Every accepted change is an audit
-event (who, when, the diff); rejections are events too.
+event (who, when, the diff); rejections are events too. Who is the identity the subject
+carries (a body's ``requested_by`` may only refine it), and the verdict goes to
+``Valkyrie-Reply-To`` only inside that identity's inbox. This handler is the only writer of the
+config bucket (docs/security.md).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from valkyrie import (
 from valkyrie.bus import ANY_DECODER, encode, now_ms
 from valkyrie.config import CONFIG_KEY, known_keys, validate_dotted
 from valkyrie.domain.config_plan import plan_change
+from valkyrie.domain.identity import reply_allowed, requester
 from valkyrie.runtime import HandlerBase
 
 __all__ = ["ConfigWorker", "create"]
@@ -59,15 +63,18 @@ class ConfigWorker(HandlerBase):
         await self.consume(
             stop,
             stream="commands",
-            filter_subject=self._bus.names.config_change,
+            filter_subject=self._bus.names.config_changes(),
             handle=self.handle,
             concurrency=1,  # revisions are sequential
             task_status=task_status,
         )
 
+    def _sender(self, msg: Msg) -> str | None:
+        return self._bus.names.sender(msg.subject, self._bus.names.config_change)
+
     async def _reply(self, msg: Msg, verdict: ConfigVerdict) -> None:
         reply_to = headers_of(msg).get(REPLY_TO_HEADER)
-        if reply_to:
+        if reply_to and reply_allowed(reply_to, self._sender(msg)):
             try:
                 await self._bus.nc.publish(reply_to, encode(verdict))
             except (nats.errors.Error, ValueError):
@@ -117,7 +124,7 @@ class ConfigWorker(HandlerBase):
             known_keys=_KNOWN_KEYS,
             validate=validate_dotted,
         )
-        who = change.requested_by
+        who = requester(self._sender(msg), change.requested_by) or "unknown"
         if new is None:
             await self._events.emit(
                 ConfigRejected(

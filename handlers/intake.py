@@ -37,6 +37,7 @@ from schemas import (
 )
 from valkyrie import (
     REPLY_TO_HEADER,
+    REQUESTED_BY_HEADER,
     GiveUp,
     HandlerContext,
     SchemaError,
@@ -52,6 +53,7 @@ from valkyrie.bus import (
     now_ms,
     storage_full,
 )
+from valkyrie.domain.identity import reply_allowed, requester
 from valkyrie.domain.intake import (
     idempotency_token,
     job_id_for,
@@ -71,7 +73,12 @@ RECORD_OVERHEAD = 512
 
 
 class IntakeWorker(HandlerBase):
-    """Consumes ``<prefix>.jobs.submit`` through the durable consumer ``intake``."""
+    """Consumes ``<prefix>.jobs.submit[.<identity>]`` through the durable consumer ``intake``.
+
+    The submitter is the identity the subject carries (NATS permissions let each identity
+    publish only its own); its verdict goes to ``Valkyrie-Reply-To`` only inside that
+    identity's inbox.
+    """
 
     def __init__(self, ctx: HandlerContext) -> None:
         super().__init__(ctx)
@@ -96,7 +103,7 @@ class IntakeWorker(HandlerBase):
         await self.consume(
             stop,
             stream="submit",
-            filter_subject=bus.names.submit,
+            filter_subject=bus.names.submissions(),
             handle=self.handle,
             redact=redact_body,
             task_status=task_status,
@@ -124,7 +131,10 @@ class IntakeWorker(HandlerBase):
         """Process one submission."""
         now = now_ms()
         headers = headers_of(msg)
+        identity = self._bus.names.sender(msg.subject, self._bus.names.submit)
         reply_to = headers.get(REPLY_TO_HEADER)
+        if reply_to is not None and not reply_allowed(reply_to, identity):
+            reply_to = None  # not the sender's inbox: the event says what happened instead
         seq = int(msg.metadata.sequence.stream)
         try:
             parsed = parse_submission(
@@ -181,7 +191,13 @@ class IntakeWorker(HandlerBase):
                 _detail(e), job_id, token if claimed else None, stored, reply_to, seq
             )
 
-        record = queued_record(job_id, parsed, now_ms=now, source_seq=seq)
+        record = queued_record(
+            job_id,
+            parsed,
+            now_ms=now,
+            source_seq=seq,
+            submitted_by=requester(identity, headers.get(REQUESTED_BY_HEADER)),
+        )
         # about what the record takes in the jobs bucket: the body and what a record adds
         self._room.took(len(msg.data) + RECORD_OVERHEAD)
         placer = self._ctx.views.placer

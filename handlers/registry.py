@@ -2,6 +2,11 @@
 
 Registration and admin are request/reply; heartbeats are core messages. Every change to a runner's
 record is a compare-and-set, so several registry processes can run at once.
+
+A runner's registration, heartbeats and deregistration carry its id in the subject (NATS
+permissions let a runner publish only its own); one whose body names another runner is refused.
+The legacy registration subject without an id is for open installations (with auth on, nobody
+may publish it), and ``runners.admin.deregister`` is the operator's.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from valkyrie.bus import (
     now_ms,
     put_new,
 )
+from valkyrie.domain.identity import runner_mismatch
 from valkyrie.domain.lifecycle import (
     DEREGISTER_RETRY_MS,
     deregistration_refusal,
@@ -78,12 +84,13 @@ class RegistryWorker(HandlerBase):
         self._view = await self._ctx.views.runners()
         queue = f"{bus.names.prefix}-registry"
         async with anyio.create_task_group() as tg:
+            names = bus.names
             subs = [
-                await bus.nc.subscribe(bus.names.register, queue=queue, cb=self._on_register),
-                await bus.nc.subscribe(
-                    bus.names.heartbeat("*"), queue=queue, cb=self._on_heartbeat
-                ),
-                await bus.nc.subscribe(bus.names.runner_admin("*"), queue=queue, cb=self._on_admin),
+                await bus.nc.subscribe(names.register, queue=queue, cb=self._on_register),
+                await bus.nc.subscribe(names.register_as("*"), queue=queue, cb=self._on_register),
+                await bus.nc.subscribe(names.heartbeat("*"), queue=queue, cb=self._on_heartbeat),
+                await bus.nc.subscribe(names.deregister("*"), queue=queue, cb=self._on_deregister),
+                await bus.nc.subscribe(names.runner_admin("*"), queue=queue, cb=self._on_admin),
             ]
             try:
                 task_status.started()
@@ -115,6 +122,17 @@ class RegistryWorker(HandlerBase):
         registration, errors = convert_or_errors(RunnerRegistration, raw)
         if registration is None:
             await self._reply(msg, RegistrationVerdict(accepted=False, errors=errors))
+            return
+        sender = self._bus.names.sender(msg.subject, self._bus.names.register)
+        mismatch = runner_mismatch(sender, registration.runner_id)
+        if mismatch is not None:
+            log.warning("registration refused on %s: %s", msg.subject, mismatch)
+            await self._reply(
+                msg,
+                RegistrationVerdict(
+                    accepted=False, errors=[FieldError(path="$.runner_id", reason=mismatch)]
+                ),
+            )
             return
         now = now_ms()
         rid = registration.runner_id
@@ -169,6 +187,10 @@ class RegistryWorker(HandlerBase):
             beat = HEARTBEAT_DECODER.decode(msg.data)
         except msgspec.DecodeError:
             return
+        mismatch = runner_mismatch(msg.subject.rsplit(".", 1)[-1], beat.runner_id)
+        if mismatch is not None:
+            log.warning("heartbeat ignored on %s: %s", msg.subject, mismatch)
+            return
         now = now_ms()
         known = self._view.records.get(beat.runner_id)
         if known is not None:
@@ -220,6 +242,32 @@ class RegistryWorker(HandlerBase):
                     )
                 ),
             )
+
+    async def _on_deregister(self, msg: Msg) -> None:
+        """A runner leaving, on its own subject: only itself, never another runner."""
+        sender = msg.subject.rsplit(".", 1)[-1]
+        try:
+            body = ANY_DECODER.decode(msg.data) if msg.data else {}
+            rid = str(body["runner_id"])
+        except (msgspec.DecodeError, KeyError, TypeError) as e:
+            await self._reply(
+                msg,
+                RegistrationVerdict(
+                    accepted=False,
+                    errors=[FieldError(path="$.runner_id", reason=f"required ({e!r})")],
+                ),
+            )
+            return
+        mismatch = runner_mismatch(sender, rid)
+        if mismatch is not None:
+            await self._reply(
+                msg,
+                RegistrationVerdict(
+                    accepted=False, errors=[FieldError(path="$.runner_id", reason=mismatch)]
+                ),
+            )
+            return
+        await self._deregister(msg, rid, body.get("session_id"))
 
     async def _on_admin(self, msg: Msg) -> None:
         action = msg.subject.rsplit(".", 1)[-1]

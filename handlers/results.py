@@ -1,7 +1,8 @@
 """Results: apply runners' updates (accepted, started, finished) to job records, free capacity.
 
 Updates from an attempt the job no longer belongs to are refused and the runner is told to abandon
-that job. Every step is idempotent: job record first, then the runner slot, then the event, then ack.
+that job. An update whose body names another runner than its subject (``updates.<runner_id>``,
+the only one NATS lets that runner publish) is dead-lettered: a runner speaks only for itself. Every step is idempotent: job record first, then the runner slot, then the event, then ack.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from schemas import (
 )
 from valkyrie import GiveUp, HandlerContext
 from valkyrie.bus import JOB_DECODER, UPDATE_DECODER, Outbox, Versioned, cas_update, encode, now_ms
+from valkyrie.domain.identity import runner_mismatch
 from valkyrie.domain.lifecycle import UpdateOutcome, UpdateResult, apply_update
 from valkyrie.runtime import HandlerBase
 
@@ -87,6 +89,9 @@ class ResultsWorker(HandlerBase):
             update = UPDATE_DECODER.decode(msg.data)
         except msgspec.DecodeError as e:
             raise GiveUp(f"invalid job update: {e}") from e
+        mismatch = runner_mismatch(msg.subject.rsplit(".", 1)[-1], update.runner_id)
+        if mismatch is not None:
+            raise GiveUp(f"job update refused: {mismatch}")
         item = _Queued(update)
         queue = self._queues.get(update.job_id)
         if queue is not None:

@@ -126,7 +126,7 @@ class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class JobSubmission(msgspec.Struct, frozen=True, kw_only=True):
-    """A v2 job submission, published on ``<prefix>.jobs.submit``.
+    """A v2 job submission, published on ``<prefix>.jobs.submit.<identity>``.
 
     ``job_id`` lets a client choose the id; ``idempotency_key`` makes resubmissions return the
     first job. ``deadline_at_ms`` is the instant after which the job may no longer start.
@@ -234,6 +234,9 @@ class JobRecord(msgspec.Struct, frozen=True, kw_only=True):
     cancel_requested: bool = False
     attempts: list[AttemptRecord] = msgspec.field(default_factory=list)
     source_seq: int | None = None
+    #: who submitted it, as the submit subject proves (``admin``, ``submitter-ci``, or
+    #: ``http:<token name>`` through the gateway); the body's word on an open installation
+    submitted_by: str | None = None
 
 
 class FieldError(msgspec.Struct, frozen=True, kw_only=True):

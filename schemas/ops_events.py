@@ -191,7 +191,11 @@ class DeadReplayed(TypedEvent, frozen=True, kw_only=True):
 class AuditEvent(TypedEvent, frozen=True, kw_only=True):
     """A mutating HTTP call, audited by the gateway while ``security.audit_enabled``.
 
-    ``outcome`` is ``ok`` (status below 400), ``refused`` (4xx) or ``error`` (5xx).
+    Stored in the audit stream of its own (``<prefix>.audit.<subject_id>.<kind>``), which only
+    the control plane's identities and the gateway may publish on. ``identity`` is the HTTP
+    caller its token proves, ``bus_identity`` the NATS identity that published the event (its
+    credentials prove it), ``job_id`` the job the call was about (the one it created, for a
+    submission). ``outcome`` is ``ok`` (status below 400), ``refused`` (4xx) or ``error`` (5xx).
     """
 
     entity: ClassVar[str] = "audit"
@@ -210,6 +214,8 @@ class AuditEvent(TypedEvent, frozen=True, kw_only=True):
     outcome: str
     path_params: dict[str, str]
     client: str | None
+    bus_identity: str | None = None
+    job_id: str | None = None
 
 
 class AuditJobSubmit(AuditEvent, frozen=True, kw_only=True):

@@ -53,28 +53,31 @@ def check_event(names: Names, msg: Msg) -> str | None:
 
 
 async def check_stream(url: str, prefix: str) -> list[str]:
-    """Every problem with the events stored under ``prefix`` (none when there is no stream)."""
+    """Every problem with the events (and audit events) stored under ``prefix``."""
     names = Names(prefix)
-    stream = names.stream("events")
     nc = await nats.connect(url, connect_timeout=5, allow_reconnect=False, max_reconnect_attempts=0)
+    problems: list[str] = []
     try:
         js = nc.jetstream(timeout=5)
-        try:
-            info = await js.stream_info(stream)
-        except nats.js.errors.NotFoundError:
-            return []
-        if not info.state.messages:
-            return []
-        config = ConsumerConfig(
-            deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE, inactive_threshold=10.0
-        )
-        psub = await js.pull_subscribe(names.events(">"), stream=stream, config=config)
-        remaining = (await psub.consumer_info()).num_pending or 0
-        problems: list[str] = []
-        while remaining > 0:
-            msgs = await psub.fetch(batch=min(remaining, 512), timeout=10.0)
-            remaining -= len(msgs)
-            problems += [p for p in (check_event(names, m) for m in msgs) if p is not None]
+        for stream, subjects in (
+            (names.stream("events"), names.events(">")),
+            (names.stream("audit"), names.audit(">")),
+        ):
+            try:
+                info = await js.stream_info(stream)
+            except nats.js.errors.NotFoundError:
+                continue
+            if not info.state.messages:
+                continue
+            config = ConsumerConfig(
+                deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE, inactive_threshold=10.0
+            )
+            psub = await js.pull_subscribe(subjects, stream=stream, config=config)
+            remaining = (await psub.consumer_info()).num_pending or 0
+            while remaining > 0:
+                msgs = await psub.fetch(batch=min(remaining, 512), timeout=10.0)
+                remaining -= len(msgs)
+                problems += [p for p in (check_event(names, m) for m in msgs) if p is not None]
         return problems
     finally:
         await nc.close()

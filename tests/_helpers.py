@@ -78,6 +78,7 @@ TEST_SIZES: dict[str, int] = {
     "config_max_bytes": 2 * MiB,
     "stats_max_bytes": 1 * MiB,
     "secrets_max_bytes": 1 * MiB,
+    "audit_max_bytes": 1 * MiB,
 }
 
 
@@ -96,7 +97,7 @@ def settings_for(url: str, prefix: str, **overrides: object) -> Settings:
         "nats_url": url,
         "prefix": prefix,
         "connect_timeout_s": 10.0,
-        # the server reserves each stream's and bucket's max_bytes: the defaults (4.5 GiB in all)
+        # the server reserves each stream's and bucket's max_bytes: the defaults (4.75 GiB in all)
         # would exhaust the session server's store after a few test prefixes
         **TEST_SIZES,
     }
@@ -207,6 +208,12 @@ async def stream_messages(bus: Bus, stream: str, subject: str) -> list[RawStream
 async def events_of(bus: Bus, pattern: str = ">") -> list[Event]:
     """Every stored event whose subject matches ``<prefix>.events.<pattern>``, oldest first."""
     msgs = await stream_messages(bus, bus.names.stream("events"), bus.names.events(pattern))
+    return [EVENT_DECODER.decode(m.data or b"") for m in msgs]
+
+
+async def audits_of(bus: Bus) -> list[Event]:
+    """Every stored audit event (the audit stream), oldest first."""
+    msgs = await stream_messages(bus, bus.names.stream("audit"), bus.names.audit(">"))
     return [EVENT_DECODER.decode(m.data or b"") for m in msgs]
 
 

@@ -94,7 +94,7 @@ class FakeControlPlane:
 
     async def answer_registrations(self) -> None:
         """Start answering registration requests with :attr:`verdict`."""
-        sub = await self.bus.nc.subscribe(self.bus.names.register)
+        sub = await self.bus.nc.subscribe(self.bus.names.register_as(self.runner_id))
         self._subs.append(sub)
         self._tg.start_soon(self._answer, sub)
 
@@ -215,7 +215,7 @@ class FakeControlPlane:
 
     async def logs_raw(self, job_id: str) -> list[RawStreamMsg]:
         """Every log message stored for ``job_id``, as stored, in stream order."""
-        stream, subject = self.bus.names.stream("logs"), self.bus.names.logs(job_id)
+        stream, subject = self.bus.names.stream("logs"), self.bus.names.logs(self.runner_id, job_id)
         found: list[RawStreamMsg] = []
         seq = 1
         while True:

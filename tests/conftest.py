@@ -29,6 +29,20 @@ def _docker_available() -> bool:
     return shutil.which("docker") is not None and os.path.exists("/var/run/docker.sock")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A data dir of the session's own: no test (nor a CLI it spawns) may find and use the
+    generated credentials of a `valkyrie up` that ran on this host."""
+    if "VALKYRIE_DATA_DIR" in os.environ:
+        yield
+        return
+    os.environ["VALKYRIE_DATA_DIR"] = str(tmp_path_factory.mktemp("data-dir"))
+    try:
+        yield
+    finally:
+        os.environ.pop("VALKYRIE_DATA_DIR", None)
+
+
 @pytest.fixture(scope="session")
 def nats_url() -> Iterator[str]:
     """URL of a JetStream-enabled server for this session."""

@@ -131,7 +131,7 @@ async def put_log(
         seq=seq,
         lines=lines,
     )
-    await bus.js.publish(bus.names.logs(job_id), encode(batch))
+    await bus.js.publish(bus.names.logs("r1", job_id), encode(batch))
 
 
 async def test_jobs_logs_prints_stored_lines(bus: Bus, settings: Settings) -> None:
@@ -211,7 +211,7 @@ async def test_runner_exits_3_when_rejected(bus: Bus, settings: Settings, tmp_pa
 @pytest.mark.slow
 async def test_up_starts_local_runners(bus: Bus, settings: Settings, tmp_path: Path) -> None:
     seen: set[str] = set()
-    sub = await bus.nc.subscribe(bus.names.register)
+    sub = await bus.nc.subscribe(bus.names.register_as("*"))
     proc = spawn(["up", "--handlers", "intake", "--runners", "2"], settings, tmp_path / "up.log")
     try:
         with anyio.fail_after(30):

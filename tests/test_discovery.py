@@ -73,7 +73,10 @@ async def test_ping_lists_every_running_handler(settings: Settings) -> None:
         infos = await ask(bus, f"$SRV.INFO.{name}")
         endpoints = {e["name"]: e for i in infos for e in i["endpoints"]}
         assert set(endpoints) == set(everything)
-        assert endpoints["intake"]["subject"] == bus.names.submit
+        assert endpoints["intake"]["subject"].split(",") == [
+            bus.names.submit,
+            bus.names.submit_as("*"),
+        ]
     # a process that stopped answers no more
     async with plane_with_registry(settings, ["registry"]) as (bus, _):
         pings = await ask(bus, f"$SRV.PING.{bus.names.service_name}")

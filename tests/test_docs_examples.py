@@ -50,19 +50,20 @@ N = Names()
 EVENTS = N.event("<entity>", "<id>", "<type>")
 #: heading (a subject or bucket name) -> the type of each ```json block under it, in order
 EXPECTED: dict[str, tuple[Any, ...]] = {
-    N.submit: (JobSubmission, LegacyJobV1, SubmitVerdict, SubmitVerdict),
-    N.cancel: (CancelJob,),
+    N.submit_as("<identity>"): (JobSubmission, LegacyJobV1, SubmitVerdict, SubmitVerdict),
+    N.cancel_as("<identity>"): (CancelJob,),
     N.explain: (ExplainRequest, JobExplanation),
     N.queue_list: (QueueListRequest, QueueListing),
-    N.register: (RunnerRegistration, RegistrationVerdict),
+    N.register_as("<runner_id>"): (RunnerRegistration, RegistrationVerdict),
     N.heartbeat("<runner_id>"): (RunnerHeartbeat,),
-    # the admin request has no schema type: a plain object naming the runner
+    # the admin and deregister requests have no schema type: a plain object naming the runner
     N.runner_admin("<action>"): (dict[str, str], RegistrationVerdict),
+    N.deregister("<runner_id>"): (dict[str, str], RegistrationVerdict),
     N.dispatch("<runner_id>"): (Dispatch,),
     N.control("<runner_id>"): (RunnerCommand, RunnerCommand),
     N.updates("<runner_id>"): (JobUpdate, JobUpdate, JobUpdate),
-    N.logs("<job_id>"): (JobLog,),
-    N.config_change: (ConfigChange, ConfigVerdict),
+    N.logs("<runner_id>", "<job_id>"): (JobLog,),
+    N.config_change_as("<identity>"): (ConfigChange, ConfigVerdict),
     N.health("<component>"): (HealthReport,),
     EVENTS: (Event, Event),
     N.dead("<handler>"): (DeadLetter,),
@@ -72,28 +73,45 @@ EXPECTED: dict[str, tuple[Any, ...]] = {
 }
 
 #: every public member of Names that builds a subject -> the heading documenting it
+#: (the legacy subjects without an identity are documented under the identity-bearing ones)
 SUBJECT_MEMBERS = {
-    "submit": N.submit,
-    "cancel": N.cancel,
+    "submit": N.submit_as("<identity>"),
+    "submit_as": N.submit_as("<identity>"),
+    "cancel": N.cancel_as("<identity>"),
+    "cancel_as": N.cancel_as("<identity>"),
     "explain": N.explain,
     "queue_list": N.queue_list,
-    "register": N.register,
+    "register": N.register_as("<runner_id>"),
+    "register_as": N.register_as("<runner_id>"),
     "heartbeat": N.heartbeat("<runner_id>"),
+    "deregister": N.deregister("<runner_id>"),
     "runner_admin": N.runner_admin("<action>"),
     "dispatch": N.dispatch("<runner_id>"),
     "control": N.control("<runner_id>"),
     "updates": N.updates("<runner_id>"),
-    "logs": N.logs("<job_id>"),
-    "config_change": N.config_change,
+    "logs": N.logs("<runner_id>", "<job_id>"),
+    "config_change": N.config_change_as("<identity>"),
+    "config_change_as": N.config_change_as("<identity>"),
     "health": N.health("<component>"),
     "event": N.event("<entity>", "<id>", "<type>"),
+    "audit": N.event("<entity>", "<id>", "<type>"),  # audit events are events (their table)
     "dead": N.dead("<handler>"),
 }
-#: members that build stream and bucket names or filters, not subjects
-NOT_SUBJECTS = {"prefix", "stream", "bucket", "events"}
+#: members that build stream and bucket names or filters, or read subjects, not subjects
+NOT_SUBJECTS = {
+    "prefix",
+    "stream",
+    "bucket",
+    "events",
+    "submissions",
+    "cancels",
+    "config_changes",
+    "sender",
+    "as_sender",
+}
 #: service discovery: NATS micro's own protocol ($SRV.*), one row of the overview, no examples
 DISCOVERY = {"service_name", "srv_subject", "srv_subjects"}
-STREAMS = ("submit", "commands", "updates", "events", "logs", "dead")
+STREAMS = ("submit", "commands", "updates", "events", "logs", "dead", "audit")
 
 _HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*$")
 _NAME = re.compile(r"^`([^`]+)`$")
@@ -180,6 +198,6 @@ def test_event_examples_are_exactly_their_typed_events(index: int) -> None:
 @pytest.mark.parametrize("index", [0, 1])
 def test_submission_examples_pass_intake(index: int) -> None:
     """The submission examples are accepted by intake's own checks, not only by their types."""
-    body = SECTIONS[N.submit][index].encode()
+    body = SECTIONS[N.submit_as("<identity>")][index].encode()
     parsed = parse_submission(body, received_at_ms=1_795_765_891_808, max_bytes=1024 * 1024)
     assert parsed.api_version == ("v2", "v1")[index]

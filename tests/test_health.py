@@ -228,7 +228,7 @@ async def test_consumer_lag_falls_back_then_recovers_by_itself(
             )
 
         fallback = await wait_mode(bus, "fallback", timeout_s=30)
-        assert fallback.changed_by == "health-monitor"
+        assert fallback.changed_by == "monitor:auto"
         assert fallback.reason is not None
         assert "consumer intake degraded: 20 pending (>= 5)" in fallback.reason
         # written once the config handler has accepted the switch
@@ -248,7 +248,7 @@ async def test_consumer_lag_falls_back_then_recovers_by_itself(
 
         async with running(settings, ["intake"]):
             recovered = await wait_mode(bus, "full", timeout_s=30)
-        assert recovered.changed_by == "health-monitor"
+        assert recovered.changed_by == "monitor:auto"
         assert (recovered.reason or "").startswith("automatic recovery")
         assert "mode" not in recovered.values  # the override is gone, not pinned to "full"
         await eventually(lambda: _record_gone(bus), timeout_s=10, what="the record deleted")
@@ -296,7 +296,7 @@ async def test_stalled_worker_falls_back_and_recovers_when_it_resumes(
             os.kill(proc.pid, signal.SIGSTOP)
             try:
                 fallback = await wait_mode(bus, "fallback", timeout_s=30)
-                assert fallback.changed_by == "health-monitor"
+                assert fallback.changed_by == "monitor:auto"
                 assert "results" in (fallback.reason or "")
                 assert "stalled" in (fallback.reason or "")
                 stalled = await wait_summary(
@@ -311,7 +311,7 @@ async def test_stalled_worker_falls_back_and_recovers_when_it_resumes(
             finally:
                 os.kill(proc.pid, signal.SIGCONT)
             recovered = await wait_mode(bus, "full", timeout_s=30)
-            assert recovered.changed_by == "health-monitor"
+            assert recovered.changed_by == "monitor:auto"
             healthy = await wait_summary(
                 bus,
                 lambda s: s.config_revision == recovered.revision,
@@ -413,7 +413,7 @@ async def test_two_monitors_switch_once_each_way(settings: Settings, fast_health
 
         seen = await eventually(announced, timeout_s=10, what="the recovery event")
     switches = [(r.changed_by, r.diff["mode"]["new"]) for r in history if "mode" in r.diff]
-    assert switches == [("health-monitor", "fallback"), ("health-monitor", "full")], history
+    assert switches == [("monitor:auto", "fallback"), ("monitor:auto", "full")], history
     assert seen.count(("fallback", "activated")) == 1, seen
     assert seen.count(("fallback", "recovered")) == 1, seen
 

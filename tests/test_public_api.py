@@ -26,6 +26,7 @@ PACKAGES = [
     "valkyrie.domain",
     "valkyrie.domain.scheduling",
     "valkyrie.runtime",
+    "valkyrie.security",
 ]
 #: packages whose public names load on first use (valkyrie._lazy)
 LAZY = [
@@ -35,6 +36,7 @@ LAZY = [
     "valkyrie.config",
     "valkyrie.domain.scheduling",
     "valkyrie.runtime",
+    "valkyrie.security",
 ]
 TOP_LEVEL = ["valkyrie", "schemas", "handlers"]
 

@@ -386,7 +386,7 @@ async def test_deregistration_asks_again_when_told_to(
         )
         await msg.respond(msgspec.json.encode(verdict))
 
-    sub = await bus.nc.subscribe(bus.names.runner_admin("deregister"), cb=answer)
+    sub = await bus.nc.subscribe(bus.names.deregister(rid), cb=answer)
     try:
         async with fake_control_plane(bus, rid):
             runner = Runner(bus, registration(rid), succeed, drain_timeout_s=1)

@@ -197,7 +197,7 @@ async def _log_lines(bus: Bus, job_id: str) -> AsyncIterator[str]:
     from tests._helpers import stream_messages
     from valkyrie.bus.codec import LOG_DECODER
 
-    for msg in await stream_messages(bus, bus.names.stream("logs"), bus.names.logs(job_id)):
+    for msg in await stream_messages(bus, bus.names.stream("logs"), bus.names.logs("*", job_id)):
         for line in LOG_DECODER.decode(msg.data or b"").lines:
             yield line
 

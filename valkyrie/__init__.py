@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from valkyrie.bus.tls import tls_context
     from valkyrie.client.admin import Admin
     from valkyrie.client.config import ConfigClient
-    from valkyrie.client.jobs import REPLY_TO_HEADER, Client
+    from valkyrie.client.jobs import REPLY_TO_HEADER, REQUESTED_BY_HEADER, Client
     from valkyrie.config.live import LiveConfig
     from valkyrie.config.load import LoadedConfig, config_for
     from valkyrie.config.settings import Settings
@@ -61,6 +61,7 @@ __all__ = [
     "BUCKETS",
     "ENTRY_POINT_GROUP",
     "REPLY_TO_HEADER",
+    "REQUESTED_BY_HEADER",
     "Admin",
     "Bus",
     "BusError",

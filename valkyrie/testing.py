@@ -103,7 +103,9 @@ class SimulatedRunner:
         with anyio.fail_after(30):
             while True:
                 try:
-                    reply = await self.bus.nc.request(self.bus.names.register, body, timeout=2)
+                    reply = await self.bus.nc.request(
+                        self.bus.names.register_as(self.runner_id), body, timeout=2
+                    )
                 except nats.errors.Error:
                     await anyio.sleep(0.1)
                     continue
@@ -141,7 +143,7 @@ class SimulatedRunner:
         """
         return await deregister(
             self.bus.nc,
-            self.bus.names.runner_admin("deregister"),
+            self.bus.names.deregister(self.runner_id),
             self.runner_id,
             self._session,
             request_timeout_s=2.0,

@@ -41,6 +41,13 @@ if TYPE_CHECKING:
         Bus,
         connect,
     )
+    from valkyrie.bus.credentials import (
+        JWT_MARKER,
+        Credentials,
+        auth_dir,
+        creds_path,
+        discover,
+    )
     from valkyrie.bus.events import (
         EventPublisher,
     )
@@ -67,6 +74,11 @@ if TYPE_CHECKING:
     from valkyrie.bus.server import (
         NatsServer,
         find_nats_server,
+        reload_running,
+    )
+    from valkyrie.bus.snapshot import (
+        Stored,
+        read_stored,
     )
     from valkyrie.bus.storage import (
         full_error,
@@ -90,6 +102,7 @@ __all__ = [
     "EVENT_DECODER",
     "HEARTBEAT_DECODER",
     "JOB_DECODER",
+    "JWT_MARKER",
     "LOG_DECODER",
     "REGISTRATION_DECODER",
     "RUNNER_DECODER",
@@ -98,6 +111,7 @@ __all__ = [
     "VERDICT_DECODER",
     "AckedPublisher",
     "Bus",
+    "Credentials",
     "EventPublisher",
     "KvChange",
     "Names",
@@ -105,10 +119,14 @@ __all__ = [
     "Outbox",
     "PubAck",
     "PullFeed",
+    "Stored",
     "Versioned",
     "acked_publisher",
+    "auth_dir",
     "cas_update",
     "connect",
+    "creds_path",
+    "discover",
     "encode",
     "ensure_consumer",
     "find_nats_server",
@@ -120,6 +138,8 @@ __all__ = [
     "now_ms",
     "provisioning",
     "put_new",
+    "read_stored",
+    "reload_running",
     "storage_full",
     "tls_context",
     "watch_kv",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import ssl
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ from tenacity import (
     wait_exponential,
 )
 
+from valkyrie.bus.credentials import Credentials
 from valkyrie.bus.names import Names
 from valkyrie.bus.storage import provisioning
 from valkyrie.config.model import ValkyrieConfig
@@ -48,16 +51,50 @@ BUCKETS: dict[str, tuple[int, float | None]] = {
     "stats": (1, None),
     "secrets": (1, None),
 }
+#: what the server answers a connection whose credentials it does not accept
+_REFUSED = ("authorization violation", "authentication", "user authentication expired")
+#: refusals in a row after which a connection that worked gives up reconnecting
+_REFUSALS_BEFORE_CLOSING = 3
+
+
+async def _connect(nc: NatsClient, **options: Any) -> None:
+    """``nc.connect``, closing what a failed attempt leaves open.
+
+    A refused attempt leaves its socket open: ``nats.connect`` only drops the client.
+    """
+    try:
+        await nc.connect(**options)
+    except BaseException:
+        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+            await nc.close()
+            # a close interrupted by our cancellation (a refusal) leaves the socket closing:
+            # wait for it, or it is collected unclosed
+            transport = nc._transport
+            if transport is not None:
+                transport.close()
+                await transport.wait_closed()
+        raise
+
+
+def _refused(e: Exception) -> bool:
+    """Whether ``e`` is the server refusing the connection's credentials."""
+    return any(r in str(e).lower() for r in _REFUSED)
 
 
 @dataclass
 class Bus:
-    """A connected NATS client, its JetStream context, and Valkyrie's names and buckets."""
+    """A connected NATS client, its JetStream context, and Valkyrie's names and buckets.
+
+    ``identity`` is who the connection speaks as (``None``: an open installation's anonymous
+    connection): the identity-bearing subjects (``jobs.submit.<identity>``) and the inbox prefix
+    ``_INBOX_<identity>`` are its.
+    """
 
     nc: NatsClient
     js: JetStreamContext
     names: Names
     settings: Settings
+    identity: str | None = None
     _kv: dict[str, KeyValue] = field(default_factory=dict)
 
     async def kv(self, name: str) -> KeyValue:
@@ -101,13 +138,13 @@ class Bus:
         return [
             StreamConfig(
                 name=n.stream("submit"),
-                subjects=[n.submit],
+                subjects=[n.submit, n.submit_as("*")],
                 max_bytes=s.submit_max_bytes,
                 **queue,
             ),
             StreamConfig(
                 name=n.stream("commands"),
-                subjects=[n.cancel, n.config_change],
+                subjects=[n.cancel, n.cancel_as("*"), n.config_change, n.config_change_as("*")],
                 max_bytes=s.commands_max_bytes,
                 **queue,
             ),
@@ -128,12 +165,22 @@ class Bus:
             ),
             StreamConfig(
                 name=n.stream("logs"),
-                subjects=[n.logs("*")],
+                subjects=[n.logs("*", "*")],
                 retention=RetentionPolicy.LIMITS,
                 discard=DiscardPolicy.OLD,
                 max_age=float(s.logs_max_age_s),
                 max_bytes=s.logs_max_bytes,
                 max_msgs_per_subject=s.logs_max_msgs_per_job,
+                **common,
+            ),
+            StreamConfig(
+                # audit events: their own stream, so that nothing else can push them out
+                name=n.stream("audit"),
+                subjects=[n.audit(">")],
+                retention=RetentionPolicy.LIMITS,
+                discard=DiscardPolicy.OLD,
+                max_age=float(s.audit_max_age_s),
+                max_bytes=s.audit_max_bytes,
                 **common,
             ),
             StreamConfig(
@@ -227,46 +274,89 @@ class Bus:
                 log.debug("close failed: %r", e2)
 
 
+class _Watch:
+    """The connection's callbacks: what went wrong last, and when to stop trying."""
+
+    def __init__(self, creds: Credentials) -> None:
+        self.creds = creds
+        self.nc: NatsClient | None = None  # set once the first connection succeeded
+        self.last_error: Exception | None = None
+        self.attempt: anyio.CancelScope | None = None
+        self._refusals = 0
+
+    def _closing(self) -> bool:
+        return self.nc is not None and (self.nc.is_closed or self.nc.is_draining)
+
+    async def on_error(self, e: Exception) -> None:
+        self.last_error = e
+        if self.nc is None:
+            # before the first connection succeeds, the final ConnectError says it all; a
+            # refusal will not change by trying again (nats-py would, for ever)
+            if _refused(e) and self.attempt is not None:
+                self.attempt.cancel()
+            return
+        if self._closing():
+            return
+        if _refused(e):
+            # A rotated seed is read again at the next reconnect and works; a revoked identity
+            # is refused for good: stop trying instead of reconnecting for ever.
+            self._refusals += 1
+            if self._refusals >= _REFUSALS_BEFORE_CLOSING:
+                log.error(
+                    "NATS refuses %s (revoked?): closing the connection", self.creds.describe()
+                )
+                asyncio.get_running_loop().create_task(self.nc.close())
+                return
+        log.warning("NATS error: %r", e)
+
+    async def on_disconnect(self) -> None:
+        if not self._closing():
+            log.warning("disconnected from NATS; reconnecting")
+
+    async def on_reconnect(self) -> None:
+        self._refusals = 0
+        log.info("reconnected to NATS")
+
+
+def _refusal(target: str, creds: Credentials) -> ConnectError:
+    """What to say when the server refused who connects."""
+    return ConnectError(
+        f"NATS at {redact_url(target)} refused {creds.describe()}: "
+        + (
+            "check the credentials (VALKYRIE_NATS_CREDS, or the generated ones in the data "
+            "dir: `valkyrie auth ls`)"
+            if creds.authenticated
+            else "it requires credentials: set VALKYRIE_NATS_CREDS, or run this on the host "
+            "of `valkyrie up`, which finds the generated ones in its data dir"
+        )
+    )
+
+
 async def connect(
     settings: Settings,
     *,
     url: str | None = None,
     name: str = "valkyrie",
     tls: ssl.SSLContext | None = None,
+    credentials: Credentials | None = None,
 ) -> Bus:
     """Connect to NATS (retrying until ``settings.connect_timeout_s``) and return a :class:`Bus`.
 
     ``tls`` is the client TLS context, ``None`` for a plain connection; the caller builds it from
     its loaded config (:func:`valkyrie.bus.tls.tls_context` of the ``security`` section): this
-    reads no config.
+    reads no config. ``credentials`` say who connects (default: what the settings name,
+    :meth:`Credentials.from_settings`).
 
     Raises:
-        ConnectError: when no server answered in time; the message names the URL and what to check.
+        ConnectError: when no server answered in time, or it refused the credentials; the
+            message names the URL and what to check.
     """
+    creds = credentials if credentials is not None else Credentials.from_settings(settings)
     target = url or settings.nats_url
     if not target:
         raise ConnectError("no NATS URL: set VALKYRIE_NATS_URL or let `valkyrie up` embed a server")
     servers = [u.strip() for u in target.split(",") if u.strip()]
-    holder: list[NatsClient] = []
-
-    def closing() -> bool:
-        return bool(holder) and (holder[0].is_closed or holder[0].is_draining)
-
-    last_error: list[Exception] = []
-
-    async def _on_error(e: Exception) -> None:
-        last_error[:] = [e]
-        # before the first connection succeeds, the final ConnectError says it all
-        if holder and not closing():
-            log.warning("NATS error: %r", e)
-
-    async def _on_disconnect() -> None:
-        if not closing():
-            log.warning("disconnected from NATS; reconnecting")
-
-    async def _on_reconnect() -> None:
-        log.info("reconnected to NATS")
-
+    watch = _Watch(creds)
     try:
         async for attempt in AsyncRetrying(
             stop=stop_after_delay(settings.connect_timeout_s),
@@ -274,9 +364,16 @@ async def connect(
             retry=retry_if_exception_type((nats.errors.NoServersError, OSError, TimeoutError)),
             reraise=True,
         ):
-            with attempt, anyio.fail_after(max(2.0, settings.connect_timeout_s)):
+            with (
+                attempt,
+                anyio.fail_after(max(2.0, settings.connect_timeout_s)),
+                anyio.CancelScope() as scope,
+            ):
+                watch.attempt = scope
                 # nats-py's first connect retries forever when reconnects are unlimited
-                nc = await nats.connect(
+                nc = NatsClient()
+                await _connect(
+                    nc,
                     servers=servers,
                     name=name,
                     connect_timeout=2,
@@ -285,15 +382,28 @@ async def connect(
                     reconnect_time_wait=0.25,
                     drain_timeout=5,
                     tls=tls,
-                    error_cb=_on_error,
-                    disconnected_cb=_on_disconnect,
-                    reconnected_cb=_on_reconnect,
+                    error_cb=watch.on_error,
+                    disconnected_cb=watch.on_disconnect,
+                    reconnected_cb=watch.on_reconnect,
+                    **creds.options(),
                 )
-                holder[:] = [nc]
+                watch.nc = nc
+            if scope.cancelled_caught:
+                raise nats.errors.Error(str(watch.last_error or "refused"))
     except (nats.errors.NoServersError, OSError, TimeoutError) as e:
         raise ConnectError(
             f"cannot connect to NATS at {redact_url(target)} within "
-            f"{settings.connect_timeout_s:g}s ({last_error[0] if last_error else e!r}): "
+            f"{settings.connect_timeout_s:g}s ({watch.last_error or repr(e)}): "
             "check that the server runs and the URL (VALKYRIE_NATS_URL) is right"
         ) from e
-    return Bus(nc=nc, js=nc.jetstream(), names=Names(settings.prefix), settings=settings)
+    except nats.errors.Error as e:
+        if not _refused(e):
+            raise
+        raise _refusal(target, creds) from e
+    return Bus(
+        nc=nc,
+        js=nc.jetstream(),
+        names=Names(settings.prefix),
+        settings=settings,
+        identity=creds.identity,
+    )

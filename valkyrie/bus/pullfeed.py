@@ -17,7 +17,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import anyio
 import msgspec
@@ -43,7 +44,21 @@ _REQUEST = msgspec.json.Encoder()
 
 
 #: consumer settings a (re)starting handler brings an existing durable consumer up to date with
-_TUNABLE = ("ack_wait", "max_deliver", "max_ack_pending")
+_TUNABLE = ("ack_wait", "max_deliver", "max_ack_pending", "filter_subject", "filter_subjects")
+
+
+def filters(subjects: str | Sequence[str]) -> dict[str, Any]:
+    """A consumer's subject filter keyword: ``filter_subject`` for one, ``filter_subjects`` else.
+
+    A handler takes both an open installation's legacy subject (``jobs.cancel``) and the ones
+    that carry their sender's identity (``jobs.cancel.<identity>``): no single wildcard covers
+    both.
+    """
+    if isinstance(subjects, str):
+        return {"filter_subject": subjects}
+    if len(subjects) == 1:
+        return {"filter_subject": subjects[0]}
+    return {"filter_subjects": list(subjects)}
 
 
 async def ensure_consumer(bus: Bus, stream: str, config: ConsumerConfig) -> None:
@@ -51,8 +66,9 @@ async def ensure_consumer(bus: Bus, stream: str, config: ConsumerConfig) -> None
 
     Operators change ``performance.ack_wait_s`` and friends and restart the handler; a durable
     consumer created by an earlier run would otherwise keep its old ack wait for ever. Only
-    ack wait, max deliver and max ack pending are compared: the server can update those in place
-    (create-or-update), and an update it refuses leaves the old consumer running, with a warning.
+    ack wait, max deliver, max ack pending and the subject filters are compared: the server can
+    update those in place (create-or-update), and an update it refuses leaves the old consumer
+    running, with a warning. (The filters changed when subjects began to carry identities.)
     """
     assert config.durable_name is not None
     config.name = config.durable_name
@@ -65,7 +81,7 @@ async def ensure_consumer(bus: Bus, stream: str, config: ConsumerConfig) -> None
     stale = [
         name
         for name in _TUNABLE
-        if getattr(config, name) is not None
+        if (getattr(config, name) is not None or name.startswith("filter_"))
         and not _same(getattr(current, name), getattr(config, name))
     ]
     if not stale:
@@ -92,7 +108,7 @@ async def ensure_consumer(bus: Bus, stream: str, config: ConsumerConfig) -> None
 def _same(a: object, b: object) -> bool:
     if isinstance(a, int | float) and isinstance(b, int | float):  # ack wait: s from ns
         return abs(a - b) < 1e-3
-    return a == b
+    return (a or None) == (b or None)  # no filter: None, "" or []
 
 
 class PullFeed:

@@ -26,8 +26,11 @@ from valkyrie.errors import ServerError
 
 log = logging.getLogger("valkyrie.server")
 
-__all__ = ["NatsServer", "find_nats_server"]
+__all__ = ["NatsServer", "find_nats_server", "reload_running"]
 
+#: the account the generated auth configuration puts every Valkyrie user in
+_ACCOUNT = "VALKYRIE"
+_RELOADED = "Reloaded server configuration"
 _LISTEN = re.compile(r"Listening for client connections on ([\d.]+|\[[^\]]+\]|[\w.\-]+):(\d+)")
 _READY = "Server is ready"
 #: how long a leftover server gets to stop on SIGTERM before SIGKILL
@@ -83,6 +86,9 @@ class NatsServer:
         max_mem: JetStream memory limit (server syntax, e.g. ``1G``).
         max_file: JetStream file-store limit.
         sync_interval: how often the store fsyncs (``always`` for every message).
+        auth_conf: the generated accounts and users to include (``valkyrie auth``): with it
+            the server accepts only those users, each with its permissions.
+        jetstream_key: encrypt the JetStream store at rest with this key (ChaCha20-Poly1305).
     """
 
     store_dir: Path
@@ -95,6 +101,8 @@ class NatsServer:
     max_mem: str = "1G"
     max_file: str = "20G"
     sync_interval: str | None = None
+    auth_conf: Path | None = None
+    jetstream_key: str | None = field(default=None, repr=False)
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     @property
@@ -136,6 +144,32 @@ class NatsServer:
                 time.sleep(0.2)
         self.pid_file.unlink(missing_ok=True)
 
+    def _adopt_open_store(self) -> None:
+        """Keep the streams of a store this server ran open before, now that it has accounts.
+
+        An open server keeps them under the global account (``$G``); with the generated
+        accounts every Valkyrie user is in ``VALKYRIE``. The store was not encrypted then
+        (encryption comes with the accounts), so moving the directory is all it takes; the
+        server encrypts it on start.
+        """
+        # the server keeps each account's streams under <store_dir>/jetstream/<account>
+        base = self.store_dir / "jetstream" / "jetstream"
+        old, new = base / "$G", base / _ACCOUNT
+        if old.is_dir() and not new.exists():
+            log.warning("moving the open store %s to account %s (securing it)", old, _ACCOUNT)
+            old.rename(new)
+
+    def reload(self, timeout_s: float = 10.0) -> None:
+        """Make the running server read its configuration (and the auth include) again.
+
+        Raises:
+            ServerError: it is not running, or did not confirm the reload in time.
+        """
+        if self.pid is None:
+            raise ServerError("nats-server is not running: nothing to reload")
+        if not reload_running(self.store_dir, self.name, timeout_s=timeout_s):
+            raise ServerError(f"nats-server did not reload (log: {self.log_file})")
+
     @property
     def url(self) -> str:
         """The client URL (valid once started)."""
@@ -164,7 +198,13 @@ class NatsServer:
         ]
         if self.sync_interval:
             lines.append(f"  sync_interval: {self.sync_interval}")
+        if self.jetstream_key:
+            lines += ["  cipher: chachapoly", f'  key: "{self.jetstream_key}"']
         lines.append("}")
+        if self.auth_conf is not None:
+            # the server resolves an include relative to the including file's directory
+            rel = os.path.relpath(self.auth_conf.resolve(), self.store_dir.resolve())
+            lines.append(f'include "{rel}"')
         if self.cluster_name:
             lines += [
                 "cluster {",
@@ -186,7 +226,12 @@ class NatsServer:
         binary = find_nats_server()
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self._stop_leftover()
+        if self.auth_conf is not None:
+            self._adopt_open_store()
         conf = self._conf
+        # 0600: it may hold the JetStream key
+        conf.touch(mode=0o600)
+        conf.chmod(0o600)
         conf.write_text(self._config())
         self.log_file.unlink(missing_ok=True)
         # the binary find_nats_server resolved, with the config written just above
@@ -288,3 +333,38 @@ class NatsServer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.astop()
+
+
+def reload_running(
+    store_dir: Path, name: str = "valkyrie-embedded", *, timeout_s: float = 10.0
+) -> bool:
+    """Signal the server running on ``store_dir`` (by its pid file) to reload its configuration.
+
+    ``False`` when no such server runs. Waits (at most ``timeout_s``) until its log confirms the
+    reload: a user removed from the configuration is disconnected by then.
+
+    Raises:
+        ServerError: the server refused the new configuration, or did not confirm in time.
+    """
+    server = NatsServer(store_dir=store_dir, name=name)
+    try:
+        pid = int(server.pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return False
+    if not _runs_with(pid, server._conf):
+        return False
+    log_file = server.log_file
+    before = log_file.read_text(errors="replace").count(_RELOADED) if log_file.exists() else 0
+    size = log_file.stat().st_size if log_file.exists() else 0
+    os.kill(pid, signal.SIGHUP)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        text = log_file.read_text(errors="replace") if log_file.exists() else ""
+        if text.count(_RELOADED) > before:
+            return True
+        fresh = text[size:]
+        failed = [line for line in fresh.splitlines() if "[ERR]" in line and "eload" in line]
+        if failed:
+            raise ServerError(f"nats-server refused the new configuration: {failed[-1]}")
+        time.sleep(0.05)
+    raise ServerError(f"nats-server {pid} did not confirm the reload within {timeout_s:g}s")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import getpass
 import sys
 
 import click
@@ -10,18 +9,19 @@ import click
 from schemas import TERMINAL_STATES, JobExplanation, JobState
 from valkyrie.bus.codec import encode
 from valkyrie.bus.connection import Bus
-from valkyrie.cli._common import ExitCode, fmt_ms, print_table, run_async, settings_from, with_bus
+from valkyrie.cli._common import (
+    ExitCode,
+    actor,
+    fmt_ms,
+    print_table,
+    run_async,
+    settings_from,
+    with_bus,
+)
 from valkyrie.client.admin import Admin, StoredDeadLetter
 from valkyrie.client.jobs import Client
 
 __all__ = ["cancel", "dead", "drain", "explain", "undrain"]
-
-
-def _actor() -> str:
-    try:
-        return f"cli:{getpass.getuser()}"
-    except (KeyError, OSError):
-        return "cli"
 
 
 @click.command()
@@ -41,7 +41,7 @@ def cancel(ctx: click.Context, job_id: str, reason: str, wait: bool, timeout_s: 
         if record.state in TERMINAL_STATES:
             click.echo(f"{job_id} already ended: {record.state}")
             return ExitCode.OK if record.state == JobState.CANCELLED else ExitCode.JOB_FAILED
-        await Admin(bus, actor=_actor()).cancel_job(job_id, reason=reason)
+        await Admin(bus, actor=actor(bus)).cancel_job(job_id, reason=reason)
         if not wait:
             click.echo(f"cancel requested for {job_id}")
             return ExitCode.OK
@@ -54,7 +54,7 @@ def cancel(ctx: click.Context, job_id: str, reason: str, wait: bool, timeout_s: 
 
 def _drain(ctx: click.Context, runner_id: str, drain: bool) -> None:
     async def go(bus: Bus) -> None:
-        verdict = await Admin(bus, actor=_actor()).set_drain(runner_id, drain=drain)
+        verdict = await Admin(bus, actor=actor(bus)).set_drain(runner_id, drain=drain)
         click.echo(f"{runner_id}: {verdict.state}")
 
     run_async(lambda: with_bus(settings_from(ctx), go))
@@ -147,7 +147,7 @@ def dead_replay(ctx: click.Context, seqs: tuple[int, ...], replay_all: bool) -> 
         raise click.UsageError("give SEQ... or --all")
 
     async def go(bus: Bus) -> None:
-        admin = Admin(bus, actor=_actor())
+        admin = Admin(bus, actor=actor(bus))
         targets = [d.seq async for d in admin.dead_letters()] if replay_all else list(seqs)
         for seq in targets:
             new_seq = await admin.replay(seq)

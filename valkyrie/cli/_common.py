@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import getpass
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -13,14 +14,29 @@ import click
 import msgspec
 
 from valkyrie.bus.connection import Bus, connect
+from valkyrie.bus.credentials import Credentials, discover
 from valkyrie.bus.tls import tls_context
 from valkyrie.config.load import LoadedConfig, config_for
 from valkyrie.config.settings import Settings, redact_url
 from valkyrie.errors import ConnectError, NotFoundError, ValkyrieError
 
-__all__ = ["ExitCode", "fmt_ms", "print_table", "run_async", "settings_from", "with_bus"]
+__all__ = [
+    "CLI_IDENTITY",
+    "ExitCode",
+    "actor",
+    "cli_credentials",
+    "fmt_ms",
+    "print_table",
+    "run_async",
+    "settings_from",
+    "with_bus",
+]
 
 T = TypeVar("T")
+#: the root command's options that are settings
+_GLOBAL_OPTIONS = ("nats_url", "prefix", "nats_creds", "nats_identity")
+#: who the CLI speaks as unless told otherwise (``--identity ops`` for read-only)
+CLI_IDENTITY = "admin"
 
 
 class ExitCode(enum.IntEnum):
@@ -39,7 +55,28 @@ class ExitCode(enum.IntEnum):
 def settings_from(ctx: click.Context) -> Settings:
     """The settings for this invocation (environment plus global options)."""
     obj: dict[str, Any] = ctx.find_root().obj or {}
-    return Settings.from_env(nats_url=obj.get("nats_url"), prefix=obj.get("prefix"))
+    return Settings.from_env(**{k: obj.get(k) for k in _GLOBAL_OPTIONS})
+
+
+def actor(bus: Bus) -> str:
+    """Who the CLI says asks: ``<identity>:<OS user>``, ``cli:<OS user>`` on an open installation.
+
+    The config handler and the canceller keep it, as it refines the identity the subject proves.
+    """
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        return bus.identity or "cli"
+    return f"{bus.identity or 'cli'}:{user}"
+
+
+def cli_credentials(settings: Settings) -> Credentials:
+    """Who the CLI connects as.
+
+    The settings' credentials, else the generated ``admin`` (or the ``--identity`` chosen) from
+    the data dir, else nobody (an open server).
+    """
+    return discover(settings, settings.nats_identity or CLI_IDENTITY)
 
 
 def client_url(settings: Settings) -> str:
@@ -89,7 +126,11 @@ async def with_bus(
         # connect() retries until connect_timeout_s, but a single nats-py connect attempt to an
         # unreachable server may itself never return: bound the whole of it
         with anyio.fail_after(quick.connect_timeout_s + 2):
-            bus = await connect(quick, tls=tls_context(config.config.security))
+            bus = await connect(
+                quick,
+                tls=tls_context(config.config.security),
+                credentials=cli_credentials(quick),
+            )
     except TimeoutError as e:
         raise ConnectError(
             f"cannot connect to NATS at {redact_url(quick.nats_url or '')} within "

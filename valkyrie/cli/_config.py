@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import getpass
 import json
 import sys
 import tomllib
@@ -14,7 +13,15 @@ import msgspec
 
 from schemas import ConfigRevision, ConfigVerdict, FieldError
 from valkyrie.bus.connection import Bus
-from valkyrie.cli._common import ExitCode, fmt_ms, print_table, run_async, settings_from, with_bus
+from valkyrie.cli._common import (
+    ExitCode,
+    actor,
+    fmt_ms,
+    print_table,
+    run_async,
+    settings_from,
+    with_bus,
+)
 from valkyrie.client.config import ConfigClient
 from valkyrie.config.load import LoadedConfig, config_for, file_layer, known_keys
 from valkyrie.config.migrate import migrate_ancestor
@@ -23,13 +30,6 @@ from valkyrie.config.validate import validate_dotted
 from valkyrie.errors import ConfigError
 
 __all__ = ["config"]
-
-
-def _actor() -> str:
-    try:
-        return f"cli:{getpass.getuser()}"
-    except (KeyError, OSError):
-        return "cli"
 
 
 def _value(raw: str) -> Any:
@@ -142,7 +142,7 @@ def set_(ctx: click.Context, key: str, value: str, reason: str | None) -> None:
     """Set KEY to VALUE (JSON, else a string) at runtime."""
 
     async def go(bus: Bus) -> int:
-        verdict = await ConfigClient(bus, actor=_actor()).change(
+        verdict = await ConfigClient(bus, actor=actor(bus)).change(
             set_values={key: _value(value)}, reason=reason
         )
         return _finish(verdict)
@@ -157,7 +157,7 @@ def unset(ctx: click.Context, key: str) -> None:
     """Remove KEY's runtime override (the file/env/profile value applies again)."""
 
     async def go(bus: Bus) -> int:
-        return _finish(await ConfigClient(bus, actor=_actor()).change(set_values={key: None}))
+        return _finish(await ConfigClient(bus, actor=actor(bus)).change(set_values={key: None}))
 
     sys.exit(run_async(lambda: with_bus(settings_from(ctx), go)))
 
@@ -179,7 +179,7 @@ def apply(ctx: click.Context, file: Path, reason: str | None) -> None:
 
     async def go(bus: Bus) -> int:
         return _finish(
-            await ConfigClient(bus, actor=_actor()).change(set_values=changes, reason=reason)
+            await ConfigClient(bus, actor=actor(bus)).change(set_values=changes, reason=reason)
         )
 
     sys.exit(run_async(lambda: with_bus(settings, go, config=loaded)))
@@ -220,7 +220,7 @@ def rollback(ctx: click.Context, revision: int) -> None:
     """Restore the runtime overrides of REVISION (0 = none) as a new revision."""
 
     async def go(bus: Bus) -> int:
-        return _finish(await ConfigClient(bus, actor=_actor()).change(rollback_to=revision))
+        return _finish(await ConfigClient(bus, actor=actor(bus)).change(rollback_to=revision))
 
     sys.exit(run_async(lambda: with_bus(settings_from(ctx), go)))
 

@@ -8,10 +8,12 @@ import signal
 
 import anyio
 import click
+import msgspec
 
 from valkyrie.cli._common import client_url, run_async, settings_from
 from valkyrie.config.live import LiveConfig
 from valkyrie.config.load import config_for
+from valkyrie.domain.identity import GATEWAY
 from valkyrie.runtime.app import open_bus
 
 __all__ = ["gateway"]
@@ -36,7 +38,7 @@ def gateway(ctx: click.Context, host: str | None, port: int | None, verbose: boo
     )
     settings = settings_from(ctx)
     if not settings.nats_url:
-        settings = type(settings).from_env(nats_url=client_url(settings), prefix=settings.prefix)
+        settings = msgspec.structs.replace(settings, nats_url=client_url(settings))
 
     async def serve() -> None:
         # imported here: the web stack is not worth loading for every other command
@@ -47,7 +49,7 @@ def gateway(ctx: click.Context, host: str | None, port: int | None, verbose: boo
         check_auth_setup(loaded.config.http, host or loaded.config.http.host)
         live = LiveConfig(loaded)
         async with open_bus(
-            settings, embed=False, config=loaded.config, name="valkyrie-gateway"
+            settings, embed=False, config=loaded.config, name="valkyrie-gateway", identity=GATEWAY
         ) as (bus, _):
             stop = anyio.Event()
             async with anyio.create_task_group() as tg:

@@ -16,6 +16,7 @@ from valkyrie.bus.codec import encode
 from valkyrie.bus.connection import Bus
 from valkyrie.cli._common import (
     ExitCode,
+    actor,
     fmt_ms,
     print_table,
     run_async,
@@ -126,7 +127,7 @@ def submit(
         loaded = config_for(settings)
 
         async def submit_with(bus: Bus) -> int:
-            client = Client(bus, config=LiveConfig(loaded))
+            client = Client(bus, config=LiveConfig(loaded), requested_by=actor(bus))
             return await _submit(
                 client, body, wait=wait, wait_timeout=wait_timeout, as_json=as_json
             )

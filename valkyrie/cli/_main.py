@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from valkyrie.cli._admin import cancel, dead, drain, explain, undrain
+from valkyrie.cli._auth import auth
 from valkyrie.cli._config import config
 from valkyrie.cli._gateway import gateway
 from valkyrie.cli._jobs import jobs, submit
@@ -21,11 +22,34 @@ __all__ = ["cli", "main"]
     "--nats-url", envvar="VALKYRIE_NATS_URL", help="NATS URL (default: the local embedded server)."
 )
 @click.option("--prefix", envvar="VALKYRIE_PREFIX", help="Subject prefix (default: valkyrie).")
+@click.option(
+    "--creds",
+    envvar="VALKYRIE_NATS_CREDS",
+    type=click.Path(dir_okay=False),
+    help="NATS credentials: an nkey seed file (<identity>.nk) or a JWT .creds file "
+    "(default: the generated ones in the data dir).",
+)
+@click.option(
+    "--identity",
+    envvar="VALKYRIE_NATS_IDENTITY",
+    help="Identity to speak as (default: admin; ops for read-only).",
+)
 @click.version_option(package_name="valkyrie")
 @click.pass_context
-def cli(ctx: click.Context, nats_url: str | None, prefix: str | None) -> None:
+def cli(
+    ctx: click.Context,
+    nats_url: str | None,
+    prefix: str | None,
+    creds: str | None,
+    identity: str | None,
+) -> None:
     """Valkyrie: dispatch CI jobs to runners over NATS JetStream."""
-    ctx.obj = {"nats_url": nats_url, "prefix": prefix}
+    ctx.obj = {
+        "nats_url": nats_url,
+        "prefix": prefix,
+        "nats_creds": creds,
+        "nats_identity": identity,
+    }
 
 
 for _command in (
@@ -42,6 +66,7 @@ for _command in (
     config,
     gateway,
     status,
+    auth,
 ):
     cli.add_command(_command)
 jobs.add_command(cancel)

@@ -18,6 +18,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from schemas import TERMINAL_STATES, JobLog, JobState, RunnerRecord
 from valkyrie.bus.codec import JOB_DECODER, LOG_DECODER, RUNNER_DECODER, encode, now_ms
 from valkyrie.bus.connection import Bus, connect
+from valkyrie.bus.credentials import Credentials, auth_dir, discover
 from valkyrie.bus.kv import watch_kv
 from valkyrie.bus.tls import tls_context
 from valkyrie.cli._common import (
@@ -33,8 +34,23 @@ from valkyrie.cli._jobs import jobs
 from valkyrie.cli._up import _logging
 from valkyrie.client.jobs import Client
 from valkyrie.config.load import config_for
-from valkyrie.errors import NotFoundError
-from valkyrie.runner import RegistrationRejected, Runner, ShellHandler, reference_registration
+from valkyrie.config.settings import Settings
+from valkyrie.domain.identity import (
+    RUNNER_PREFIX,
+    attempt_runners,
+    log_refusal,
+    runner_identity,
+)
+from valkyrie.errors import NotFoundError, ValkyrieError
+from valkyrie.runner import (
+    RegistrationRejected,
+    Runner,
+    ShellHandler,
+    default_runner_id,
+    reference_registration,
+)
+from valkyrie.security.embedded import reload_embedded
+from valkyrie.security.store import AuthStore
 
 __all__ = ["jobs_logs", "runner", "runners"]
 
@@ -100,6 +116,8 @@ def runner(
     only with a NATS server you control, as an unprivileged user.
     """
     _logging(verbose)
+    settings = settings_from(ctx)
+    credentials, runner_id = _runner_credentials(settings, runner_id)
     registration = reference_registration(
         runner_id,
         job_types=[t.strip() for t in job_types.split(",") if t.strip()],
@@ -110,12 +128,13 @@ def runner(
         heartbeat_interval_ms=heartbeat_ms,
         workdir=workdir,
     )
-    settings = settings_from(ctx)
 
     async def go() -> int:
         name = f"valkyrie-runner-{registration.runner_id}"
         tls = tls_context(config_for(settings).config.security)
-        bus = await connect(settings, url=client_url(settings), name=name, tls=tls)
+        bus = await connect(
+            settings, url=client_url(settings), name=name, tls=tls, credentials=credentials
+        )
         try:
             the_runner = Runner(
                 bus, registration, ShellHandler(workdir=workdir), drain_timeout_s=drain_timeout
@@ -130,6 +149,53 @@ def runner(
     except KeyboardInterrupt:  # Ctrl-C while still connecting
         code = 130
     sys.exit(code)
+
+
+def _runner_credentials(
+    settings: Settings, runner_id: str | None
+) -> tuple[Credentials, str | None]:
+    """The runner's credentials and its id: a runner's credentials name its id.
+
+    Given credentials (``--creds runner-r1.nk``) set the id when ``--id`` is not given, and must
+    agree with it when it is. Otherwise the runner uses the seed ``valkyrie auth runner ID``
+    generated in the data dir, if there is one (a runner on the host of ``valkyrie up``).
+    """
+    explicit = Credentials.from_settings(settings)
+    if explicit.authenticated:
+        own = explicit.identity or ""
+        if own.startswith(RUNNER_PREFIX):
+            own = own.removeprefix(RUNNER_PREFIX)
+            if runner_id is not None and runner_id != own:
+                raise click.UsageError(
+                    f"--id {runner_id} does not match the credentials, which are runner {own}'s"
+                )
+            return explicit, own
+        return explicit, runner_id
+    store = AuthStore(auth_dir(settings))
+    if not store.exists():
+        return explicit, runner_id  # an open installation
+    runner_id = runner_id or default_runner_id()
+    if not store.creds(runner_identity(runner_id)).is_file():
+        _issue_here(settings, store, runner_id)
+    return discover(settings, runner_identity(runner_id)), runner_id
+
+
+def _issue_here(settings: Settings, store: AuthStore, runner_id: str) -> None:
+    """Issue a runner's identity on the host of ``valkyrie up``, as ``auth runner`` would.
+
+    Whoever can write this data dir can read every seed in it already: issuing one more for a
+    runner on the same host grants nothing new. The embedded server is reloaded so it applies.
+    """
+    try:
+        store.add_runner(runner_id)
+        reloaded = reload_embedded(settings)
+    except (OSError, ValkyrieError) as e:
+        raise click.ClickException(
+            f"runner {runner_id} has no credentials and they could not be issued here ({e}): "
+            f"run `valkyrie auth runner {runner_id}` and pass --creds"
+        ) from e
+    where = "the embedded server reloaded" if reloaded else "reload the server to apply it"
+    click.echo(f"issued runner {runner_id}'s identity in {store.root} ({where})", err=True)
 
 
 async def _serve(the_runner: Runner) -> int:
@@ -280,14 +346,27 @@ def runners_show(ctx: click.Context, runner_id: str, as_json: bool) -> None:
 
 
 class _LogPrinter:
-    """Prints batches: stdout lines to stdout, stderr and system lines to stderr."""
+    """Prints batches: stdout lines to stdout, stderr and system lines to stderr.
 
-    def __init__(self, attempt: int | None) -> None:
+    Only lines of the runner each attempt was given to: any runner may publish lines under its
+    own id for any job id, so the subject's runner is checked against the job's record.
+    """
+
+    def __init__(self, attempt: int | None, runners: dict[int, str]) -> None:
         self._only = attempt
         self._current: int | None = None
+        self.runners = runners
+        self._refused: set[str] = set()
 
-    def print(self, batch: JobLog) -> None:
+    def print(self, subject: str, batch: JobLog) -> None:
         if self._only is not None and batch.attempt != self._only:
+            return
+        sender = subject.split(".")[-2]
+        refusal = log_refusal(sender, batch.runner_id, batch.attempt, self.runners)
+        if refusal is not None:
+            if sender not in self._refused:
+                self._refused.add(sender)
+                click.echo(f"[valkyrie] lines from runner {sender} not shown: {refusal}", err=True)
             return
         if batch.attempt != self._current and (self._current is not None or batch.attempt > 1):
             click.echo(f"[valkyrie] attempt {batch.attempt} on {batch.runner_id}", err=True)
@@ -317,9 +396,13 @@ async def _print_logs(
     bus: Bus, job_id: str, *, follow: bool, attempt: int | None
 ) -> JobState | None:
     """Print the job's logs; with ``follow`` until it is terminal. Returns its last known state."""
-    stream, subject = bus.names.stream("logs"), bus.names.logs(job_id)
+    stream, subject = bus.names.stream("logs"), bus.names.logs("*", job_id)
+    client = Client(bus)
+    runners: dict[int, str] = {}
     try:
-        progress = _Progress(state=(await Client(bus).get_job(job_id)).state)
+        record = await client.get_job(job_id)
+        progress = _Progress(state=record.state)
+        runners = attempt_runners(record)
     except NotFoundError:
         if follow:
             raise
@@ -336,7 +419,7 @@ async def _print_logs(
         ordered_consumer=True,
         config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
     )
-    printer = _LogPrinter(attempt)
+    printer = _LogPrinter(attempt, runners)
     seen = 0
     try:
         async with anyio.create_task_group() as tg:
@@ -349,9 +432,13 @@ async def _print_logs(
                     continue
                 seen = int(msg.metadata.sequence.stream)
                 try:
-                    printer.print(LOG_DECODER.decode(msg.data))
+                    batch = LOG_DECODER.decode(msg.data)
                 except msgspec.DecodeError:
                     continue
+                if batch.attempt not in printer.runners:  # dispatched since we last read
+                    with contextlib.suppress(NotFoundError):
+                        printer.runners = attempt_runners(await client.get_job(job_id))
+                printer.print(msg.subject, batch)
             tg.cancel_scope.cancel()
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(2):
@@ -371,7 +458,9 @@ async def _until_terminal(bus: Bus, job_id: str, progress: _Progress) -> None:
             if record.state in TERMINAL_STATES:
                 progress.state = record.state
                 names = bus.names
-                progress.end_seq = await _last_seq(bus, names.stream("logs"), names.logs(job_id))
+                progress.end_seq = await _last_seq(
+                    bus, names.stream("logs"), names.logs("*", job_id)
+                )
                 return
 
 

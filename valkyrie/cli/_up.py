@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from typing import Any
 
 import anyio
 import click
+import msgspec
+from anyio.abc import TaskStatus
 
-from valkyrie.bus.connection import Bus
 from valkyrie.cli._common import run_async, settings_from
 from valkyrie.config.live import LiveConfig
 from valkyrie.config.load import config_for
-from valkyrie.runner import run_reference_runner
-from valkyrie.runtime.app import open_bus, run_control_plane
+from valkyrie.domain.identity import runner_identity
+from valkyrie.runner import default_runner_id, reference_registration, run_reference_runner
+from valkyrie.runtime.app import Connector, Extra, open_bus, run_control_plane
 from valkyrie.runtime.context import discover_handlers
 
 __all__ = ["handlers_cmd", "provision", "up", "worker"]
@@ -24,6 +26,21 @@ def _logging(verbose: bool) -> None:
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
     )
+
+
+def local_runner(runner_id: str) -> Extra:
+    """A reference runner in this process, connected as its own identity ``runner-<id>``."""
+
+    async def extra(
+        connector: Connector, stop: anyio.Event, *, task_status: TaskStatus[Any]
+    ) -> None:
+        name = f"valkyrie-runner-{runner_id}"
+        async with connector.bus(runner_identity(runner_id), name=name) as bus:
+            await run_reference_runner(
+                bus, stop, reference_registration(runner_id), task_status=task_status
+            )
+
+    return extra
 
 
 @click.command()
@@ -57,7 +74,8 @@ def up(
     _logging(verbose)
     settings = settings_from(ctx)
     names = [n.strip() for n in only.split(",")] if only else None
-    extras: list[Callable[[Bus, anyio.Event], object]] = [run_reference_runner] * local_runners
+    runner_ids = [default_runner_id(f"local-{n}") for n in range(1, local_runners + 1)]
+    extras: list[Extra] = [local_runner(rid) for rid in runner_ids]
 
     async def go() -> None:
         loaded = config_for(settings)  # once: the handlers and the gateway share it
@@ -83,6 +101,7 @@ def up(
             handlers=names,
             embed=True,
             extras=extras,
+            local_runners=runner_ids,
             on_ready=ready,
         )
 
@@ -98,8 +117,8 @@ def worker(ctx: click.Context, names: tuple[str, ...], verbose: bool) -> None:
     _logging(verbose)
     settings = settings_from(ctx)
     if not settings.nats_url:
-        settings = type(settings).from_env(
-            nats_url=f"nats://127.0.0.1:{settings.embedded_port}", prefix=settings.prefix
+        settings = msgspec.structs.replace(
+            settings, nats_url=f"nats://127.0.0.1:{settings.embedded_port}"
         )
     run_async(lambda: run_control_plane(settings, handlers=list(names), embed=False))
 

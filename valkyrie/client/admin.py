@@ -19,7 +19,7 @@ __all__ = ["Admin", "StoredDeadLetter"]
 
 _VERDICT = msgspec.json.Decoder(RegistrationVerdict)
 #: headers not carried over on replay: a replay must not be dropped as a duplicate
-_DROP_ON_REPLAY = {"Nats-Msg-Id", "Valkyrie-Reply-To"}
+_DROP_ON_REPLAY = {"Nats-Msg-Id", "Valkyrie-Reply-To", "Valkyrie-Requested-By"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +42,7 @@ class Admin:
         request = CancelJob(job_id=job_id, reason=reason, requested_by=self.actor)
         try:
             await self.bus.js.publish(
-                self.bus.names.cancel,
+                self.bus.names.cancel_as(self.bus.identity),
                 encode(request),
                 headers={"Nats-Msg-Id": f"cancel-{job_id}-{new_id()[:8]}"},
                 timeout=5,
@@ -104,16 +104,17 @@ class Admin:
     async def replay(self, seq: int) -> int:
         """Publish dead letter ``seq`` to its original subject again, then remove it.
 
-        Returns the stream sequence the replayed message got.
+        A submission, cancel or config change is sent again as this connection's identity (who
+        replays it asks for it now: nobody may publish as another identity); a runner's update
+        keeps its runner's subject. Returns the stream sequence the replayed message got.
         """
         stored = await self.dead_letter(seq)
         letter = stored.letter
         headers = {k: v for k, v in letter.headers.items() if k not in _DROP_ON_REPLAY}
         headers["Valkyrie-Replay-Of"] = str(seq)
+        subject = self.bus.names.as_sender(letter.original_subject, self.bus.identity)
         try:
-            ack = await self.bus.js.publish(
-                letter.original_subject, letter.payload, headers=headers, timeout=5
-            )
+            ack = await self.bus.js.publish(subject, letter.payload, headers=headers, timeout=5)
             await self.bus.js.delete_msg(self.bus.names.stream("dead"), seq)
         except (nats.errors.Error, nats.js.errors.Error) as e:
             raise BusError(f"replay of dead letter #{seq} failed: {e!r}") from e
@@ -121,7 +122,7 @@ class Admin:
             DeadReplayed(
                 subject_id=str(seq),
                 handler=letter.handler,
-                subject=letter.original_subject,
+                subject=subject,
                 new_seq=ack.seq,
             )
         )

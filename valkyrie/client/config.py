@@ -54,7 +54,7 @@ class ConfigClient:
         try:
             try:
                 await self.bus.js.publish(
-                    self.bus.names.config_change,
+                    self.bus.names.config_change_as(self.bus.identity),
                     encode(change),
                     headers={REPLY_TO_HEADER: inbox, "Nats-Msg-Id": f"config-{new_id()}"},
                     timeout=timeout_s,

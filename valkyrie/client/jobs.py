@@ -5,14 +5,14 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import anyio
 import msgspec
 import nats.errors
 import nats.js.errors
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from schemas import (
     TERMINAL_STATES,
@@ -34,18 +34,25 @@ from valkyrie.bus.codec import (
     now_ms,
 )
 from valkyrie.bus.connection import Bus
-from valkyrie.bus.kv import get_versioned, watch_kv
+from valkyrie.bus.kv import KvChange, get_versioned, watch_kv
+from valkyrie.bus.snapshot import read_stored
 from valkyrie.bus.storage import full_error, storage_full
 from valkyrie.config.live import CONFIG_KEY, LiveConfig
 from valkyrie.config.load import load_config
 from valkyrie.config.model import LimitsConfig
+from valkyrie.domain.identity import SUBMITTER_PREFIX
 from valkyrie.domain.intake import parse_submission, token_for
 from valkyrie.errors import BusError, NotFoundError, NoVerdictError, SchemaError
 
-__all__ = ["REPLY_TO_HEADER", "Client"]
+__all__ = ["REPLY_TO_HEADER", "REQUESTED_BY_HEADER", "Client"]
 
-#: Header naming the subject the intake handler sends its verdict to.
+#: Header naming the subject the intake handler sends its verdict to (inside the sender's inbox).
 REPLY_TO_HEADER = "Valkyrie-Reply-To"
+#: Header refining who submits (``admin:alice``; the gateway: ``http:<token name>``); intake
+#: keeps it only as far as the subject's identity vouches for it (``domain.identity.requester``).
+REQUESTED_BY_HEADER = "Valkyrie-Requested-By"
+#: how often a submitter, which may not watch buckets, reads a key it waits for
+POLL_S = 0.1
 _EXPLANATION = msgspec.json.Decoder(JobExplanation)
 #: after a first explain answer from a dispatcher not holding the queued job, how long to wait
 #: for the holder's (each dispatcher only knows its own queue)
@@ -60,10 +67,15 @@ class Client:
     model's defaults.
     """
 
-    def __init__(self, bus: Bus, *, config: LiveConfig | None = None) -> None:
+    def __init__(
+        self, bus: Bus, *, config: LiveConfig | None = None, requested_by: str | None = None
+    ) -> None:
         self.bus = bus
         self.config = config
+        self.requested_by = requested_by
         self._defaults: LiveConfig | None = None
+        # submitters may read keys but not watch (no consumers: docs/security.md): they poll
+        self._poll = bus.identity is not None and bus.identity.startswith(SUBMITTER_PREFIX)
 
     async def limits(self) -> LimitsConfig:
         """The input limits in force (``limits``), as intake reads them from its live config."""
@@ -99,6 +111,8 @@ class Client:
         headers: dict[str, str] = {}
         if msg_id:
             headers["Nats-Msg-Id"] = msg_id
+        if self.requested_by:
+            headers[REQUESTED_BY_HEADER] = self.requested_by
         nc = self.bus.nc
         sub = None
         if wait_verdict:
@@ -108,7 +122,10 @@ class Client:
         try:
             try:
                 ack = await self.bus.js.publish(
-                    self.bus.names.submit, body, headers=headers or None, timeout=timeout_s
+                    self.bus.names.submit_as(self.bus.identity),
+                    body,
+                    headers=headers or None,
+                    timeout=timeout_s,
                 )
             except (nats.errors.Error, nats.js.errors.Error) as e:
                 if storage_full(e):
@@ -162,7 +179,7 @@ class Client:
         token = token_for(key if isinstance(key, str) else None, msg_id)
         if token is None:  # the stream only de-duplicates by Nats-Msg-Id: cannot happen
             return SubmitVerdict(accepted=True, duplicate=True)
-        changes = watch_kv(await self.bus.kv("idempotency"), token, poll_s=timeout_s)
+        changes = self._follow("idempotency", token, timeout_s)
         with anyio.move_on_after(timeout_s):
             async with contextlib.aclosing(changes):
                 async for change in changes:
@@ -193,55 +210,25 @@ class Client:
     ) -> list[JobRecord]:
         """Every job (optionally only in ``states``), newest first.
 
-        Reads the latest revision of every key through a short-lived pull consumer whose pending
-        count, taken before anything is delivered, says exactly how many entries to wait for (the
-        KV watcher's end-of-initial-values marker can arrive before the entries).
+        Reads the latest revision of every key through a short-lived ordered consumer
+        (:func:`~valkyrie.bus.snapshot.read_stored`).
         """
         await self.bus.kv("jobs")  # a clear error when the bucket does not exist
         bucket = self.bus.names.bucket("jobs")
-        stream = f"KV_{bucket}"
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.LAST_PER_SUBJECT)
+        raw, _ = await read_stored(
+            self.bus, f"KV_{bucket}", f"$KV.{bucket}.>", config, limit=10_000_000
+        )
         records: list[JobRecord] = []
-        remaining = 0
-        try:
-            psub = await self.bus.js.pull_subscribe(
-                f"$KV.{bucket}.>",
-                stream=stream,
-                config=ConsumerConfig(
-                    deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
-                    ack_policy=AckPolicy.NONE,
-                    inactive_threshold=30.0,
-                ),
-            )
-            consumer: str | None = None
+        for _seq, data, headers in raw:
+            if headers.get("KV-Operation") in ("DEL", "PURGE") or not data:
+                continue
             try:
-                info = await psub.consumer_info()
-                consumer = info.name
-                remaining = info.num_pending or 0
-                while remaining > 0:
-                    msgs = await psub.fetch(batch=min(remaining, 512), timeout=10.0)
-                    remaining -= len(msgs)
-                    for msg in msgs:
-                        if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
-                            continue
-                        try:
-                            record = JOB_DECODER.decode(msg.data)
-                        except msgspec.DecodeError:
-                            continue
-                        if states is None or record.state in states:
-                            records.append(record)
-            finally:
-                with (
-                    anyio.CancelScope(shield=True),
-                    anyio.move_on_after(2),
-                    contextlib.suppress(nats.errors.Error, nats.js.errors.Error),
-                ):
-                    await psub.unsubscribe()
-                    if consumer is not None:
-                        await self.bus.js.delete_consumer(stream, consumer)
-        except TimeoutError as e:
-            raise BusError(f"listing jobs timed out with {remaining} entries unread") from e
-        except (nats.errors.Error, nats.js.errors.Error) as e:
-            raise BusError(f"listing jobs failed: {e!r}") from e
+                record = JOB_DECODER.decode(data)
+            except msgspec.DecodeError:
+                continue
+            if states is None or record.state in states:
+                records.append(record)
         records.sort(key=lambda r: (r.submitted_at_ms, r.id), reverse=True)
         return records[:limit] if limit is not None else records
 
@@ -253,7 +240,7 @@ class Client:
         Raises:
             TimeoutError: it did not within ``timeout_s``.
         """
-        changes = watch_kv(await self.bus.kv("jobs"), job_id, poll_s=timeout_s)
+        changes = self._follow("jobs", job_id, timeout_s)
         with anyio.fail_after(timeout_s):
             async with contextlib.aclosing(changes):
                 async for change in changes:
@@ -263,6 +250,27 @@ class Client:
                     if record.state in states:
                         return record
         raise BusError(f"the watch of job {job_id!r} ended")
+
+    async def _follow(self, bucket: str, key: str, poll_s: float) -> AsyncGenerator[KvChange, None]:
+        """The key's value, then each change: a watch, or reads every ``POLL_S`` (submitters)."""
+        kv = await self.bus.kv(bucket)
+        if not self._poll:
+            changes = watch_kv(kv, key, poll_s=poll_s)
+            async with contextlib.aclosing(changes):
+                async for change in changes:
+                    yield change
+            return
+        last = -1
+        while True:
+            try:
+                entry = await kv.get(key)
+            except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+                entry = None
+            revision = int(entry.revision or 0) if entry is not None else 0
+            if entry is not None and revision != last:
+                last = revision
+                yield KvChange(key=key, value=entry.value or None, revision=revision)
+            await anyio.sleep(POLL_S)
 
     async def explain(self, job_id: str, *, timeout_s: float = 5.0) -> JobExplanation:
         """Why ``job_id`` is pending (constraints, queue position, estimate) or where it went.

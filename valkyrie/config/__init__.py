@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     )
     from valkyrie.config.settings import (
         Settings,
+        data_dir_of,
         redact_url,
     )
     from valkyrie.config.validate import (
@@ -91,6 +92,7 @@ __all__ = [
     "ValidationResult",
     "ValkyrieConfig",
     "config_for",
+    "data_dir_of",
     "env_layer",
     "file_layer",
     "flatten",

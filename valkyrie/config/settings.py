@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
+import platformdirs
 
 from valkyrie.errors import ConfigError
 
-__all__ = ["Settings", "redact_url"]
+__all__ = ["Settings", "data_dir_of", "redact_url"]
 
 _ENV_PREFIX = "VALKYRIE_"
 MiB = 1024 * 1024
@@ -36,8 +38,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         profile: environment profile of the runtime config (docs/configuration.md).
         config_file: TOML file layered over the profile.
         prefix: subject prefix and stream/bucket name prefix.
-        data_dir: where the embedded server keeps its store; ``None`` = the user data directory.
+        data_dir: where the embedded server keeps its store and ``valkyrie auth`` its identities
+            (``auth/``); ``None`` = the user data directory.
+        embedded_host: the address the embedded server listens on (loopback by default).
         embedded_port: client port of the embedded server.
+        embedded_auth: secure the embedded server with the generated identities (``valkyrie
+            auth init`` on first start); ``false`` runs it open, for development only.
+        nats_creds: NATS credentials file: an nkey seed (``<identity>.nk``) or a JWT ``.creds``.
+        nats_user: NATS user name (with ``nats_password``).
+        nats_password: NATS password.
+        nats_token: NATS authentication token.
+        nats_identity: the identity this process speaks as (its subjects and inbox
+            ``_INBOX_<identity>``); by default the credentials file's name, else the command's
+            own (``admin`` for the CLI).
         storage: JetStream storage for streams and buckets.
         replicas: stream/bucket replica count (1 for one server, 3 for a cluster).
         connect_timeout_s: how long to keep trying to connect at start-up.
@@ -48,6 +61,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             one job's log, whatever its runner does (the oldest of that job go first).
         logs_max_age_s: how long job logs are kept.
         dead_max_age_s: how long dead letters are kept.
+        audit_max_age_s: how long audit events are kept (a stream of their own, written only by
+            the control plane and the gateway, so nothing else can push them out).
+        audit_max_bytes: how many bytes of audit events are kept (the oldest go first).
         submit_max_bytes: pending submissions; when full, submitting is refused (none is dropped).
         commands_max_bytes: pending cancels and config changes; when full, new ones are refused.
         updates_max_bytes: runner updates not yet applied; when full, runners retry.
@@ -68,7 +84,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     config_file: str | None = None
     prefix: str = "valkyrie"
     data_dir: str | None = None
+    embedded_host: str = "127.0.0.1"
     embedded_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 4222
+    embedded_auth: bool = True
+    nats_creds: str | None = None
+    nats_user: str | None = None
+    nats_password: str | None = None
+    nats_token: str | None = None
+    nats_identity: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_\-]{1,128}$")] | None = None
     storage: Literal["file", "memory"] = "file"
     replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
     connect_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 10.0
@@ -77,6 +100,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     logs_max_msgs_per_job: Annotated[int, msgspec.Meta(ge=100)] = 100_000
     logs_max_age_s: Annotated[int, msgspec.Meta(ge=1)] = 7 * 24 * 3600
     dead_max_age_s: Annotated[int, msgspec.Meta(ge=1)] = 30 * 24 * 3600
+    audit_max_age_s: Annotated[int, msgspec.Meta(ge=1)] = 90 * 24 * 3600
+    audit_max_bytes: Bytes = 256 * MiB
     submit_max_bytes: Bytes = 256 * MiB
     commands_max_bytes: Bytes = 64 * MiB
     updates_max_bytes: Bytes = 256 * MiB
@@ -134,3 +159,10 @@ def _redact_one(url: str) -> str:
         return url
     host = authority.rpartition("@")[2]
     return f"{scheme}{sep}***@{host}{slash}{path}"
+
+
+def data_dir_of(settings: Settings) -> Path:
+    """The data directory: ``settings.data_dir``, else the user data directory."""
+    if settings.data_dir:
+        return Path(settings.data_dir).expanduser()
+    return Path(platformdirs.user_data_dir("valkyrie", appauthor=False))

@@ -33,7 +33,10 @@ __all__ = [
 ]
 
 #: ``requested_by`` of the config changes the monitor makes; how automatic fallbacks are recognised.
-AUTO_ACTOR = "health-monitor"
+#: It refines the monitor's identity, so the config handler keeps it (``domain.identity``).
+AUTO_ACTOR = "monitor:auto"
+#: what automatic changes were recorded as, then and now (history keeps 64 revisions)
+_AUTO_ACTORS = frozenset({AUTO_ACTOR, "health-monitor"})
 _FALLBACK_FROM = frozenset({IntegrationMode.FULL.value, IntegrationMode.HYBRID.value})
 
 
@@ -132,7 +135,7 @@ def is_automatic_fallback(
         return record is not None and record.state == "active"
     new = change.diff.get("mode", {})
     return (
-        change.changed_by == AUTO_ACTOR
+        change.changed_by in _AUTO_ACTORS
         and isinstance(new, dict)
         and new.get("new") == IntegrationMode.FALLBACK.value
     )
@@ -168,7 +171,7 @@ def reconcile_record(
         return RecordFate.KEEP
     if is_automatic_fallback(mode, record, change):
         return RecordFate.KEEP
-    if change is not None and change.changed_by != AUTO_ACTOR:
+    if change is not None and change.changed_by not in _AUTO_ACTORS:
         return RecordFate.OVERRIDDEN
     return RecordFate.FORGET
 

@@ -340,8 +340,12 @@ def queued_record(
     *,
     now_ms: int,
     source_seq: int | None,
+    submitted_by: str | None = None,
 ) -> JobRecord:
-    """The record of a newly accepted job (its secret values replaced by ``"***"``)."""
+    """The record of a newly accepted job (its secret values replaced by ``"***"``).
+
+    ``submitted_by`` is who the subject proves sent it.
+    """
     return JobRecord(
         id=job_id,
         state=JobState.QUEUED,
@@ -350,4 +354,5 @@ def queued_record(
         submitted_at_ms=now_ms,
         updated_at_ms=now_ms,
         source_seq=source_seq,
+        submitted_by=submitted_by,
     )

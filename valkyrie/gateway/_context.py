@@ -26,6 +26,7 @@ from valkyrie.runtime.metrics import ProcessGauges
 
 __all__ = [
     "ANONYMOUS",
+    "AUDIT_JOB_ID",
     "Gateway",
     "GatewayDep",
     "HttpMetrics",
@@ -36,6 +37,8 @@ __all__ = [
 ]
 
 EVENT_SOURCE = "gateway"
+#: where a route puts the id of the job it created (``scope["state"]``), for its audit event
+AUDIT_JOB_ID = "audit_job_id"
 #: job and runner ids (schemas ``Identifier``); anything else cannot exist, so it is a 404
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,127}")
 
@@ -122,9 +125,12 @@ class Gateway:
         """How long one call may wait on the bus (``http.request_timeout_s``)."""
         return self.live.current.http.request_timeout_s
 
-    def client(self) -> Client:
-        """A client over the bus and the live config (cheap: it is a thin wrapper)."""
-        return Client(self.bus, config=self.live)
+    def client(self, who: Identity | None = None) -> Client:
+        """A client over the bus and the live config (cheap: it is a thin wrapper).
+
+        Its submissions name ``who`` (``http:<token name>``): the gateway's identity vouches for it.
+        """
+        return Client(self.bus, config=self.live, requested_by=f"http:{who.name}" if who else None)
 
     def admin(self, who: Identity) -> Admin:
         """Operator actions attributed to ``who``."""

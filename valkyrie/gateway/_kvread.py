@@ -5,56 +5,18 @@ from __future__ import annotations
 import datetime as dt
 from typing import TypeVar
 
-import anyio
 import msgspec
-import nats.errors
-import nats.js.errors
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from schemas import Event
 from valkyrie.bus.codec import EVENT_DECODER
 from valkyrie.bus.connection import Bus
-from valkyrie.errors import BusError
+from valkyrie.bus.snapshot import read_stored
 
 __all__ = ["bucket_values", "stream_events"]
 
+
 T = TypeVar("T")
-
-
-async def _drain(
-    bus: Bus, stream: str, subject: str, config: ConsumerConfig, limit: int
-) -> tuple[list[tuple[int, bytes, dict[str, str]]], bool]:
-    """Every message an ephemeral pull consumer has pending when created (at most ``limit``).
-
-    The pending count taken before anything is delivered says exactly how many to wait for, so the
-    read ends as soon as it has them (a watcher's end marker can arrive before the entries).
-    """
-    out: list[tuple[int, bytes, dict[str, str]]] = []
-    truncated = False
-    try:
-        psub = await bus.js.pull_subscribe(subject, stream=stream, config=config)
-        consumer: str | None = None
-        try:
-            info = await psub.consumer_info()
-            consumer = info.name
-            remaining = info.num_pending or 0
-            if remaining > limit:
-                remaining, truncated = limit, True
-            while remaining > 0:
-                msgs = await psub.fetch(batch=min(remaining, 512), timeout=10.0)
-                remaining -= len(msgs)
-                for msg in msgs:
-                    out.append(
-                        (int(msg.metadata.sequence.stream), msg.data, dict(msg.headers or {}))
-                    )
-        finally:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
-                await psub.unsubscribe()
-                if consumer is not None:
-                    await bus.js.delete_consumer(stream, consumer)
-    except (nats.errors.Error, nats.js.errors.Error) as e:
-        raise BusError(f"reading {stream} failed: {e!r}") from e
-    return out, truncated
 
 
 async def bucket_values(bus: Bus, bucket: str, decoder: msgspec.json.Decoder[T]) -> list[T]:
@@ -63,10 +25,8 @@ async def bucket_values(bus: Bus, bucket: str, decoder: msgspec.json.Decoder[T])
     name = bus.names.bucket(bucket)
     config = ConsumerConfig(
         deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
-        ack_policy=AckPolicy.NONE,
-        inactive_threshold=30.0,
     )
-    raw, _ = await _drain(bus, f"KV_{name}", f"$KV.{name}.>", config, limit=1_000_000)
+    raw, _ = await read_stored(bus, f"KV_{name}", f"$KV.{name}.>", config, limit=1_000_000)
     values: list[T] = []
     for _seq, data, headers in raw:
         if headers.get("KV-Operation") in ("DEL", "PURGE") or not data:
@@ -88,11 +48,9 @@ async def stream_events(
     config = ConsumerConfig(
         deliver_policy=DeliverPolicy.BY_START_TIME,
         opt_start_time=since,
-        ack_policy=AckPolicy.NONE,
-        inactive_threshold=30.0,
     )
-    raw, truncated = await _drain(
-        bus, bus.names.stream("events"), bus.names.events(pattern), config, limit
+    raw, truncated = await read_stored(
+        bus, bus.names.stream("events"), bus.names.events(pattern), config, limit=limit
     )
     events: list[tuple[int, Event]] = []
     for seq, data, _headers in raw:

@@ -12,7 +12,7 @@ from litestar.enums import ScopeType
 from litestar.types import ASGIApp, HTTPScope, Message, Receive, Scope, Send
 
 from schemas import AUDIT_EVENTS
-from valkyrie.gateway._context import Gateway, Identity
+from valkyrie.gateway._context import AUDIT_JOB_ID, Gateway, Identity
 
 __all__ = ["GatewayMiddleware"]
 
@@ -116,9 +116,12 @@ class GatewayMiddleware:
     async def _audit(
         self, gateway: Gateway, scope: HTTPScope, action: str, route: str, status: int
     ) -> None:
-        identity = scope.get("state", {}).get("identity")
+        state = scope.get("state", {})
+        identity = state.get("identity")
         who = identity.name if isinstance(identity, Identity) else "unauthenticated"
         client = scope.get("client")
+        path_params = {k: str(v) for k, v in (scope.get("path_params") or {}).items()}
+        job_id = path_params.get("job_id") or state.get(AUDIT_JOB_ID)
         event = AUDIT_EVENTS[action](
             subject_id=_SAFE.sub("_", who)[:64] or "unknown",
             identity=who,
@@ -129,8 +132,10 @@ class GatewayMiddleware:
             route=route,
             status=status,
             outcome="ok" if status < 400 else "refused" if status < 500 else "error",
-            path_params={k: str(v) for k, v in (scope.get("path_params") or {}).items()},
+            path_params=path_params,
             client=client[0] if client else None,
+            bus_identity=gateway.bus.identity,
+            job_id=str(job_id) if job_id else None,
         )
         # the response is out already; a slow or failed audit write must not hold the task long
         with anyio.CancelScope(shield=True), anyio.move_on_after(2):

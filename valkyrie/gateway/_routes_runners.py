@@ -202,7 +202,7 @@ async def register_runner(
         raise ProblemError(422, "invalid registration", errors=errors)
     try:
         reply = await gateway.bus.nc.request(
-            gateway.bus.names.register, body, timeout=gateway.timeout_s
+            gateway.bus.names.register_as(registration.runner_id), body, timeout=gateway.timeout_s
         )
     except (nats.errors.NoRespondersError, nats.errors.TimeoutError) as e:
         raise ProblemError(

@@ -12,7 +12,7 @@ from valkyrie.bus.codec import encode, now_ms
 from valkyrie.domain.intake import parse_submission
 from valkyrie.errors import SchemaError
 from valkyrie.gateway._body import json_body
-from valkyrie.gateway._context import gateway_of
+from valkyrie.gateway._context import AUDIT_JOB_ID, gateway_of, identity_of
 from valkyrie.gateway._problems import FULL_RETRY_AFTER_S, ProblemError
 
 __all__ = ["Submitted", "submit_from_request"]
@@ -109,10 +109,11 @@ async def submit_from_request(
     except SchemaError as e:
         raise ProblemError(422, "the submission is invalid", errors=e.errors) from e
     warnings = _with_hints(parsed.warnings)
-    client = gateway.client()
+    client = gateway.client(identity_of(request))
     verdict = await client.submit(body, timeout_s=gateway.timeout_s)
     assert verdict is not None  # wait_verdict is on
     if not verdict.accepted or verdict.job_id is None:
         raise _refused(verdict.refusal, verdict.errors)
+    request.scope.setdefault("state", {})[AUDIT_JOB_ID] = verdict.job_id
     record = await client.get_job(verdict.job_id)
     return Submitted(record, verdict.duplicate, parsed.api_version, warnings)

@@ -6,7 +6,8 @@ import contextlib
 import functools
 import logging
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import anyio
 import uvicorn
@@ -17,10 +18,12 @@ from schemas import CheckResult
 from valkyrie.bus.connection import Bus
 from valkyrie.config.live import LiveConfig
 from valkyrie.config.load import LoadedConfig
+from valkyrie.domain.identity import GATEWAY
 from valkyrie.errors import ConfigError
 from valkyrie.gateway._auth import check_auth_setup
 from valkyrie.gateway._context import Gateway
 from valkyrie.gateway._factory import build_app
+from valkyrie.runtime.app import Connector, Extra
 from valkyrie.runtime.discovery import ServiceAnnouncer
 from valkyrie.runtime.health import HealthReporter
 from valkyrie.runtime.views import watch_config
@@ -177,12 +180,11 @@ async def run_gateway(
         watching.cancel_scope.cancel()
 
 
-def gateway_extra(
-    config: LoadedConfig, *, port: int | None = None
-) -> Callable[[Bus, anyio.Event], object]:
+def gateway_extra(config: LoadedConfig, *, port: int | None = None) -> Extra:
     """An ``extras`` entry for ``run_control_plane``: the gateway alongside the handlers.
 
-    The gateway gets a live config of its own, built from the process's loaded ``config``.
+    The gateway connects as its own identity (``gateway``) and gets a live config of its own,
+    built from the process's loaded ``config``.
 
     Raises:
         ConfigError: the gateway would require authentication but knows no token (checked here,
@@ -190,7 +192,12 @@ def gateway_extra(
     """
     check_auth_setup(config.config.http, config.config.http.host)
 
-    async def extra(bus: Bus, stop: anyio.Event) -> None:
-        await run_gateway(bus, stop, live=LiveConfig(config), port=port)
+    async def extra(
+        connector: Connector, stop: anyio.Event, *, task_status: TaskStatus[Any]
+    ) -> None:
+        async with connector.bus(GATEWAY, name="valkyrie-gateway") as bus:
+            await run_gateway(
+                bus, stop, live=LiveConfig(config), port=port, task_status=task_status
+            )
 
     return extra

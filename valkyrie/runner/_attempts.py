@@ -163,7 +163,7 @@ class Attempts:
         assert self.group is not None
         logs = LogPublisher(
             self._js,
-            self._names.logs(dispatch.job_id),
+            self._names.logs(self._runner_id, dispatch.job_id),
             job_id=dispatch.job_id,
             attempt=dispatch.attempt,
             runner_id=self._runner_id,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import anyio
 import msgspec
+from anyio.abc import TaskStatus
 
 from schemas import (
     RunnerCapabilities,
@@ -31,10 +32,14 @@ __all__ = ["default_runner_id", "local_resources", "reference_registration", "ru
 _NOT_ID = re.compile(r"[^A-Za-z0-9_\-]+")
 
 
-def default_runner_id() -> str:
-    """``<hostname>-<6 hex digits>``: readable, and unique per process start."""
+def default_runner_id(suffix: str | None = None) -> str:
+    """``<hostname>-<suffix>``; by default ``<hostname>-<6 hex digits>``, unique per start.
+
+    ``valkyrie up --runners N`` names its local runners ``<hostname>-local-<n>``: stable, since
+    each has an identity of its own.
+    """
     host = _NOT_ID.sub("-", socket.gethostname().split(".")[0]).strip("-_")[:48] or "runner"
-    return f"{host}-{secrets.token_hex(3)}"
+    return f"{host}-{suffix or secrets.token_hex(3)}"
 
 
 def local_resources(workdir: str | Path | None = None) -> RunnerResources:
@@ -94,12 +99,16 @@ async def run_reference_runner(
     *,
     workdir: str | Path | None = None,
     drain_timeout_s: float = 300.0,
+    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run a reference runner on ``bus`` until ``stop`` is set (then drain)."""
+    """Run a reference runner on ``bus`` until ``stop`` is set (then drain).
+
+    ``task_status.started()`` is reported once the runner is registered.
+    """
     runner = Runner(
         bus,
         registration or reference_registration(workdir=workdir),
         ShellHandler(workdir=workdir),
         drain_timeout_s=drain_timeout_s,
     )
-    await runner.run(stop)
+    await runner.run(stop, task_status=task_status)

@@ -220,7 +220,7 @@ class Runner:
     async def _deregister(self) -> None:
         await deregister(
             self._nc,
-            self._names.runner_admin("deregister"),
+            self._names.deregister(self.runner_id),
             self.runner_id,
             self.session_id,
             request_timeout_s=self._request_timeout_s,
@@ -257,7 +257,7 @@ class Runner:
     async def _register(self) -> RegistrationVerdict | None:
         return await register(
             self._nc,
-            self._names.register,
+            self._names.register_as(self.runner_id),
             self.registration,
             stopping=self._shutdown,
             request_timeout_s=self._request_timeout_s,
@@ -284,6 +284,13 @@ class Runner:
         interval_s = self.registration.heartbeat_interval_ms / 1000
         reconnects = self._reconnects()
         while True:
+            if self._nc.is_closed:
+                # closed under us: the server refused our credentials (revoked) for good
+                log.error("runner %s: the NATS connection is closed: stopping", self.runner_id)
+                for job in list(self._jobs.values()):
+                    self._attempts.stop(job, "abandon", 0.0, "the NATS connection is closed")
+                self.drain()
+                return
             await self._heartbeat()
             with anyio.move_on_after(interval_s):
                 await self._beat_now.wait()

@@ -18,10 +18,13 @@ from valkyrie._lazy import attach as _attach
 
 if TYPE_CHECKING:
     from valkyrie.runtime.app import (
+        Connector,
+        Extra,
         default_data_dir,
         open_bus,
         run_control_plane,
         run_workers,
+        serving,
     )
     from valkyrie.runtime.base import (
         HandlerBase,
@@ -141,11 +144,13 @@ __all__ = [
     "MAX_POOLS",
     "BoundedLabel",
     "BucketRoom",
+    "Connector",
     "DiscoveredService",
     "Dispatched",
     "Dispatching",
     "Durable",
     "Explainer",
+    "Extra",
     "HandlerBase",
     "HandlerContext",
     "HandlerFactory",
@@ -191,6 +196,7 @@ __all__ = [
     "runner_pool_of",
     "same_message",
     "serve_metrics",
+    "serving",
     "settle",
     "spec",
     "terminal_ttl",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 from anyio.abc import TaskStatus
@@ -33,7 +33,7 @@ class HandlerBase:
         stop: anyio.Event,
         *,
         stream: str,
-        filter_subject: str,
+        filter_subject: str | Sequence[str],
         handle: Callable[[Msg], Awaitable[None]],
         concurrency: int | None = None,
         redact: Redact | None = None,

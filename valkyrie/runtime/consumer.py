@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +25,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from schemas import FieldError
 from valkyrie.bus.connection import Bus
 from valkyrie.bus.events import EventPublisher
-from valkyrie.bus.pullfeed import PullFeed, ensure_consumer
+from valkyrie.bus.pullfeed import PullFeed, ensure_consumer, filters
 from valkyrie.config.model import PerformanceConfig
 from valkyrie.errors import GiveUp, RetryLater
 from valkyrie.runtime.metrics import HandlerMetrics
@@ -72,7 +72,7 @@ class StreamConsumer:
         name: handler name (durable consumer name, metrics label, dead-letter source).
         bus: the connection.
         stream: stream to consume.
-        filter_subject: subject filter of the consumer.
+        filter_subject: subject filter of the consumer (or several: legacy and identity subjects).
         handle: the handler's per-message coroutine.
         metrics: collectors to count on.
         performance: the ``performance`` config section: concurrency, fetch batch, deliveries
@@ -86,7 +86,7 @@ class StreamConsumer:
     name: str
     bus: Bus
     stream: str
-    filter_subject: str
+    filter_subject: str | Sequence[str]
     handle: Handle
     metrics: HandlerMetrics
     performance: PerformanceConfig = field(default_factory=PerformanceConfig)
@@ -117,7 +117,7 @@ class StreamConsumer:
             # delivering until we do; the +1 bounds it if our dead-lettering itself keeps failing.
             max_deliver=self._max_deliver + 1,
             max_ack_pending=max(self._concurrency * 4, 256),
-            filter_subject=self.filter_subject,
+            **filters(self.filter_subject),
         )
 
     async def run(

@@ -191,7 +191,7 @@ class ServiceAnnouncer:
         self._live = live
         self._handlers = list(handlers)
         self._registry = registry
-        self._subjects = {d.name: d.filter_subject for d in durables(bus.names)}
+        self._subjects = {d.name: ",".join(d.filter_subjects) for d in durables(bus.names)}
         self.metadata: dict[str, str] = {
             "handlers": ",".join(self._handlers),
             "component": component_name(self._handlers),

@@ -72,7 +72,8 @@ class Durable:
 
     name: str
     stream: str
-    filter_subject: str
+    #: the subjects it takes (a legacy subject and the identities' ones, for some)
+    filter_subjects: tuple[str, ...]
     #: On a work-queue stream every stored message on the filter waits for this consumer, so the
     #: backlog of a consumer not created yet is the stream's count on its filter.
     work_queue: bool
@@ -81,11 +82,11 @@ class Durable:
 def durables(names: Names) -> list[Durable]:
     """Every durable consumer of the standard handlers (their names are the handler names)."""
     return [
-        Durable("intake", names.stream("submit"), names.submit, True),
-        Durable("results", names.stream("updates"), names.updates("*"), True),
-        Durable("canceller", names.stream("commands"), names.cancel, True),
-        Durable("config", names.stream("commands"), names.config_change, True),
-        Durable("dispatcher", names.stream("events"), names.event("job", "*", "queued"), False),
+        Durable("intake", names.stream("submit"), names.submissions(), True),
+        Durable("results", names.stream("updates"), (names.updates("*"),), True),
+        Durable("canceller", names.stream("commands"), names.cancels(), True),
+        Durable("config", names.stream("commands"), names.config_changes(), True),
+        Durable("dispatcher", names.stream("events"), (names.event("job", "*", "queued"),), False),
     ]
 
 
@@ -99,10 +100,10 @@ async def _lag(bus: Bus, durable: Durable, timeout_s: float) -> ConsumerLag:
             except nats.js.errors.NotFoundError:
                 if not durable.work_queue:
                     return msgspec.structs.replace(base, detail="no consumer yet")
-                stream = await bus.js.stream_info(
-                    durable.stream, subjects_filter=durable.filter_subject
-                )
-                waiting = sum((stream.state.subjects or {}).values())
+                waiting = 0
+                for subject in durable.filter_subjects:
+                    stream = await bus.js.stream_info(durable.stream, subjects_filter=subject)
+                    waiting += sum((stream.state.subjects or {}).values())
                 return msgspec.structs.replace(base, pending=waiting, detail="no consumer yet")
     except nats.js.errors.NotFoundError:
         return msgspec.structs.replace(base, detail="stream not found")

@@ -37,10 +37,12 @@ from schemas import (
 )
 from valkyrie.bus.codec import JOB_DECODER, RUNNER_DECODER, encode
 from valkyrie.bus.connection import Bus
+from valkyrie.bus.snapshot import read_stored
+from valkyrie.domain.identity import attempt_runners, log_refusal
 from valkyrie.domain.scheduling.listing import merge_listings
 from valkyrie.errors import BusError
 from valkyrie.gateway._context import Gateway
-from valkyrie.gateway._kvread import _drain, bucket_values, stream_events
+from valkyrie.gateway._kvread import bucket_values, stream_events
 from valkyrie.runtime.queue_ledger import FRESH_MS, QueueLedger
 
 __all__ = [
@@ -237,18 +239,36 @@ async def job_events(bus: Bus, record: JobRecord) -> tuple[list[tuple[int, Event
     return await stream_events(bus, f"job.{record.id}.>", since=since, limit=MAX_EVENTS)
 
 
-async def job_logs(bus: Bus, job_id: str) -> tuple[list[JobLog], bool]:
-    """The job's first :data:`MAX_LOG_BATCHES` log messages (batches of lines); more follow?"""
+async def job_logs(bus: Bus, record: JobRecord) -> tuple[list[JobLog], bool]:
+    """The job's first :data:`MAX_LOG_BATCHES` log messages (batches of lines); more follow?
+
+    Only lines of the runner each attempt was given to: any runner may publish under its own id
+    for any job id, so only the subjects of the job's runners are read, and a batch counts only
+    for an attempt its runner was given (``jobs logs`` applies the same rule).
+    """
+    runners = attempt_runners(record)
     config = ConsumerConfig(
         deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE, inactive_threshold=30.0
     )
-    raw, truncated = await _drain(
-        bus, bus.names.stream("logs"), bus.names.logs(job_id), config, MAX_LOG_BATCHES
-    )
-    lines: list[JobLog] = []
-    for _seq, data, _headers in raw:
-        try:
-            lines.append(_LOG.decode(data))
-        except msgspec.DecodeError:
-            continue
-    return lines, truncated
+    found: list[tuple[int, JobLog]] = []
+    truncated = False
+    for runner_id in sorted(set(runners.values())):
+        raw, cut = await read_stored(
+            bus,
+            bus.names.stream("logs"),
+            bus.names.logs(runner_id, record.id),
+            config,
+            limit=MAX_LOG_BATCHES,
+        )
+        truncated = truncated or cut
+        for seq, data, _headers in raw:
+            try:
+                batch = _LOG.decode(data)
+            except msgspec.DecodeError:
+                continue
+            if log_refusal(runner_id, batch.runner_id, batch.attempt, runners) is None:
+                found.append((seq, batch))
+    found.sort(key=lambda item: item[0])
+    if len(found) > MAX_LOG_BATCHES:
+        found, truncated = found[:MAX_LOG_BATCHES], True
+    return [batch for _, batch in found], truncated

@@ -189,7 +189,7 @@ async def job(
     except (BusError, NotFoundError) as e:
         explain_error = f"no explanation: {e}"
     events, events_cut = await _data.job_events(gateway.bus, record)
-    logs, logs_cut = await _data.job_logs(gateway.bus, record.id)
+    logs, logs_cut = await _data.job_logs(gateway.bus, record)
     body = _views.job_view(
         record,
         explanation=explanation,
