@@ -19,7 +19,14 @@ import nats.js.errors
 from anyio.abc import TaskStatus
 from nats.aio.msg import Msg
 
-from schemas import FieldError, IntakeRejected, JobDuplicate, JobState, SubmitVerdict
+from schemas import (
+    FieldError,
+    IntakeRejected,
+    JobDuplicate,
+    JobRecord,
+    JobState,
+    SubmitVerdict,
+)
 from valkyrie import (
     REPLY_TO_HEADER,
     GiveUp,
@@ -28,7 +35,17 @@ from valkyrie import (
     headers_of,
 )
 from valkyrie.bus import JOB_DECODER, encode, kv_create, now_ms
-from valkyrie.domain.intake import idempotency_token, job_id_for, parse_submission, queued_record
+from valkyrie.domain.intake import (
+    ParsedSubmission,
+    RepeatedBy,
+    conflict_error,
+    idempotency_token,
+    job_id_for,
+    parse_submission,
+    queued_record,
+    read_token,
+    token_value,
+)
 from valkyrie.domain.modes import check_intake_mode
 from valkyrie.runtime import HandlerBase
 
@@ -92,23 +109,20 @@ class IntakeWorker(HandlerBase):
             if mode_errors:
                 raise SchemaError(mode_errors)
         except SchemaError as e:
-            rejection = f"{self._source}-{seq}"
-            await self._events.emit(
-                IntakeRejected(subject_id=rejection, errors=list(e.errors), stream_seq=seq)
-            )
-            await self._reply(reply_to, SubmitVerdict(accepted=False, errors=e.errors))
-            self._ctx.metrics.jobs.labels(self.name, "rejected").inc()
+            await self._reject(SubmitVerdict(accepted=False, errors=e.errors), reply_to, seq)
             raise GiveUp(f"invalid submission: {e}", errors=e.errors) from e
 
         job_id = job_id_for(parsed.spec, source=f"{self._source}-{seq}")
-        token = idempotency_token(parsed.spec, headers.get("Nats-Msg-Id"))
+        msg_id = headers.get("Nats-Msg-Id")
+        token = idempotency_token(parsed.spec, msg_id)
         if token is not None:
             try:
-                await kv_create(self._idem, token, job_id.encode())
+                await kv_create(self._idem, token, token_value(job_id, parsed.digest))
             except nats.js.errors.KeyWrongLastSequenceError:
-                first = (await self._idem.get(token)).value or b""
-                if first.decode() != job_id:
-                    await self._duplicate(first.decode(), reply_to, seq)
+                first_id, first_digest = read_token((await self._idem.get(token)).value or b"")
+                if first_id != job_id:
+                    by: RepeatedBy = "idempotency_key" if parsed.spec.idempotency_key else "msg_id"
+                    await self._duplicate(first_id, first_digest, by, parsed, reply_to, seq)
                     return
 
         record = queued_record(job_id, parsed, now_ms=now, source_seq=seq)
@@ -124,7 +138,9 @@ class IntakeWorker(HandlerBase):
             entry = await self._jobs.get(job_id)
             existing = JOB_DECODER.decode(entry.value or b"")
             if existing.source_seq != seq:
-                await self._duplicate(job_id, reply_to, seq)
+                await self._duplicate(
+                    job_id, existing.request_sha256, "job_id", parsed, reply_to, seq, existing
+                )
                 return
             # our own earlier attempt: finish its remaining steps
             if existing.attempt == 0:
@@ -150,12 +166,53 @@ class IntakeWorker(HandlerBase):
             ),
         )
 
-    async def _duplicate(self, first_id: str, reply_to: str | None, seq: int) -> None:
+    async def _reject(self, verdict: SubmitVerdict, reply_to: str | None, seq: int) -> None:
+        rejection = f"{self._source}-{seq}"
+        await self._events.emit(
+            IntakeRejected(subject_id=rejection, errors=list(verdict.errors), stream_seq=seq)
+        )
+        await self._reply(reply_to, verdict)
+        self._ctx.metrics.jobs.labels(self.name, "rejected").inc()
+
+    async def _duplicate(
+        self,
+        first_id: str,
+        first_digest: str | None,
+        by: RepeatedBy,
+        parsed: ParsedSubmission,
+        reply_to: str | None,
+        seq: int,
+        first: JobRecord | None = None,
+    ) -> None:
+        """Answer a repeat of an earlier submission: its job, or a refusal if the body differs.
+
+        A digest missing on either side (stored before digests were kept) cannot be compared:
+        then the repeat is taken for a duplicate, as it always was.
+        """
+        if first_digest is not None and parsed.digest and first_digest != parsed.digest:
+            errors = [conflict_error(first_id, by=by)]
+            verdict = SubmitVerdict(accepted=False, job_id=first_id, duplicate=True, errors=errors)
+            await self._reject(verdict, reply_to, seq)
+            raise GiveUp(f"a different body reuses {by} of job {first_id}", errors=errors)
         await self._events.emit(
             JobDuplicate(subject_id=first_id, stream_seq=seq, stream_id=self._source)
         )
         self._ctx.metrics.jobs.labels(self.name, "duplicate").inc()
-        await self._reply(reply_to, SubmitVerdict(accepted=True, job_id=first_id, duplicate=True))
+        if first is None:
+            try:
+                entry = await self._jobs.get(first_id)
+                first = JOB_DECODER.decode(entry.value or b"")
+            except (nats.js.errors.KeyNotFoundError, msgspec.DecodeError):
+                first = None  # ended and removed since (limits.job_retention_s)
+        await self._reply(
+            reply_to,
+            SubmitVerdict(
+                accepted=True,
+                job_id=first_id,
+                duplicate=True,
+                state=first.state if first is not None else None,
+            ),
+        )
 
 
 def create(ctx: HandlerContext) -> IntakeWorker:

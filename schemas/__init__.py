@@ -8,6 +8,7 @@ Every event is one typed event (:class:`TypedEvent`, one Struct per event ``type
 """
 
 from schemas._catalog import CATALOG, json_schema, json_schemas
+from schemas._depth import MAX_JSON_DEPTH, SafeDecoder, depth_error, too_deep
 from schemas._validate import collect_errors, convert_or_errors, json_type_name, unknown_fields
 from schemas.config import ConfigChange, ConfigRevision, ConfigVerdict
 from schemas.event_base import TypedEvent
@@ -131,6 +132,7 @@ __all__ = [
     "HEALTH_CHANGED",
     "HEALTH_STATUSES",
     "JOB_ENDED",
+    "MAX_JSON_DEPTH",
     "TERMINAL_STATES",
     "AffinityRule",
     "AttemptRecord",
@@ -224,16 +226,19 @@ __all__ = [
     "RunnerStats",
     "RunnerUndrained",
     "RunnerUp",
+    "SafeDecoder",
     "SubmitVerdict",
     "TypedEvent",
     "UpdateVerdict",
     "collect_errors",
     "convert_or_errors",
+    "depth_error",
     "event_schema_name",
     "event_wire_type",
     "json_schema",
     "json_schemas",
     "json_type_name",
+    "too_deep",
     "typed_event",
     "unknown_fields",
     "v1_to_v2",

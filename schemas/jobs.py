@@ -192,6 +192,9 @@ class JobRecord(msgspec.Struct, frozen=True, kw_only=True):
     cancel_requested: bool = False
     attempts: list[AttemptRecord] = msgspec.field(default_factory=list)
     source_seq: int | None = None
+    #: SHA-256 of the submission's canonical JSON: a later submission with this job id but
+    #: another body is refused rather than taken for a duplicate
+    request_sha256: str | None = None
 
 
 class FieldError(msgspec.Struct, frozen=True, kw_only=True):

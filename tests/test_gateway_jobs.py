@@ -118,7 +118,7 @@ async def test_idempotent_retries_return_the_original_job(settings: Settings) ->
         assert again.json()["job"]["spec"]["idempotency_key"] == "order-42"
         # the same key in the body is the same submission (v1 route too)
         in_body = await gw.http.post(
-            "/api/v1/jobs", json={"type": "build", "idempotency_key": "order-42"}
+            "/api/v1/jobs", json={"job_type": "build", "idempotency_key": "order-42"}
         )
         assert in_body.status_code == 200
         assert in_body.json()["job_id"] == first.json()["job_id"]

@@ -18,8 +18,11 @@ from schemas import (
     JobState,
     JobSubmission,
     LegacyJobV1,
+    SafeDecoder,
     convert_or_errors,
+    depth_error,
     json_type_name,
+    too_deep,
     unknown_fields,
     v1_to_v2,
 )
@@ -27,16 +30,22 @@ from valkyrie.errors import SchemaError
 
 __all__ = [
     "ParsedSubmission",
+    "RepeatedBy",
     "check_submission",
+    "conflict_error",
     "idempotency_token",
     "job_id_for",
     "parse_submission",
     "queued_record",
+    "read_token",
+    "request_digest",
     "token_for",
+    "token_value",
 ]
 
 _ID_NAMESPACE = uuid.UUID("6f1c3a52-8a0e-4d55-9a53-0b1f7a9a1e11")
-_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder()
+_decoder: SafeDecoder[Any] = SafeDecoder()
+_CANONICAL = msgspec.json.Encoder(order="sorted")
 MAX_METADATA_ENTRIES = 64
 
 
@@ -47,6 +56,8 @@ class ParsedSubmission:
     spec: JobSubmission
     api_version: Literal["v1", "v2"]
     warnings: tuple[FieldError, ...] = ()
+    #: :func:`request_digest` of the body: what "the same submission" means for a duplicate
+    digest: str = ""
 
 
 def parse_submission(
@@ -60,7 +71,8 @@ def parse_submission(
 
     Raises:
         SchemaError: with every problem found, each naming its field: type errors and, for the
-            fields that are well-typed, the rules of :func:`check_submission`.
+            fields that are well-typed, the rules of :func:`check_submission`. A body nested
+            deeper than ``MAX_JSON_DEPTH`` is refused before it is decoded.
     """
     if len(data) > max_bytes:
         raise SchemaError(
@@ -70,6 +82,8 @@ def parse_submission(
                 )
             ]
         )
+    if too_deep(data):
+        raise SchemaError([depth_error()])
     try:
         obj = _decoder.decode(data)
     except (msgspec.DecodeError, UnicodeDecodeError) as e:
@@ -87,13 +101,12 @@ def parse_submission(
         if problems:
             raise SchemaError(problems)
         unknown = unknown_fields(LegacyJobV1 if legacy else JobSubmission, obj)
-        if unknown:
-            parsed = ParsedSubmission(
-                parsed.spec,
-                parsed.api_version,
-                tuple(FieldError(path=p, reason="unknown field, ignored") for p in unknown),
-            )
-        return parsed
+        return ParsedSubmission(
+            parsed.spec,
+            parsed.api_version,
+            tuple(FieldError(path=p, reason="unknown field, ignored") for p in unknown),
+            digest=request_digest(obj),
+        )
     # Report the rules too, for the fields that are well-typed: drop (or fill) every field with a
     # type error and check what is left, so that one verdict lists every problem.
     salvaged = _salvage(obj, errors, legacy=legacy, received_at_ms=received_at_ms)
@@ -283,6 +296,50 @@ def check_submission(
     return errors
 
 
+def request_digest(obj: dict[str, Any]) -> str:
+    """What makes two submissions "the same": the SHA-256 (hex) of the body's canonical JSON.
+
+    Canonical: object keys sorted at every level, no whitespace, and without the top-level
+    ``idempotency_key`` (the HTTP bridge moves the ``Idempotency-Key`` header into the body, so a
+    retry with the header is the same as one with the key in the body). Values are compared
+    exactly as sent: ``1`` and ``1.0`` differ, and so do a v1 body and its v2 equivalent.
+    """
+    canonical = {k: v for k, v in obj.items() if k != "idempotency_key"}
+    return hashlib.sha256(_CANONICAL.encode(canonical)).hexdigest()
+
+
+def token_value(job_id: str, digest: str) -> bytes:
+    """The idempotency bucket's value: the first job's id, a space, and its request digest."""
+    return f"{job_id} {digest}".encode() if digest else job_id.encode()
+
+
+def read_token(value: bytes) -> tuple[str, str | None]:
+    """``(job id, request digest)`` of an idempotency bucket value.
+
+    The digest is ``None`` for a value stored before digests were kept.
+    """
+    job_id, _, digest = value.decode(errors="replace").strip().partition(" ")
+    return job_id, digest or None
+
+
+#: what a repeated submission shares with the first one
+RepeatedBy = Literal["idempotency_key", "msg_id", "job_id"]
+
+
+def conflict_error(first_id: str, *, by: RepeatedBy) -> FieldError:
+    """The refusal of a body that differs from the first one with the same key, id or job id."""
+    path = {
+        "idempotency_key": "$.idempotency_key",
+        "msg_id": "header.Nats-Msg-Id",
+        "job_id": "$.job_id",
+    }[by]
+    return FieldError(
+        path=path,
+        reason=f"already used for job {first_id} with a different body: resubmit the same body "
+        "to get that job, or use a new value for a different job",
+    )
+
+
 def idempotency_token(spec: JobSubmission, msg_id: str | None) -> str | None:
     """The idempotency bucket key for a submission: its key, else its ``Nats-Msg-Id``, hashed."""
     return token_for(spec.idempotency_key, msg_id)
@@ -323,4 +380,5 @@ def queued_record(
         submitted_at_ms=now_ms,
         updated_at_ms=now_ms,
         source_seq=source_seq,
+        request_sha256=parsed.digest or None,
     )

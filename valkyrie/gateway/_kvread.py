@@ -11,7 +11,7 @@ import nats.errors
 import nats.js.errors
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from schemas import Event
+from schemas import Event, SafeDecoder
 from valkyrie.bus.codec import EVENT_DECODER
 from valkyrie.bus.connection import Bus
 from valkyrie.errors import BusError
@@ -57,7 +57,7 @@ async def _drain(
     return out, truncated
 
 
-async def bucket_values(bus: Bus, bucket: str, decoder: msgspec.json.Decoder[T]) -> list[T]:
+async def bucket_values(bus: Bus, bucket: str, decoder: SafeDecoder[T]) -> list[T]:
     """The current value of every key of KV bucket ``bucket`` (``runners``, ``jobs`` …)."""
     await bus.kv(bucket)  # a clear error when the bucket does not exist
     name = bus.names.bucket(bucket)

@@ -17,7 +17,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.types import ExceptionHandlersMap
 
-from schemas import FieldError
+from schemas import MAX_JSON_DEPTH, FieldError
 from valkyrie.errors import BusError, NotFoundError, NoVerdictError
 
 __all__ = [
@@ -198,11 +198,12 @@ def exception_handlers() -> ExceptionHandlersMap:
 
 
 _DESCRIPTIONS = {
-    400: "Broken JSON or a missing body.",
+    400: f"Broken JSON, a missing body, or JSON nested deeper than {MAX_JSON_DEPTH} levels.",
     401: "No or unknown bearer token (when `http.auth_required`).",
     403: "The token lacks the scope this route needs.",
     404: "No such job or runner.",
-    409: "The request conflicts with the current state (e.g. the job already finished).",
+    409: "The request conflicts with the current state (e.g. the job already finished, or an "
+    "`Idempotency-Key` reused with a different body).",
     413: "The body exceeds `http.max_body_bytes` (or `limits.submission_max_bytes`).",
     415: "The body is not `application/json`.",
     422: "The body or a parameter is invalid; `errors` names every field.",

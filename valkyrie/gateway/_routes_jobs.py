@@ -9,7 +9,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, FromQuery, HeaderParameter, QueryParameter
 
 from schemas import TERMINAL_STATES, FieldError, JobExplanation, JobRecord, JobState
-from valkyrie.errors import NotFoundError
+from valkyrie.errors import NotFoundError, SchemaError
 from valkyrie.gateway._auth import route_opt
 from valkyrie.gateway._context import Gateway, GatewayDep, identity_of, valid_id
 from valkyrie.gateway._models import CancelResponse, JobList, Pagination, SubmitResponse
@@ -35,7 +35,7 @@ async def fetch_job(gateway: Gateway, job_id: str) -> JobRecord:
     """The job's record.
 
     Raises:
-        ProblemError: 404 when there is no such job.
+        ProblemError: 404 when there is no such job, 409 when its stored record cannot be read.
     """
     if not valid_id(job_id):
         raise ProblemError(404, f"no job {job_id!r}")
@@ -43,6 +43,8 @@ async def fetch_job(gateway: Gateway, job_id: str) -> JobRecord:
         return await gateway.client().get_job(job_id)
     except NotFoundError as e:
         raise ProblemError(404, f"no job {job_id!r}") from e
+    except SchemaError as e:
+        raise ProblemError(409, str(e), slug="unreadable-record", errors=e.errors) from e
 
 
 async def request_cancel(
@@ -140,7 +142,7 @@ async def submit_job(
     "/api/v2/jobs/{job_id:str}",
     opt=route_opt("jobs:read"),
     summary="A job's record",
-    responses=problem_responses(404, *COMMON),
+    responses=problem_responses(404, 409, *COMMON),
     tags=["jobs"],
 )
 async def get_job(job_id: FromPath[str], gateway: GatewayDep) -> JobRecord:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-import msgspec
 import nats.errors
 from litestar import Request, get, post, put
 from litestar.params import FromPath, QueryParameter
@@ -15,6 +14,7 @@ from schemas import (
     RunnerRecord,
     RunnerRegistration,
     RunnerState,
+    SafeDecoder,
     convert_or_errors,
 )
 from valkyrie.bus.codec import RUNNER_DECODER
@@ -35,7 +35,7 @@ from valkyrie.gateway._problems import COMMON, ProblemError, problem_responses
 
 __all__ = ["ROUTES", "all_runners", "fetch_runner", "runner_capabilities"]
 
-_VERDICT = msgspec.json.Decoder(RegistrationVerdict)
+_VERDICT = SafeDecoder(RegistrationVerdict)
 #: a runner counts as healthy when it heartbeats and takes work
 
 

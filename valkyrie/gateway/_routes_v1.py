@@ -93,7 +93,7 @@ async def submit_v1(
     "/api/v1/jobs/{job_id:str}",
     opt=route_opt("jobs:read"),
     summary="A job's status (v1)",
-    responses=problem_responses(404, *COMMON),
+    responses=problem_responses(404, 409, *COMMON),
     tags=["v1"],
 )
 async def get_v1(

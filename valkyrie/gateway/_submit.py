@@ -87,6 +87,15 @@ async def submit_from_request(
     client = gateway.client()
     verdict = await client.submit(body, timeout_s=gateway.timeout_s)
     assert verdict is not None  # wait_verdict is on
+    if not verdict.accepted and verdict.duplicate and verdict.job_id is not None:
+        # the IETF Idempotency-Key draft: a key reused with another body is 422, not the job
+        raise ProblemError(
+            422,
+            f"this submission repeats job {verdict.job_id}'s idempotency key (or job id) with a "
+            "different body; resubmit the same body to get that job, or use a new key",
+            slug="idempotency-key-reused",
+            errors=verdict.errors,
+        )
     if not verdict.accepted or verdict.job_id is None:
         raise ProblemError(
             422, "intake rejected the submission", slug="rejected", errors=verdict.errors

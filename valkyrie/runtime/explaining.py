@@ -14,7 +14,7 @@ import msgspec
 import nats.errors
 from nats.aio.msg import Msg
 
-from schemas import ExplainRequest, JobDispatched, JobExplanation, JobRecord, JobState
+from schemas import ExplainRequest, JobDispatched, JobExplanation, JobRecord, JobState, SafeDecoder
 from valkyrie.bus.codec import encode
 from valkyrie.bus.kv import Versioned
 from valkyrie.config.model import ValkyrieConfig
@@ -25,7 +25,7 @@ from valkyrie.domain.scheduling.queue import DispatchQueue
 __all__ = ["Explainer"]
 
 log = logging.getLogger("valkyrie.dispatcher")
-_REQUEST = msgspec.json.Decoder(ExplainRequest)
+_REQUEST = SafeDecoder(ExplainRequest)
 
 
 class Explainer:
