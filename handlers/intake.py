@@ -35,6 +35,7 @@ from valkyrie import (
     headers_of,
 )
 from valkyrie.bus import JOB_DECODER, encode, kv_create, now_ms
+from valkyrie.client import STRICT_HEADER
 from valkyrie.domain.intake import (
     ParsedSubmission,
     RepeatedBy,
@@ -98,6 +99,7 @@ class IntakeWorker(HandlerBase):
                 received_at_ms=now,
                 max_bytes=self._ctx.config.current.limits.submission_max_bytes,
                 max_metadata_entries=self._ctx.config.current.limits.max_metadata_entries,
+                strict=headers.get(STRICT_HEADER, "").strip().lower() in ("1", "true", "yes"),
             )
             current = self._ctx.config.current
             mode_errors = check_intake_mode(

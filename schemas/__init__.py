@@ -10,6 +10,13 @@ Every event is one typed event (:class:`TypedEvent`, one Struct per event ``type
 from schemas._catalog import CATALOG, json_schema, json_schemas
 from schemas._depth import MAX_JSON_DEPTH, SafeDecoder, depth_error, too_deep
 from schemas._validate import collect_errors, convert_or_errors, json_type_name, unknown_fields
+from schemas.ancestor import (
+    ANCESTOR_SUBMISSION_FIELDS,
+    AncestorConversion,
+    is_ancestor_registration,
+    registration_from_ancestor,
+    submission_from_ancestor,
+)
 from schemas.config import ConfigChange, ConfigRevision, ConfigVerdict
 from schemas.event_base import TypedEvent
 from schemas.event_catalog import (
@@ -125,6 +132,7 @@ from schemas.runners import (
 )
 
 __all__ = [
+    "ANCESTOR_SUBMISSION_FIELDS",
     "AUDIT_EVENTS",
     "CATALOG",
     "EVENT_KINDS",
@@ -135,6 +143,7 @@ __all__ = [
     "MAX_JSON_DEPTH",
     "TERMINAL_STATES",
     "AffinityRule",
+    "AncestorConversion",
     "AttemptRecord",
     "AuditConfigChange",
     "AuditConfigReload",
@@ -235,9 +244,12 @@ __all__ = [
     "depth_error",
     "event_schema_name",
     "event_wire_type",
+    "is_ancestor_registration",
     "json_schema",
     "json_schemas",
     "json_type_name",
+    "registration_from_ancestor",
+    "submission_from_ancestor",
     "too_deep",
     "typed_event",
     "unknown_fields",

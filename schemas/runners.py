@@ -191,6 +191,8 @@ class RegistrationVerdict(msgspec.Struct, frozen=True, kw_only=True):
     #: a refusal that may pass soon (a deregistration while the last slot releases are being
     #: written): ask again after this many milliseconds
     retry_after_ms: int | None = None
+    #: fields of the request that were ignored or converted (the HTTP bridge fills these in)
+    warnings: list[FieldError] = msgspec.field(default_factory=list)
 
 
 class UpdateVerdict(msgspec.Struct, frozen=True, kw_only=True):

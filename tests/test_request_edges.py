@@ -75,7 +75,7 @@ async def test_deep_bodies_are_refused_on_every_route_and_nothing_is_stored(
             response = await gw.http.post("/api/v2/jobs", content=submission(depth), headers=JSON)
             assert response.status_code == 400, (depth, response.text)
         info = await gw.bus.js.stream_info(gw.bus.names.stream("submit"))
-        assert info.state.messages == 0 and info.state.last_seq == 0
+        assert (info.state.messages, info.state.last_seq) == (0, 0)
         # at the limit: accepted, and every read of it works
         ok = await gw.http.post(
             "/api/v2/jobs", content=submission(MAX_JSON_DEPTH - 1), headers=JSON
@@ -213,7 +213,9 @@ async def test_the_bus_verdict_refuses_a_reused_key_with_another_body(settings: 
     async with gateway(settings) as gw:
         client = Client(gw.bus)
         first = await client.submit({"job_type": "a", "idempotency_key": "k-1"})
-        assert first is not None and first.accepted and first.job_id
+        assert first is not None
+        assert first.accepted
+        assert first.job_id
         repeat = await client.submit({"job_type": "a", "idempotency_key": "k-1"})
         assert repeat is not None
         assert (repeat.accepted, repeat.duplicate, repeat.job_id) == (True, True, first.job_id)
@@ -231,7 +233,8 @@ async def test_the_bus_verdict_refuses_a_reused_key_with_another_body(settings: 
         assert read_token(stored) == (first.job_id, request_digest({"job_type": "a"}))
         # a Nats-Msg-Id repeat the stream drops: the client compares the digest itself
         one = await client.submit({"job_type": "m"}, msg_id="msg-1")
-        assert one is not None and one.accepted
+        assert one is not None
+        assert one.accepted
         dropped_same = await client.submit({"job_type": "m"}, msg_id="msg-1")
         assert dropped_same is not None
         assert (dropped_same.accepted, dropped_same.job_id) == (True, one.job_id)
@@ -254,3 +257,37 @@ def test_the_digest_ignores_key_order_and_the_key_itself() -> None:
     assert a != request_digest({"job_type": "x", "payload": {"b": 1, "a": [2, 1]}})
     assert a != request_digest({"job_type": "x", "payload": {"b": 1.0, "a": [1, 2]}})
     assert encode({"b": 1, "a": 2}) != encode({"a": 2, "b": 1})  # why the digest sorts keys
+
+
+async def test_strict_submissions_refuse_unknown_fields(settings: Settings) -> None:
+    typo = {"job_type": "x", "requirments": {"cpu_cores": 1}, "requirements": {"cpu_core": 2}}
+    async with gateway(settings) as gw:
+        lenient = await gw.http.post("/api/v2/jobs", json=typo)
+        assert lenient.status_code == 201
+        assert lenient.json()["warnings"] == [
+            {"path": "$.requirments", "reason": "unknown field, ignored"},
+            {"path": "$.requirements.cpu_core", "reason": "unknown field, ignored"},
+        ]
+        for route in ("/api/v2/jobs", "/api/v1/jobs"):
+            strict = await gw.http.post(route, json=typo, params={"strict": "true"})
+            assert strict.status_code == 422, strict.text
+            assert {e["path"] for e in problem(strict)["errors"]} == {
+                "$.requirments",
+                "$.requirements.cpu_core",
+            }
+        # the ancestor's names are converted, not unknown: strict accepts them
+        ancestor = await gw.http.post(
+            "/api/v2/jobs",
+            json={"job_type": "x", "requirements": {"max_execution_time": 60}},
+            params={"strict": "true"},
+        )
+        assert ancestor.status_code == 201, ancestor.text
+        client = Client(gw.bus)
+        refused = await client.submit(typo, strict=True)
+        assert refused is not None
+        assert not refused.accepted
+        assert all("strict" in e.reason for e in refused.errors)
+        accepted = await client.submit(typo)
+        assert accepted is not None
+        assert accepted.accepted
+        assert [w.path for w in accepted.warnings] == ["$.requirments", "$.requirements.cpu_core"]

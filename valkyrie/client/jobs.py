@@ -51,10 +51,13 @@ from valkyrie.domain.intake import (
 )
 from valkyrie.errors import BusError, NotFoundError, NoVerdictError, SchemaError
 
-__all__ = ["REPLY_TO_HEADER", "Client"]
+__all__ = ["REPLY_TO_HEADER", "STRICT_HEADER", "Client"]
 
 #: Header naming the subject the intake handler sends its verdict to.
 REPLY_TO_HEADER = "Valkyrie-Reply-To"
+#: Header asking intake to refuse a submission with fields the contract does not know
+#: (``true``); without it they are ignored with a warning each.
+STRICT_HEADER = "Valkyrie-Strict"
 _EXPLANATION = SafeDecoder(JobExplanation)
 #: a record nests its submission two levels below the top, and bodies deeper than MAX_JSON_DEPTH
 #: are refused: a record deeper than this was stored before that limit, and cannot be served
@@ -95,8 +98,12 @@ class Client:
         msg_id: str | None = None,
         wait_verdict: bool = True,
         timeout_s: float = 10.0,
+        strict: bool = False,
     ) -> SubmitVerdict | None:
         """Publish a submission; with ``wait_verdict`` return the intake handler's verdict.
+
+        With ``strict``, intake refuses fields the contract does not know instead of ignoring
+        them with a warning (:data:`STRICT_HEADER`).
 
         The submission is durable once this returns (the stream acknowledged it), even when no
         intake handler runs; the verdict then arrives when one starts.
@@ -110,6 +117,8 @@ class Client:
         headers: dict[str, str] = {}
         if msg_id:
             headers["Nats-Msg-Id"] = msg_id
+        if strict:
+            headers[STRICT_HEADER] = "true"
         nc = self.bus.nc
         sub = None
         if wait_verdict:

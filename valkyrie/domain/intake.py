@@ -13,6 +13,7 @@ from typing import Any, Literal
 import msgspec
 
 from schemas import (
+    AncestorConversion,
     FieldError,
     JobRecord,
     JobState,
@@ -22,6 +23,7 @@ from schemas import (
     convert_or_errors,
     depth_error,
     json_type_name,
+    submission_from_ancestor,
     too_deep,
     unknown_fields,
     v1_to_v2,
@@ -66,8 +68,12 @@ def parse_submission(
     received_at_ms: int,
     max_bytes: int,
     max_metadata_entries: int = MAX_METADATA_ENTRIES,
+    strict: bool = False,
 ) -> ParsedSubmission:
     """Decode a v2 or v1 body and check it; v1 is detected by a ``type`` key without ``job_type``.
+
+    Fields the contract does not know are ignored with a warning each, or, when ``strict``,
+    refused (a typo such as ``deadline`` for ``deadline_at_ms`` then cannot pass unnoticed).
 
     Raises:
         SchemaError: with every problem found, each naming its field: type errors and, for the
@@ -93,20 +99,25 @@ def parse_submission(
             [FieldError(path="$", reason=f"Expected `object`, got `{json_type_name(obj)}`")]
         )
     legacy = "job_type" not in obj and "type" in obj
+    digest = request_digest(obj)
+    # the ancestor's v2 names (deadline, max_execution_time, ...) are converted, not dropped
+    ancestor = None if legacy else submission_from_ancestor(obj)
+    if ancestor is not None:
+        obj = ancestor.body
+    early = list(ancestor.errors) if ancestor is not None else []
+    unknown = unknown_fields(LegacyJobV1 if legacy else JobSubmission, obj)
+    if strict:
+        early += [FieldError(path=p, reason="unknown field (strict)") for p in unknown]
     parsed, errors = _convert(obj, legacy=legacy, received_at_ms=received_at_ms)
     if parsed is not None:
-        problems = _rule_errors(
+        problems = early + _rule_errors(
             parsed, legacy=legacy, now_ms=received_at_ms, max_metadata=max_metadata_entries
         )
         if problems:
-            raise SchemaError(problems)
-        unknown = unknown_fields(LegacyJobV1 if legacy else JobSubmission, obj)
-        return ParsedSubmission(
-            parsed.spec,
-            parsed.api_version,
-            tuple(FieldError(path=p, reason="unknown field, ignored") for p in unknown),
-            digest=request_digest(obj),
-        )
+            raise SchemaError(_named(problems, ancestor))
+        notes = list(ancestor.warnings) if ancestor is not None else []
+        notes += [FieldError(path=p, reason="unknown field, ignored") for p in unknown]
+        return ParsedSubmission(parsed.spec, parsed.api_version, tuple(notes), digest=digest)
     # Report the rules too, for the fields that are well-typed: drop (or fill) every field with a
     # type error and check what is left, so that one verdict lists every problem.
     salvaged = _salvage(obj, errors, legacy=legacy, received_at_ms=received_at_ms)
@@ -117,7 +128,12 @@ def parse_submission(
         ):
             if not any(_related(problem.path, path) for path in removed):
                 errors.append(problem)
-    raise SchemaError(errors)
+    raise SchemaError(_named(early + errors, ancestor))
+
+
+def _named(errors: list[FieldError], ancestor: AncestorConversion | None) -> list[FieldError]:
+    """Errors naming the fields the publisher sent (the ancestor's names it used)."""
+    return ancestor.rename_errors(errors) if ancestor is not None else errors
 
 
 def _convert(

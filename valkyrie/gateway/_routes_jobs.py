@@ -16,7 +16,7 @@ from valkyrie.gateway._models import CancelResponse, JobList, Pagination, Submit
 from valkyrie.gateway._problems import COMMON, ProblemError, problem_responses
 from valkyrie.gateway._submit import submit_from_request
 
-__all__ = ["ROUTES", "IdempotencyKey", "fetch_job", "parse_states", "request_cancel"]
+__all__ = ["ROUTES", "IdempotencyKey", "Strict", "fetch_job", "parse_states", "request_cancel"]
 
 #: the ``Idempotency-Key`` header of the submit routes (v2 and v1)
 IdempotencyKey = Annotated[
@@ -27,6 +27,17 @@ IdempotencyKey = Annotated[
         max_length=512,
         required=False,
         description="Makes a retried POST return the original job (same id) instead of a new one.",
+    ),
+]
+
+#: the ``strict`` query parameter of the submit routes (v2 and v1)
+Strict = Annotated[
+    bool,
+    QueryParameter(
+        description=(
+            "Refuse (422) fields the contract does not know instead of ignoring them with a "
+            "warning each, so that a typo such as `deadline` for `deadline_at_ms` cannot pass."
+        ),
     ),
 ]
 
@@ -119,10 +130,13 @@ def parse_states(raw: str | None) -> set[JobState] | None:
     tags=["jobs"],
 )
 async def submit_job(
-    request: Request[Any, Any, Any], gateway: GatewayDep, idempotency_key: IdempotencyKey = None
+    request: Request[Any, Any, Any],
+    gateway: GatewayDep,
+    idempotency_key: IdempotencyKey = None,
+    strict: Strict = False,
 ) -> Response[SubmitResponse]:
     """Submit a job."""
-    done = await submit_from_request(request, idempotency_key)
+    done = await submit_from_request(request, idempotency_key, strict=strict)
     body = SubmitResponse(
         job_id=done.record.id,
         state=done.record.state,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
+import msgspec
 import nats.errors
 from litestar import Request, get, post, put
 from litestar.params import FromPath, QueryParameter
@@ -16,8 +17,11 @@ from schemas import (
     RunnerState,
     SafeDecoder,
     convert_or_errors,
+    is_ancestor_registration,
+    registration_from_ancestor,
+    unknown_fields,
 )
-from valkyrie.bus.codec import RUNNER_DECODER
+from valkyrie.bus.codec import RUNNER_DECODER, encode
 from valkyrie.bus.kv import get_versioned
 from valkyrie.domain.health import AVAILABLE_RUNNER_STATES
 from valkyrie.errors import NotFoundError
@@ -186,8 +190,11 @@ async def set_runner_status(
     status_code=200,
     summary="Register a runner",
     description=(
-        "The body is a `RunnerRegistration`; it is forwarded as the registry's core request and "
-        "its verdict returned. 422 when the registry refuses it."
+        "The body is a `RunnerRegistration`, or a registration in the ancestor's shape "
+        "(`capabilities.supported_job_types`, `geographic_location`, `endpoint`, ...), converted "
+        "first; it is forwarded as the registry's core request and its verdict returned, with "
+        "`warnings` naming each field ignored (and, for the ancestor's shape, what was done with "
+        "it). 422 when the body is invalid or the registry refuses it."
     ),
     responses=problem_responses(400, 413, 415, 422, *COMMON),
     tags=["runners"],
@@ -197,7 +204,18 @@ async def register_runner(
 ) -> RegistrationVerdict:
     """Register (or re-register) a runner."""
     body, obj = await json_body(request)
-    registration, errors = convert_or_errors(RunnerRegistration, obj)
+    if is_ancestor_registration(obj):
+        ancestor = registration_from_ancestor(obj)
+        registration, errors = convert_or_errors(RunnerRegistration, ancestor.body)
+        errors = ancestor.rename_errors(errors)
+        warnings = ancestor.warnings
+        body = encode(ancestor.body)
+    else:
+        registration, errors = convert_or_errors(RunnerRegistration, obj)
+        warnings = [
+            FieldError(path=path, reason="unknown field, ignored")
+            for path in unknown_fields(RunnerRegistration, obj)
+        ]
     if registration is None:
         raise ProblemError(422, "invalid registration", errors=errors)
     try:
@@ -213,7 +231,7 @@ async def register_runner(
     verdict = _VERDICT.decode(reply.data)
     if not verdict.accepted:
         raise ProblemError(422, "the registry refused the registration", errors=verdict.errors)
-    return verdict
+    return msgspec.structs.replace(verdict, warnings=[*verdict.warnings, *warnings])
 
 
 ROUTES = [list_runners, get_runner, set_runner_status, register_runner]

@@ -19,7 +19,7 @@ from valkyrie.gateway._models import (
     V1SubmitResponse,
 )
 from valkyrie.gateway._problems import COMMON, ProblemError, problem_responses
-from valkyrie.gateway._routes_jobs import IdempotencyKey, fetch_job, request_cancel
+from valkyrie.gateway._routes_jobs import IdempotencyKey, Strict, fetch_job, request_cancel
 from valkyrie.gateway._routes_runners import all_runners
 from valkyrie.gateway._submit import submit_from_request
 
@@ -72,11 +72,11 @@ def _require_v1(request: Request[Any, Any, Any]) -> None:
     tags=["v1"],
 )
 async def submit_v1(
-    request: Request[Any, Any, Any], idempotency_key: IdempotencyKey = None
+    request: Request[Any, Any, Any], idempotency_key: IdempotencyKey = None, strict: Strict = False
 ) -> Response[V1SubmitResponse]:
     """Submit a job through the legacy API."""
     _require_v1(request)
-    done = await submit_from_request(request, idempotency_key)
+    done = await submit_from_request(request, idempotency_key, strict=strict)
     message = (
         "Duplicate of an earlier submission: the original job"
         if done.duplicate
