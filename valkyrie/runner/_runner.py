@@ -327,11 +327,15 @@ class Runner:
         return int(self._nc.stats.get("reconnects", 0))
 
     async def _heartbeat(self, *, flush: bool = False) -> None:
-        running = [k[0] for k, job in self._jobs.items() if job.ctx.stop_reason != "abandon"]
+        running = [
+            k[0]
+            for k, job in self._jobs.items()
+            if job.ctx.stop_reason != "abandon" and not job.finishing
+        ]
         beat = RunnerHeartbeat(
             runner_id=self.runner_id,
             sent_at_ms=now_ms(),
-            load=min(1.0, len(self._jobs) / self.capacity),
+            load=min(1.0, self._attempts.busy() / self.capacity),
             running_jobs=running,
             draining=self.draining,
             session_id=self.session_id,
