@@ -128,7 +128,6 @@ from schemas.runners import (
     RunnerResources,
     RunnerState,
     RunnerStats,
-    UpdateVerdict,
 )
 
 __all__ = [
@@ -238,7 +237,6 @@ __all__ = [
     "SafeDecoder",
     "SubmitVerdict",
     "TypedEvent",
-    "UpdateVerdict",
     "collect_errors",
     "convert_or_errors",
     "depth_error",

@@ -35,7 +35,6 @@ __all__ = [
     "RunnerResources",
     "RunnerState",
     "RunnerStats",
-    "UpdateVerdict",
 ]
 
 
@@ -193,14 +192,6 @@ class RegistrationVerdict(msgspec.Struct, frozen=True, kw_only=True):
     retry_after_ms: int | None = None
     #: fields of the request that were ignored or converted (the HTTP bridge fills these in)
     warnings: list[FieldError] = msgspec.field(default_factory=list)
-
-
-class UpdateVerdict(msgspec.Struct, frozen=True, kw_only=True):
-    """The control plane's answer to a job update."""
-
-    accepted: bool
-    reason: str | None = None
-    abandon: bool = False
 
 
 class CancelJob(msgspec.Struct, frozen=True, kw_only=True):

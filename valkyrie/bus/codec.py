@@ -25,7 +25,6 @@ from schemas import (
     RunnerRegistration,
     SafeDecoder,
     SubmitVerdict,
-    UpdateVerdict,
 )
 
 __all__ = [
@@ -41,7 +40,6 @@ __all__ = [
     "REGISTRATION_DECODER",
     "RUNNER_DECODER",
     "UPDATE_DECODER",
-    "UPDATE_VERDICT_DECODER",
     "VERDICT_DECODER",
     "encode",
     "new_id",
@@ -57,7 +55,6 @@ DEAD_DECODER = SafeDecoder(DeadLetter)
 VERDICT_DECODER = SafeDecoder(SubmitVerdict)
 DISPATCH_DECODER = SafeDecoder(Dispatch)
 UPDATE_DECODER: SafeDecoder[JobUpdate] = SafeDecoder(JobUpdate)
-UPDATE_VERDICT_DECODER = SafeDecoder(UpdateVerdict)
 LOG_DECODER = SafeDecoder(JobLog)
 HEARTBEAT_DECODER = SafeDecoder(RunnerHeartbeat)
 REGISTRATION_DECODER = SafeDecoder(RunnerRegistration)
