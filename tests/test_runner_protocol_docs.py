@@ -7,6 +7,7 @@ language would, against the real handlers.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import AsyncIterator
@@ -255,7 +256,7 @@ async def protocol_steps(
 
     # refusals: each one is answered with a new attempt, never the same one again
     for attempt in (1, 2):
-        await wait_until(lambda a=attempt: dispatched(a), timeout_s=10)
+        await wait_until(functools.partial(dispatched, attempt), timeout_s=10)
         assert runner.dispatches[-1].attempt == attempt
         await runner.update(
             update("finished", job_id, attempt, "fr", outcome="rejected", result={"error": "full"}),
