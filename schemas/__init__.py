@@ -9,7 +9,13 @@ Every event is one typed event (:class:`TypedEvent`, one Struct per event ``type
 
 from schemas._catalog import CATALOG, json_schema, json_schemas
 from schemas._depth import MAX_JSON_DEPTH, SafeDecoder, depth_error, too_deep
-from schemas._validate import collect_errors, convert_or_errors, json_type_name, unknown_fields
+from schemas._validate import (
+    collect_errors,
+    convert_or_errors,
+    integral_floats,
+    json_type_name,
+    unknown_fields,
+)
 from schemas.ancestor import (
     ANCESTOR_SUBMISSION_FIELDS,
     AncestorConversion,
@@ -242,6 +248,7 @@ __all__ = [
     "depth_error",
     "event_schema_name",
     "event_wire_type",
+    "integral_floats",
     "is_ancestor_registration",
     "json_schema",
     "json_schemas",

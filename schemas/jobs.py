@@ -113,7 +113,16 @@ class JobSubmission(msgspec.Struct, frozen=True, kw_only=True):
     qos_requirements: QosRequirements | None = None
     routing_hints: RoutingHints | None = None
     performance_targets: PerformanceTargets | None = None
-    deadline_at_ms: TimestampMs | None = None
+    deadline_at_ms: (
+        Annotated[
+            TimestampMs,
+            msgspec.Meta(
+                description="must be in the future: a deadline already past is refused "
+                "(a job whose deadline passes while it waits ends `expired`)"
+            ),
+        ]
+        | None
+    ) = None
     correlation_id: Annotated[str, msgspec.Meta(max_length=256)] | None = None
     job_id: Identifier | None = None
     idempotency_key: Annotated[str, msgspec.Meta(min_length=1, max_length=512)] | None = None

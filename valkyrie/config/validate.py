@@ -10,7 +10,7 @@ from typing import Any, get_args, get_origin
 
 import msgspec
 
-from schemas import FieldError, collect_errors
+from schemas import FieldError, collect_errors, integral_floats
 from valkyrie.config.model import ValkyrieConfig, unflatten
 
 __all__ = ["ValidationResult", "validate_dotted"]
@@ -98,7 +98,12 @@ def validate_dotted(dotted: Mapping[str, Any]) -> ValidationResult:
         return ValidationResult(None, [*malformed, *rest.errors], rest.warnings)
     nested = unflatten(dotted)
     try:  # the common case, valid: one conversion, then the rules
-        config = msgspec.convert(nested, ValkyrieConfig)
+        try:
+            config = msgspec.convert(nested, ValkyrieConfig)
+        except msgspec.ValidationError:
+            # 1.0 for an integer key is that integer (JSON Schema counts it as one)
+            nested = integral_floats(ValkyrieConfig, nested)
+            config = msgspec.convert(nested, ValkyrieConfig)
     except msgspec.ValidationError as e:
         refused = e
     else:

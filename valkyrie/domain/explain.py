@@ -159,12 +159,7 @@ def explain_queued(
     elif not runners:
         summary = "no runner is registered"
     else:
-        top = rejected[0] if rejected else None
-        summary = (
-            f"no runner can take it: {top.count} runner(s) rejected because {top.detail}"
-            if top
-            else "no runner can take it"
-        )
+        summary = _headline(rejected)
     estimate = None
     if facts.position is not None and facts.avg_duration_ms and (feasible or full):
         if feasible:  # the jobs ahead fill the feasible slots, one round per average duration
@@ -199,6 +194,23 @@ def explain_queued(
         rejected=rejected,
         suggestions=suggestions,
     )
+
+
+def _headline(rejected: list[ConstraintGroup]) -> str:
+    """Why no runner can take the job, led by what keeps the most live runners away.
+
+    Offline runners are checked first, so they would lead the groups; but what the job asks of
+    the runners that are up is the news, so their largest group leads and offline ones follow.
+    """
+    live = [g for g in rejected if g.constraint != "offline"]
+    offline = next((g for g in rejected if g.constraint == "offline"), None)
+    top = max(live, key=lambda g: g.count) if live else offline  # max keeps the first of equals
+    if top is None:
+        return "no runner can take it"
+    summary = f"no runner can take it: {top.count} runner(s) rejected because {top.detail}"
+    if offline is not None and top is not offline:
+        summary += f" ({offline.count} more offline)"
+    return summary
 
 
 def explain_dispatched(record: JobRecord, decision: JobDispatched | None) -> JobExplanation:

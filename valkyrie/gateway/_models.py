@@ -27,6 +27,7 @@ __all__ = [
     "V1JobStatus",
     "V1RunnerList",
     "V1RunnerSummary",
+    "V1Status",
     "V1SubmitResponse",
 ]
 
@@ -168,11 +169,15 @@ class FallbackResponse(msgspec.Struct, kw_only=True):
     message: str
 
 
+#: the ancestor's job status vocabulary (``V1_STATUS`` maps our states onto it)
+V1Status = Literal["queued", "dispatched", "running", "completed", "failed", "cancelled", "timeout"]
+
+
 class V1SubmitResponse(msgspec.Struct, kw_only=True):
     """The ancestor's v1 submit answer."""
 
     job_id: str
-    status: str
+    status: Literal["submitted"]
     message: str
 
 
@@ -180,7 +185,7 @@ class V1JobStatus(msgspec.Struct, kw_only=True):
     """The ancestor's v1 job status, in its vocabulary (times are epoch-second strings)."""
 
     job_id: str
-    status: str
+    status: V1Status
     message: str
     runner_id: str | None = None
     created_at: str | None = None
@@ -194,7 +199,7 @@ class V1CancelResponse(msgspec.Struct, kw_only=True):
     """The ancestor's v1 cancel answer."""
 
     job_id: str
-    status: str
+    status: Literal["cancelling"]
     message: str
 
 
@@ -202,7 +207,7 @@ class V1RunnerSummary(msgspec.Struct, kw_only=True):
     """One runner in the ancestor's v1 list."""
 
     runner_id: str
-    status: str
+    status: RunnerState
     capabilities: list[str]
     current_load: float
     max_capacity: int

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from typing import Annotated, Any, Literal
 
 from litestar import Request, Response, delete, get, post
@@ -16,7 +17,15 @@ from valkyrie.gateway._models import CancelResponse, JobList, Pagination, Submit
 from valkyrie.gateway._problems import COMMON, ProblemError, problem_responses
 from valkyrie.gateway._submit import submit_from_request
 
-__all__ = ["ROUTES", "IdempotencyKey", "Strict", "fetch_job", "parse_states", "request_cancel"]
+__all__ = [
+    "ROUTES",
+    "IdempotencyKey",
+    "Strict",
+    "fetch_job",
+    "parse_states",
+    "request_cancel",
+    "states_pattern",
+]
 
 #: the ``Idempotency-Key`` header of the submit routes (v2 and v1)
 IdempotencyKey = Annotated[
@@ -74,6 +83,15 @@ async def request_cancel(
     who = identity_of(request)
     await gateway.admin(who).cancel_job(job_id, reason=f"cancelled over HTTP by {who.name}")
     return record
+
+
+def states_pattern(states: type[enum.StrEnum]) -> dict[str, str]:
+    """The OpenAPI ``pattern`` of a comma-separated list of ``states``.
+
+    It documents what the route takes (the route itself names each unknown state in its 422).
+    """
+    one = "|".join(s.value for s in states)
+    return {"pattern": f"^(?:(?:{one})(?:,(?:{one}))*)?$"}
 
 
 def parse_states(raw: str | None) -> set[JobState] | None:
@@ -225,7 +243,9 @@ async def list_jobs(
     status: Annotated[
         str | None,
         QueryParameter(
-            description="Comma-separated states, e.g. `queued,running`.", required=False
+            description="Comma-separated states, e.g. `queued,running`.",
+            required=False,
+            schema_extra=states_pattern(JobState),
         ),
     ] = None,
     runner_id: Annotated[str | None, QueryParameter(required=False)] = None,
@@ -236,6 +256,7 @@ async def list_jobs(
 ) -> JobList:
     """A page of jobs, filtered and sorted."""
     states = parse_states(status)
+    runner_id = runner_id or None  # an empty filter (`runner_id=`) is no filter
     everything = await gateway.client().list_jobs()
     matching = [
         r

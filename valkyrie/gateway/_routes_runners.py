@@ -36,6 +36,7 @@ from valkyrie.gateway._models import (
     RunnerStatusResponse,
 )
 from valkyrie.gateway._problems import COMMON, ProblemError, problem_responses
+from valkyrie.gateway._routes_jobs import states_pattern
 
 __all__ = ["ROUTES", "all_runners", "fetch_runner", "runner_capabilities"]
 
@@ -85,7 +86,14 @@ def runner_capabilities(record: RunnerRecord) -> set[str]:
 )
 async def list_runners(
     gateway: GatewayDep,
-    status: Annotated[str | None, QueryParameter(required=False)] = None,
+    status: Annotated[
+        str | None,
+        QueryParameter(
+            description="Comma-separated runner states, e.g. `active,busy`.",
+            required=False,
+            schema_extra=states_pattern(RunnerState),
+        ),
+    ] = None,
     region: Annotated[str | None, QueryParameter(required=False)] = None,
     capabilities: Annotated[str | None, QueryParameter(required=False)] = None,
     limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 50,
@@ -113,6 +121,7 @@ async def list_runners(
                     for b in bad
                 ],
             )
+    region = region or None  # an empty filter (`region=`) is no filter
     wanted = {c.strip().lower() for c in (capabilities or "").split(",") if c.strip()}
     everything = await all_runners(gateway)
     matching = [
