@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -14,11 +15,20 @@ import msgspec
 
 from valkyrie.bus.connection import Bus, connect
 from valkyrie.bus.tls import tls_context
+from valkyrie.cli._local import read_record
 from valkyrie.config.load import LoadedConfig, config_for
 from valkyrie.config.settings import Settings
 from valkyrie.errors import ConnectError, NotFoundError, ValkyrieError
 
-__all__ = ["ExitCode", "fmt_ms", "print_table", "run_async", "settings_from", "with_bus"]
+__all__ = [
+    "ExitCode",
+    "fmt_ms",
+    "print_table",
+    "run_async",
+    "settings_from",
+    "setup_logging",
+    "with_bus",
+]
 
 T = TypeVar("T")
 
@@ -36,6 +46,14 @@ class ExitCode(enum.IntEnum):
     ERROR = 10
 
 
+def setup_logging(verbose: bool) -> None:
+    """One log format for every long-running command (the gateway leaves logging alone)."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+
+
 def settings_from(ctx: click.Context) -> Settings:
     """The settings for this invocation (environment plus global options)."""
     obj: dict[str, Any] = ctx.find_root().obj or {}
@@ -43,8 +61,18 @@ def settings_from(ctx: click.Context) -> Settings:
 
 
 def client_url(settings: Settings) -> str:
-    """The URL client commands use: the configured one, else the local embedded server's."""
-    return settings.nats_url or f"nats://127.0.0.1:{settings.embedded_port}"
+    """The URL client commands use.
+
+    The configured one (``VALKYRIE_NATS_URL``); else that of the ``valkyrie up`` running on this
+    data directory, which recorded it (its port may not be this shell's); else the local embedded
+    server's default port.
+    """
+    if settings.nats_url:
+        return settings.nats_url
+    record = read_record(settings)
+    if record is not None:
+        return record.nats_url
+    return f"nats://127.0.0.1:{settings.embedded_port}"
 
 
 def _backend_options() -> dict[str, object]:

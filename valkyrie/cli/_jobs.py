@@ -41,7 +41,10 @@ def _show(record: JobRecord) -> None:
     if record.reason:
         click.echo(f"reason:      {record.reason}")
     if record.result is not None:
-        click.echo(f"exit code:   {record.result.exit_code}")
+        code = record.result.exit_code
+        click.echo(f"exit code:   {code if code is not None else '-'}")
+        if record.result.error and record.result.error != record.reason:
+            click.echo(f"error:       {record.result.error}")
         click.echo(f"duration:    {record.result.duration_ms} ms")
         if record.result.output_tail:
             click.echo("output:")

@@ -3,27 +3,35 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 
 import anyio
 import click
+import msgspec
 
+from valkyrie.bus.codec import now_ms
 from valkyrie.bus.connection import Bus
-from valkyrie.cli._common import run_async, settings_from
+from valkyrie.cli._common import client_url, run_async, settings_from, setup_logging
+from valkyrie.cli._local import RECORD_NAME, UpRecord, data_dir, remove_record, write_record
 from valkyrie.config.live import LiveConfig
 from valkyrie.config.load import config_for
+from valkyrie.config.settings import Settings
 from valkyrie.runner import run_reference_runner
 from valkyrie.runtime.app import open_bus, run_control_plane
 from valkyrie.runtime.context import discover_handlers
 
 __all__ = ["handlers_cmd", "provision", "up", "worker"]
 
+log = logging.getLogger("valkyrie")
 
-def _logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-    )
+
+def _address(bus: Bus, settings: Settings) -> str:
+    """The NATS URL other commands should use, without credentials (the record is a file)."""
+    url = bus.nc.connected_url
+    if url is None or url.hostname is None:
+        return settings.nats_url or f"nats://127.0.0.1:{settings.embedded_port}"
+    return f"{url.scheme}://{url.hostname}:{url.port or 4222}"
 
 
 @click.command()
@@ -54,37 +62,64 @@ def up(
     reference runners, which execute job commands on this host. The HTTP API (docs/http-api.md)
     runs too unless http.enabled is false. Ctrl-C finishes in-flight work and stops cleanly.
     """
-    _logging(verbose)
+    setup_logging(verbose)
     settings = settings_from(ctx)
     names = [n.strip() for n in only.split(",")] if only else None
     extras: list[Callable[[Bus, anyio.Event], object]] = [run_reference_runner] * local_runners
 
     async def go() -> None:
-        loaded = config_for(settings)  # once: the handlers and the gateway share it
+        # --http-port is a layer of this process's config, so that whatever reads the config
+        # (the gateway's config API, `config show --effective`) says where the API listens
+        overrides = {"http.port": http_port} if http_port is not None else None
+        loaded = config_for(settings, overrides=overrides)  # once: handlers and gateway share it
         http = loaded.config.http
+        record = UpRecord(
+            pid=os.getpid(),
+            nats_url="",
+            prefix=settings.prefix,
+            started_at_ms=now_ms(),
+            base=loaded.base(),
+            sources=dict(loaded.sources),
+        )
+
+        def remember(**changes: str) -> None:
+            nonlocal record
+            record = msgspec.structs.replace(record, **changes)
+            if record.nats_url:  # complete once NATS is up
+                write_record(settings, record)
+
         api = ""
         if http.enabled:
             # imported here: the web stack is not worth loading for every other command
             from valkyrie.gateway import gateway_extra
 
-            extras.append(gateway_extra(loaded, port=http_port))
-            port = http.port if http_port is None else http_port
+            extras.append(gateway_extra(loaded, on_listening=lambda url: remember(http_url=url)))
             api = (
-                f"; HTTP API on http://{http.host}:{port}" if port else "; HTTP API on a free port"
+                f"; HTTP API on http://{http.host}:{http.port}"
+                if http.port
+                else "; HTTP API on a free port"
             )
 
-        def ready(_bus: object) -> None:
+        def ready(bus: Bus) -> None:
+            remember(nats_url=_address(bus, settings))
+            log.info(
+                "other shells find this installation through %s",
+                data_dir(settings) / RECORD_NAME,
+            )
             with_runners = f" with {local_runners} local runner(s)" if local_runners else ""
             click.echo(f"valkyrie is up{with_runners}{api}; Ctrl-C to stop", err=True)
 
-        await run_control_plane(
-            settings,
-            config=LiveConfig(loaded),
-            handlers=names,
-            embed=True,
-            extras=extras,
-            on_ready=ready,
-        )
+        try:
+            await run_control_plane(
+                settings,
+                config=LiveConfig(loaded),
+                handlers=names,
+                embed=True,
+                extras=extras,
+                on_ready=ready,
+            )
+        finally:
+            remove_record(settings, os.getpid())
 
     run_async(go)
 
@@ -95,12 +130,10 @@ def up(
 @click.pass_context
 def worker(ctx: click.Context, names: tuple[str, ...], verbose: bool) -> None:
     """Run the named handler(s) in this process against VALKYRIE_NATS_URL (for scale-out)."""
-    _logging(verbose)
+    setup_logging(verbose)
     settings = settings_from(ctx)
     if not settings.nats_url:
-        settings = type(settings).from_env(
-            nats_url=f"nats://127.0.0.1:{settings.embedded_port}", prefix=settings.prefix
-        )
+        settings = type(settings).from_env(nats_url=client_url(settings), prefix=settings.prefix)
     run_async(lambda: run_control_plane(settings, handlers=list(names), embed=False))
 
 

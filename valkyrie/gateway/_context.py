@@ -100,6 +100,7 @@ class Gateway:
         limiter: per-caller token buckets.
         started_at: when the gateway was created (for uptime).
         closing: set when the server shuts down, so that event streams end.
+        listening: where the server listens, once it does.
     """
 
     bus: Bus
@@ -108,6 +109,8 @@ class Gateway:
     limiter: RateLimiter = field(default_factory=RateLimiter)
     started_at: float = field(default_factory=time.time)
     closing: bool = False
+    #: the address the server really listens on (port 0 in the config becomes a port)
+    listening: tuple[str, int] | None = None
     metrics: HttpMetrics = field(init=False)
 
     def __post_init__(self) -> None:

@@ -146,12 +146,23 @@ async def wait_applied(live: LiveConfig, revision: int, timeout_s: float) -> boo
     tags=["config"],
 )
 async def get_config(gateway: GatewayDep) -> ConfigView:
-    """The config in force here, its runtime revision and each value's source layer."""
+    """The config in force here, its runtime revision and each value's source layer.
+
+    ``http.host`` and ``http.port`` are where this gateway really listens (source ``listening``
+    when that is not what the layers say: port 0 became a free port, or a command line chose).
+    """
     live = gateway.live
+    config, sources = live.current, dict(live.sources())
+    if gateway.listening is not None:
+        host, port = gateway.listening
+        if (config.http.host, config.http.port) != (host, port):
+            http = msgspec.structs.replace(config.http, host=host, port=port)
+            config = msgspec.structs.replace(config, http=http)
+            sources["http.host"] = sources["http.port"] = "listening"
     return ConfigView(
         revision=live.revision,
-        config=live.current,
-        sources=dict(sorted(live.sources().items())),
+        config=config,
+        sources=dict(sorted(sources.items())),
         runtime=dict(live.runtime),
         applied_at_ms=int(live.applied_at * 1000),
         errors=list(live.last_error),

@@ -86,6 +86,7 @@ async def serve_gateway(
     server = _Server(config)
     sock = _bind(host, port)
     bound = int(sock.getsockname()[1])
+    gateway.listening = (host, bound)
     address = f"http://{host}:{bound}"
 
     def http_check() -> CheckResult:
@@ -161,14 +162,24 @@ async def run_gateway(
 
 
 def gateway_extra(
-    config: LoadedConfig, *, port: int | None = None
+    config: LoadedConfig,
+    *,
+    port: int | None = None,
+    on_listening: Callable[[str], None] | None = None,
 ) -> Callable[[Bus, anyio.Event], object]:
     """An ``extras`` entry for ``run_control_plane``: the gateway alongside the handlers.
 
     The gateway gets a live config of its own, built from the process's loaded ``config``.
+    ``on_listening`` is told the URL once the server listens (its port is known only then when
+    the config says 0).
     """
 
     async def extra(bus: Bus, stop: anyio.Event) -> None:
-        await run_gateway(bus, stop, live=LiveConfig(config), port=port)
+        live = LiveConfig(config)
+        serve = functools.partial(run_gateway, bus, stop, live=live, port=port)
+        async with anyio.create_task_group() as tg:
+            bound = await tg.start(serve)
+            if on_listening is not None:
+                on_listening(f"http://{live.current.http.host}:{bound}")
 
     return extra
