@@ -103,6 +103,20 @@ async def test_invalid_submission_file_exits_3_and_names_the_field(
     assert _out(result) == ""
 
 
+async def test_strict_refuses_a_typo_that_is_otherwise_a_warning(
+    settings: Settings, tmp_path: Path
+) -> None:
+    body = tmp_path / "job.json"
+    body.write_text(json.dumps({"job_type": "build", "deadlin_at_ms": 1}))
+    async with running(settings, ["intake"]):
+        lenient = await valkyrie(settings, "submit", "--file", str(body))
+        strict = await valkyrie(settings, "submit", "--strict", "--file", str(body))
+    assert lenient.returncode == 0, _err(lenient)
+    assert "warning: $.deadlin_at_ms: unknown field, ignored" in _err(lenient)
+    assert strict.returncode == 3
+    assert "rejected: $.deadlin_at_ms: unknown field (strict)" in _err(strict)
+
+
 async def test_v1_submission_file_is_accepted(settings: Settings, tmp_path: Path) -> None:
     body = tmp_path / "legacy.json"
     body.write_text(json.dumps({"type": "Build", "payload": {"x": 1}, "pipeline": "p1"}))

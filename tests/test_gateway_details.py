@@ -7,10 +7,11 @@ import json
 from typing import Any
 
 import anyio
+import httpx
 import jsonschema_rs
 import pytest
 
-from tests._gateway_helpers import gateway, problem
+from tests._gateway_helpers import gateway, problem, served
 from valkyrie import Settings
 from valkyrie.gateway import build_app, openapi_json
 from valkyrie.testing import SimulatedRunner
@@ -138,3 +139,13 @@ async def test_options_lists_every_method_of_the_path(settings: Settings) -> Non
             wrong = await gw.http.patch(path)
             assert wrong.status_code == 405
             assert sorted(wrong.headers["allow"].split(", ")) == methods.split(", ")
+
+
+@pytest.mark.nats
+async def test_the_config_api_reports_where_the_gateway_really_listens(settings: Settings) -> None:
+    """`served` binds port 0 whatever http.port says (8080): the API says the port it got."""
+    async with served(settings) as gw, httpx.AsyncClient(base_url=gw.url, timeout=10) as http:
+        view = (await http.get("/api/v2/config/valkyrie")).json()
+    port = int(gw.url.rsplit(":", 1)[1])
+    assert view["config"]["http"]["port"] == port != 8080
+    assert view["sources"]["http.port"] == "listening"

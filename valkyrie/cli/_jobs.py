@@ -74,6 +74,11 @@ def _show(record: JobRecord) -> None:
     "--wait", is_flag=True, help="Follow the job to its end; exit 1 if it did not succeed."
 )
 @click.option("--wait-timeout", type=float, default=3600.0, show_default=True)
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Refuse fields the contract does not know (a --file with a typo) instead of warning.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.argument("command", nargs=-1)
 @click.pass_context
@@ -90,6 +95,7 @@ def submit(
     idempotency_key: str | None,
     wait: bool,
     wait_timeout: float,
+    strict: bool,
     as_json: bool,
     command: tuple[str, ...],
 ) -> None:
@@ -125,7 +131,7 @@ def submit(
 
     async def submit_with(bus: Bus, loaded: LoadedConfig) -> int:
         client = Client(bus, config=LiveConfig(loaded))
-        verdict = await client.submit(body)
+        verdict = await client.submit(body, strict=strict)
         assert verdict is not None
         if not verdict.accepted:
             if as_json:
