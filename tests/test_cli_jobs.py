@@ -11,10 +11,11 @@ from pathlib import Path
 import anyio
 import pytest
 
-from schemas import JobState
+from schemas import JobRecord, JobResult, JobState, JobSubmission
 from tests._helpers import ROOT, env_for, running
 from valkyrie import Client, Settings
 from valkyrie.bus.codec import EVENT_DECODER, JOB_DECODER
+from valkyrie.cli._jobs import _show
 
 pytestmark = pytest.mark.nats
 
@@ -184,3 +185,20 @@ async def test_unreachable_server_exits_5(settings: Settings) -> None:
         pytest.fail("`valkyrie jobs ls` hangs when the NATS server is unreachable")
     assert result.returncode == 5
     assert "VALKYRIE_NATS_URL" in _err(result)
+
+
+def test_show_prints_a_dash_for_a_missing_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
+    record = JobRecord(
+        id="j1",
+        state=JobState.FAILED,
+        spec=JobSubmission(job_type="shell"),
+        submitted_at_ms=1,
+        updated_at_ms=2,
+        reason="retries exhausted after 3 failed attempts; last: $.payload.command: required",
+        result=JobResult(error="$.payload.command: required"),
+    )
+    _show(record)
+    lines = capsys.readouterr().out.splitlines()
+    assert "exit code:   -" in lines
+    assert "error:       $.payload.command: required" in lines
+    assert not any("None" in line for line in lines)
