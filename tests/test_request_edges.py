@@ -9,7 +9,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from schemas import MAX_JSON_DEPTH, ConfigVerdict, JobState, too_deep
+from schemas import MAX_JSON_DEPTH, ConfigVerdict, JobState, RegistrationVerdict, too_deep
 from tests._gateway_helpers import gateway, problem
 from valkyrie import Client, Settings
 from valkyrie.bus.codec import encode
@@ -109,6 +109,14 @@ async def test_deep_documents_are_refused_on_the_bus_too(settings: Settings) -> 
         assert not answer.accepted
         assert "nested deeper" in answer.errors[0].reason
         assert (await gw.http.get("/api/v2/config/valkyrie")).json()["revision"] == 0
+        # a registration too deep to decode is refused like any unreadable one, not a crash
+        deep_registration = '{"runner_id": "r1", "labels": ' + nested(100_000) + "}"
+        reply = await gw.bus.nc.request(
+            gw.bus.names.register, deep_registration.encode(), timeout=5
+        )
+        refused = msgspec.json.decode(reply.data, type=RegistrationVerdict)
+        assert not refused.accepted
+        assert refused.errors[0].path == "$"
 
 
 async def test_a_stored_deep_job_does_not_break_the_list(settings: Settings) -> None:
