@@ -17,8 +17,27 @@ from collections import Counter
 from collections.abc import Sequence
 
 import pytest
+from _pytest.nodeid import NodeId
 
-__all__ = ["RunCount"]
+__all__ = ["RunCount", "xdist_group_ids"]
+
+
+def xdist_group_ids(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Give each ``xdist_group`` test the ``@group`` id suffix ``--dist=loadgroup`` schedules by.
+
+    pytest-xdist 3.8 writes it to ``item._nodeid``, which pytest 9 no longer reads (an item's
+    id is its ``_id``): the suffix was lost, so every grouped test (the chaos tests, the README
+    walkthrough) went to any worker. Run after xdist's own hook.
+    """
+    if not getattr(config.option, "loadgroup", False):
+        return
+    for item in items:
+        groups = {
+            str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+            for mark in item.iter_markers("xdist_group")
+        }
+        if groups and "@" not in item.nodeid:
+            item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(sorted(groups))}")
 
 
 class RunCount:
@@ -29,10 +48,9 @@ class RunCount:
         self.ran: set[str] = set()
         self.problem: str | None = None
 
-    @pytest.hookimpl(trylast=True)
-    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
-        """What a run without workers collected."""
-        self.collected = Counter(item.nodeid for item in items)
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        """What a run without workers collected (the ids final: every plugin has seen them)."""
+        self.collected = Counter(item.nodeid for item in session.items)
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_xdist_node_collection_finished(self, node: object, ids: Sequence[str]) -> None:

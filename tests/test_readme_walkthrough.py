@@ -201,11 +201,11 @@ def test_runners_ls_shows_the_live_heartbeat(newcomer: Newcomer) -> None:
     for row in rows:
         age = next(cell for cell in row if cell.endswith("s"))
         # the live heartbeat (1 s interval), not the record's (written at most every 5 s)
-        assert float(age[:-1]) < 1.5, rows
+        assert float(age[:-1]) < 2.5, rows
 
 
 def test_up_speaks_one_log_format_and_ctrl_c_says_what_it_waits_for(newcomer: Newcomer) -> None:
-    job = newcomer.run("valkyrie submit -- sleep 7")[0]
+    job = newcomer.run("valkyrie submit -- sleep 15")[0]
     _wait_for(
         lambda: "running" in " ".join(newcomer.run(f"valkyrie jobs show {job} | head -2")),
         "the job did not start",

@@ -218,7 +218,10 @@ class _Beats:
 
 
 async def _records_and_beats(bus: Bus) -> tuple[list[RunnerRecord], _Beats]:
-    """The runner records, and the heartbeats heard within one interval of the live runners."""
+    """The runner records, and the heartbeats of the live runners heard now.
+
+    It waits up to one and a half heartbeat intervals (at most 3 s), or until each was heard.
+    """
     heard: dict[str, float] = {}
     wanted: set[str] = set()
     all_heard = anyio.Event()
@@ -238,7 +241,8 @@ async def _records_and_beats(bus: Bus) -> tuple[list[RunnerRecord], _Beats]:
         live = [r for r in records if r.state != RunnerState.OFFLINE]
         wanted.update(r.registration.runner_id for r in live)
         interval_ms = max((r.registration.heartbeat_interval_ms for r in live), default=0)
-        window = min(3.0, interval_ms / 1000 + 0.25) if live else 0.0
+        # a heartbeat is due within one interval; half another covers a late one
+        window = min(3.0, interval_ms * 1.5 / 1000 + 0.5) if live else 0.0
         if wanted <= heard.keys():
             all_heard.set()
         with anyio.move_on_after(window):

@@ -73,7 +73,7 @@ def parse_submission(
     """Decode a v2 or v1 body and check it; v1 is detected by a ``type`` key without ``job_type``.
 
     Fields the contract does not know are ignored with a warning each, or, when ``strict``,
-    refused (a typo such as ``deadline`` for ``deadline_at_ms`` then cannot pass unnoticed).
+    refused (a typo such as ``deadlin_at_ms`` for ``deadline_at_ms`` then cannot pass unnoticed).
 
     Raises:
         SchemaError: with every problem found, each naming its field: type errors and, for the

@@ -45,7 +45,7 @@ Strict = Annotated[
     QueryParameter(
         description=(
             "Refuse (422) fields the contract does not know instead of ignoring them with a "
-            "warning each, so that a typo such as `deadline` for `deadline_at_ms` cannot pass."
+            "warning each, so that a typo such as `deadlin_at_ms` for `deadline_at_ms` cannot pass."
         ),
     ),
 ]
