@@ -150,7 +150,10 @@ def _decide(record: JobRecord, *, first: bool, now: int, reason: str) -> JobReco
     if record.state == JobState.QUEUED:
         return finish_job(record, JobState.CANCELLED, now_ms=now, reason=reason)
     if first and not record.cancel_requested:
-        return msgspec.structs.replace(record, cancel_requested=True, updated_at_ms=now)
+        # the reason is kept: the job ends with it whoever confirms the cancel
+        return msgspec.structs.replace(
+            record, cancel_requested=True, reason=reason, updated_at_ms=now
+        )
     if first:
         return None
     # the runner had its chance: end it here

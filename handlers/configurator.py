@@ -28,7 +28,10 @@ from schemas import (
     ConfigRevision,
     ConfigVerdict,
     FieldError,
+    SafeDecoder,
     convert_or_errors,
+    depth_error,
+    too_deep,
 )
 from valkyrie import (
     REPLY_TO_HEADER,
@@ -45,7 +48,7 @@ from valkyrie.runtime import HandlerBase
 
 __all__ = ["ConfigWorker", "create"]
 
-_REVISION = msgspec.json.Decoder(ConfigRevision)
+_REVISION = SafeDecoder(ConfigRevision)
 _KNOWN_KEYS = frozenset(known_keys())
 
 
@@ -94,6 +97,10 @@ class ConfigWorker(HandlerBase):
 
     async def handle(self, msg: Msg) -> None:
         """Apply one change request."""
+        if too_deep(msg.data):
+            verdict = ConfigVerdict(accepted=False, errors=[depth_error()])
+            await self._reply(msg, verdict)
+            raise GiveUp("config change nested too deep", errors=verdict.errors)
         try:
             raw = ANY_DECODER.decode(msg.data)
         except msgspec.DecodeError as e:

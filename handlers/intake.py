@@ -7,15 +7,17 @@ dispatcher runs in the same process and nothing waits ahead, intake hands it the
 (``LocalPlacer.place_new``): it claims a runner slot and creates the record already dispatched,
 so the job skips the queued record, the event round trip and a second write.
 
-Refusals: an invalid submission and one JetStream has no room for are dead-lettered (secret
-values redacted), one over its tenant's queue quota is not; each gets a verdict and an
+Refusals: an invalid submission, one that reuses an earlier job's idempotency key, Nats-Msg-Id
+or job id with another body (``conflict``), and one JetStream has no room for are dead-lettered
+(secret values redacted); one over its tenant's queue quota is not. Each gets a verdict and an
 ``intake.rejected`` event saying why.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import NoReturn
 
 import anyio
@@ -30,6 +32,7 @@ from schemas import (
     FieldError,
     IntakeRejected,
     JobDuplicate,
+    JobRecord,
     JobState,
     JobSubmission,
     Refusal,
@@ -53,13 +56,19 @@ from valkyrie.bus import (
     now_ms,
     storage_full,
 )
+from valkyrie.client import STRICT_HEADER
 from valkyrie.domain.identity import reply_allowed, requester
 from valkyrie.domain.intake import (
+    ParsedSubmission,
+    RepeatedBy,
+    conflict_error,
     idempotency_token,
     job_id_for,
     parse_submission,
     queue_quota_error,
     queued_record,
+    read_token,
+    token_value,
 )
 from valkyrie.domain.modes import check_intake_mode
 from valkyrie.domain.scheduling import tenant_of
@@ -70,6 +79,21 @@ __all__ = ["IntakeWorker", "create"]
 
 #: what a job record adds to its submission's size, about (ids, states, instants, envelope)
 RECORD_OVERHEAD = 512
+
+
+@dataclass(slots=True)
+class _Submission:
+    """One submission on its way in: what it is, where it came from, what it has taken."""
+
+    parsed: ParsedSubmission
+    job_id: str
+    token: str | None
+    seq: int
+    reply_to: str | None
+    #: the idempotency key is this submission's (to give back if the job cannot be stored)
+    claimed: bool = False
+    #: its secret values are in the secrets bucket
+    stored: bool = False
 
 
 class IntakeWorker(HandlerBase):
@@ -118,17 +142,31 @@ class IntakeWorker(HandlerBase):
             pass  # the verdict is also an event; a bad reply subject must not fail the job
 
     async def _refuse(
-        self, reply_to: str | None, seq: int, errors: list[FieldError], refusal: Refusal
+        self,
+        reply_to: str | None,
+        seq: int,
+        errors: list[FieldError],
+        refusal: Refusal,
+        *,
+        job_id: str | None = None,
     ) -> None:
+        """Answer and announce a refusal; ``job_id`` names the job a ``conflict`` collides with."""
         rejection = f"{self._source}-{seq}"
         await self._events.emit(
             IntakeRejected(subject_id=rejection, errors=errors, stream_seq=seq, refusal=refusal)
         )
-        await self._reply(reply_to, SubmitVerdict(accepted=False, errors=errors, refusal=refusal))
+        verdict = SubmitVerdict(
+            accepted=False,
+            job_id=job_id,
+            duplicate=refusal == "conflict",
+            errors=errors,
+            refusal=refusal,
+        )
+        await self._reply(reply_to, verdict)
         self._ctx.metrics.jobs.labels(self.name, "rejected").inc()
 
-    async def handle(self, msg: Msg) -> None:  # noqa: C901, PLR0915 - split once #15 lands
-        """Process one submission."""
+    async def handle(self, msg: Msg) -> None:
+        """Process one submission: parse, admit, claim, record, announce, answer."""
         now = now_ms()
         headers = headers_of(msg)
         identity = self._bus.names.sender(msg.subject, self._bus.names.submit)
@@ -136,14 +174,55 @@ class IntakeWorker(HandlerBase):
         if reply_to is not None and not reply_allowed(reply_to, identity):
             reply_to = None  # not the sender's inbox: the event says what happened instead
         seq = int(msg.metadata.sequence.stream)
+        parsed = await self._parse(msg.data, headers, now, reply_to, seq)
+        sub = _Submission(
+            parsed=parsed,
+            job_id=job_id_for(parsed.spec, source=f"{self._source}-{seq}"),
+            token=idempotency_token(parsed.spec, headers.get("Nats-Msg-Id")),
+            seq=seq,
+            reply_to=reply_to,
+        )
+        # a redelivery may be of a job taken in already (the quota counts it, the store holds
+        # it): never refuse it for either
+        if delivery_count(msg) == 1 and not await self._admitted(sub):
+            return
+        if not await self._claim(sub):
+            return
+        record = queued_record(
+            sub.job_id,
+            parsed,
+            now_ms=now,
+            source_seq=seq,
+            submitted_by=requester(identity, headers.get(REQUESTED_BY_HEADER)),
+        )
+        # about what the record takes in the jobs bucket: the body and what a record adds
+        self._room.took(len(msg.data) + RECORD_OVERHEAD)
+        placer = self._ctx.views.placer
+        if placer is not None and await placer.place_new(record):
+            await self._accepted(sub)
+            return
+        stored = await self._store(sub, record)
+        if stored is None:
+            return
+        record, revision, placed_attempt = stored
+        await self._ops.announce_queued(
+            record, revision=revision, at_ms=record.submitted_at_ms, placed_attempt=placed_attempt
+        )
+        await self._accepted(sub)
+
+    async def _parse(
+        self, data: bytes, headers: dict[str, str], now: int, reply_to: str | None, seq: int
+    ) -> ParsedSubmission:
+        """The submission, checked against the contract and the mode; else refused (GiveUp)."""
+        current = self._ctx.config.current
         try:
             parsed = parse_submission(
-                msg.data,
+                data,
                 received_at_ms=now,
-                max_bytes=self._ctx.config.current.limits.submission_max_bytes,
-                max_metadata_entries=self._ctx.config.current.limits.max_metadata_entries,
+                max_bytes=current.limits.submission_max_bytes,
+                max_metadata_entries=current.limits.max_metadata_entries,
+                strict=headers.get(STRICT_HEADER, "").strip().lower() in ("1", "true", "yes"),
             )
-            current = self._ctx.config.current
             mode_errors = check_intake_mode(
                 parsed.spec,
                 parsed.api_version,
@@ -155,88 +234,85 @@ class IntakeWorker(HandlerBase):
         except SchemaError as e:
             await self._refuse(reply_to, seq, list(e.errors), "invalid")
             raise GiveUp(f"invalid submission: {e}", errors=e.errors) from e
+        return parsed
 
-        job_id = job_id_for(parsed.spec, source=f"{self._source}-{seq}")
-        token = idempotency_token(parsed.spec, headers.get("Nats-Msg-Id"))
-        # a redelivery may be of a job taken in already (the quota counts it, the store holds
-        # it): never refuse it for either
-        if delivery_count(msg) == 1:
-            over = await self._over_quota(parsed.spec)
-            full = None if over is not None else await self._room.full()
-            # a resubmission of a job taken in already is answered as the duplicate it is
-            if (over or full) is not None and not await self._taken_in(job_id, token):
-                if over is not None:
-                    await self._refuse(reply_to, seq, [over], "quota")
-                    return  # not dead-lettered: its sender submits again later
-                assert full is not None
-                await self._no_room(full, job_id, None, False, reply_to, seq)
-        claimed = stored = False  # what to undo if JetStream has no room for the job
+    async def _admitted(self, sub: _Submission) -> bool:
+        """Whether the tenant's quota and JetStream's room let the job in (first delivery only).
+
+        A refusal for the quota answers and returns ``False`` (not dead-lettered: its sender
+        submits again later); one for room raises GiveUp. A resubmission of a job taken in
+        already is never refused: it is answered as the duplicate it is.
+        """
+        over = await self._over_quota(sub.parsed.spec)
+        full = None if over is not None else await self._room.full()
+        if (over or full) is None or await self._taken_in(sub.job_id, sub.token):
+            return True
+        if over is not None:
+            await self._refuse(sub.reply_to, sub.seq, [over], "quota")
+            return False
+        assert full is not None
+        await self._no_room(sub, full, secrets=False)
+
+    async def _claim(self, sub: _Submission) -> bool:
+        """Claim the idempotency key and keep the secret values; ``False``: a duplicate, answered.
+
+        The secrets go before the record: a dispatcher may place the job as soon as that exists.
+        """
         try:
-            if token is not None:
+            if sub.token is not None:
+                value = token_value(sub.job_id, sub.parsed.digest)
                 try:
-                    await kv_create(self._idem, token, job_id.encode())
+                    await kv_create(self._idem, sub.token, value)
                 except nats.js.errors.KeyWrongLastSequenceError:
-                    first = (await self._idem.get(token)).value or b""
-                    if first.decode() != job_id:
-                        await self._duplicate(first.decode(), reply_to, seq)
-                        return
-                claimed = True
-            if parsed.spec.secret_env:
-                # before the record: a dispatcher may place the job as soon as that exists
-                stored = await self._secrets.store(job_id, parsed.spec.secret_env)
+                    entry = await self._idem.get(sub.token)
+                    first_id, first_digest = read_token(entry.value or b"")
+                    if first_id != sub.job_id:
+                        key = sub.parsed.spec.idempotency_key
+                        by: RepeatedBy = "idempotency_key" if key else "msg_id"
+                        await self._duplicate(sub, first_id, first_digest, by)
+                        return False
+                sub.claimed = True
+            if sub.parsed.spec.secret_env:
+                sub.stored = await self._secrets.store(sub.job_id, sub.parsed.spec.secret_env)
         except nats.errors.Error as e:
             if not storage_full(e):
                 raise
-            await self._no_room(
-                _detail(e), job_id, token if claimed else None, stored, reply_to, seq
-            )
+            await self._no_room(sub, _detail(e), secrets=sub.stored)
+        return True
 
-        record = queued_record(
-            job_id,
-            parsed,
-            now_ms=now,
-            source_seq=seq,
-            submitted_by=requester(identity, headers.get(REQUESTED_BY_HEADER)),
-        )
-        # about what the record takes in the jobs bucket: the body and what a record adds
-        self._room.took(len(msg.data) + RECORD_OVERHEAD)
-        placer = self._ctx.views.placer
-        if placer is not None and await placer.place_new(record):
-            await self._accepted(job_id, parsed.warnings, reply_to)
-            return
-        revision: int | None = None
-        placed_attempt: int | None = None
+    async def _store(
+        self, sub: _Submission, record: JobRecord
+    ) -> tuple[JobRecord, int | None, int | None] | None:
+        """Create the job record: ``(record, revision, placed attempt)`` to announce.
+
+        ``None``: the job id was another submission's (answered as its duplicate). Finding its
+        own earlier write (a redelivery), it finishes that attempt's remaining steps.
+        """
         try:
-            revision = await kv_create(self._jobs, job_id, encode(record))
+            revision = await kv_create(self._jobs, sub.job_id, encode(record))
         except nats.js.errors.KeyWrongLastSequenceError:
-            entry = await self._jobs.get(job_id)
+            entry = await self._jobs.get(sub.job_id)
             existing = JOB_DECODER.decode(entry.value or b"")
-            ours = existing.source_seq == seq
-            if stored and (not ours or existing.state in TERMINAL_STATES):
-                await self._secrets.forget(job_id)  # not the secrets of a job that will run
+            ours = existing.source_seq == sub.seq
+            if sub.stored and (not ours or existing.state in TERMINAL_STATES):
+                await self._secrets.forget(sub.job_id)  # not the secrets of a job that will run
             if not ours:
-                await self._duplicate(job_id, reply_to, seq)
-                return
-            # our own earlier attempt: finish its remaining steps
+                await self._duplicate(sub, sub.job_id, existing.request_sha256, "job_id", existing)
+                return None
             if existing.attempt == 0:
-                record, revision = existing, int(entry.revision or 0)
-            else:
-                # placed since (perhaps by a placer that died before announcing it): the queued
-                # event says so, and is a no-op if it was stored before
-                record = msgspec.structs.replace(record, submitted_at_ms=existing.submitted_at_ms)
-                placed_attempt = existing.attempt
+                return existing, int(entry.revision or 0), None
+            # placed since (perhaps by a placer that died before announcing it): the queued
+            # event says so, and is a no-op if it was stored before
+            record = msgspec.structs.replace(record, submitted_at_ms=existing.submitted_at_ms)
+            return record, None, existing.attempt
         except nats.errors.Error as e:
             if not storage_full(e):
                 raise
             # the job does not exist: whatever secret values are kept under its id go too
-            secrets = stored or bool(parsed.spec.secret_env)
             await self._no_room(
-                _detail(e), job_id, token if claimed else None, secrets, reply_to, seq
+                sub, _detail(e), secrets=sub.stored or bool(sub.parsed.spec.secret_env)
             )
-        await self._ops.announce_queued(
-            record, revision=revision, at_ms=record.submitted_at_ms, placed_attempt=placed_attempt
-        )
-        await self._accepted(job_id, parsed.warnings, reply_to)
+        return record, revision, None
 
     async def _over_quota(self, spec: JobSubmission) -> FieldError | None:
         """Why the tenant of ``spec`` may not queue another job now (``None``: it may)."""
@@ -263,46 +339,68 @@ class IntakeWorker(HandlerBase):
                 return True
         return False
 
-    async def _no_room(
-        self,
-        detail: str,
-        job_id: str,
-        token: str | None,
-        stored: bool,
-        reply_to: str | None,
-        seq: int,
-    ) -> NoReturn:
+    async def _no_room(self, sub: _Submission, detail: str, *, secrets: bool) -> NoReturn:
         """Refuse a submission JetStream has no room for; dead-letter it (it can be replayed)."""
         # undo what was taken: the job does not exist, so its key and secrets must not either
-        if token is not None:
-            await self._idem.delete(token)
-        if stored:
-            await self._secrets.forget(job_id)
+        if sub.claimed and sub.token is not None:
+            await self._idem.delete(sub.token)
+        if secrets:
+            await self._secrets.forget(sub.job_id)
         error = FieldError(
             path="$",
             reason=f"JetStream is full ({detail}): nothing was stored; submit again once jobs "
             "have ended or the limits are raised (docs/operations.md#storage-limits)",
         )
-        await self._refuse(reply_to, seq, [error], "storage_full")
+        await self._refuse(sub.reply_to, sub.seq, [error], "storage_full")
         raise GiveUp(f"refused: {error.reason}", errors=[error])
 
-    async def _accepted(
-        self, job_id: str, warnings: Sequence[FieldError], reply_to: str | None
-    ) -> None:
+    async def _accepted(self, sub: _Submission) -> None:
         self._ctx.metrics.jobs.labels(self.name, "queued").inc()
         await self._reply(
-            reply_to,
+            sub.reply_to,
             SubmitVerdict(
-                accepted=True, job_id=job_id, state=JobState.QUEUED, warnings=list(warnings)
+                accepted=True,
+                job_id=sub.job_id,
+                state=JobState.QUEUED,
+                warnings=list(sub.parsed.warnings),
             ),
         )
 
-    async def _duplicate(self, first_id: str, reply_to: str | None, seq: int) -> None:
+    async def _duplicate(
+        self,
+        sub: _Submission,
+        first_id: str,
+        first_digest: str | None,
+        by: RepeatedBy,
+        first: JobRecord | None = None,
+    ) -> None:
+        """Answer a repeat of an earlier submission: its job, or a refusal if the body differs.
+
+        A digest missing on either side (stored before digests were kept) cannot be compared:
+        then the repeat is taken for a duplicate, as it always was.
+        """
+        digest = sub.parsed.digest
+        if first_digest is not None and digest and first_digest != digest:
+            errors = [conflict_error(first_id, by=by)]
+            await self._refuse(sub.reply_to, sub.seq, errors, "conflict", job_id=first_id)
+            raise GiveUp(f"a different body reuses the {by} of job {first_id}", errors=errors)
         await self._events.emit(
-            JobDuplicate(subject_id=first_id, stream_seq=seq, stream_id=self._source)
+            JobDuplicate(subject_id=first_id, stream_seq=sub.seq, stream_id=self._source)
         )
         self._ctx.metrics.jobs.labels(self.name, "duplicate").inc()
-        await self._reply(reply_to, SubmitVerdict(accepted=True, job_id=first_id, duplicate=True))
+        if first is None:
+            with contextlib.suppress(msgspec.DecodeError):
+                found = await get_versioned(self._jobs, first_id, JOB_DECODER)
+                first = found.value if found is not None else None  # None: ended, removed
+        await self._reply(
+            sub.reply_to,
+            SubmitVerdict(
+                accepted=True,
+                job_id=first_id,
+                duplicate=True,
+                state=first.state if first is not None else None,
+            ),
+        )
 
 
 def _detail(e: nats.errors.Error) -> str:

@@ -8,7 +8,21 @@ Every event is one typed event (:class:`TypedEvent`, one Struct per event ``type
 """
 
 from schemas._catalog import CATALOG, json_schema, json_schemas
-from schemas._validate import collect_errors, convert_or_errors, json_type_name, unknown_fields
+from schemas._depth import MAX_JSON_DEPTH, SafeDecoder, depth_error, too_deep
+from schemas._validate import (
+    collect_errors,
+    convert_or_errors,
+    integral_floats,
+    json_type_name,
+    unknown_fields,
+)
+from schemas.ancestor import (
+    ANCESTOR_SUBMISSION_FIELDS,
+    AncestorConversion,
+    is_ancestor_registration,
+    registration_from_ancestor,
+    submission_from_ancestor,
+)
 from schemas.config import ConfigChange, ConfigRevision, ConfigVerdict
 from schemas.event_base import TypedEvent
 from schemas.event_catalog import (
@@ -133,10 +147,10 @@ from schemas.runners import (
     RunnerResources,
     RunnerState,
     RunnerStats,
-    UpdateVerdict,
 )
 
 __all__ = [
+    "ANCESTOR_SUBMISSION_FIELDS",
     "AUDIT_EVENTS",
     "CATALOG",
     "EVENT_KINDS",
@@ -144,12 +158,14 @@ __all__ = [
     "HEALTH_CHANGED",
     "HEALTH_STATUSES",
     "JOB_ENDED",
+    "MAX_JSON_DEPTH",
     "MAX_SECRET_ENV",
     "MAX_SECRET_VALUE_CHARS",
     "OTHER",
     "REDACTED",
     "TERMINAL_STATES",
     "AffinityRule",
+    "AncestorConversion",
     "AttemptRecord",
     "AuditConfigChange",
     "AuditConfigReload",
@@ -247,17 +263,23 @@ __all__ = [
     "RunnerStats",
     "RunnerUndrained",
     "RunnerUp",
+    "SafeDecoder",
     "SecretName",
     "SubmitVerdict",
     "TypedEvent",
-    "UpdateVerdict",
     "collect_errors",
     "convert_or_errors",
+    "depth_error",
     "event_schema_name",
     "event_wire_type",
+    "integral_floats",
+    "is_ancestor_registration",
     "json_schema",
     "json_schemas",
     "json_type_name",
+    "registration_from_ancestor",
+    "submission_from_ancestor",
+    "too_deep",
     "typed_event",
     "unknown_fields",
     "v1_to_v2",

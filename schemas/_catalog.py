@@ -24,7 +24,6 @@ from schemas.runners import (
     RunnerHeartbeat,
     RunnerRecord,
     RunnerRegistration,
-    UpdateVerdict,
 )
 
 __all__ = ["CATALOG", "json_schema", "json_schemas"]
@@ -43,7 +42,6 @@ CATALOG: dict[str, Any] = {
     "runner-command": RunnerCommand,
     "dispatch": Dispatch,
     "job-update": JobUpdate,
-    "update-verdict": UpdateVerdict,
     "job-log": JobLog,
     "event": Event,
     "explain-request": ExplainRequest,

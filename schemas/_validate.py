@@ -18,7 +18,13 @@ import msgspec
 
 from schemas.jobs import FieldError
 
-__all__ = ["collect_errors", "convert_or_errors", "json_type_name", "unknown_fields"]
+__all__ = [
+    "collect_errors",
+    "convert_or_errors",
+    "integral_floats",
+    "json_type_name",
+    "unknown_fields",
+]
 
 T = TypeVar("T", bound=msgspec.Struct)
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -130,12 +136,51 @@ def collect_errors(tp: type[msgspec.Struct], obj: Any, path: str = "$") -> list[
     return errors
 
 
+def _wants_int(tp: Any) -> bool:
+    tp = _strip_annotated(tp)
+    if tp is int:
+        return True
+    if get_origin(tp) in (Union, types.UnionType):
+        args = [_strip_annotated(a) for a in get_args(tp)]
+        return int in args and float not in args
+    return False
+
+
+def integral_floats(tp: Any, value: Any) -> Any:
+    """``value`` with each whole-number float that ``tp`` wants as an ``int`` made one.
+
+    JSON Schema counts ``1.0`` as an integer, so a client checking a body against the published
+    schemas may send it; msgspec refuses a float for an ``int``. Values typed ``Any`` (a job's
+    payload) are left exactly as sent.
+    """
+    if isinstance(value, float):
+        return int(value) if value.is_integer() and _wants_int(tp) else value
+    struct = _struct_in(tp)
+    if struct is not None and isinstance(value, dict):
+        fields = {f.encode_name: f.type for f in msgspec.structs.fields(struct)}
+        return {k: integral_floats(fields[k], v) if k in fields else v for k, v in value.items()}
+    item = _container_arg(tp, list)
+    if item is not None and isinstance(value, list):
+        return [integral_floats(item, v) for v in value]
+    member = _container_arg(tp, dict)
+    if member is not None and isinstance(value, dict):
+        return {k: integral_floats(member, v) for k, v in value.items()}
+    return value
+
+
 def convert_or_errors(tp: type[T], obj: Any) -> tuple[T | None, list[FieldError]]:
-    """Convert decoded JSON to ``tp``, or return every error with its path."""
+    """Convert decoded JSON to ``tp``, or return every error with its path.
+
+    A whole-number float where an ``int`` is wanted is taken as that int (:func:`integral_floats`).
+    """
     try:
         return msgspec.convert(obj, tp), []
     except msgspec.ValidationError as first:
-        return None, _value_errors(tp, obj, "$") or [_error("$", first)]
+        obj = integral_floats(tp, obj)
+        try:
+            return msgspec.convert(obj, tp), []
+        except msgspec.ValidationError:
+            return None, _value_errors(tp, obj, "$") or [_error("$", first)]
 
 
 def unknown_fields(tp: type[msgspec.Struct], obj: Any, path: str = "$") -> list[str]:

@@ -59,8 +59,10 @@ SecretName = Annotated[
 ]
 
 #: why intake refused a submission: it is ``invalid`` (``errors`` say where), its tenant has as
-#: many queued jobs as its ``quota`` allows, or JetStream is full (``storage_full``)
-Refusal = Literal["invalid", "quota", "storage_full"]
+#: many queued jobs as its ``quota`` allows, JetStream is full (``storage_full``), or it reuses
+#: the idempotency key, ``Nats-Msg-Id`` or job id of job ``job_id`` with another body
+#: (``conflict``)
+Refusal = Literal["invalid", "quota", "storage_full", "conflict"]
 
 
 class Requirements(msgspec.Struct, frozen=True, kw_only=True):
@@ -143,7 +145,16 @@ class JobSubmission(msgspec.Struct, frozen=True, kw_only=True):
     qos_requirements: QosRequirements | None = None
     routing_hints: RoutingHints | None = None
     performance_targets: PerformanceTargets | None = None
-    deadline_at_ms: TimestampMs | None = None
+    deadline_at_ms: (
+        Annotated[
+            TimestampMs,
+            msgspec.Meta(
+                description="must be in the future: a deadline already past is refused "
+                "(a job whose deadline passes while it waits ends `expired`)"
+            ),
+        ]
+        | None
+    ) = None
     correlation_id: Annotated[str, msgspec.Meta(max_length=256)] | None = None
     job_id: Identifier | None = None
     idempotency_key: Annotated[str, msgspec.Meta(min_length=1, max_length=512)] | None = None
@@ -237,6 +248,9 @@ class JobRecord(msgspec.Struct, frozen=True, kw_only=True):
     #: who submitted it, as the submit subject proves (``admin``, ``submitter-ci``, or
     #: ``http:<token name>`` through the gateway); the body's word on an open installation
     submitted_by: str | None = None
+    #: SHA-256 of the submission's canonical JSON: a later submission with this job id but
+    #: another body is refused rather than taken for a duplicate
+    request_sha256: str | None = None
 
 
 class FieldError(msgspec.Struct, frozen=True, kw_only=True):

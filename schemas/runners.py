@@ -35,7 +35,6 @@ __all__ = [
     "RunnerResources",
     "RunnerState",
     "RunnerStats",
-    "UpdateVerdict",
 ]
 
 
@@ -206,14 +205,8 @@ class RegistrationVerdict(msgspec.Struct, frozen=True, kw_only=True):
     #: a refusal that may pass soon (a deregistration while the last slot releases are being
     #: written): ask again after this many milliseconds
     retry_after_ms: int | None = None
-
-
-class UpdateVerdict(msgspec.Struct, frozen=True, kw_only=True):
-    """The control plane's answer to a job update."""
-
-    accepted: bool
-    reason: str | None = None
-    abandon: bool = False
+    #: fields of the request that were ignored or converted (the HTTP bridge fills these in)
+    warnings: list[FieldError] = msgspec.field(default_factory=list)
 
 
 class CancelJob(msgspec.Struct, frozen=True, kw_only=True):

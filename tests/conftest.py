@@ -16,7 +16,21 @@ import pytest
 
 from tests._event_catalogue import catalogue_problems
 from tests._helpers import config_for_test, settings_for, unique_prefix
+from tests._run_count import RunCount, xdist_group_ids
 from valkyrie import Bus, NatsServer, Settings, open_bus
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # every collected test must run, under xdist too (tests/_run_count.py)
+    config.pluginmanager.register(RunCount(), "valkyrie-run-count")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection_modifyitems(
+    config: pytest.Config, items: list[pytest.Item]
+) -> Generator[None, None, None]:
+    yield
+    xdist_group_ids(config, items)  # after xdist's own hook (tests/_run_count.py says why)
 
 
 @pytest.fixture(scope="session")

@@ -11,10 +11,11 @@ from pathlib import Path
 import anyio
 import pytest
 
-from schemas import JobState
+from schemas import JobRecord, JobResult, JobState, JobSubmission
 from tests._helpers import ROOT, env_for, running
 from valkyrie import Client, Settings
 from valkyrie.bus.codec import EVENT_DECODER, JOB_DECODER
+from valkyrie.cli._jobs import _show
 
 pytestmark = pytest.mark.nats
 
@@ -103,6 +104,20 @@ async def test_invalid_submission_file_exits_3_and_names_the_field(
     assert _out(result) == ""
 
 
+async def test_strict_refuses_a_typo_that_is_otherwise_a_warning(
+    settings: Settings, tmp_path: Path
+) -> None:
+    body = tmp_path / "job.json"
+    body.write_text(json.dumps({"job_type": "build", "deadlin_at_ms": 1}))
+    async with running(settings, ["intake"]):
+        lenient = await valkyrie(settings, "submit", "--file", str(body))
+        strict = await valkyrie(settings, "submit", "--strict", "--file", str(body))
+    assert lenient.returncode == 0, _err(lenient)
+    assert "warning: $.deadlin_at_ms: unknown field, ignored" in _err(lenient)
+    assert strict.returncode == 3
+    assert "rejected: $.deadlin_at_ms: unknown field (strict)" in _err(strict)
+
+
 async def test_v1_submission_file_is_accepted(settings: Settings, tmp_path: Path) -> None:
     body = tmp_path / "legacy.json"
     body.write_text(json.dumps({"type": "Build", "payload": {"x": 1}, "pipeline": "p1"}))
@@ -170,3 +185,20 @@ async def test_unreachable_server_exits_5(settings: Settings) -> None:
         pytest.fail("`valkyrie jobs ls` hangs when the NATS server is unreachable")
     assert result.returncode == 5
     assert "VALKYRIE_NATS_URL" in _err(result)
+
+
+def test_show_prints_a_dash_for_a_missing_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
+    record = JobRecord(
+        id="j1",
+        state=JobState.FAILED,
+        spec=JobSubmission(job_type="shell"),
+        submitted_at_ms=1,
+        updated_at_ms=2,
+        reason="retries exhausted after 3 failed attempts; last: $.payload.command: required",
+        result=JobResult(error="$.payload.command: required"),
+    )
+    _show(record)
+    lines = capsys.readouterr().out.splitlines()
+    assert "exit code:   -" in lines
+    assert "error:       $.payload.command: required" in lines
+    assert not any("None" in line for line in lines)

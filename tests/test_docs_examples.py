@@ -8,6 +8,7 @@ fails the test, so the mapping and the page stay one-to-one.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,13 @@ N = Names()
 EVENTS = N.event("<entity>", "<id>", "<type>")
 #: heading (a subject or bucket name) -> the type of each ```json block under it, in order
 EXPECTED: dict[str, tuple[Any, ...]] = {
-    N.submit_as("<identity>"): (JobSubmission, LegacyJobV1, SubmitVerdict, SubmitVerdict),
+    N.submit_as("<identity>"): (
+        JobSubmission,
+        LegacyJobV1,
+        SubmitVerdict,
+        SubmitVerdict,
+        SubmitVerdict,
+    ),
     N.cancel_as("<identity>"): (CancelJob,),
     N.explain: (ExplainRequest, JobExplanation),
     N.queue_list: (QueueListRequest, QueueListing),
@@ -201,3 +208,22 @@ def test_submission_examples_pass_intake(index: int) -> None:
     body = SECTIONS[N.submit_as("<identity>")][index].encode()
     parsed = parse_submission(body, received_at_ms=1_795_765_891_808, max_bytes=1024 * 1024)
     assert parsed.api_version == ("v2", "v1")[index]
+
+
+def test_the_warnings_example_is_what_intake_answers() -> None:
+    """The verdict shown for a body with a typo and an ancestor name has intake's own warnings."""
+    body = {
+        "job_type": "shell",
+        "requirments": {"cpu_cores": 2},
+        "deadline": "2030-01-01T00:00:00Z",
+    }
+    text = DOC.read_text(encoding="utf-8")
+    assert f"For\n`{json.dumps(body)}`:" in text, "the body the example is for"
+    example = msgspec.json.decode(
+        SECTIONS[N.submit_as("<identity>")][3].encode(), type=SubmitVerdict
+    )
+    parsed = parse_submission(
+        json.dumps(body).encode(), received_at_ms=1_795_765_891_808, max_bytes=1024 * 1024
+    )
+    assert list(parsed.warnings) == example.warnings
+    assert example.accepted

@@ -207,6 +207,23 @@ def test_runners_are_grouped_by_the_first_constraint_they_fail() -> None:
     assert "labels offered: os=linux (4), os=windows (1)" in e.suggestions
 
 
+def test_the_headline_is_about_the_live_runners_not_an_offline_one() -> None:
+    runners = [
+        runner("gone", state=RunnerState.OFFLINE),
+        runner("a"),
+        runner("b"),
+        runner("c", drain_requested=True),
+    ]
+    e = explain_queued(queued(labels={"gpu": "a100"}), runners, FULL, now_ms=NOW)
+    assert e.rejected[0].constraint == "offline"  # the groups stay in checking order
+    assert e.summary == (
+        "no runner can take it: 2 runner(s) rejected because their labels do not match "
+        "{'gpu': 'a100'} (1 more offline)"
+    )
+    alone = explain_queued(queued(), [runner("gone", state=RunnerState.OFFLINE)], FULL, now_ms=NOW)
+    assert alone.summary == "no runner can take it: 1 runner(s) rejected because they are offline"
+
+
 def test_capacity_gives_the_queue_position_and_an_estimate() -> None:
     busy = [runner("a", assigned_jobs={"x": 1}), runner("b", assigned_jobs={"y": 1})]
     facts = dataclasses.replace(FULL, position=3, length=5, avg_duration_ms=10_000)

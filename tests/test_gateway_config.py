@@ -102,6 +102,7 @@ async def test_validate_never_fails_on_odd_documents(settings: Settings) -> None
             "valid": True,
             "errors": [],
             "warnings": [],
+            "migration": None,
         }
         partial = await validate({"health.consumer_lag_degraded": 10**9})
         assert partial["valid"] is False

@@ -6,6 +6,10 @@ a documented content type and body, and never a 5xx. Routes that change the runt
 fuzzed too; the config is reset after each of their cases, so that one generated document (say, a
 tiny ``http.request_timeout_s``) cannot spoil the cases after it. The event stream never ends, so
 it is left to tests/test_gateway_sse.py.
+
+Every operation is fuzzed twice: with authentication off, and with it on and an admin token (all
+scopes), so that the scoped routes run their whole code behind the auth guard too. Each case is
+its own test id (``test_…[GET /api/v2/jobs][admin]``), so every one runs under pytest-xdist.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tests._gateway_helpers import Served, served
+from tests._gateway_helpers import Served, auth_environ, bearer, served
 from tests._helpers import settings_for, unique_prefix
 from valkyrie.client.config import ConfigClient
 from valkyrie.gateway import build_app, openapi_json
@@ -62,6 +66,7 @@ UNLIMITED = {
 class Stack:
     served: Served
     portal: BlockingPortal
+    headers: dict[str, str]
 
     def reset_config(self) -> None:
         async def reset() -> None:
@@ -73,16 +78,23 @@ class Stack:
         self.portal.call(reset)
 
 
+#: how the gateway is run: without authentication, or requiring it (the cases send the admin token)
+AUTH_MODES = ["open", "admin"]
+
+
 @pytest.fixture(scope="module")
-def stack(nats_url: str) -> Iterator[Stack]:
+def stack(request: pytest.FixtureRequest, nats_url: str) -> Iterator[Stack]:
+    admin = request.param == "admin"
+    environ = {**UNLIMITED, **(auth_environ() if admin else {})}
     config = settings_for(nats_url, unique_prefix())
     with (
         start_blocking_portal(backend="asyncio") as portal,
-        portal.wrap_async_context_manager(served(config, environ=UNLIMITED)) as gateway,
+        portal.wrap_async_context_manager(served(config, environ=environ)) as gateway,
     ):
-        yield Stack(gateway, portal)
+        yield Stack(gateway, portal, bearer("admin") if admin else {})
 
 
+@pytest.mark.parametrize("stack", AUTH_MODES, indirect=True)
 @SCHEMA.parametrize()
 @settings(
     max_examples=25,
@@ -93,7 +105,7 @@ def stack(nats_url: str) -> Iterator[Stack]:
 def test_no_server_errors_and_no_schema_violations(
     case: schemathesis.Case[Any], stack: Stack
 ) -> None:
-    response = case.call(base_url=stack.served.url, timeout=30)
+    response = case.call(base_url=stack.served.url, timeout=30, headers=stack.headers)
     try:
         case.validate_response(response, checks=CHECKS)
     finally:

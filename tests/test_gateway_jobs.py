@@ -78,7 +78,7 @@ async def test_v1_and_ancestor_shaped_bodies(settings: Settings) -> None:
         assert record.spec == (await client.get_job(verdict.job_id)).spec
         assert record.spec.job_type == "build"
         assert record.spec.metadata["pipeline_id"] == "pl-1"
-        # the ancestor's v2 request: fields the bus knows are taken, the others named as ignored
+        # the ancestor's v2 request: its older names are converted, each conversion named
         ancestor = {
             "job_type": "test",
             "priority": 3,
@@ -91,6 +91,8 @@ async def test_v1_and_ancestor_shaped_bodies(settings: Settings) -> None:
         assert response.status_code == 201, response.text
         created = response.json()
         assert created["job"]["spec"]["requirements"]["memory_mb"] == 512
+        assert created["job"]["spec"]["requirements"]["max_execution_time_s"] == 60
+        assert created["job"]["spec"]["deadline_at_ms"] == 1_893_456_000_000
         warnings = {w["path"]: w["reason"] for w in created["warnings"]}
         assert "deadline_at_ms" in warnings["$.deadline"]
         assert "max_execution_time_s" in warnings["$.requirements.max_execution_time"]
@@ -118,7 +120,7 @@ async def test_idempotent_retries_return_the_original_job(settings: Settings) ->
         assert again.json()["job"]["spec"]["idempotency_key"] == "order-42"
         # the same key in the body is the same submission (v1 route too)
         in_body = await gw.http.post(
-            "/api/v1/jobs", json={"type": "build", "idempotency_key": "order-42"}
+            "/api/v1/jobs", json={"job_type": "build", "idempotency_key": "order-42"}
         )
         assert in_body.status_code == 200
         assert in_body.json()["job_id"] == first.json()["job_id"]

@@ -9,7 +9,7 @@ import anyio
 import nats
 import pytest
 
-from schemas import SubmitVerdict
+from schemas import JobState, SubmitVerdict
 from tests._helpers import events_of, job_count, running, settings_for
 from valkyrie import Bus, Client, Settings
 from valkyrie.bus.codec import now_ms
@@ -39,16 +39,29 @@ async def test_same_idempotency_key_twice(settings: Settings) -> None:
         job_id = _accepted(first)
         assert first is not None
         assert not first.duplicate
-        # a different body with the same key is still the same job
+        # the same body (its keys in another order) is the same job, in its current state
         again = await client.submit(
+            {"payload": 1, "idempotency_key": "deploy-42", "job_type": "build"}
+        )
+        assert again == SubmitVerdict(
+            accepted=True, job_id=job_id, duplicate=True, state=JobState.QUEUED
+        )
+        # a different body with the same key is refused, naming the first job
+        other = await client.submit(
             {"job_type": "build", "idempotency_key": "deploy-42", "payload": 2}
         )
-        assert again == SubmitVerdict(accepted=True, job_id=job_id, duplicate=True)
+        assert other is not None
+        assert (other.accepted, other.duplicate, other.job_id) == (False, True, job_id)
+        assert other.refusal == "conflict"
+        assert [e.path for e in other.errors] == ["$.idempotency_key"]
+        assert job_id in other.errors[0].reason
 
         await _assert_recorded_once(bus, job_id)
         assert (await client.get_job(job_id)).spec.payload == 1
         duplicates = await events_of(bus, f"job.{job_id}.duplicate")
         assert len(duplicates) == 1
+        rejected = await events_of(bus, "intake.*.rejected")
+        assert len(rejected) == 1
 
 
 async def test_same_msg_id_twice_within_the_duplicate_window(settings: Settings) -> None:
@@ -57,7 +70,9 @@ async def test_same_msg_id_twice_within_the_duplicate_window(settings: Settings)
         body = {"job_type": "build", "payload": {"command": ["true"]}}
         job_id = _accepted(await client.submit(body, msg_id="pub-1"))
         again = await client.submit(body, msg_id="pub-1")
-        assert again == SubmitVerdict(accepted=True, job_id=job_id, duplicate=True)
+        assert again == SubmitVerdict(
+            accepted=True, job_id=job_id, duplicate=True, state=JobState.QUEUED
+        )
 
         info = await bus.js.stream_info(bus.names.stream("submit"))
         assert info.state.last_seq == 1  # the stream itself dropped the second publish
@@ -112,8 +127,14 @@ async def test_same_job_id_twice(settings: Settings) -> None:
         client = Client(bus)
         first = await client.submit({"job_type": "build", "job_id": "build-42", "payload": "a"})
         assert _accepted(first) == "build-42"
-        again = await client.submit({"job_type": "test", "job_id": "build-42", "payload": "b"})
-        assert again == SubmitVerdict(accepted=True, job_id="build-42", duplicate=True)
+        again = await client.submit({"job_type": "build", "job_id": "build-42", "payload": "a"})
+        assert again == SubmitVerdict(
+            accepted=True, job_id="build-42", duplicate=True, state=JobState.QUEUED
+        )
+        other = await client.submit({"job_type": "test", "job_id": "build-42", "payload": "b"})
+        assert other is not None
+        assert (other.accepted, other.duplicate, other.job_id) == (False, True, "build-42")
+        assert [e.path for e in other.errors] == ["$.job_id"]
 
         await _assert_recorded_once(bus, "build-42")
         record = await client.get_job("build-42")
@@ -129,7 +150,7 @@ async def test_concurrent_duplicates_make_one_job(settings: Settings) -> None:
         async def submit(n: int) -> None:
             verdicts.append(
                 await client.submit(
-                    {"job_type": "build", "idempotency_key": "race", "metadata": {"n": str(n)}}
+                    {"job_type": "build", "idempotency_key": "race", "metadata": {"n": "1"}}
                 )
             )
 
@@ -181,5 +202,7 @@ async def test_msg_id_duplicate_after_its_deadline_passed_is_still_the_first_job
         job_id = _accepted(await client.submit(body, msg_id="late-1"))
         await anyio.sleep(1.2)  # the same body would now be rejected as past its deadline
         again = await client.submit(body, msg_id="late-1")
-        assert again == SubmitVerdict(accepted=True, job_id=job_id, duplicate=True)
+        assert again == SubmitVerdict(
+            accepted=True, job_id=job_id, duplicate=True, state=JobState.QUEUED
+        )
         await _assert_recorded_once(bus, job_id)

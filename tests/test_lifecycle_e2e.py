@@ -160,9 +160,10 @@ async def test_cancel_running_job_the_runner_stops_it(settings: Settings) -> Non
         job_id = await submit(client, sim(work_s=30))
         await wait_state(client, job_id, JobState.RUNNING)
         started = time.monotonic()
-        await Admin(bus).cancel_job(job_id)
+        await Admin(bus, actor="cli:alice").cancel_job(job_id, reason="superseded by #7")
         record = await wait_state(client, job_id, timeout_s=10)
         assert record.state == JobState.CANCELLED, record
+        assert record.reason == "superseded by #7 (by cli:alice)"  # the reason asked with, kept
         assert time.monotonic() - started < 8.0, "the runner's confirmation ends it, no grace wait"
         assert [(e.job_id, e.outcome) for e in r1.executions] == [(job_id, "cancelled")]
         await wait_until(lambda: slots_free(bus, "r1"), timeout_s=5)
@@ -210,6 +211,8 @@ async def test_cancel_of_a_job_whose_runner_is_lost_does_not_run_it_elsewhere(
         # r1 is declared lost after 3 s; the cancel was requested: the job ends there, cancelled
         record = await wait_state(client, job_id, timeout_s=9)
         assert record.state == JobState.CANCELLED, record
+        assert record.reason is not None
+        assert record.reason.startswith("cancelled by request")
         assert [a.runner_id for a in record.attempts] == ["r1"]
         assert r2.dispatches == 0, "a job whose cancel was requested was dispatched again"
 

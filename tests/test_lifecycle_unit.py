@@ -358,6 +358,20 @@ def test_cancel_requested_is_never_retried() -> None:
     )
     done = retry_after_failure(record, "runner_lost", now_ms=NOW, reason="lost")
     assert done.state == JobState.CANCELLED
+    assert done.reason == "cancelled by request"
+
+
+def test_a_cancel_keeps_the_reason_it_was_asked_with() -> None:
+    running = dispatch_job(queued(), "r1", now_ms=NOW)
+    asked = msgspec.structs.replace(running, cancel_requested=True, reason="wrong branch")
+    for outcome, error in (("cancelled", "told to stop"), ("runner_lost", "lost")):
+        assert (
+            retry_after_failure(asked, outcome, now_ms=NOW, reason=error).reason == "wrong branch"
+        )
+    # without a kept reason, the runner's account of the cancel
+    told = msgspec.structs.replace(running, cancel_requested=True)
+    done = retry_after_failure(told, "cancelled", now_ms=NOW, reason="told to stop")
+    assert (done.state, done.reason) == (JobState.CANCELLED, "told to stop")
 
 
 def test_refusals_do_not_use_up_retries_but_are_bounded() -> None:

@@ -102,13 +102,24 @@ async def test_failing_command_reports_exit_code(bus: Bus) -> None:
 
 
 @nats
-async def test_missing_executable_is_an_error(bus: Bus) -> None:
+async def test_missing_executable_is_the_jobs_failure(bus: Bus, tmp_path: Path) -> None:
+    """As in the shell form (exit 127): ``failed``, which is not retried by default."""
+    locked = tmp_path / "locked.sh"
+    locked.write_text("#!/bin/sh\necho hi\n")
+    locked.chmod(0o644)
     async with shell_runner(bus) as cp:
         await cp.dispatch("missing", {"command": ["no-such-program-valkyrie"]})
         finished = await cp.finished("missing")
-        assert finished.outcome == "error"
-        assert finished.result.exit_code is None
+        assert finished.outcome == "failed"
+        assert finished.result.exit_code == 127
         assert finished.result.error == "executable not found: no-such-program-valkyrie"
+        await cp.dispatch("shell-missing", {"command": "no-such-program-valkyrie"})
+        in_shell = await cp.finished("shell-missing")
+        assert (in_shell.outcome, in_shell.result.exit_code) == ("failed", 127)
+        await cp.dispatch("denied", {"command": [str(locked)]})
+        denied = await cp.finished("denied")
+        assert (denied.outcome, denied.result.exit_code) == ("failed", 126)
+        assert (denied.result.error or "").startswith("permission denied")
 
 
 @nats

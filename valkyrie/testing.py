@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import msgspec
 import nats.errors
 from anyio.abc import TaskGroup, TaskStatus
 from nats.aio.msg import Msg
@@ -33,6 +32,7 @@ from schemas import (
     RunnerHeartbeat,
     RunnerLocation,
     RunnerRegistration,
+    SafeDecoder,
 )
 from valkyrie.bus.codec import DISPATCH_DECODER, encode, new_id, now_ms
 from valkyrie.bus.connection import Bus
@@ -41,8 +41,8 @@ from valkyrie.runner._protocol import deregister
 
 __all__ = ["Execution", "SimulatedRunner", "main"]
 
-_VERDICT = msgspec.json.Decoder(RegistrationVerdict)
-_COMMAND = msgspec.json.Decoder(RunnerCommand)
+_VERDICT = SafeDecoder(RegistrationVerdict)
+_COMMAND = SafeDecoder(RunnerCommand)
 
 
 @dataclass(frozen=True, slots=True)

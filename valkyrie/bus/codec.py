@@ -1,4 +1,8 @@
-"""Encoders and decoders, built once (msgspec's advice) and shared by every module."""
+"""Encoders and decoders, built once (msgspec's advice) and shared by every module.
+
+Decoders are :class:`~schemas.SafeDecoder`: a document nested too deep to decode is a
+``msgspec.DecodeError`` like any other unreadable one.
+"""
 
 from __future__ import annotations
 
@@ -19,8 +23,8 @@ from schemas import (
     RunnerHeartbeat,
     RunnerRecord,
     RunnerRegistration,
+    SafeDecoder,
     SubmitVerdict,
-    UpdateVerdict,
 )
 
 __all__ = [
@@ -36,7 +40,6 @@ __all__ = [
     "REGISTRATION_DECODER",
     "RUNNER_DECODER",
     "UPDATE_DECODER",
-    "UPDATE_VERDICT_DECODER",
     "VERDICT_DECODER",
     "encode",
     "new_id",
@@ -44,19 +47,18 @@ __all__ = [
 ]
 
 ENCODER = msgspec.json.Encoder()
-ANY_DECODER: msgspec.json.Decoder[Any] = msgspec.json.Decoder()
-JOB_DECODER = msgspec.json.Decoder(JobRecord)
-RUNNER_DECODER = msgspec.json.Decoder(RunnerRecord)
-EVENT_DECODER = msgspec.json.Decoder(Event)
-DEAD_DECODER = msgspec.json.Decoder(DeadLetter)
-VERDICT_DECODER = msgspec.json.Decoder(SubmitVerdict)
-DISPATCH_DECODER = msgspec.json.Decoder(Dispatch)
-UPDATE_DECODER: msgspec.json.Decoder[JobUpdate] = msgspec.json.Decoder(JobUpdate)
-UPDATE_VERDICT_DECODER = msgspec.json.Decoder(UpdateVerdict)
-LOG_DECODER = msgspec.json.Decoder(JobLog)
-HEARTBEAT_DECODER = msgspec.json.Decoder(RunnerHeartbeat)
-REGISTRATION_DECODER = msgspec.json.Decoder(RunnerRegistration)
-CONFIG_REVISION_DECODER = msgspec.json.Decoder(ConfigRevision)
+ANY_DECODER: SafeDecoder[Any] = SafeDecoder()
+JOB_DECODER = SafeDecoder(JobRecord)
+RUNNER_DECODER = SafeDecoder(RunnerRecord)
+EVENT_DECODER = SafeDecoder(Event)
+DEAD_DECODER = SafeDecoder(DeadLetter)
+VERDICT_DECODER = SafeDecoder(SubmitVerdict)
+DISPATCH_DECODER = SafeDecoder(Dispatch)
+UPDATE_DECODER: SafeDecoder[JobUpdate] = SafeDecoder(JobUpdate)
+LOG_DECODER = SafeDecoder(JobLog)
+HEARTBEAT_DECODER = SafeDecoder(RunnerHeartbeat)
+REGISTRATION_DECODER = SafeDecoder(RunnerRegistration)
+CONFIG_REVISION_DECODER = SafeDecoder(ConfigRevision)
 
 
 def encode(obj: Any) -> bytes:

@@ -18,6 +18,7 @@ import nats.js.errors
 from nats.js.api import Header
 from nats.js.kv import KeyValue
 
+from schemas import SafeDecoder
 from valkyrie.bus.acked import acked_publisher
 from valkyrie.bus.codec import encode
 from valkyrie.errors import BusError
@@ -48,9 +49,7 @@ class Versioned(Generic[T]):
     revision: int
 
 
-async def get_versioned(
-    kv: KeyValue, key: str, decoder: msgspec.json.Decoder[T]
-) -> Versioned[T] | None:
+async def get_versioned(kv: KeyValue, key: str, decoder: SafeDecoder[T]) -> Versioned[T] | None:
     """Read ``key``; ``None`` when it does not exist (or was deleted)."""
     try:
         entry = await kv.get(key)
@@ -111,7 +110,7 @@ async def put_new(kv: KeyValue, key: str, value: T) -> int | None:
 async def cas_update(
     kv: KeyValue,
     key: str,
-    decoder: msgspec.json.Decoder[T],
+    decoder: SafeDecoder[T],
     decide: Callable[[T], T | None],
     *,
     known: Versioned[T] | None = None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import getpass
+import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -16,6 +17,7 @@ import msgspec
 from valkyrie.bus.connection import Bus, connect
 from valkyrie.bus.credentials import Credentials, discover
 from valkyrie.bus.tls import tls_context
+from valkyrie.cli._local import read_record
 from valkyrie.config.load import LoadedConfig, config_for
 from valkyrie.config.settings import Settings, redact_url
 from valkyrie.errors import ConnectError, NotFoundError, ValkyrieError
@@ -29,6 +31,7 @@ __all__ = [
     "print_table",
     "run_async",
     "settings_from",
+    "setup_logging",
     "with_bus",
 ]
 
@@ -50,6 +53,14 @@ class ExitCode(enum.IntEnum):
     UNAVAILABLE = 5
     TIMEOUT = 6
     ERROR = 10
+
+
+def setup_logging(verbose: bool) -> None:
+    """One log format for every long-running command (the gateway leaves logging alone)."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
 
 
 def settings_from(ctx: click.Context) -> Settings:
@@ -80,8 +91,18 @@ def cli_credentials(settings: Settings) -> Credentials:
 
 
 def client_url(settings: Settings) -> str:
-    """The URL client commands use: the configured one, else the local embedded server's."""
-    return settings.nats_url or f"nats://127.0.0.1:{settings.embedded_port}"
+    """The URL client commands use.
+
+    The configured one (``VALKYRIE_NATS_URL``); else that of the ``valkyrie up`` running on this
+    data directory, which recorded it (its port may not be this shell's); else the local embedded
+    server's default port.
+    """
+    if settings.nats_url:
+        return settings.nats_url
+    record = read_record(settings)
+    if record is not None:
+        return record.nats_url
+    return f"nats://127.0.0.1:{settings.embedded_port}"
 
 
 def _backend_options() -> dict[str, object]:

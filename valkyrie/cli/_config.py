@@ -16,12 +16,14 @@ from valkyrie.bus.connection import Bus
 from valkyrie.cli._common import (
     ExitCode,
     actor,
+    client_url,
     fmt_ms,
     print_table,
     run_async,
     settings_from,
     with_bus,
 )
+from valkyrie.cli._local import read_record
 from valkyrie.client.config import ConfigClient
 from valkyrie.config.load import LoadedConfig, config_for, file_layer, known_keys
 from valkyrie.config.migrate import migrate_ancestor
@@ -95,8 +97,22 @@ def show(ctx: click.Context, effective: bool, as_json: bool, prefix: str) -> Non
             for key, value in sorted(runtime.items()):
                 click.echo(f"  {key} = {json.dumps(value)}")
         return
-    merged = loaded.with_runtime(runtime)
-    sources = {**loaded.sources, **dict.fromkeys(runtime, "runtime")}
+    base, base_sources = loaded.base(), dict(loaded.sources)
+    number = revision.revision if revision else 0
+    running = read_record(settings)
+    if running is not None and running.nats_url == client_url(settings) and running.base:
+        # a running `valkyrie up`: its layers, not this shell's (its environment may differ)
+        base, base_sources = running.base, dict(running.sources)
+        whose = f"values the running `valkyrie up` (pid {running.pid}) runs"
+        click.echo(f"{whose}, with runtime revision {number}", err=True)
+    else:
+        click.echo(
+            "values of this shell's layers (profile, file, environment) with runtime revision "
+            f"{number}; other processes may run others",
+            err=True,
+        )
+    merged = {**base, **runtime}
+    sources = {**base_sources, **dict.fromkeys(runtime, "runtime")}
     rows = [
         (key, merged[key], sources.get(key, "default"))
         for key in sorted(merged)

@@ -10,7 +10,7 @@ import anyio
 import click
 import msgspec
 
-from valkyrie.cli._common import client_url, run_async, settings_from
+from valkyrie.cli._common import client_url, run_async, settings_from, setup_logging
 from valkyrie.config.live import LiveConfig
 from valkyrie.config.load import config_for
 from valkyrie.domain.identity import GATEWAY
@@ -32,10 +32,7 @@ def gateway(ctx: click.Context, host: str | None, port: int | None, verbose: boo
     It translates every call into bus requests and KV reads, so it can run anywhere the bus is
     reachable and as many times as needed. Ctrl-C stops it.
     """
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-    )
+    setup_logging(verbose)
     settings = settings_from(ctx)
     if not settings.nats_url:
         settings = msgspec.structs.replace(settings, nats_url=client_url(settings))

@@ -43,7 +43,10 @@ def _show(record: JobRecord) -> None:
     if record.reason:
         click.echo(f"reason:      {record.reason}")
     if record.result is not None:
-        click.echo(f"exit code:   {record.result.exit_code}")
+        code = record.result.exit_code
+        click.echo(f"exit code:   {code if code is not None else '-'}")
+        if record.result.error and record.result.error != record.reason:
+            click.echo(f"error:       {record.result.error}")
         click.echo(f"duration:    {record.result.duration_ms} ms")
         if record.result.output_tail:
             click.echo("output:")
@@ -83,6 +86,11 @@ def _show(record: JobRecord) -> None:
     "--wait", is_flag=True, help="Follow the job to its end; exit 1 if it did not succeed."
 )
 @click.option("--wait-timeout", type=float, default=3600.0, show_default=True)
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Refuse fields the contract does not know (a --file with a typo) instead of warning.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.argument("command", nargs=-1)
 @click.pass_context
@@ -100,6 +108,7 @@ def submit(
     idempotency_key: str | None,
     wait: bool,
     wait_timeout: float,
+    strict: bool,
     as_json: bool,
     command: tuple[str, ...],
 ) -> None:
@@ -129,7 +138,7 @@ def submit(
         async def submit_with(bus: Bus) -> int:
             client = Client(bus, config=LiveConfig(loaded), requested_by=actor(bus))
             return await _submit(
-                client, body, wait=wait, wait_timeout=wait_timeout, as_json=as_json
+                client, body, wait=wait, wait_timeout=wait_timeout, as_json=as_json, strict=strict
             )
 
         return await with_bus(settings, submit_with, config=loaded)
@@ -191,10 +200,10 @@ def _pairs(opt: str, items: tuple[str, ...]) -> dict[str, str]:
 
 
 async def _submit(
-    client: Client, body: bytes, *, wait: bool, wait_timeout: float, as_json: bool
+    client: Client, body: bytes, *, wait: bool, wait_timeout: float, as_json: bool, strict: bool
 ) -> int:
     """Submit ``body``; print the verdict, or follow the job to its end with ``wait``."""
-    verdict = await client.submit(body)
+    verdict = await client.submit(body, strict=strict)
     assert verdict is not None
     if not verdict.accepted:
         if as_json:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import sys
+import time
 from dataclasses import dataclass
 
 import anyio
@@ -13,10 +14,18 @@ import msgspec
 import nats.errors
 import nats.js.errors
 from anyio.abc import TaskGroup
+from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from schemas import TERMINAL_STATES, JobLog, JobState, RunnerRecord
-from valkyrie.bus.codec import JOB_DECODER, LOG_DECODER, RUNNER_DECODER, encode, now_ms
+from schemas import TERMINAL_STATES, JobLog, JobState, RunnerRecord, RunnerState
+from valkyrie.bus.codec import (
+    HEARTBEAT_DECODER,
+    JOB_DECODER,
+    LOG_DECODER,
+    RUNNER_DECODER,
+    encode,
+    now_ms,
+)
 from valkyrie.bus.connection import Bus, connect
 from valkyrie.bus.credentials import Credentials, auth_dir, discover
 from valkyrie.bus.kv import watch_kv
@@ -28,10 +37,10 @@ from valkyrie.cli._common import (
     print_table,
     run_async,
     settings_from,
+    setup_logging,
     with_bus,
 )
 from valkyrie.cli._jobs import jobs
-from valkyrie.cli._up import _logging
 from valkyrie.client.jobs import Client
 from valkyrie.config.load import config_for
 from valkyrie.config.settings import Settings
@@ -115,7 +124,7 @@ def runner(
     exits 0; a second signal stops at once (exit 10). WARNING: it runs whatever it is sent; use it
     only with a NATS server you control, as an unprivileged user.
     """
-    _logging(verbose)
+    setup_logging(verbose)
     settings = settings_from(ctx)
     credentials, runner_id = _runner_credentials(settings, runner_id)
     registration = reference_registration(
@@ -257,6 +266,59 @@ async def _runner_records(bus: Bus) -> list[RunnerRecord]:
     return sorted(records, key=lambda r: r.registration.runner_id)
 
 
+@dataclass
+class _Beats:
+    """The heartbeats heard while ``runners ls`` looked: runner id -> when (monotonic)."""
+
+    heard: dict[str, float]
+    window_s: float
+
+    def age(self, record: RunnerRecord) -> str:
+        """The live heartbeat's age; the record's is up to 5 s old, so only a fallback."""
+        rid = record.registration.runner_id
+        if rid in self.heard:
+            return f"{time.monotonic() - self.heard[rid]:.1f}s ago"
+        if record.state == RunnerState.OFFLINE:
+            return _age(record.last_heartbeat_at_ms)
+        return f"none in {self.window_s:.1f}s"
+
+
+async def _records_and_beats(bus: Bus) -> tuple[list[RunnerRecord], _Beats]:
+    """The runner records, and the heartbeats of the live runners heard now.
+
+    It waits up to one and a half heartbeat intervals (at most 3 s), or until each was heard.
+    """
+    heard: dict[str, float] = {}
+    wanted: set[str] = set()
+    all_heard = anyio.Event()
+
+    async def on_beat(msg: Msg) -> None:
+        try:
+            rid = HEARTBEAT_DECODER.decode(msg.data).runner_id
+        except msgspec.DecodeError:
+            return
+        heard[rid] = time.monotonic()
+        if wanted <= heard.keys():
+            all_heard.set()
+
+    sub = await bus.nc.subscribe(bus.names.heartbeat("*"), cb=on_beat)
+    try:
+        records = await _runner_records(bus)
+        live = [r for r in records if r.state != RunnerState.OFFLINE]
+        wanted.update(r.registration.runner_id for r in live)
+        interval_ms = max((r.registration.heartbeat_interval_ms for r in live), default=0)
+        # a heartbeat is due within one interval; half another covers a late one
+        window = min(3.0, interval_ms * 1.5 / 1000 + 0.5) if live else 0.0
+        if wanted <= heard.keys():
+            all_heard.set()
+        with anyio.move_on_after(window):
+            await all_heard.wait()
+    finally:
+        with contextlib.suppress(nats.errors.Error):
+            await sub.unsubscribe()
+    return records, _Beats(heard, window)
+
+
 def _age(at_ms: int) -> str:
     seconds = max(0, now_ms() - at_ms) / 1000
     if seconds < 120:
@@ -270,11 +332,16 @@ def _age(at_ms: int) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the records as a JSON list.")
 @click.pass_context
 def runners_ls(ctx: click.Context, as_json: bool) -> None:
-    """List runners from the registry."""
-    records = run_async(lambda: with_bus(settings_from(ctx), _runner_records))
+    """List runners from the registry, with the age of each one's live heartbeat.
+
+    The records' own heartbeat time is written at most every 5 s; the HEARTBEAT column is the
+    age of the last heartbeat heard now (listening up to one heartbeat interval).
+    """
     if as_json:
+        records = run_async(lambda: with_bus(settings_from(ctx), _runner_records))
         click.echo(encode(records).decode())
         return
+    records, beats = run_async(lambda: with_bus(settings_from(ctx), _records_and_beats))
     print_table(
         ["ID", "STATE", "LOAD", "JOBS", "TYPES", "REGION", "HEARTBEAT", "LABELS"],
         [
@@ -285,7 +352,7 @@ def runners_ls(ctx: click.Context, as_json: bool) -> None:
                 f"{len(r.assigned_jobs)}/{r.registration.max_concurrent_jobs}",
                 ",".join(r.registration.capabilities.job_types) or "-",
                 r.registration.location.region or "-",
-                _age(r.last_heartbeat_at_ms),
+                beats.age(r),
                 ",".join(f"{k}={v}" for k, v in sorted(r.registration.labels.items())) or "-",
             ]
             for r in records

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import anyio
@@ -10,9 +11,13 @@ import click
 import msgspec
 from anyio.abc import TaskStatus
 
-from valkyrie.cli._common import run_async, settings_from
+from valkyrie.bus.codec import now_ms
+from valkyrie.bus.connection import Bus
+from valkyrie.cli._common import client_url, run_async, settings_from, setup_logging
+from valkyrie.cli._local import RECORD_NAME, UpRecord, data_dir, remove_record, write_record
 from valkyrie.config.live import LiveConfig
 from valkyrie.config.load import config_for
+from valkyrie.config.settings import Settings
 from valkyrie.domain.identity import runner_identity
 from valkyrie.runner import default_runner_id, reference_registration, run_reference_runner
 from valkyrie.runtime.app import Connector, Extra, open_bus, run_control_plane
@@ -20,12 +25,15 @@ from valkyrie.runtime.context import discover_handlers
 
 __all__ = ["handlers_cmd", "provision", "up", "worker"]
 
+log = logging.getLogger("valkyrie")
 
-def _logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-    )
+
+def _address(bus: Bus, settings: Settings) -> str:
+    """The NATS URL other commands should use, without credentials (the record is a file)."""
+    url = bus.nc.connected_url
+    if url is None or url.hostname is None:
+        return settings.nats_url or f"nats://127.0.0.1:{settings.embedded_port}"
+    return f"{url.scheme}://{url.hostname}:{url.port or 4222}"
 
 
 def local_runner(runner_id: str) -> Extra:
@@ -71,39 +79,62 @@ def up(
     reference runners, which execute job commands on this host. The HTTP API (docs/http-api.md)
     runs too unless http.enabled is false. Ctrl-C finishes in-flight work and stops cleanly.
     """
-    _logging(verbose)
+    setup_logging(verbose)
     settings = settings_from(ctx)
     names = [n.strip() for n in only.split(",")] if only else None
     runner_ids = [default_runner_id(f"local-{n}") for n in range(1, local_runners + 1)]
     extras: list[Extra] = [local_runner(rid) for rid in runner_ids]
 
     async def go() -> None:
-        loaded = config_for(settings)  # once: the handlers and the gateway share it
+        # --http-port is a layer of this process's config, so that whatever reads the config
+        # (the gateway's config API, `config show --effective`) says where the API listens
+        overrides = {"http.port": http_port} if http_port is not None else None
+        loaded = config_for(settings, overrides=overrides)  # once: handlers and gateway share it
         http = loaded.config.http
-        api = ""
+        record = UpRecord(
+            pid=os.getpid(),
+            nats_url="",
+            prefix=settings.prefix,
+            started_at_ms=now_ms(),
+            base=loaded.base(),
+            sources=dict(loaded.sources),
+        )
+
+        def remember(**changes: str) -> None:
+            nonlocal record
+            record = msgspec.structs.replace(record, **changes)
+            if record.nats_url:  # complete once NATS is up
+                write_record(settings, record)
+
         if http.enabled:
             # imported here: the web stack is not worth loading for every other command
             from valkyrie.gateway import gateway_extra
 
-            extras.append(gateway_extra(loaded, port=http_port))
-            port = http.port if http_port is None else http_port
-            api = (
-                f"; HTTP API on http://{http.host}:{port}" if port else "; HTTP API on a free port"
-            )
+            extras.append(gateway_extra(loaded, on_listening=lambda url: remember(http_url=url)))
 
-        def ready(_bus: object) -> None:
+        def ready(bus: Bus) -> None:
+            remember(nats_url=_address(bus, settings))
+            log.info(
+                "other shells find this installation through %s",
+                data_dir(settings) / RECORD_NAME,
+            )
             with_runners = f" with {local_runners} local runner(s)" if local_runners else ""
+            # every extra has started by now: the gateway listens and told its address
+            api = f"; HTTP API on {record.http_url}" if record.http_url else ""
             click.echo(f"valkyrie is up{with_runners}{api}; Ctrl-C to stop", err=True)
 
-        await run_control_plane(
-            settings,
-            config=LiveConfig(loaded),
-            handlers=names,
-            embed=True,
-            extras=extras,
-            local_runners=runner_ids,
-            on_ready=ready,
-        )
+        try:
+            await run_control_plane(
+                settings,
+                config=LiveConfig(loaded),
+                handlers=names,
+                embed=True,
+                extras=extras,
+                local_runners=runner_ids,
+                on_ready=ready,
+            )
+        finally:
+            remove_record(settings, os.getpid())
 
     run_async(go)
 
@@ -114,12 +145,10 @@ def up(
 @click.pass_context
 def worker(ctx: click.Context, names: tuple[str, ...], verbose: bool) -> None:
     """Run the named handler(s) in this process against VALKYRIE_NATS_URL (for scale-out)."""
-    _logging(verbose)
+    setup_logging(verbose)
     settings = settings_from(ctx)
     if not settings.nats_url:
-        settings = msgspec.structs.replace(
-            settings, nats_url=f"nats://127.0.0.1:{settings.embedded_port}"
-        )
+        settings = msgspec.structs.replace(settings, nats_url=client_url(settings))
     run_async(lambda: run_control_plane(settings, handlers=list(names), embed=False))
 
 

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from valkyrie.client.jobs import (
         REPLY_TO_HEADER,
         REQUESTED_BY_HEADER,
+        STRICT_HEADER,
         Client,
     )
 
@@ -29,6 +30,7 @@ if not TYPE_CHECKING:  # type checkers see the imports above, and no catch-all _
 __all__ = [
     "REPLY_TO_HEADER",
     "REQUESTED_BY_HEADER",
+    "STRICT_HEADER",
     "Admin",
     "Client",
     "ConfigClient",

@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import msgspec
 import nats.errors
 import nats.js.errors
 
-from schemas import CancelJob, DeadLetter, DeadReplayed, RegistrationVerdict
+from schemas import CancelJob, DeadLetter, DeadReplayed, RegistrationVerdict, SafeDecoder
 from valkyrie.bus.codec import DEAD_DECODER, encode, new_id
 from valkyrie.bus.connection import Bus
 from valkyrie.bus.events import EventPublisher
@@ -17,7 +16,7 @@ from valkyrie.errors import BusError, NotFoundError
 
 __all__ = ["Admin", "StoredDeadLetter"]
 
-_VERDICT = msgspec.json.Decoder(RegistrationVerdict)
+_VERDICT = SafeDecoder(RegistrationVerdict)
 #: headers not carried over on replay: a replay must not be dropped as a duplicate
 _DROP_ON_REPLAY = {"Nats-Msg-Id", "Valkyrie-Reply-To", "Valkyrie-Requested-By"}
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import msgspec
 import nats.errors
 import nats.js.errors
 
-from schemas import ConfigChange, ConfigRevision, ConfigVerdict
+from schemas import ConfigChange, ConfigRevision, ConfigVerdict, SafeDecoder
 from valkyrie.bus.codec import CONFIG_REVISION_DECODER, encode, new_id
 from valkyrie.bus.connection import Bus
 from valkyrie.client.jobs import REPLY_TO_HEADER
@@ -17,7 +16,7 @@ from valkyrie.errors import BusError
 
 __all__ = ["ConfigClient"]
 
-_VERDICT = msgspec.json.Decoder(ConfigVerdict)
+_VERDICT = SafeDecoder(ConfigVerdict)
 
 
 class ConfigClient:

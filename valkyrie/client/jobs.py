@@ -15,14 +15,18 @@ import nats.js.errors
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from schemas import (
+    MAX_JSON_DEPTH,
     TERMINAL_STATES,
     Event,
     ExplainRequest,
+    FieldError,
     JobExplanation,
     JobRecord,
     JobState,
     JobSubmission,
+    SafeDecoder,
     SubmitVerdict,
+    too_deep,
 )
 from valkyrie.bus.codec import (
     ANY_DECODER,
@@ -41,19 +45,31 @@ from valkyrie.config.live import CONFIG_KEY, LiveConfig
 from valkyrie.config.load import load_config
 from valkyrie.config.model import LimitsConfig
 from valkyrie.domain.identity import SUBMITTER_PREFIX
-from valkyrie.domain.intake import parse_submission, token_for
+from valkyrie.domain.intake import (
+    RepeatedBy,
+    conflict_error,
+    parse_submission,
+    read_token,
+    token_for,
+)
 from valkyrie.errors import BusError, NotFoundError, NoVerdictError, SchemaError
 
-__all__ = ["REPLY_TO_HEADER", "REQUESTED_BY_HEADER", "Client"]
+__all__ = ["REPLY_TO_HEADER", "REQUESTED_BY_HEADER", "STRICT_HEADER", "Client"]
 
 #: Header naming the subject the intake handler sends its verdict to (inside the sender's inbox).
 REPLY_TO_HEADER = "Valkyrie-Reply-To"
 #: Header refining who submits (``admin:alice``; the gateway: ``http:<token name>``); intake
 #: keeps it only as far as the subject's identity vouches for it (``domain.identity.requester``).
 REQUESTED_BY_HEADER = "Valkyrie-Requested-By"
+#: Header asking intake to refuse a submission with fields the contract does not know
+#: (``true``); without it they are ignored with a warning each.
+STRICT_HEADER = "Valkyrie-Strict"
 #: how often a submitter, which may not watch buckets, reads a key it waits for
 POLL_S = 0.1
-_EXPLANATION = msgspec.json.Decoder(JobExplanation)
+_EXPLANATION = SafeDecoder(JobExplanation)
+#: a record nests its submission two levels below the top, and bodies deeper than MAX_JSON_DEPTH
+#: are refused: a record deeper than this was stored before that limit, and cannot be served
+STORED_MAX_DEPTH = MAX_JSON_DEPTH + 8
 #: after a first explain answer from a dispatcher not holding the queued job, how long to wait
 #: for the holder's (each dispatcher only knows its own queue)
 EXPLAIN_GRACE_S = 0.2
@@ -95,8 +111,12 @@ class Client:
         msg_id: str | None = None,
         wait_verdict: bool = True,
         timeout_s: float = 10.0,
+        strict: bool = False,
     ) -> SubmitVerdict | None:
         """Publish a submission; with ``wait_verdict`` return the intake handler's verdict.
+
+        With ``strict``, intake refuses fields the contract does not know instead of ignoring
+        them with a warning (:data:`STRICT_HEADER`).
 
         The submission is durable once this returns (the stream acknowledged it), even when no
         intake handler runs; the verdict then arrives when one starts.
@@ -113,6 +133,8 @@ class Client:
             headers["Nats-Msg-Id"] = msg_id
         if self.requested_by:
             headers[REQUESTED_BY_HEADER] = self.requested_by
+        if strict:
+            headers[STRICT_HEADER] = "true"
         nc = self.bus.nc
         sub = None
         if wait_verdict:
@@ -162,13 +184,14 @@ class Client:
     ) -> SubmitVerdict:
         """The verdict of the submission that ``body`` (dropped by the stream) duplicates."""
         limits = await self.limits()
+        digest: str | None = None
         try:
-            parse_submission(
+            digest = parse_submission(
                 body,
                 received_at_ms=now_ms(),
                 max_bytes=limits.submission_max_bytes,
                 max_metadata_entries=limits.max_metadata_entries,
-            )
+            ).digest
         except SchemaError as e:
             # The first one was rejected for the same reasons, unless its deadline has only
             # passed since: then its verdict is looked up like an accepted one's.
@@ -176,17 +199,32 @@ class Client:
                 return SubmitVerdict(accepted=False, duplicate=True, errors=e.errors)
         obj = ANY_DECODER.decode(body)
         key = obj.get("idempotency_key") if isinstance(obj, dict) else None
-        token = token_for(key if isinstance(key, str) else None, msg_id)
+        key = key if isinstance(key, str) else None
+        token = token_for(key, msg_id)
         if token is None:  # the stream only de-duplicates by Nats-Msg-Id: cannot happen
             return SubmitVerdict(accepted=True, duplicate=True)
         changes = self._follow("idempotency", token, timeout_s)
         with anyio.move_on_after(timeout_s):
             async with contextlib.aclosing(changes):
                 async for change in changes:
-                    if change.value is not None:
+                    if change.value is None:
+                        continue
+                    first_id, first_digest = read_token(change.value)
+                    if digest is not None and first_digest not in (None, digest):
+                        by: RepeatedBy = "idempotency_key" if key else "msg_id"
                         return SubmitVerdict(
-                            accepted=True, job_id=change.value.decode(), duplicate=True
+                            accepted=False,
+                            job_id=first_id,
+                            duplicate=True,
+                            errors=[conflict_error(first_id, by=by)],
+                            refusal="conflict",
                         )
+                    state: JobState | None = None
+                    with contextlib.suppress(NotFoundError, SchemaError):
+                        state = (await self.get_job(first_id)).state
+                    return SubmitVerdict(
+                        accepted=True, job_id=first_id, duplicate=True, state=state
+                    )
         raise NoVerdictError(
             f"duplicate of an earlier submission (Nats-Msg-Id {msg_id!r}) whose job is not known "
             f"within {timeout_s:g}s: is an intake handler running?"
@@ -197,18 +235,37 @@ class Client:
 
         Raises:
             NotFoundError: no such job.
+            SchemaError: its stored record cannot be read (see :data:`STORED_MAX_DEPTH`).
         """
         kv = await self.bus.kv("jobs")
         try:
             entry = await kv.get(job_id)
         except (nats.js.errors.KeyNotFoundError, nats.js.errors.InvalidKeyError) as e:
             raise NotFoundError(f"no job {job_id!r}") from e
-        return JOB_DECODER.decode(entry.value or b"")
+        data = entry.value or b""
+        if too_deep(data, STORED_MAX_DEPTH):
+            raise SchemaError(
+                [
+                    FieldError(
+                        path="$",
+                        reason=f"the stored record of job {job_id!r} nests deeper than "
+                        f"{STORED_MAX_DEPTH} levels (stored before submissions were limited to "
+                        f"{MAX_JSON_DEPTH}); it cannot be served",
+                    )
+                ]
+            )
+        try:
+            return JOB_DECODER.decode(data)
+        except msgspec.DecodeError as e:
+            raise SchemaError([FieldError(path="$", reason=f"unreadable record: {e}")]) from e
 
     async def list_jobs(
         self, *, states: set[JobState] | None = None, limit: int | None = None
     ) -> list[JobRecord]:
         """Every job (optionally only in ``states``), newest first.
+
+        Records that cannot be read (undecodable, or nested deeper than
+        :data:`STORED_MAX_DEPTH`) are left out: one bad record must not hide every other job.
 
         Reads the latest revision of every key through a short-lived ordered consumer
         (:func:`~valkyrie.bus.snapshot.read_stored`).
@@ -224,6 +281,8 @@ class Client:
             if headers.get("KV-Operation") in ("DEL", "PURGE") or not data:
                 continue
             try:
+                if too_deep(data, STORED_MAX_DEPTH):
+                    continue
                 record = JOB_DECODER.decode(data)
             except msgspec.DecodeError:
                 continue

@@ -28,8 +28,11 @@ if TYPE_CHECKING:
         load_config,
     )
     from valkyrie.config.migrate import (
+        ANCESTOR_FIELDS,
         MigrationReport,
         MigrationStep,
+        is_ancestor_document,
+        live_only,
         migrate_ancestor,
     )
     from valkyrie.config.model import (
@@ -67,6 +70,7 @@ if not TYPE_CHECKING:  # type checkers see the imports above, and no catch-all _
     __getattr__, __dir__ = _attach(__name__, __file__)
 
 __all__ = [
+    "ANCESTOR_FIELDS",
     "CONFIG_KEY",
     "LAYERS",
     "LEGACY_ENV",
@@ -96,8 +100,10 @@ __all__ = [
     "env_layer",
     "file_layer",
     "flatten",
+    "is_ancestor_document",
     "is_live",
     "known_keys",
+    "live_only",
     "load_config",
     "migrate_ancestor",
     "profile_overrides",

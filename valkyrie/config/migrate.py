@@ -8,9 +8,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-__all__ = ["MigrationReport", "MigrationStep", "migrate_ancestor"]
+import msgspec
+
+from valkyrie.config.model import ValkyrieConfig, is_live
+
+__all__ = [
+    "ANCESTOR_FIELDS",
+    "MigrationReport",
+    "MigrationStep",
+    "is_ancestor_document",
+    "live_only",
+    "migrate_ancestor",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,7 +29,7 @@ class MigrationStep:
     """What happened to one ancestor field."""
 
     field: str
-    action: str  # "mapped" | "changed" | "dropped" | "unknown"
+    action: Literal["mapped", "changed", "dropped", "restart", "unknown"]
     target: str | None
     value: Any
     reason: str
@@ -258,6 +269,49 @@ _TRANSLATE: dict[str, _Translate] = dict.fromkeys(_DROPPED, _no_equivalent) | {
     # in _DROPPED too: dropped unless it reads as host:port
     "valkyrie_listen_address": _listen_address,
 }
+
+
+#: every field of the ancestor's config that :func:`migrate_ancestor` knows
+ANCESTOR_FIELDS = frozenset(_TRANSLATE)
+_OURS = frozenset(f.name for f in msgspec.structs.fields(ValkyrieConfig))
+
+
+def is_ancestor_document(doc: Any) -> bool:
+    """Whether ``doc`` is the ancestor's config: ancestor fields, and no key of ours."""
+    if not isinstance(doc, dict) or not doc:
+        return False
+    ours = any(str(key).partition(".")[0] in _OURS for key in doc)
+    return not ours and bool(ANCESTOR_FIELDS & doc.keys())
+
+
+def live_only(report: MigrationReport) -> MigrationReport:
+    """The report with only the values that may change live.
+
+    A runtime change can hold only those: each other value becomes a ``restart`` step saying
+    where to put it instead.
+    """
+    kept = MigrationReport()
+    targets: dict[str, str] = {}
+    for key, value in report.values.items():
+        live, why = is_live(key)
+        if live:
+            kept.values[key] = value
+        else:
+            targets[key] = (
+                f"cannot change live ({why}): set {key} = {value!r} in the config file or environment and restart"
+            )
+    for step in report.steps:
+        if step.target in targets:
+            kept.steps.append(
+                MigrationStep(
+                    step.field, "restart", step.target, step.value, targets.pop(step.target)
+                )
+            )
+        else:
+            kept.steps.append(step)
+    for key, reason in targets.items():  # values set alongside another field's step
+        kept.steps.append(MigrationStep(key, "restart", key, report.values[key], reason))
+    return kept
 
 
 def migrate_ancestor(doc: dict[str, Any]) -> MigrationReport:

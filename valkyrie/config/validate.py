@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin
 
 import msgspec
 
-from schemas import FieldError, collect_errors
+from schemas import FieldError, collect_errors, integral_floats
 from valkyrie.config.model import ValkyrieConfig, unflatten
 
 __all__ = ["ValidationResult", "validate_dotted"]
@@ -63,16 +64,46 @@ def _path(error: FieldError) -> FieldError:
     return FieldError(path=path or "(root)", reason=error.reason)
 
 
+#: a well-formed dotted key: ``name`` or ``section.name``
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)?")
+
+
+def _malformed(dotted: Mapping[str, Any]) -> list[FieldError]:
+    """Keys that cannot be a config key at all.
+
+    Those are keys with an empty part or too many dots, and a name given both as a value and as a
+    section with keys (``features`` and ``features.x``): :func:`unflatten` cannot nest them.
+    """
+    sections = {key.partition(".")[0] for key in dotted if "." in key}
+    errors = []
+    for key in dotted:
+        if not _KEY.fullmatch(key):
+            errors.append(FieldError(path=key or '""', reason="unknown key"))
+        elif "." not in key and key in sections:
+            errors.append(FieldError(path=key, reason="given both as a value and as a section"))
+    return errors
+
+
 def validate_dotted(dotted: Mapping[str, Any]) -> ValidationResult:
     """Validate a dotted mapping as a whole config.
 
-    Every problem comes back at once: unknown keys, bad values, and the cross-field rules of the
-    keys that are themselves valid (checked on the config with the bad keys left at their
-    defaults, leaving out rules that involve a bad key).
+    Every problem comes back at once: malformed and unknown keys, bad values, and the cross-field
+    rules of the keys that are themselves valid (checked on the config with the bad keys left at
+    their defaults, leaving out rules that involve a bad key).
     """
+    malformed = _malformed(dotted)
+    if malformed:
+        bad = {e.path for e in malformed}
+        rest = validate_dotted({k: v for k, v in dotted.items() if (k or '""') not in bad})
+        return ValidationResult(None, [*malformed, *rest.errors], rest.warnings)
     nested = unflatten(dotted)
     try:  # the common case, valid: one conversion, then the rules
-        config = msgspec.convert(nested, ValkyrieConfig)
+        try:
+            config = msgspec.convert(nested, ValkyrieConfig)
+        except msgspec.ValidationError:
+            # 1.0 for an integer key is that integer (JSON Schema counts it as one)
+            nested = integral_floats(ValkyrieConfig, nested)
+            config = msgspec.convert(nested, ValkyrieConfig)
     except msgspec.ValidationError as e:
         refused = e
     else:

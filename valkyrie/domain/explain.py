@@ -181,10 +181,7 @@ def _summary(
         return f"{len(survey.feasible)} runner(s) can take it; {why}"
     if not runners:
         return "no runner is registered"
-    if rejected:
-        top = rejected[0]
-        return f"no runner can take it: {top.count} runner(s) rejected because {top.detail}"
-    return "no runner can take it"
+    return _headline(rejected)
 
 
 def _estimated_start(
@@ -255,6 +252,23 @@ def explain_queued(
         rejected=rejected,
         suggestions=_suggestions(record, runners, survey),
     )
+
+
+def _headline(rejected: list[ConstraintGroup]) -> str:
+    """Why no runner can take the job, led by what keeps the most live runners away.
+
+    Offline runners are checked first, so they would lead the groups; but what the job asks of
+    the runners that are up is the news, so their largest group leads and offline ones follow.
+    """
+    live = [g for g in rejected if g.constraint != "offline"]
+    offline = next((g for g in rejected if g.constraint == "offline"), None)
+    top = max(live, key=lambda g: g.count) if live else offline  # max keeps the first of equals
+    if top is None:
+        return "no runner can take it"
+    summary = f"no runner can take it: {top.count} runner(s) rejected because {top.detail}"
+    if offline is not None and top is not offline:
+        summary += f" ({offline.count} more offline)"
+    return summary
 
 
 def explain_dispatched(record: JobRecord, decision: JobDispatched | None) -> JobExplanation:

@@ -13,13 +13,19 @@ from typing import Any, Literal
 import msgspec
 
 from schemas import (
+    REDACTED,
+    AncestorConversion,
     FieldError,
     JobRecord,
     JobState,
     JobSubmission,
     LegacyJobV1,
+    SafeDecoder,
     convert_or_errors,
+    depth_error,
     json_type_name,
+    submission_from_ancestor,
+    too_deep,
     unknown_fields,
     v1_to_v2,
 )
@@ -29,17 +35,23 @@ from valkyrie.errors import SchemaError
 
 __all__ = [
     "ParsedSubmission",
+    "RepeatedBy",
     "check_submission",
+    "conflict_error",
     "idempotency_token",
     "job_id_for",
     "parse_submission",
     "queue_quota_error",
     "queued_record",
+    "read_token",
+    "request_digest",
     "token_for",
+    "token_value",
 ]
 
 _ID_NAMESPACE = uuid.UUID("6f1c3a52-8a0e-4d55-9a53-0b1f7a9a1e11")
-_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder()
+_decoder: SafeDecoder[Any] = SafeDecoder()
+_CANONICAL = msgspec.json.Encoder(order="sorted")
 MAX_METADATA_ENTRIES = 64
 
 
@@ -50,6 +62,8 @@ class ParsedSubmission:
     spec: JobSubmission
     api_version: Literal["v1", "v2"]
     warnings: tuple[FieldError, ...] = ()
+    #: :func:`request_digest` of the body: what "the same submission" means for a duplicate
+    digest: str = ""
 
 
 def parse_submission(
@@ -58,12 +72,17 @@ def parse_submission(
     received_at_ms: int,
     max_bytes: int,
     max_metadata_entries: int = MAX_METADATA_ENTRIES,
+    strict: bool = False,
 ) -> ParsedSubmission:
     """Decode a v2 or v1 body and check it; v1 is detected by a ``type`` key without ``job_type``.
 
+    Fields the contract does not know are ignored with a warning each, or, when ``strict``,
+    refused (a typo such as ``deadlin_at_ms`` for ``deadline_at_ms`` then cannot pass unnoticed).
+
     Raises:
         SchemaError: with every problem found, each naming its field: type errors and, for the
-            fields that are well-typed, the rules of :func:`check_submission`.
+            fields that are well-typed, the rules of :func:`check_submission`. A body nested
+            deeper than ``MAX_JSON_DEPTH`` is refused before it is decoded.
     """
     if len(data) > max_bytes:
         raise SchemaError(
@@ -73,6 +92,8 @@ def parse_submission(
                 )
             ]
         )
+    if too_deep(data):
+        raise SchemaError([depth_error()])
     try:
         obj = _decoder.decode(data)
     except (msgspec.DecodeError, UnicodeDecodeError) as e:
@@ -82,21 +103,25 @@ def parse_submission(
             [FieldError(path="$", reason=f"Expected `object`, got `{json_type_name(obj)}`")]
         )
     legacy = "job_type" not in obj and "type" in obj
+    digest = request_digest(obj)
+    # the ancestor's v2 names (deadline, max_execution_time, ...) are converted, not dropped
+    ancestor = None if legacy else submission_from_ancestor(obj)
+    if ancestor is not None:
+        obj = ancestor.body
+    early = list(ancestor.errors) if ancestor is not None else []
+    unknown = unknown_fields(LegacyJobV1 if legacy else JobSubmission, obj)
+    if strict:
+        early += [FieldError(path=p, reason="unknown field (strict)") for p in unknown]
     parsed, errors = _convert(obj, legacy=legacy, received_at_ms=received_at_ms)
     if parsed is not None:
-        problems = _rule_errors(
+        problems = early + _rule_errors(
             parsed, legacy=legacy, now_ms=received_at_ms, max_metadata=max_metadata_entries
         )
         if problems:
-            raise SchemaError(problems)
-        unknown = unknown_fields(LegacyJobV1 if legacy else JobSubmission, obj)
-        if unknown:
-            parsed = ParsedSubmission(
-                parsed.spec,
-                parsed.api_version,
-                tuple(FieldError(path=p, reason="unknown field, ignored") for p in unknown),
-            )
-        return parsed
+            raise SchemaError(_named(problems, ancestor))
+        notes = list(ancestor.warnings) if ancestor is not None else []
+        notes += [FieldError(path=p, reason="unknown field, ignored") for p in unknown]
+        return ParsedSubmission(parsed.spec, parsed.api_version, tuple(notes), digest=digest)
     # Report the rules too, for the fields that are well-typed: drop (or fill) every field with a
     # type error and check what is left, so that one verdict lists every problem.
     salvaged = _salvage(obj, errors, legacy=legacy, received_at_ms=received_at_ms)
@@ -107,7 +132,12 @@ def parse_submission(
         ):
             if not any(_related(problem.path, path) for path in removed):
                 errors.append(problem)
-    raise SchemaError(errors)
+    raise SchemaError(_named(early + errors, ancestor))
+
+
+def _named(errors: list[FieldError], ancestor: AncestorConversion | None) -> list[FieldError]:
+    """Errors naming the fields the publisher sent (the ancestor's names it used)."""
+    return ancestor.rename_errors(errors) if ancestor is not None else errors
 
 
 def _convert(
@@ -310,6 +340,57 @@ def queue_quota_error(
     )
 
 
+def request_digest(obj: dict[str, Any]) -> str:
+    """What makes two submissions "the same": the SHA-256 (hex) of the body's canonical JSON.
+
+    Canonical: object keys sorted at every level, no whitespace, and without the top-level
+    ``idempotency_key`` (the HTTP bridge moves the ``Idempotency-Key`` header into the body, so a
+    retry with the header is the same as one with the key in the body). Values are compared
+    exactly as sent: ``1`` and ``1.0`` differ, and so do a v1 body and its v2 equivalent.
+
+    Secret values do not enter it (their names do): the digest is stored with the job, and a
+    hash of a short password is a dictionary attack's oracle. A retry that changes only a
+    secret's value is therefore the same submission.
+    """
+    canonical = {k: v for k, v in obj.items() if k != "idempotency_key"}
+    secrets = canonical.get("secret_env")
+    if isinstance(secrets, dict):
+        canonical["secret_env"] = dict.fromkeys(secrets, REDACTED)
+    return hashlib.sha256(_CANONICAL.encode(canonical)).hexdigest()
+
+
+def token_value(job_id: str, digest: str) -> bytes:
+    """The idempotency bucket's value: the first job's id, a space, and its request digest."""
+    return f"{job_id} {digest}".encode() if digest else job_id.encode()
+
+
+def read_token(value: bytes) -> tuple[str, str | None]:
+    """``(job id, request digest)`` of an idempotency bucket value.
+
+    The digest is ``None`` for a value stored before digests were kept.
+    """
+    job_id, _, digest = value.decode(errors="replace").strip().partition(" ")
+    return job_id, digest or None
+
+
+#: what a repeated submission shares with the first one
+RepeatedBy = Literal["idempotency_key", "msg_id", "job_id"]
+
+
+def conflict_error(first_id: str, *, by: RepeatedBy) -> FieldError:
+    """The refusal of a body that differs from the first one with the same key, id or job id."""
+    path = {
+        "idempotency_key": "$.idempotency_key",
+        "msg_id": "header.Nats-Msg-Id",
+        "job_id": "$.job_id",
+    }[by]
+    return FieldError(
+        path=path,
+        reason=f"already used for job {first_id} with a different body: resubmit the same body "
+        "to get that job, or use a new value for a different job",
+    )
+
+
 def idempotency_token(spec: JobSubmission, msg_id: str | None) -> str | None:
     """The idempotency bucket key for a submission: its key, else its ``Nats-Msg-Id``, hashed."""
     return token_for(spec.idempotency_key, msg_id)
@@ -355,4 +436,5 @@ def queued_record(
         updated_at_ms=now_ms,
         source_seq=source_seq,
         submitted_by=submitted_by,
+        request_sha256=parsed.digest or None,
     )

@@ -11,13 +11,13 @@ from typing import Any
 import msgspec
 from litestar import Request
 
-from schemas import FieldError
+from schemas import MAX_JSON_DEPTH, FieldError, SafeDecoder, depth_error, too_deep
 from valkyrie.gateway._context import gateway_of
 from valkyrie.gateway._problems import ProblemError
 
 __all__ = ["json_body", "raw_body"]
 
-_DECODER: msgspec.json.Decoder[Any] = msgspec.json.Decoder()
+_DECODER: SafeDecoder[Any] = SafeDecoder()
 
 
 def _is_json(content_type: str) -> bool:
@@ -57,7 +57,8 @@ async def json_body(request: Request[Any, Any, Any], *, required: bool = True) -
     """The raw body and its decoded JSON (``None`` for an empty optional body).
 
     Raises:
-        ProblemError: 413 too large, 415 not JSON, 400 broken JSON or missing body.
+        ProblemError: 413 too large, 415 not JSON, 400 broken JSON, a missing body, or JSON
+            nested deeper than ``MAX_JSON_DEPTH``.
     """
     body = await raw_body(request)
     if not body.strip():
@@ -71,6 +72,15 @@ async def json_body(request: Request[Any, Any, Any], *, required: bool = True) -
             415,
             f"the body must be application/json, not {content_type!r}",
             headers={"Accept": "application/json"},
+        )
+    if too_deep(body):
+        # refused before anything decodes or stores it: a deep document would break every
+        # later read of it (see schemas/_depth.py)
+        raise ProblemError(
+            400,
+            f"the body nests objects and arrays deeper than {MAX_JSON_DEPTH} levels",
+            slug="too-deep",
+            errors=[depth_error()],
         )
     try:
         return body, _DECODER.decode(body)

@@ -99,6 +99,7 @@ class Gateway:
         host: the address the gateway listens on (off loopback, authentication is required).
         started_at: when the gateway was created (for uptime).
         closing: set when the server shuts down, so that event streams end.
+        listening: where the server listens, once it does.
     """
 
     bus: Bus
@@ -109,6 +110,8 @@ class Gateway:
     host: str = "127.0.0.1"
     started_at: float = field(default_factory=time.time)
     closing: bool = False
+    #: the address the server really listens on (port 0 in the config becomes a port)
+    listening: tuple[str, int] | None = None
     metrics: HttpMetrics = field(init=False)
 
     def __post_init__(self) -> None:

@@ -89,6 +89,9 @@ def build_app(gateway: Gateway | None) -> Litestar:
             path="/schema",
         ),
         debug=False,
+        # the process's logging is its own (`valkyrie up`, `valkyrie gateway` set one format):
+        # Litestar's default would reconfigure the root logger with another
+        logging_config=None,
     )
     finish_openapi(app)
     return app

@@ -8,7 +8,7 @@ from typing import TypeVar
 import msgspec
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from schemas import Event
+from schemas import Event, SafeDecoder
 from valkyrie.bus.codec import EVENT_DECODER
 from valkyrie.bus.connection import Bus
 from valkyrie.bus.snapshot import read_stored
@@ -19,7 +19,7 @@ __all__ = ["bucket_values", "stream_events"]
 T = TypeVar("T")
 
 
-async def bucket_values(bus: Bus, bucket: str, decoder: msgspec.json.Decoder[T]) -> list[T]:
+async def bucket_values(bus: Bus, bucket: str, decoder: SafeDecoder[T]) -> list[T]:
     """The current value of every key of KV bucket ``bucket`` (``runners``, ``jobs`` …)."""
     await bus.kv(bucket)  # a clear error when the bucket does not exist
     name = bus.names.bucket(bucket)

@@ -9,6 +9,7 @@ import time
 import anyio
 import nats.errors
 from litestar.enums import ScopeType
+from litestar.routes import HTTPRoute
 from litestar.types import ASGIApp, HTTPScope, Message, Receive, Scope, Send
 
 from schemas import AUDIT_EVENTS
@@ -29,6 +30,18 @@ def _header(scope: HTTPScope, name: bytes) -> str | None:
     for key, value in scope.get("headers", []):
         if key.lower() == name:
             return bytes(value).decode("latin-1")
+    return None
+
+
+def _allowed(scope: HTTPScope) -> bytes | None:
+    """Every method the matched path takes, for the ``Allow`` header of an OPTIONS answer.
+
+    Litestar's own answer names only the methods of one of the path's handlers.
+    """
+    template = scope.get("path_template")
+    for route in scope["app"].routes:
+        if isinstance(route, HTTPRoute) and template in (route.path, route.path_format):
+            return ", ".join(sorted(route.methods)).encode()
     return None
 
 
@@ -72,10 +85,15 @@ class GatewayMiddleware:
         started = time.perf_counter()
         status = 500
 
+        allow = _allowed(scope) if method == "OPTIONS" else None
+
         async def send_wrapper(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = int(message["status"])
+                if allow is not None:
+                    kept = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"allow"]
+                    message["headers"] = [*kept, (b"allow", allow)]
                 if origin is not None:
                     headers = list(message.get("headers", []))
                     headers += [

@@ -16,6 +16,7 @@ __all__ = [
     "FallbackRequest",
     "FallbackResponse",
     "JobList",
+    "MigrationStepView",
     "Pagination",
     "ReloadResponse",
     "RunnerList",
@@ -26,6 +27,7 @@ __all__ = [
     "V1JobStatus",
     "V1RunnerList",
     "V1RunnerSummary",
+    "V1Status",
     "V1SubmitResponse",
 ]
 
@@ -100,14 +102,34 @@ class RunnerStatusResponse(msgspec.Struct, kw_only=True):
 ConfigDocument = dict[str, Any]
 
 
+class MigrationStepView(msgspec.Struct, kw_only=True):
+    """What became of one field of the ancestor's config document.
+
+    ``action``: ``mapped`` (same meaning), ``changed`` (unit or shape converted), ``dropped`` (no
+    equivalent), ``restart`` (converted, but it cannot change live: set it in the config file or
+    environment) or ``unknown``.
+    """
+
+    field: str
+    action: Literal["mapped", "changed", "dropped", "restart", "unknown"]
+    target: str | None
+    value: Any
+    reason: str
+
+
 class ConfigChangeResponse(msgspec.Struct, kw_only=True):
-    """An accepted change: the new revision and what changed."""
+    """An accepted change: the new revision and what changed.
+
+    ``migration`` is set when the body was the ancestor's config document: what became of each
+    of its fields (the change holds the converted values).
+    """
 
     accepted: bool
     revision: int | None
     diff: dict[str, Any] = msgspec.field(default_factory=dict)
     warnings: list[FieldError] = msgspec.field(default_factory=list)
     applied_here: bool = False
+    migration: list[MigrationStepView] | None = None
 
 
 class ReloadResponse(msgspec.Struct, kw_only=True):
@@ -120,11 +142,15 @@ class ReloadResponse(msgspec.Struct, kw_only=True):
 
 
 class ConfigValidation(msgspec.Struct, kw_only=True):
-    """Whether a (partial) config document, layered on the config in force, is valid."""
+    """Whether a (partial) config document, layered on the config in force, is valid.
+
+    ``migration`` is set when the document was the ancestor's (validated as converted).
+    """
 
     valid: bool
     errors: list[FieldError] = msgspec.field(default_factory=list)
     warnings: list[FieldError] = msgspec.field(default_factory=list)
+    migration: list[MigrationStepView] | None = None
 
 
 class FallbackRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -143,11 +169,15 @@ class FallbackResponse(msgspec.Struct, kw_only=True):
     message: str
 
 
+#: the ancestor's job status vocabulary (``V1_STATUS`` maps our states onto it)
+V1Status = Literal["queued", "dispatched", "running", "completed", "failed", "cancelled", "timeout"]
+
+
 class V1SubmitResponse(msgspec.Struct, kw_only=True):
     """The ancestor's v1 submit answer."""
 
     job_id: str
-    status: str
+    status: Literal["submitted"]
     message: str
 
 
@@ -155,7 +185,7 @@ class V1JobStatus(msgspec.Struct, kw_only=True):
     """The ancestor's v1 job status, in its vocabulary (times are epoch-second strings)."""
 
     job_id: str
-    status: str
+    status: V1Status
     message: str
     runner_id: str | None = None
     created_at: str | None = None
@@ -169,7 +199,7 @@ class V1CancelResponse(msgspec.Struct, kw_only=True):
     """The ancestor's v1 cancel answer."""
 
     job_id: str
-    status: str
+    status: Literal["cancelling"]
     message: str
 
 
@@ -177,7 +207,7 @@ class V1RunnerSummary(msgspec.Struct, kw_only=True):
     """One runner in the ancestor's v1 list."""
 
     runner_id: str
-    status: str
+    status: RunnerState
     capabilities: list[str]
     current_load: float
     max_capacity: int

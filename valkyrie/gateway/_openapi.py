@@ -68,9 +68,22 @@ BODIES: dict[tuple[str, str], tuple[tuple[Any, ...], bool, str]] = {
 }
 
 
+#: what a body must also satisfy beyond its Struct's schema (rules the route checks itself)
+_RULES: dict[Any, dict[str, Any]] = {
+    # exactly one of the two, not null (the route refuses {} and both at once)
+    RunnerStatusChange: {
+        "oneOf": [
+            {"required": ["status"], "properties": {"status": {"enum": ["draining", "active"]}}},
+            {"required": ["drain"], "properties": {"drain": {"type": "boolean"}}},
+        ]
+    },
+}
+
+
 def _body_schema(types: tuple[Any, ...], refs: dict[Any, dict[str, Any]]) -> dict[str, Any]:
     if len(types) == 1:
-        return refs[types[0]]
+        rules = _RULES.get(types[0])
+        return {"allOf": [refs[types[0]]], **rules} if rules else refs[types[0]]
     return {"anyOf": [refs[t] for t in types]}
 
 

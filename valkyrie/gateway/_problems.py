@@ -17,7 +17,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.types import ExceptionHandlersMap
 
-from schemas import FieldError
+from schemas import MAX_JSON_DEPTH, FieldError
 from valkyrie.errors import BusError, NotFoundError, NoVerdictError, StorageFullError
 
 __all__ = [
@@ -126,16 +126,31 @@ def _on_problem(request: Request[Any, Any, Any], exc: ProblemError) -> Response[
     )
 
 
+def _sent_name(request: Request[Any, Any, Any], source: str, key: str) -> str:
+    """The name the client used for parameter ``key``.
+
+    Litestar reports the Python parameter's (``resume_after``, ``idempotency_key``); the client
+    sent another (``last_event_id``, ``Idempotency-Key``).
+    """
+    handler = request.scope.get("route_handler")
+    try:
+        kwarg = handler.parsed_fn_signature.parameters[key].kwarg_definition
+    except (AttributeError, KeyError):
+        return key
+    alias = getattr(kwarg, source, None) or getattr(kwarg, "name", None)
+    return alias if isinstance(alias, str) and alias else key
+
+
 def _on_validation(request: Request[Any, Any, Any], exc: ValidationException) -> Response[bytes]:
     # Litestar raises this for query, path and header parameters (bodies are decoded here): they
-    # are well-formed requests with invalid values, hence 422 with every parameter named.
+    # are well-formed requests with invalid values, hence 422 with every parameter named as sent.
     errors: list[FieldError] = []
     extra = exc.extra if isinstance(exc.extra, list) else []
     for item in extra:
         if isinstance(item, dict):
             raw = item.get("source") or "query"
             source = str(getattr(raw, "value", raw))
-            key = str(item.get("key") or "")
+            key = _sent_name(request, source, str(item.get("key") or ""))
             errors.append(
                 FieldError(
                     path=f"{source}.{key}" if key else source,
@@ -212,11 +227,12 @@ def exception_handlers() -> ExceptionHandlersMap:
 
 
 _DESCRIPTIONS = {
-    400: "Broken JSON or a missing body.",
+    400: f"Broken JSON, a missing body, or JSON nested deeper than {MAX_JSON_DEPTH} levels.",
     401: "No or unknown bearer token (when `http.auth_required`).",
     403: "The token lacks the scope this route needs.",
     404: "No such job or runner.",
-    409: "The request conflicts with the current state (e.g. the job already finished).",
+    409: "The request conflicts with the current state (e.g. the job already finished, or an "
+    "`Idempotency-Key` reused with a different body).",
     413: "The body exceeds `http.max_body_bytes` (or `limits.submission_max_bytes`).",
     415: "The body is not `application/json`.",
     422: "The body or a parameter is invalid; `errors` names every field.",

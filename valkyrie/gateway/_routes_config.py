@@ -11,6 +11,7 @@ from litestar.params import QueryParameter
 
 from schemas import FieldError
 from valkyrie.config.live import LiveConfig
+from valkyrie.config.migrate import is_ancestor_document, live_only, migrate_ancestor
 from valkyrie.config.model import ValkyrieConfig, is_live, unflatten
 from valkyrie.config.validate import ValidationResult, validate_dotted
 from valkyrie.gateway._auth import route_opt
@@ -19,11 +20,19 @@ from valkyrie.gateway._context import GatewayDep, identity_of
 from valkyrie.gateway._models import (
     ConfigChangeResponse,
     ConfigValidation,
+    MigrationStepView,
     ReloadResponse,
 )
 from valkyrie.gateway._problems import COMMON, ProblemError, problem_responses
 
-__all__ = ["ROUTES", "ConfigView", "dotted_document", "validate_layered", "wait_applied"]
+__all__ = [
+    "ROUTES",
+    "ConfigView",
+    "dotted_document",
+    "from_ancestor",
+    "validate_layered",
+    "wait_applied",
+]
 
 _SECTIONS = frozenset(
     f.name
@@ -71,6 +80,28 @@ def dotted_document(doc: Any) -> tuple[dict[str, Any], list[FieldError]]:
     return out, errors
 
 
+def from_ancestor(doc: Any) -> tuple[Any, list[MigrationStepView] | None]:
+    """The document to apply, and what became of each field if it was the ancestor's.
+
+    The ancestor's config is converted as ``valkyrie config migrate`` converts it, keeping only
+    the values that may change live; any other document is returned as it is.
+    """
+    if not is_ancestor_document(doc):
+        return doc, None
+    report = live_only(migrate_ancestor(doc))
+    steps = [
+        MigrationStepView(
+            field=s.field,
+            action=s.action,
+            target=s.target,
+            value=s.value,
+            reason=s.reason,
+        )
+        for s in report.steps
+    ]
+    return report.values, steps
+
+
 def validate_layered(
     live: LiveConfig, changes: dict[str, Any], *, replace: bool
 ) -> ValidationResult:
@@ -115,12 +146,23 @@ async def wait_applied(live: LiveConfig, revision: int, timeout_s: float) -> boo
     tags=["config"],
 )
 async def get_config(gateway: GatewayDep) -> ConfigView:
-    """The config in force here, its runtime revision and each value's source layer."""
+    """The config in force here, its runtime revision and each value's source layer.
+
+    ``http.host`` and ``http.port`` are where this gateway really listens (source ``listening``
+    when that is not what the layers say: port 0 became a free port, or a command line chose).
+    """
     live = gateway.live
+    config, sources = live.current, dict(live.sources())
+    if gateway.listening is not None:
+        host, port = gateway.listening
+        if (config.http.host, config.http.port) != (host, port):
+            http = msgspec.structs.replace(config.http, host=host, port=port)
+            config = msgspec.structs.replace(config, http=http)
+            sources["http.host"] = sources["http.port"] = "listening"
     return ConfigView(
         revision=live.revision,
-        config=live.current,
-        sources=dict(sorted(live.sources().items())),
+        config=config,
+        sources=dict(sorted(sources.items())),
         runtime=dict(live.runtime),
         applied_at_ms=int(live.applied_at * 1000),
         errors=list(live.last_error),
@@ -135,7 +177,10 @@ async def get_config(gateway: GatewayDep) -> ConfigView:
         "The body is a config document, whole or partial, with nested sections or dotted keys. "
         "By default it replaces the runtime layer (keys it leaves out go back to their file, "
         "environment or default values); with `merge=true` only the keys given change (`null` "
-        "removes an override). The config handler validates it; 422 lists every error."
+        "removes an override). The config handler validates it; 422 lists every error. The "
+        "ancestor's config document (RustCI's `ValkyrieIntegrationConfig`) is accepted too: it "
+        "is converted as `valkyrie config migrate` converts it, the values that cannot change "
+        "live are left out (`restart` steps), and `migration` says what became of each field."
     ),
     responses=problem_responses(400, 413, 415, 422, *COMMON),
     tags=["config"],
@@ -147,13 +192,19 @@ async def put_config(
 ) -> ConfigChangeResponse:
     """Change the runtime config through the config handler."""
     _, doc = await json_body(request)
+    doc, migration = from_ancestor(doc)
     changes, errors = dotted_document(doc)
     if not errors:
         errors = list(validate_layered(gateway.live, changes, replace=not merge).errors)
     if errors:
-        raise ProblemError(422, "the config document is invalid", errors=errors)
+        detail = "the config document is invalid"
+        if migration is not None:
+            detail += " (converted from the ancestor's document, as `valkyrie config migrate` does)"
+        raise ProblemError(422, detail, errors=errors)
     client = gateway.config_client(identity_of(request))
     reason = f"HTTP PUT ({'merge' if merge else 'replace'})"
+    if migration is not None:
+        reason += ", converted from the ancestor's config"
     if merge:
         verdict = await client.change(
             set_values=changes, reason=reason, timeout_s=gateway.timeout_s
@@ -173,6 +224,7 @@ async def put_config(
         diff=verdict.diff,
         warnings=verdict.warnings,
         applied_here=applied,
+        migration=migration,
     )
 
 
@@ -205,8 +257,9 @@ async def reload_config(gateway: GatewayDep, request: Request[Any, Any, Any]) ->
     description=(
         "Validates a whole or partial document layered on the config in force (`replace=true`: "
         "on the base layers only, as a PUT without `merge` would). Always 200 with "
-        "`{valid, errors, warnings}` for any JSON body; warnings include keys that cannot "
-        "change without a restart."
+        "`{valid, errors, warnings, migration}` for any JSON body; warnings include keys that "
+        "cannot change without a restart. The ancestor's config document is validated as "
+        "converted, with `migration` saying what became of each field (else `null`)."
     ),
     responses=problem_responses(400, 413, 415, 422, *COMMON),
     tags=["config"],
@@ -218,12 +271,15 @@ async def validate_config(
 ) -> ConfigValidation:
     """Check a document without changing anything."""
     _, doc = await json_body(request)
+    doc, migration = from_ancestor(doc)
     changes, errors = dotted_document(doc)
     if errors:
-        return ConfigValidation(valid=False, errors=errors)
+        return ConfigValidation(valid=False, errors=errors, migration=migration)
     result = validate_layered(gateway.live, changes, replace=replace)
     warnings = [*result.warnings, *_not_live(gateway.live, changes)]
-    return ConfigValidation(valid=not result.errors, errors=result.errors, warnings=warnings)
+    return ConfigValidation(
+        valid=not result.errors, errors=result.errors, warnings=warnings, migration=migration
+    )
 
 
 ROUTES = [get_config, put_config, reload_config, validate_config]

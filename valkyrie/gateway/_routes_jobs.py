@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from typing import Annotated, Any, Literal
 
 from litestar import Request, Response, delete, get, post
@@ -9,14 +10,22 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, FromQuery, HeaderParameter, QueryParameter
 
 from schemas import TERMINAL_STATES, FieldError, JobExplanation, JobRecord, JobState
-from valkyrie.errors import NotFoundError
+from valkyrie.errors import NotFoundError, SchemaError
 from valkyrie.gateway._auth import route_opt
 from valkyrie.gateway._context import Gateway, GatewayDep, identity_of, valid_id
 from valkyrie.gateway._models import CancelResponse, JobList, Pagination, SubmitResponse
 from valkyrie.gateway._problems import COMMON, ProblemError, problem_responses
 from valkyrie.gateway._submit import submit_from_request
 
-__all__ = ["ROUTES", "IdempotencyKey", "fetch_job", "parse_states", "request_cancel"]
+__all__ = [
+    "ROUTES",
+    "IdempotencyKey",
+    "Strict",
+    "fetch_job",
+    "parse_states",
+    "request_cancel",
+    "states_pattern",
+]
 
 #: the ``Idempotency-Key`` header of the submit routes (v2 and v1)
 IdempotencyKey = Annotated[
@@ -30,12 +39,23 @@ IdempotencyKey = Annotated[
     ),
 ]
 
+#: the ``strict`` query parameter of the submit routes (v2 and v1)
+Strict = Annotated[
+    bool,
+    QueryParameter(
+        description=(
+            "Refuse (422) fields the contract does not know instead of ignoring them with a "
+            "warning each, so that a typo such as `deadlin_at_ms` for `deadline_at_ms` cannot pass."
+        ),
+    ),
+]
+
 
 async def fetch_job(gateway: Gateway, job_id: str) -> JobRecord:
     """The job's record.
 
     Raises:
-        ProblemError: 404 when there is no such job.
+        ProblemError: 404 when there is no such job, 409 when its stored record cannot be read.
     """
     if not valid_id(job_id):
         raise ProblemError(404, f"no job {job_id!r}")
@@ -43,6 +63,8 @@ async def fetch_job(gateway: Gateway, job_id: str) -> JobRecord:
         return await gateway.client().get_job(job_id)
     except NotFoundError as e:
         raise ProblemError(404, f"no job {job_id!r}") from e
+    except SchemaError as e:
+        raise ProblemError(409, str(e), slug="unreadable-record", errors=e.errors) from e
 
 
 async def request_cancel(
@@ -61,6 +83,15 @@ async def request_cancel(
     who = identity_of(request)
     await gateway.admin(who).cancel_job(job_id, reason=f"cancelled over HTTP by {who.name}")
     return record
+
+
+def states_pattern(states: type[enum.StrEnum]) -> dict[str, str]:
+    """The OpenAPI ``pattern`` of a comma-separated list of ``states``.
+
+    It documents what the route takes (the route itself names each unknown state in its 422).
+    """
+    one = "|".join(s.value for s in states)
+    return {"pattern": f"^(?:(?:{one})(?:,(?:{one}))*)?$"}
 
 
 def parse_states(raw: str | None) -> set[JobState] | None:
@@ -117,10 +148,13 @@ def parse_states(raw: str | None) -> set[JobState] | None:
     tags=["jobs"],
 )
 async def submit_job(
-    request: Request[Any, Any, Any], gateway: GatewayDep, idempotency_key: IdempotencyKey = None
+    request: Request[Any, Any, Any],
+    gateway: GatewayDep,
+    idempotency_key: IdempotencyKey = None,
+    strict: Strict = False,
 ) -> Response[SubmitResponse]:
     """Submit a job."""
-    done = await submit_from_request(request, idempotency_key)
+    done = await submit_from_request(request, idempotency_key, strict=strict)
     body = SubmitResponse(
         job_id=done.record.id,
         state=done.record.state,
@@ -140,7 +174,7 @@ async def submit_job(
     "/api/v2/jobs/{job_id:str}",
     opt=route_opt("jobs:read"),
     summary="A job's record",
-    responses=problem_responses(404, *COMMON),
+    responses=problem_responses(404, 409, *COMMON),
     tags=["jobs"],
 )
 async def get_job(job_id: FromPath[str], gateway: GatewayDep) -> JobRecord:
@@ -209,7 +243,9 @@ async def list_jobs(
     status: Annotated[
         str | None,
         QueryParameter(
-            description="Comma-separated states, e.g. `queued,running`.", required=False
+            description="Comma-separated states, e.g. `queued,running`.",
+            required=False,
+            schema_extra=states_pattern(JobState),
         ),
     ] = None,
     runner_id: Annotated[str | None, QueryParameter(required=False)] = None,
@@ -220,6 +256,7 @@ async def list_jobs(
 ) -> JobList:
     """A page of jobs, filtered and sorted."""
     states = parse_states(status)
+    runner_id = runner_id or None  # an empty filter (`runner_id=`) is no filter
     everything = await gateway.client().list_jobs()
     matching = [
         r

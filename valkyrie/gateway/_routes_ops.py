@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import anyio
 import msgspec
 import nats.errors
@@ -22,13 +24,13 @@ _STREAMS = ("submit", "commands", "events")
 class Liveness(msgspec.Struct, kw_only=True):
     """The process answers."""
 
-    status: str = "alive"
+    status: Literal["alive"] = "alive"
 
 
 class Readiness(msgspec.Struct, kw_only=True):
     """NATS is connected and the streams answer."""
 
-    status: str
+    status: Literal["ready"]
     streams: list[str]
 
 

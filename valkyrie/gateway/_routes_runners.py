@@ -15,9 +15,13 @@ from schemas import (
     RunnerRecord,
     RunnerRegistration,
     RunnerState,
+    SafeDecoder,
     convert_or_errors,
+    is_ancestor_registration,
+    registration_from_ancestor,
+    unknown_fields,
 )
-from valkyrie.bus.codec import RUNNER_DECODER
+from valkyrie.bus.codec import RUNNER_DECODER, encode
 from valkyrie.bus.kv import get_versioned
 from valkyrie.domain.health import AVAILABLE_RUNNER_STATES
 from valkyrie.errors import NotFoundError
@@ -32,10 +36,11 @@ from valkyrie.gateway._models import (
     RunnerStatusResponse,
 )
 from valkyrie.gateway._problems import COMMON, ProblemError, problem_responses
+from valkyrie.gateway._routes_jobs import states_pattern
 
 __all__ = ["ROUTES", "all_runners", "fetch_runner", "runner_capabilities"]
 
-_VERDICT = msgspec.json.Decoder(RegistrationVerdict)
+_VERDICT = SafeDecoder(RegistrationVerdict)
 #: a runner counts as healthy when it heartbeats and takes work
 
 
@@ -81,7 +86,14 @@ def runner_capabilities(record: RunnerRecord) -> set[str]:
 )
 async def list_runners(
     gateway: GatewayDep,
-    status: Annotated[str | None, QueryParameter(required=False)] = None,
+    status: Annotated[
+        str | None,
+        QueryParameter(
+            description="Comma-separated runner states, e.g. `active,busy`.",
+            required=False,
+            schema_extra=states_pattern(RunnerState),
+        ),
+    ] = None,
     region: Annotated[str | None, QueryParameter(required=False)] = None,
     capabilities: Annotated[str | None, QueryParameter(required=False)] = None,
     limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 50,
@@ -109,6 +121,7 @@ async def list_runners(
                     for b in bad
                 ],
             )
+    region = region or None  # an empty filter (`region=`) is no filter
     wanted = {c.strip().lower() for c in (capabilities or "").split(",") if c.strip()}
     everything = await all_runners(gateway)
     matching = [
@@ -186,8 +199,11 @@ async def set_runner_status(
     status_code=200,
     summary="Register a runner",
     description=(
-        "The body is a `RunnerRegistration`; it is forwarded as the registry's core request and "
-        "its verdict returned. 422 when the registry refuses it."
+        "The body is a `RunnerRegistration`, or a registration in the ancestor's shape "
+        "(`capabilities.supported_job_types`, `geographic_location`, `endpoint`, ...), converted "
+        "first; it is forwarded as the registry's core request and its verdict returned, with "
+        "`warnings` naming each field ignored (and, for the ancestor's shape, what was done with "
+        "it). 422 when the body is invalid or the registry refuses it."
     ),
     responses=problem_responses(400, 413, 415, 422, *COMMON),
     tags=["runners"],
@@ -197,7 +213,18 @@ async def register_runner(
 ) -> RegistrationVerdict:
     """Register (or re-register) a runner."""
     body, obj = await json_body(request)
-    registration, errors = convert_or_errors(RunnerRegistration, obj)
+    if is_ancestor_registration(obj):
+        ancestor = registration_from_ancestor(obj)
+        registration, errors = convert_or_errors(RunnerRegistration, ancestor.body)
+        errors = ancestor.rename_errors(errors)
+        warnings = ancestor.warnings
+        body = encode(ancestor.body)
+    else:
+        registration, errors = convert_or_errors(RunnerRegistration, obj)
+        warnings = [
+            FieldError(path=path, reason="unknown field, ignored")
+            for path in unknown_fields(RunnerRegistration, obj)
+        ]
     if registration is None:
         raise ProblemError(422, "invalid registration", errors=errors)
     try:
@@ -213,7 +240,7 @@ async def register_runner(
     verdict = _VERDICT.decode(reply.data)
     if not verdict.accepted:
         raise ProblemError(422, "the registry refused the registration", errors=verdict.errors)
-    return verdict
+    return msgspec.structs.replace(verdict, warnings=[*verdict.warnings, *warnings])
 
 
 ROUTES = [list_runners, get_runner, set_runner_status, register_runner]

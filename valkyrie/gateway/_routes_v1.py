@@ -16,17 +16,18 @@ from valkyrie.gateway._models import (
     V1JobStatus,
     V1RunnerList,
     V1RunnerSummary,
+    V1Status,
     V1SubmitResponse,
 )
 from valkyrie.gateway._problems import COMMON, ProblemError, problem_responses
-from valkyrie.gateway._routes_jobs import IdempotencyKey, fetch_job, request_cancel
+from valkyrie.gateway._routes_jobs import IdempotencyKey, Strict, fetch_job, request_cancel
 from valkyrie.gateway._routes_runners import all_runners
 from valkyrie.gateway._submit import submit_from_request
 
 __all__ = ["ROUTES", "V1_STATUS"]
 
 #: our states in the ancestor's status vocabulary (queued/dispatched/running/completed/failed/...)
-V1_STATUS = {
+V1_STATUS: dict[JobState, V1Status] = {
     JobState.QUEUED: "queued",
     JobState.DISPATCHED: "dispatched",
     JobState.ACCEPTED: "dispatched",
@@ -72,11 +73,11 @@ def _require_v1(request: Request[Any, Any, Any]) -> None:
     tags=["v1"],
 )
 async def submit_v1(
-    request: Request[Any, Any, Any], idempotency_key: IdempotencyKey = None
+    request: Request[Any, Any, Any], idempotency_key: IdempotencyKey = None, strict: Strict = False
 ) -> Response[V1SubmitResponse]:
     """Submit a job through the legacy API."""
     _require_v1(request)
-    done = await submit_from_request(request, idempotency_key)
+    done = await submit_from_request(request, idempotency_key, strict=strict)
     message = (
         "Duplicate of an earlier submission: the original job"
         if done.duplicate
@@ -93,7 +94,7 @@ async def submit_v1(
     "/api/v1/jobs/{job_id:str}",
     opt=route_opt("jobs:read"),
     summary="A job's status (v1)",
-    responses=problem_responses(404, *COMMON),
+    responses=problem_responses(404, 409, *COMMON),
     tags=["v1"],
 )
 async def get_v1(
@@ -142,7 +143,7 @@ def _v1_runner(record: RunnerRecord) -> V1RunnerSummary:
     caps = reg.capabilities
     return V1RunnerSummary(
         runner_id=reg.runner_id,
-        status=record.state.value,
+        status=record.state,
         capabilities=sorted({*caps.job_types, *caps.languages, *caps.frameworks}),
         current_load=record.load,
         max_capacity=reg.max_concurrent_jobs,
@@ -166,7 +167,7 @@ async def runners_v1(
     """Every runner in the ancestor's shape (optionally one ``status``)."""
     _require_v1(request)
     records = await all_runners(gateway)
-    runners = [_v1_runner(r) for r in records if status is None or r.state.value == status]
+    runners = [_v1_runner(r) for r in records if not status or r.state.value == status]
     return V1RunnerList(
         runners=runners, count=len(runners), message=f"{len(runners)} runner(s) registered"
     )

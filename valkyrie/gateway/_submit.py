@@ -7,7 +7,7 @@ from typing import Any
 
 from litestar import Request
 
-from schemas import FieldError, JobRecord, Refusal
+from schemas import FieldError, JobRecord, SubmitVerdict
 from valkyrie.bus.codec import encode, now_ms
 from valkyrie.domain.intake import parse_submission
 from valkyrie.errors import SchemaError
@@ -16,16 +16,6 @@ from valkyrie.gateway._context import AUDIT_JOB_ID, gateway_of, identity_of
 from valkyrie.gateway._problems import FULL_RETRY_AFTER_S, ProblemError
 
 __all__ = ["Submitted", "submit_from_request"]
-
-#: ancestor field names a v2 body may still carry (the bus ignores them) -> what replaced them
-_RENAMED = {
-    "$.deadline": "deadline_at_ms (milliseconds since the epoch)",
-    "$.requirements.max_execution_time": "requirements.max_execution_time_s",
-    "$.qos_requirements.max_latency": "qos_requirements.max_latency_ms",
-    "$.qos_requirements.min_throughput": "qos_requirements.min_throughput_bytes_per_s",
-    "$.performance_targets.max_dispatch_latency": "performance_targets.max_dispatch_latency_ms",
-    "$.performance_targets.target_completion_time": "performance_targets.target_completion_time_s",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,22 +28,22 @@ class Submitted:
     warnings: list[FieldError]
 
 
-def _with_hints(warnings: tuple[FieldError, ...]) -> list[FieldError]:
-    """Intake's unknown-field warnings, naming the field that replaced an ancestor's."""
-    hinted = []
-    for warning in warnings:
-        hint = _RENAMED.get(warning.path)
-        reason = f"{warning.reason} (use {hint})" if hint else warning.reason
-        hinted.append(FieldError(path=warning.path, reason=reason))
-    return hinted
-
-
 #: how long a tenant over its queue cap is asked to wait (the queue ledger's own delay is ~1 s)
 QUOTA_RETRY_AFTER_S = 5
 
 
-def _refused(refusal: Refusal | None, errors: list[FieldError]) -> ProblemError:
-    """The problem for a submission intake refused (``refusal`` says why)."""
+def _refused(verdict: SubmitVerdict) -> ProblemError:
+    """The problem for a submission intake refused (``verdict.refusal`` says why)."""
+    refusal, errors = verdict.refusal, verdict.errors
+    if refusal == "conflict":
+        # the IETF Idempotency-Key draft: a key reused with another body is 422, not the job
+        return ProblemError(
+            422,
+            f"this submission repeats job {verdict.job_id}'s idempotency key (or job id) with a "
+            "different body; resubmit the same body to get that job, or use a new key",
+            slug="idempotency-key-reused",
+            errors=errors,
+        )
     if refusal == "quota":
         return ProblemError(
             429,
@@ -73,9 +63,11 @@ def _refused(refusal: Refusal | None, errors: list[FieldError]) -> ProblemError:
 
 
 async def submit_from_request(
-    request: Request[Any, Any, Any], idempotency_key: str | None
+    request: Request[Any, Any, Any], idempotency_key: str | None, *, strict: bool = False
 ) -> Submitted:
     """Validate the body like intake does, publish it, and return the job intake recorded.
+
+    With ``strict``, fields the contract does not know are refused (here and by intake).
 
     Raises:
         ProblemError: 400/413/415 (body), 422 (invalid, or rejected by intake), 429 (the
@@ -105,15 +97,21 @@ async def submit_from_request(
             f"the submission is {len(body)} bytes; the limit is {limit} (limits.submission_max_bytes)",
         )
     try:
-        parsed = parse_submission(body, received_at_ms=now_ms(), max_bytes=limit)
+        parsed = parse_submission(
+            body,
+            received_at_ms=now_ms(),
+            max_bytes=limit,
+            max_metadata_entries=gateway.config.limits.max_metadata_entries,
+            strict=strict,
+        )
     except SchemaError as e:
         raise ProblemError(422, "the submission is invalid", errors=e.errors) from e
-    warnings = _with_hints(parsed.warnings)
+    warnings = list(parsed.warnings)
     client = gateway.client(identity_of(request))
-    verdict = await client.submit(body, timeout_s=gateway.timeout_s)
+    verdict = await client.submit(body, timeout_s=gateway.timeout_s, strict=strict)
     assert verdict is not None  # wait_verdict is on
     if not verdict.accepted or verdict.job_id is None:
-        raise _refused(verdict.refusal, verdict.errors)
+        raise _refused(verdict)
     request.scope.setdefault("state", {})[AUDIT_JOB_ID] = verdict.job_id
     record = await client.get_job(verdict.job_id)
     return Submitted(record, verdict.duplicate, parsed.api_version, warnings)

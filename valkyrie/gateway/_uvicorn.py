@@ -6,7 +6,7 @@ import contextlib
 import functools
 import logging
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import anyio
@@ -96,6 +96,7 @@ async def serve_gateway(
     server = _Server(config)
     sock = _bind(host, port)
     bound = int(sock.getsockname()[1])
+    gateway.listening = (host, bound)
     address = f"http://{host}:{bound}"
 
     def http_check() -> CheckResult:
@@ -180,11 +181,17 @@ async def run_gateway(
         watching.cancel_scope.cancel()
 
 
-def gateway_extra(config: LoadedConfig, *, port: int | None = None) -> Extra:
+def gateway_extra(
+    config: LoadedConfig,
+    *,
+    port: int | None = None,
+    on_listening: Callable[[str], None] | None = None,
+) -> Extra:
     """An ``extras`` entry for ``run_control_plane``: the gateway alongside the handlers.
 
     The gateway connects as its own identity (``gateway``) and gets a live config of its own,
-    built from the process's loaded ``config``.
+    built from the process's loaded ``config``. ``on_listening`` is told the URL once the server
+    listens (its port is known only then when the config says 0).
 
     Raises:
         ConfigError: the gateway would require authentication but knows no token (checked here,
@@ -195,9 +202,15 @@ def gateway_extra(config: LoadedConfig, *, port: int | None = None) -> Extra:
     async def extra(
         connector: Connector, stop: anyio.Event, *, task_status: TaskStatus[Any]
     ) -> None:
-        async with connector.bus(GATEWAY, name="valkyrie-gateway") as bus:
-            await run_gateway(
-                bus, stop, live=LiveConfig(config), port=port, task_status=task_status
-            )
+        live = LiveConfig(config)
+        async with (
+            connector.bus(GATEWAY, name="valkyrie-gateway") as bus,
+            anyio.create_task_group() as tg,
+        ):
+            serve = functools.partial(run_gateway, bus, stop, live=live, port=port)
+            bound = await tg.start(serve)
+            if on_listening is not None:
+                on_listening(f"http://{live.current.http.host}:{bound}")
+            task_status.started(bound)
 
     return extra

@@ -38,6 +38,9 @@ class RunningJob:
 
     ctx: JobContext
     logs: LogPublisher
+    #: its ``JobFinished`` is being published: the control plane frees the slot the moment it
+    #: stores it, so the slot counts as free here from then on (a dispatch for it may come first)
+    finishing: bool = False
 
     @property
     def key(self) -> JobKey:
@@ -88,6 +91,10 @@ class Attempts:
         self._jobs_changed = anyio.Event()
         #: where accepted jobs run (set while the runner serves)
         self.group: TaskGroup | None = None
+
+    def busy(self) -> int:
+        """Slots in use: attempts running, not those whose result is being reported."""
+        return sum(1 for job in self.jobs.values() if not job.finishing)
 
     async def wait_idle(self) -> None:
         """Wait until no attempt is in progress."""
@@ -154,8 +161,8 @@ class Attempts:
         refusal = None
         if self._draining():
             refusal = "the runner is draining"
-        elif len(self.jobs) >= self._capacity:
-            refusal = f"the runner is at capacity ({len(self.jobs)}/{self._capacity} jobs)"
+        elif self.busy() >= self._capacity:
+            refusal = f"the runner is at capacity ({self.busy()}/{self._capacity} jobs)"
         if refusal is not None:
             log.info("runner %s: rejecting %s attempt %d: %s", self._runner_id, *key, refusal)
             tg.start_soon(self._reject, dispatch, refusal)
@@ -185,8 +192,9 @@ class Attempts:
             outcome="rejected",
             result=JobResult(error=refusal),
         )
-        # Its own message id: the same attempt may later be dispatched here again and finish, and
-        # that JobFinished must not be dropped as a duplicate of this rejection.
+        # Its own message id, not <job>.<attempt>.finished: a refused attempt never comes back (the
+        # job's next dispatch is a new attempt), but the two kinds of ending stay apart in the
+        # stream's duplicate window whatever happens.
         await self._send(finished, f"{dispatch.job_id}.{dispatch.attempt}.rejected")
 
     async def _send(self, update: JobUpdate, msg_id: str) -> bool:
@@ -238,6 +246,8 @@ class Attempts:
                 outcome=outcome.outcome,
                 result=ctx.redact_result(outcome.result),
             )
+            job.finishing = True
+            self._changed()
             await self._report(ctx, finished)
         finally:
             self.jobs.pop(job.key, None)

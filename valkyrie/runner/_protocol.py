@@ -18,7 +18,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from schemas import JobUpdate, RegistrationVerdict, RunnerCommand, RunnerRegistration
+from schemas import JobUpdate, RegistrationVerdict, RunnerCommand, RunnerRegistration, SafeDecoder
 from valkyrie.bus.codec import encode
 from valkyrie.runner._errors import RegistrationRejected
 
@@ -26,8 +26,8 @@ __all__ = ["COMMAND_DECODER", "decode_verdict", "deregister", "publish_update", 
 
 log = logging.getLogger("valkyrie.runner")
 
-COMMAND_DECODER = msgspec.json.Decoder(RunnerCommand)
-_VERDICT_DECODER = msgspec.json.Decoder(RegistrationVerdict)
+COMMAND_DECODER = SafeDecoder(RunnerCommand)
+_VERDICT_DECODER = SafeDecoder(RegistrationVerdict)
 
 
 #: how long a runner leaving cleanly keeps asking to be forgotten

@@ -24,6 +24,8 @@ from valkyrie.runner._protocol import COMMAND_DECODER, deregister, register
 __all__ = ["Runner"]
 
 FENCE_CHECK_S = 0.2
+#: while draining, how often the runner says which jobs it still waits for
+DRAIN_PROGRESS_S = 5.0
 log = logging.getLogger("valkyrie.runner")
 
 
@@ -231,8 +233,21 @@ class Runner:
         self.drain()
 
     async def _finish_jobs(self) -> None:
-        with anyio.move_on_after(self._drain_timeout_s):
-            await self._attempts.wait_idle()
+        deadline = anyio.current_time() + self._drain_timeout_s
+        # say what the drain waits for, every few seconds: a silent wait looks like a hang
+        while self._jobs and (left := deadline - anyio.current_time()) > 0:
+            running = ", ".join(job_id for job_id, _ in list(self._jobs)[:5])
+            log.info(
+                "runner %s: draining: waiting for %d running job(s) (%s) to finish; stopped in "
+                "%.0fs at the latest (drain timeout %gs)",
+                self.runner_id,
+                len(self._jobs),
+                running + (", ..." if len(self._jobs) > 5 else ""),
+                left,
+                self._drain_timeout_s,
+            )
+            with anyio.move_on_after(min(DRAIN_PROGRESS_S, left)):
+                await self._attempts.wait_idle()
         if not self._jobs:
             return
         log.warning(
@@ -334,11 +349,15 @@ class Runner:
         return int(self._nc.stats.get("reconnects", 0))
 
     async def _heartbeat(self, *, flush: bool = False) -> None:
-        running = [k[0] for k, job in self._jobs.items() if job.ctx.stop_reason != "abandon"]
+        running = [
+            k[0]
+            for k, job in self._jobs.items()
+            if job.ctx.stop_reason != "abandon" and not job.finishing
+        ]
         beat = RunnerHeartbeat(
             runner_id=self.runner_id,
             sent_at_ms=now_ms(),
-            load=min(1.0, len(self._jobs) / self.capacity),
+            load=min(1.0, self._attempts.busy() / self.capacity),
             running_jobs=running,
             draining=self.draining,
             session_id=self.session_id,

@@ -68,15 +68,21 @@ def parse_command_payload(payload: Any) -> tuple[CommandPayload | None, list[Fie
     ]
 
 
-def _spawn_error(e: OSError, payload: CommandPayload, cwd: str) -> str:
+def _spawn_error(e: OSError, payload: CommandPayload, cwd: str) -> JobResult:
+    """Why the command could not start, as its result.
+
+    A command that does not exist or may not be executed is the job's fault, not the
+    infrastructure's: it ends ``failed`` with the exit code a shell gives it (127, 126), so it
+    is not retried unless the job's retry policy says so. Anything else is an ``error``.
+    """
     missing = e.filename if e.filename is not None else payload.display()
     if isinstance(e, FileNotFoundError):
         if str(missing) == cwd:
-            return f"working directory not found: {cwd}"
-        return f"executable not found: {missing}"
+            return JobResult(error=f"working directory not found: {cwd}")
+        return JobResult(exit_code=127, error=f"executable not found: {missing}")
     if isinstance(e, PermissionError):
-        return f"permission denied: {missing}"
-    return f"cannot start {payload.display()}: {e.strerror or e}"
+        return JobResult(exit_code=126, error=f"permission denied: {missing}")
+    return JobResult(error=f"cannot start {payload.display()}: {e.strerror or e}")
 
 
 class ShellHandler:
@@ -149,9 +155,9 @@ class ShellHandler:
         try:
             proc = ChildProcess.spawn(args, shell=shell, env=self._env(ctx, payload), cwd=cwd)
         except OSError as e:
-            reason = _spawn_error(e, payload, cwd)
-            await ctx.log(f"[valkyrie] {reason}", "system")
-            return JobResult(error=reason)
+            result = _spawn_error(e, payload, cwd)
+            await ctx.log(f"[valkyrie] {result.error}", "system")
+            return result
         try:
             end = await self._supervise(ctx, proc)
         finally:

@@ -25,6 +25,7 @@ from schemas import (
     JobState,
     QueueListing,
     QueueListRequest,
+    SafeDecoder,
 )
 from valkyrie.bus.codec import encode
 from valkyrie.bus.kv import Versioned
@@ -37,8 +38,8 @@ from valkyrie.domain.scheduling.queue import DispatchQueue
 __all__ = ["Explainer"]
 
 log = logging.getLogger("valkyrie.dispatcher")
-_REQUEST = msgspec.json.Decoder(ExplainRequest)
-_LIST_REQUEST = msgspec.json.Decoder(QueueListRequest)
+_REQUEST = SafeDecoder(ExplainRequest)
+_LIST_REQUEST = SafeDecoder(QueueListRequest)
 
 
 class Explainer:

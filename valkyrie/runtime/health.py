@@ -33,7 +33,7 @@ import nats.js.errors
 from anyio.abc import TaskStatus
 from nats.aio.msg import Msg
 
-from schemas import CheckResult, ConsumerLag, HealthReport, RunnerRecord
+from schemas import CheckResult, ConsumerLag, HealthReport, RunnerRecord, SafeDecoder
 from valkyrie.bus.codec import RUNNER_DECODER, encode, new_id, now_ms
 from valkyrie.bus.connection import Bus
 from valkyrie.bus.kv import Versioned
@@ -55,7 +55,7 @@ __all__ = [
 
 log = logging.getLogger("valkyrie.health")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-+]")
-_REPORT = msgspec.json.Decoder(HealthReport)
+_REPORT = SafeDecoder(HealthReport)
 
 
 def component_name(handlers: Iterable[str]) -> str:

@@ -10,7 +10,7 @@ import msgspec
 import nats.js.errors
 from nats.js.kv import KeyValue
 
-from schemas import FallbackRecord, HealthSummary
+from schemas import FallbackRecord, HealthSummary, SafeDecoder
 from valkyrie.bus.codec import encode
 from valkyrie.bus.connection import Bus
 
@@ -20,8 +20,8 @@ __all__ = ["FALLBACK_KEY", "HEALTH_KEY", "HealthStore"]
 HEALTH_KEY = "health"
 FALLBACK_KEY = "fallback"
 
-_SUMMARY = msgspec.json.Decoder(HealthSummary)
-_RECORD = msgspec.json.Decoder(FallbackRecord)
+_SUMMARY = SafeDecoder(HealthSummary)
+_RECORD = SafeDecoder(FallbackRecord)
 
 
 class HealthStore:

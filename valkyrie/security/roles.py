@@ -338,6 +338,8 @@ def _reader(lists: _Lists) -> None:
     lists.publish(*(n.srv_subject(verb) for verb in ("PING", "INFO", "STATS")))
     _lag_reader(lists)
     lists.subscribe(n.health(">"))
+    # `runners ls` shows the live heartbeat's age; a heartbeat holds no secret
+    lists.subscribe(n.heartbeat("*"))
 
 
 def _gateway(lists: _Lists, identity: str, everyone: Sequence[str]) -> bool:

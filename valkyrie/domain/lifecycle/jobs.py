@@ -106,8 +106,15 @@ def retry_after_failure(
         "cancelled": JobState.CANCELLED,
     }.get(outcome, JobState.FAILED)
     if record.cancel_requested:
+        # the reason the cancel was asked with (the canceller keeps it in the record), else the
+        # runner's account of the cancel
+        why = record.reason or (reason if outcome == "cancelled" else None)
         return finish_job(
-            closed, JobState.CANCELLED, now_ms=now_ms, reason="cancelled by request", result=result
+            closed,
+            JobState.CANCELLED,
+            now_ms=now_ms,
+            reason=why or "cancelled by request",
+            result=result,
         )
     if outcome == "rejected":
         refusals = sum(1 for a in closed.attempts if a.outcome == "rejected")
