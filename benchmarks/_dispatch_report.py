@@ -6,8 +6,6 @@ from typing import Any
 
 from benchmarks._phases import (
     PHASES,
-    TARGET_PACED_P50_MS,
-    TARGET_THROUGHPUT,
 )
 from benchmarks._report import (
     ratio,
@@ -55,41 +53,6 @@ def scale_ratio(results: dict[str, Any]) -> float | None:
     big = ((results.get("valkyrie_scale") or {}).get("saturating") or {}).get("throughput_per_s")
     base = ((results.get("valkyrie") or {}).get("saturating") or {}).get("throughput_per_s")
     return ratio(big, base) if big and base else None
-
-
-def targets(results: dict[str, Any]) -> dict[str, Any]:
-    """The figures the pipeline is judged against, and whether they were met."""
-    v = results.get("valkyrie") or {}
-    sat = (v.get("saturating") or {}).get("throughput_per_s")
-    p50 = ((v.get("paced") or {}).get("latency_ms") or {}).get("p50")
-    floor = ((results.get("raw_lifecycle") or {}).get("saturating") or {}).get("throughput_per_s")
-    with_events = ((results.get("raw_lifecycle_events") or {}).get("saturating") or {}).get(
-        "throughput_per_s"
-    )
-    return {
-        # not a target: how far the least durable lifecycle in plain NATS gets on this machine
-        "raw_lifecycle_saturating_throughput_per_s": {
-            "target": f">= {TARGET_THROUGHPUT:g}",
-            "measured": floor,
-            "met": floor is not None and floor >= TARGET_THROUGHPUT,
-        },
-        # not a target either: the same floor with the event stream Valkyrie's contract has
-        "raw_lifecycle_events_saturating_throughput_per_s": {
-            "target": f">= {TARGET_THROUGHPUT:g}",
-            "measured": with_events,
-            "met": with_events is not None and with_events >= TARGET_THROUGHPUT,
-        },
-        "saturating_throughput_per_s": {
-            "target": f">= {TARGET_THROUGHPUT:g}",
-            "measured": sat,
-            "met": sat is not None and sat >= TARGET_THROUGHPUT,
-        },
-        "paced_p50_ms": {
-            "target": f"<= {TARGET_PACED_P50_MS:g}",
-            "measured": p50,
-            "met": p50 is not None and p50 <= TARGET_PACED_P50_MS,
-        },
-    }
 
 
 def _display(system: str, p: dict[str, Any]) -> str:
@@ -251,33 +214,105 @@ def render(doc: dict[str, Any]) -> str:
             "valkyrie latency split at the queued event (intake done; seen by a subscriber here):",
             render_table(["phase", "segment", "jobs", "p50 ms", "p95 ms", "p99 ms"], split_rows),
         ]
-    t = doc["targets"]
-    if results.get("valkyrie"):
-        lines += [
-            "",
-            "targets: saturating throughput {} jobs/s: {} ({}); paced p50 {} ms: {} ({})".format(
-                t["saturating_throughput_per_s"]["target"],
-                "MET" if t["saturating_throughput_per_s"]["met"] else "NOT MET",
-                t["saturating_throughput_per_s"]["measured"],
-                t["paced_p50_ms"]["target"],
-                "MET" if t["paced_p50_ms"]["met"] else "NOT MET",
-                t["paced_p50_ms"]["measured"],
-            ),
-        ]
-    floor = t.get("raw_lifecycle_saturating_throughput_per_s") or {}
-    if floor.get("measured") is not None:
-        lines.append(
-            "floor on this machine: raw-lifecycle (plain NATS: slots counted, job recorded "
-            f"dispatched and done, no events) saturating {floor['measured']} jobs/s"
-        )
-    with_events = t.get("raw_lifecycle_events_saturating_throughput_per_s") or {}
-    if with_events.get("measured") is not None:
-        lines.append(
-            "the same with the event stream (raw-lifecycle-events, 4 events per job) saturating "
-            f"{with_events['measured']} jobs/s"
-        )
+    lines += _costs_lines(doc)
+    lines += _scale_out_lines(doc)
+    lines += _target_lines(doc)
     if doc["errors"]:
         lines += ["", "ERRORS:", *doc["errors"]]
     if doc["missing_total"]:
         lines += ["", f"WARNING: {doc['missing_total']} submitted job(s) were never dispatched"]
     return "\n".join(lines)
+
+
+SYSTEMS = ("valkyrie", "raw", "raw_lifecycle", "raw_lifecycle_events", "valkyrie_scale")
+
+
+def _costs_lines(doc: dict[str, Any]) -> list[str]:
+    results, p = doc["results"], doc["parameters"]
+    rows = []
+    for system in SYSTEMS:
+        r = (results.get(system) or {}).get("saturating") or {}
+        c, cpu = r.get("costs"), r.get("cpu_ms_per_job") or {}
+        if not c:
+            continue
+        rows.append(
+            [
+                _display(system, p),
+                (results.get(system) or {}).get("event_loop"),
+                c["stored_messages_per_job"],
+                c["round_trips_per_job"],
+                c["api_requests_per_job"],
+                c["acked_publishes_per_job"],
+                c["server_msgs_in_per_job"],
+                c["server_msgs_out_per_job"],
+                cpu.get("worker"),
+                cpu.get("nats_server"),
+                cpu.get("benchmark"),
+            ]
+        )
+    if not rows:
+        return []
+    return [
+        "",
+        "per job, saturating phase (first submit until idle): stored = messages stored in every "
+        "stream (KV included); round trips = JetStream API requests + acknowledged publishes "
+        "(a lower bound: direct gets and pull requests are not counted); msgs in/out = every "
+        "message into and out of the server; CPU in ms:",
+        render_table(
+            [
+                "system",
+                "loop",
+                "stored",
+                "round trips",
+                "api",
+                "acked pubs",
+                "msgs in",
+                "msgs out",
+                "worker ms",
+                "server ms",
+                "bench ms",
+            ],
+            rows,
+        ),
+    ]
+
+
+def _scale_out_lines(doc: dict[str, Any]) -> list[str]:
+    layouts = doc.get("scale_out")
+    if not layouts:
+        return []
+    rows, predictions = [], []
+    for name, x in layouts.items():
+        rows.append(
+            [
+                name,
+                len(x["worker_processes"] or []),
+                x["throughput_per_s"],
+                x["worker_cpu_ms_per_job"],
+                x["server_cpu_ms_per_job"],
+            ]
+        )
+        for q in x["predicted"]:
+            predictions.append(
+                f"  from {name}: {q['cores']} cores -> {q['jobs_per_s']:,.0f} jobs/s "
+                f"(workers {q['worker_cores']} cores in >= {q['worker_processes_needed']} "
+                f"processes, server {q['server_cores']}); first limit: {q['first_limit']}"
+            )
+    return [
+        "",
+        "scale-out: the default layout once (x1) and twice (x2), saturating:",
+        render_table(
+            ["layout", "processes", "jobs/s", "worker ms/job", "server ms/job"], rows, digits=3
+        ),
+        "prediction, X = 1000 * cores / (worker ms + server ms) per job, every core busy, "
+        "costs per job as measured (benchmark process and runners elsewhere):",
+        *predictions,
+    ]
+
+
+def _target_lines(doc: dict[str, Any]) -> list[str]:
+    lines = ["", "targets (issue 17; ratios valkyrie / baseline within this run):"]
+    for t in doc["targets"].values():
+        verdict = {True: "MET", False: "MISSED", None: "not measured"}[t["met"]]
+        lines.append(f"  {t['what']} {t['target']}: {verdict} ({t['measured']})")
+    return lines

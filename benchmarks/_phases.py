@@ -19,6 +19,7 @@ import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
 
+from benchmarks._costs import CostMeter
 from benchmarks._fleet import Recorder
 from benchmarks._procs import Child, Children, CpuClock
 from benchmarks._profile import (
@@ -30,20 +31,27 @@ from benchmarks._report import (
     summarize_ns,
 )
 from schemas import JobSubmission
+from valkyrie.cli._common import _backend_options as backend_options
 
 ROOT = Path(__file__).resolve().parent.parent
 
-DEFAULT_JSON = ROOT / "benchmarks" / "results" / "dispatch.json"
+#: full runs land here, one file per run, to be committed when docs/benchmarks.md quotes them
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+#: ``--quick`` runs land here (git-ignored): smoke runs are never quoted
+SCRATCH_DIR = RESULTS_DIR / "scratch"
 #: default worker processes: the submit->dispatch path in one, runner upkeep and results in the other
 PROCESSES = "intake+dispatcher,registry+results"
 #: events and logs streams reserve their max_bytes on the server: keep it modest but far above what
 #: a run stores (about 2 KB of events per job), since old events are discarded when it is reached
 EVENTS_MAX_BYTES = 256 * 1024 * 1024
-TARGET_THROUGHPUT = 2000.0
-TARGET_PACED_P50_MS = 3.0
 
 
 PHASES = ("paced", "saturating")
+
+
+def valkyrie_loop() -> str:
+    """The event loop ``python -m valkyrie worker`` runs on in this environment."""
+    return "uvloop" if backend_options().get("use_uvloop") else "asyncio"
 
 
 async def nats_error(e: Exception) -> None:
@@ -91,6 +99,12 @@ class Params:
     secure: bool = False
     secure_prefix: str | None = None
     secure_dir: str | None = None
+    #: the embedded server's monitoring endpoint (``/jsz``, ``/varz``), when this run started it
+    monitor_url: str | None = None
+    #: event loop of the raw baselines' workers (``--raw-loop``)
+    raw_loop: str = "asyncio"
+    #: ``--scale-out``: the pipeline again with one and with two copies of the worker layout
+    scale_out: bool = False
 
     def process_groups(self) -> list[list[str]]:
         """The handlers of each worker process (``--processes``)."""
@@ -115,6 +129,10 @@ class Target:
     extra: Callable[[], dict[str, Any]] = field(default=lambda: {})
     #: name of an intermediate step the recorder marks (``Recorder.milestones``), if any
     milestone: str | None = None
+    #: reads the server's counters around each phase (per-job stored messages, round trips)
+    meter: CostMeter | None = None
+    #: streams this system feeds with core publishes (stored, but nobody waits for a PubAck)
+    unacked_streams: frozenset[str] = frozenset()
 
 
 def _bodies(tag: str, phase: str, count: int) -> list[tuple[str, bytes]]:
@@ -151,6 +169,8 @@ async def run_phase(
     ids = [j for j, _ in jobs]
     rec = target.recorder
     rec.expect(ids)
+    meter = target.meter
+    counted = await meter.start() if meter else None
     clock = CpuClock(target.cpu_pids)
     before = clock.sample()
     started = time.perf_counter()
@@ -238,6 +258,10 @@ async def run_phase(
         ]
     settle_s = await target.settle()
     settled = clock.sample()
+    if meter and counted:
+        result["costs"] = meter.per_job(
+            counted, await meter.end(), dispatched, target.unacked_streams
+        )
     result["settle_s"] = round(settle_s, 3) if settle_s is not None else None
     if settle_s is None:
         log(f"{target.name} {phase}: the pipeline did not go idle in time")
@@ -257,10 +281,16 @@ async def run_all_phases(target: Target, p: Params) -> dict[str, Any]:
         out["warmup"] = await run_phase(target, "w", p.warmup, rate=None, p=p)
     if p.idle_s > 0:
         # background load with no jobs (heartbeats, timers): the floor under every phase's CPU
+        counted = await target.meter.start() if target.meter else None
         clock = CpuClock(target.cpu_pids)
         before = clock.sample()
+        idle_started = time.perf_counter()
         await anyio.sleep(p.idle_s)
         out["idle_cpu_cores"] = CpuClock.usage(before, clock.sample())
+        if target.meter and counted:
+            out["idle_costs"] = target.meter.per_second(
+                counted, await target.meter.end(), time.perf_counter() - idle_started
+            )
     if p.paced_jobs:
         log(f"{target.name}: paced, {p.paced_jobs} jobs at {p.rate:g}/s")
         out["paced"] = await run_phase(target, "p", p.paced_jobs, rate=p.rate, p=p)

@@ -26,6 +26,7 @@ from nats.js.api import (
     StreamConfig,
 )
 
+from benchmarks._costs import CostMeter
 from benchmarks._fleet import RawReceivers, Recorder, runner_ids
 from benchmarks._phases import (
     ROOT,
@@ -175,6 +176,7 @@ async def raw_scenario(
                 f"--runners={p.runners}",
                 f"--concurrency={p.raw_concurrency}",
                 f"--batch={p.raw_batch}",
+                f"--loop={p.raw_loop}",
                 *lifecycle_args,
             ],
         )
@@ -198,13 +200,16 @@ async def raw_scenario(
         child = raw_workers[0]
         alive = all_alive(raw_workers)
 
+        loops: set[str] = set()
+
         async def ready() -> bool:
             if alive():
                 raise RuntimeError(alive())
             try:
-                await nc.request(f"{prefix}.ping", b"", timeout=0.5)
+                reply = await nc.request(f"{prefix}.ping", b"", timeout=0.5)
             except (nats.errors.NoRespondersError, nats.errors.TimeoutError, TimeoutError):
                 return False
+            loops.add(reply.data.decode())
             return True
 
         if await until(ready, 30, 0.05) is None:
@@ -217,10 +222,13 @@ async def raw_scenario(
         )
         await receivers.subscribe()
 
+        meter = CostMeter(js, p.monitor_url)
+
         async def idle() -> bool:
             await nc.flush()
             await recv_nc.flush()
             for on_stream, _, durable_name in consumers:
+                meter.tally()
                 info = await js.consumer_info(on_stream, durable_name)
                 if info.num_pending or info.num_ack_pending:
                     return False
@@ -242,6 +250,9 @@ async def raw_scenario(
                 "nats_server": server_pid,
             },
             tag="e" if events else "l" if lifecycle else "r",
+            meter=meter,
+            # the receivers report completions with core publishes the done stream captures
+            unacked_streams=frozenset({done_stream}),
         )
         results = await run_all_phases(target, p)
         await receivers.close()
@@ -252,6 +263,7 @@ async def raw_scenario(
         if events:
             results["events_stored"] = (await js.stream_info(events_stream)).state.messages
         results["worker_processes"] = len(raw_workers)
+        results["event_loop"] = ",".join(sorted(loops))
         results["worker_exit_code"] = await stop_workers(children, raw_workers, spies, p)
         return results
     finally:

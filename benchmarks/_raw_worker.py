@@ -25,7 +25,8 @@ no duplicate) whose ack comes back on one shared reply subscription (the cheapes
 Python we know: cheaper than nats-py's ``publish`` and ``publish_async``), both acks awaited before
 the message's own ack.
 
-It answers core requests on ``<prefix>.ping`` once ready, and stops cleanly on SIGTERM/SIGINT.
+``--loop uvloop`` runs it on uvloop, the loop Valkyrie's workers use when it is installed.
+It answers core requests on ``<prefix>.ping`` once ready (with the name of its event loop), and stops cleanly on SIGTERM/SIGINT.
 Self-contained on purpose: only nats-py, msgspec and anyio.
 """
 
@@ -104,6 +105,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--events-subject", default=None, help="publish four events per job under this prefix"
     )
     parser.add_argument(
+        "--loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="event loop (uvloop: as `python -m valkyrie worker` picks when installed)",
+    )
+    parser.add_argument(
         "--partition", default="0/1", help="INDEX/COUNT: the share of runners this worker places on"
     )
     return parser.parse_args(argv)
@@ -177,7 +184,9 @@ async def _serve(args: argparse.Namespace) -> int:
             errors.append(repr(e))
 
     async def pong(msg: Msg) -> None:
-        await msg.respond(b"ok")
+        # the reply names the event loop it runs on, so the report states what was measured
+        loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
+        await msg.respond(loop.encode())
 
     ping = await nc.subscribe(f"{args.prefix}.ping", cb=pong)
 
@@ -329,7 +338,9 @@ async def _serve(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run until SIGTERM/SIGINT; exit 0 when no message failed."""
-    return anyio.run(_serve, _parse(argv))
+    args = _parse(argv)
+    options = {"use_uvloop": True} if args.loop == "uvloop" else {}
+    return anyio.run(_serve, args, backend_options=options)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,11 @@ import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
+from benchmarks._costs import CostMeter
 from benchmarks._fleet import LeanFleet, Recorder, runner_ids
 from benchmarks._phases import (
     EVENTS_MAX_BYTES,
+    PROCESSES,
     ROOT,
     Params,
     Target,
@@ -33,6 +35,7 @@ from benchmarks._phases import (
     stop_started,
     stop_workers,
     until,
+    valkyrie_loop,
 )
 from benchmarks._procs import Child, Children
 from valkyrie import BUCKETS, Bus, Names, Settings, connect
@@ -240,12 +243,16 @@ async def valkyrie_scenario(
             updates_info = bus.names.stream("updates")
             events_info = bus.names.stream("events")
 
+            meter = CostMeter(bus.js, p.monitor_url)
+
             async def idle() -> bool:
                 await bus.nc.flush()
                 await fleet.nc.flush()
                 for stream in (submit_info, updates_info):
+                    meter.tally()
                     if (await bus.js.stream_info(stream)).state.messages:
                         return False
+                meter.tally()
                 consumer = await bus.js.consumer_info(events_info, "dispatcher")
                 return not consumer.num_pending and not consumer.num_ack_pending
 
@@ -275,11 +282,15 @@ async def valkyrie_scenario(
                 tag="v",
                 extra=extra,
                 milestone="queued_event" if p.breakdown else None,
+                meter=meter,
+                # the runners' updates are core publishes that the updates stream captures
+                unacked_streams=frozenset({updates_info}),
             )
             results = await run_all_phases(target, p)
             stop.set()
             await fleet.close()
         results["worker_processes"] = [" ".join(g) for g in groups]
+        results["event_loop"] = valkyrie_loop()
         results["worker_exit_code"] = await stop_workers(children, workers, spies, p)
         return results
     finally:
@@ -290,3 +301,22 @@ async def valkyrie_scenario(
             if fleet_nc is not None:
                 await fleet_nc.close()
             await bus.close()
+
+
+async def scale_out_scenario(
+    p: Params, url: str, server_pid: int | None, children: Children, workdir: Path
+) -> dict[str, Any]:
+    """The pipeline with one, then two copies of the default worker layout (``--scale-out``).
+
+    Two copies run each handler in two processes (sharing its durable consumers). Only the
+    warm-up and the saturating phase run: the figures wanted are throughput and CPU per job.
+    """
+    out: dict[str, Any] = {}
+    for copies in (1, 2):
+        layout = ",".join([PROCESSES] * copies)
+        log(f"scale-out: {copies} cop{'y' if copies == 1 else 'ies'} of the layout ({layout})")
+        scaled = replace(p, processes=layout, paced_jobs=0, py_spy=None, profile=None)
+        out[f"x{copies}"] = await valkyrie_scenario(
+            scaled, url, server_pid, children, workdir, label=f"valkyrie-x{copies}"
+        )
+    return out

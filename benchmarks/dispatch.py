@@ -46,6 +46,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(ROOT))
 
 import argparse  # noqa: E402
+import importlib.util  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import tempfile  # noqa: E402
@@ -58,8 +59,17 @@ from typing import Any  # noqa: E402
 import anyio  # noqa: E402
 import anyio.to_thread  # noqa: E402
 
-from benchmarks._dispatch_report import ratios, render, scale_ratio, targets  # noqa: E402
-from benchmarks._phases import DEFAULT_JSON, PHASES, PROCESSES, Params, log  # noqa: E402
+from benchmarks._costs import MonitoredServer, free_port  # noqa: E402
+from benchmarks._dispatch_report import ratios, render, scale_ratio  # noqa: E402
+from benchmarks._phases import (  # noqa: E402
+    PHASES,
+    PROCESSES,
+    RESULTS_DIR,
+    SCRATCH_DIR,
+    Params,
+    log,
+    valkyrie_loop,
+)
 from benchmarks._procs import Children  # noqa: E402
 from benchmarks._raw_systems import (  # noqa: E402
     raw_events_scenario,
@@ -71,7 +81,9 @@ from benchmarks._report import (  # noqa: E402
     timestamp,
     write_json,
 )
+from benchmarks._targets import scale_out, targets  # noqa: E402
 from benchmarks._valkyrie_system import (  # noqa: E402
+    scale_out_scenario,
     secure_setup,
     valkyrie_scale_scenario,
     valkyrie_scenario,
@@ -96,6 +108,8 @@ async def run(
             scenarios.append(("raw_lifecycle_events", raw_events_scenario))
     if p.scale_runners and not p.skip_valkyrie:
         scenarios.append(("valkyrie_scale", valkyrie_scale_scenario))
+    if p.scale_out and not p.skip_valkyrie:
+        scenarios.append(("scale_out", scale_out_scenario))
     for name, scenario in scenarios:
         try:
             results[name] = await scenario(p, url, server_pid, children, workdir)
@@ -103,17 +117,22 @@ async def run(
             log(f"{name} scenario failed: {e!r}")
             traceback.print_exc(file=sys.stderr)
             errors.append(f"{name}: {e!r}")
-    missing = sum(
-        (results.get(s) or {}).get(ph, {}).get("missing", 0)
-        for s in ("valkyrie", "raw", "raw_lifecycle", "raw_lifecycle_events")
-        for ph in ("warmup", *PHASES)
-    )
+    measured = [
+        results.get(s) or {} for s in ("valkyrie", "raw", "raw_lifecycle", "raw_lifecycle_events")
+    ]
+    measured += list((results.get("scale_out") or {}).values())
+    missing = sum(r.get(ph, {}).get("missing", 0) for r in measured for ph in ("warmup", *PHASES))
     return {
         "benchmark": "dispatch",
         "timestamp": timestamp(),
         "parameters": asdict(p),
         "nats_url": url if p.nats_url else "embedded (temporary nats-server)",
         "environment": environment(repo=ROOT),
+        "event_loops": {
+            "benchmark": "asyncio",
+            "valkyrie": valkyrie_loop(),
+            "raw": p.raw_loop,
+        },
         "results": results,
         "ratios": {
             **ratios(results),
@@ -122,12 +141,13 @@ async def run(
             "scale_throughput": scale_ratio(results),
         },
         "targets": targets(results),
+        "scale_out": scale_out(results),
         "errors": errors,
         "missing_total": missing,
     }
 
 
-def parse_args(argv: Sequence[str] | None = None) -> tuple[Params, Path, bool]:
+def parse_args(argv: Sequence[str] | None = None) -> tuple[Params, Path | None, bool]:
     """Command-line options; ``--quick`` sets small defaults that explicit options override."""
     parser = argparse.ArgumentParser(
         description="Valkyrie dispatch benchmark vs a raw-NATS baseline.",
@@ -195,8 +215,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Params, Path, bool]:
     parser.add_argument(
         "--json",
         type=Path,
-        default=DEFAULT_JSON,
-        help="where to write the JSON figures (default %(default)s)",
+        default=None,
+        help="where to write the JSON figures (default benchmarks/results/"
+        "dispatch-<UTC time>-<commit>.json; with --quick under benchmarks/results/scratch/)",
     )
     parser.add_argument("--nats-url", default=None, help="use this server instead of starting one")
     parser.add_argument("--skip-raw", action="store_true", help="do not run the raw-NATS baseline")
@@ -276,6 +297,19 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Params, Path, bool]:
         default=1,
         help="raw baseline worker processes sharing its durable consumer (default %(default)s)",
     )
+    parser.add_argument(
+        "--raw-loop",
+        choices=("asyncio", "uvloop"),
+        default=valkyrie_loop(),
+        help="event loop of the raw baselines' workers (default %(default)s: the loop "
+        "`python -m valkyrie worker` runs on here)",
+    )
+    parser.add_argument(
+        "--scale-out",
+        action="store_true",
+        help="also run the pipeline with one and with two copies of the default worker layout "
+        "(saturating only) and predict 8 and 16 cores from the CPU per job",
+    )
     a = parser.parse_args(argv)
 
     def pick(value: int | None, full: int, quick: int) -> int:
@@ -309,6 +343,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Params, Path, bool]:
         raw_lifecycle=not a.skip_raw_lifecycle,
         raw_events=not a.skip_raw_events,
         secure=a.secure,
+        raw_loop=a.raw_loop,
+        scale_out=a.scale_out,
     )
     problems = [
         name
@@ -333,6 +369,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Params, Path, bool]:
     ]
     if problems:
         parser.error(f"{', '.join(problems)} must be positive")
+    if params.raw_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        parser.error("--raw-loop uvloop: uvloop is not installed")
     if params.skip_raw and params.skip_valkyrie:
         parser.error("--skip-raw and --skip-valkyrie together leave nothing to run")
     if params.secure:
@@ -340,6 +378,20 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Params, Path, bool]:
             parser.error("--secure starts its own server, and has no --breakdown subscriber")
         params = replace(params, skip_raw=True)
     return params, a.json, a.keep
+
+
+def results_path(doc: dict[str, Any]) -> Path:
+    """``dispatch-<UTC time>-<short commit>.json`` in the results folder (scratch when quick).
+
+    The commit gets ``-dirty`` when files differed from it: such a run measured no commit.
+    """
+    when = doc["timestamp"].replace("-", "").replace(":", "").replace("+0000", "Z")
+    source = doc["environment"].get("source") or {}
+    commit = (source.get("commit") or "nogit")[:7]
+    if source.get("uncommitted_changes"):
+        commit += "-dirty"
+    folder = SCRATCH_DIR if doc["parameters"]["quick"] else RESULTS_DIR
+    return folder / f"dispatch-{when}-{commit}.json"
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -364,17 +416,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if params.secure:
             params, auth_conf = secure_setup(params, workdir)
         if not url:
-            server = NatsServer(
+            server = MonitoredServer(
                 store_dir=workdir / "nats",
                 port=0,
                 name="bench-dispatch",
                 max_mem="2G",
                 auth_conf=auth_conf,
+                monitor_port=free_port(),
             )
             server.start()
             url = server.url
-            log(f"nats-server on {url} (pid {server.pid}, store {server.store_dir})")
+            params = replace(params, monitor_url=server.monitor_url)
+            log(
+                f"nats-server on {url} (pid {server.pid}, store {server.store_dir}, "
+                f"monitoring {server.monitor_url})"
+            )
         doc = anyio.run(run, params, url, server.pid if server else None, children, workdir)
+        json_path = json_path or results_path(doc)
         write_json(json_path, doc)
         print(render(doc), flush=True)
         print(f"\nJSON: {json_path}", flush=True)

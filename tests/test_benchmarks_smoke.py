@@ -69,6 +69,20 @@ def test_dispatch_benchmark_quick_run(tmp_path: Path) -> None:
         lifecycle = doc["results"][system]
         assert lifecycle["completions_sent"] == jobs, system
         assert lifecycle["records_done"] == {"records": jobs, "done": jobs, "slots_held": 0}
+    # per-job costs from the server's counters: at least what each design stores by construction
+    # (other streams of a shared test server can only add to them)
+    least = {"raw": 2, "raw_lifecycle": 6, "raw_lifecycle_events": 10, "valkyrie": 8}
+    for system, stored in least.items():
+        costs = doc["results"][system]["saturating"]["costs"]
+        assert costs["jobs"] == params["jobs"], system
+        assert costs["stored_messages_per_job"] >= stored, (system, costs)
+        assert costs["round_trips_per_job"] >= costs["acked_publishes_per_job"] > 0, system
+        assert sum(costs["stored_by_stream"].values()) >= stored * params["jobs"], system
+    # the raw workers run on the loop the report names (valkyrie's, uvloop when installed)
+    for system in ("raw", "raw_lifecycle", "raw_lifecycle_events"):
+        assert doc["results"][system]["event_loop"] == doc["event_loops"]["raw"], system
+    assert {t["met"] for t in doc["targets"].values()} <= {True, False, None}
+    assert "targets (issue 17" in proc.stdout
     # and the events floor stored its four events per job, each once
     assert doc["results"]["raw_lifecycle_events"]["events_stored"] == 4 * jobs
     versions = doc["environment"]["versions"]
