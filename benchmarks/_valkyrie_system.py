@@ -61,6 +61,8 @@ def _env_for(settings: Settings) -> dict[str, str]:
 
 
 FLEET_IDENTITY = "fleet"
+#: reads the per-job cost counters of a ``--secure`` run (no role may list streams)
+METER_IDENTITY = "meter"
 
 
 def secure_setup(p: Params, workdir: Path) -> tuple[Params, Path]:
@@ -86,7 +88,14 @@ def secure_setup(p: Params, workdir: Path) -> tuple[Params, Path]:
         subscribe.update(dict.fromkeys(s for s in perms.subscribe if not s.startswith("_INBOX")))
     fleet = Permissions(publish=tuple(publish), subscribe=tuple(subscribe))
     conf = workdir / "bench-auth.conf"
-    conf.write_text(store.accounts(extra_users={public: fleet}))
+    meter_seed, meter_public = new_seed()
+    (data / "meter.nk").write_bytes(meter_seed + b"\n")
+    (data / "meter.nk").chmod(0o600)
+    meter = Permissions(
+        publish=("$JS.API.STREAM.LIST", "$JS.API.INFO"),
+        subscribe=(f"_INBOX_{METER_IDENTITY}.>",),
+    )
+    conf.write_text(store.accounts(extra_users={public: fleet, meter_public: meter}))
     return replace(p, secure_prefix=prefix, secure_dir=str(data)), conf
 
 
@@ -161,6 +170,7 @@ async def valkyrie_scenario(
         settings, name="bench-valkyrie-submit", credentials=discover(settings, "admin")
     )
     fleet_nc: NatsClient | None = None
+    meter_nc: NatsClient | None = None
     workers: list[Child] = []
     try:
         # the model's defaults: the worker processes (no config variables) provision the same
@@ -243,7 +253,17 @@ async def valkyrie_scenario(
             updates_info = bus.names.stream("updates")
             events_info = bus.names.stream("events")
 
-            meter = CostMeter(bus.js, p.monitor_url)
+            meter_js = bus.js
+            if p.secure_dir:
+                meter_nc = await nats.connect(
+                    url,
+                    name="bench-valkyrie-meter",
+                    error_cb=nats_error,
+                    nkeys_seed=str(Path(p.secure_dir) / "meter.nk"),
+                    inbox_prefix=f"_INBOX_{METER_IDENTITY}",
+                )
+                meter_js = meter_nc.jetstream()
+            meter = CostMeter(meter_js, p.monitor_url)
 
             async def idle() -> bool:
                 await bus.nc.flush()
@@ -298,8 +318,9 @@ async def valkyrie_scenario(
             await stop_started(children, workers)
             if not p.secure:  # a secured run's server store is thrown away: nobody may delete
                 await _delete_valkyrie(bus)
-            if fleet_nc is not None:
-                await fleet_nc.close()
+            for nc in (fleet_nc, meter_nc):
+                if nc is not None:
+                    await nc.close()
             await bus.close()
 
 
