@@ -27,10 +27,16 @@ Each system gets a unique prefix, a warm-up (excluded), a PACED phase (``--paced
 first submit), and latency percentiles). Submit time is taken just before each JetStream publish,
 receipt time on arrival of the dispatch message; both with ``time.perf_counter_ns`` in this process.
 
+Per job, each phase also reports stored messages, round trips and server messages
+(``benchmarks._costs``) next to the CPU; issue 17's targets are judged every run
+(``benchmarks._targets``); ``--scale-out`` adds the layout run once and twice. The systems live in
+``_valkyrie_system`` and ``_raw_systems``, the phases in ``_phases``, the report in
+``_dispatch_report``; this module holds the command line and the run.
+
 Run from the repository root::
 
     .venv/bin/python benchmarks/dispatch.py            # full run (about a minute or two)
-    .venv/bin/python benchmarks/dispatch.py --quick    # smoke run (~15 s)
+    .venv/bin/python benchmarks/dispatch.py --quick    # smoke run (~15 s), to results/scratch/
 
 Exit status: 0 when every scenario ran and every submitted job was dispatched; 2 when jobs went
 missing (figures are still printed and written); 1 when a scenario failed; 130 when interrupted.
