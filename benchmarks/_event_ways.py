@@ -133,6 +133,8 @@ WAYS: dict[str, Way] = {
     for w in (
         Way("client-events", "client"),
         Way("server-derived", "derived", derived=True),
+        # the bucket keeps every revision of a job, so a lagging source cannot miss one
+        Way("server-derived-h4", "derivedh4", derived=True, kv_history=len(KINDS)),
         Way("atomic-batch", "batch", batch=True),
         # not run by default: memory storage, to show what the file store's share is
         Way("client-events-memory", "clientmem", memory=True),
@@ -140,7 +142,7 @@ WAYS: dict[str, Way] = {
     )
 }
 #: what a run does unless told otherwise (the durable ways)
-DEFAULT_WAYS = ("client-events", "server-derived", "atomic-batch")
+DEFAULT_WAYS = ("client-events", "server-derived", "server-derived-h4", "atomic-batch")
 
 
 @dataclass
@@ -258,6 +260,7 @@ async def _atomic_batch(wire: Wire, way: Way, job: str) -> None:
 _LIFECYCLE: dict[str, Callable[[Wire, Way, str], Awaitable[None]]] = {
     "client-events": _client_events,
     "server-derived": _server_derived,
+    "server-derived-h4": _server_derived,
     "atomic-batch": _atomic_batch,
     "client-events-memory": _client_events,
     "atomic-batch-memory": _atomic_batch,
@@ -323,6 +326,8 @@ class DerivedCheck:
     missing_headers: int = 0
     wrong_subject: int = 0
     probe_events: int = 0  # written by source_start, not counted in ``stored``
+    #: jobs with events missing, by the part of the run (``w`` warm-up, ``r0``.. rounds, ``lag``)
+    incomplete_by_part: dict[str, int] = field(default_factory=dict)
     first_problems: list[str] = field(default_factory=list)
 
     @property
@@ -375,6 +380,8 @@ async def read_derived(js: JetStreamContext, way: Way, jobs: list[str]) -> Deriv
             check.out_of_order += 1
         else:
             check.jobs_incomplete += 1
+            part = job.split("-")[1]
+            check.incomplete_by_part[part] = check.incomplete_by_part.get(part, 0) + 1
             if len(check.first_problems) < 5:
                 check.first_problems.append(f"{job}: {kinds}")
     return check

@@ -16,7 +16,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = [pytest.mark.slow, pytest.mark.nats]
 
-WAYS = ("client-events", "server-derived", "atomic-batch")
+WAYS = ("client-events", "server-derived", "server-derived-h4", "atomic-batch")
+#: ways whose events stream must hold every event (the derived one over a bucket of history 1
+#: loses events whenever its source lags: the benchmark measures that, it is no failure)
+COMPLETE = ("client-events", "server-derived-h4", "atomic-batch")
 KINDS = 4  # queued, dispatched, accepted, succeeded: one KV write and one event each
 
 
@@ -45,18 +48,28 @@ def test_event_store_benchmark_quick_run(tmp_path: Path) -> None:
             for key in ("jobs_per_s", "client_cpu_us", "stored_msgs", "round_trips"):
                 assert figures[key] is not None, (way, key)
         stored = doc["events_stored"][way]
-        assert stored["stored"] == stored["expected"] > 0, (way, stored)
+        if way in COMPLETE:
+            assert stored["stored"] == stored["expected"] > 0, (way, stored)
+        else:
+            assert 0 < stored["stored"] <= stored["expected"], (way, stored)
 
-    # every job the derived way ran: warm-up, the round and the lag round
+    # every job a derived way ran: warm-up, the round and the lag round
     jobs = params["warmup"] + params["jobs"] * (params["rounds"] + 1)
-    check = doc["derived_check"]
-    assert check["expected"] == KINDS * jobs
-    assert check["stored"] == check["expected"], check
-    assert check["jobs_complete"] == jobs, check
-    assert check["ok"] is True, check
-    lag = doc["derived_lag_ms"]
-    assert lag["events_arrived"] == KINDS * params["jobs"], lag
-    assert lag["write_to_event"]["count"] == KINDS * params["jobs"], lag
-    for name in ("client-events", "server-derived", "atomic-batch"):
+    for way in ("server-derived", "server-derived-h4"):
+        derived = doc["derived"][way]
+        check = derived["check"]
+        assert check["expected"] == KINDS * jobs
+        # whatever is stored is one event per write, in order, with its kind and id
+        assert check["out_of_order"] == check["missing_headers"] == check["wrong_subject"] == 0
+        if way in COMPLETE:
+            assert check["stored"] == check["expected"], check
+            assert check["jobs_complete"] == jobs, check
+            assert check["ok"] is True, check
+            lag = derived["lag_ms"]
+            assert lag["events_arrived"] == KINDS * params["jobs"], lag
+            assert lag["write_to_event"]["count"] == KINDS * params["jobs"], lag
+        else:
+            assert 0 < check["stored"] <= check["expected"], check
+    for name in WAYS:
         assert name in proc.stdout
     assert "server-derived/client-events" in proc.stdout
