@@ -12,6 +12,10 @@ previous one) and leaves four durable events behind. They differ in how the even
 * ``atomic-batch``: a step's two events go as one JetStream atomic batch (ADR-50): the first
   without a reply, the commit acked.
 
+``server-derived-h4`` is the derived way over a bucket that keeps every revision of a job (history
+4 instead of Valkyrie's 1); the ``-memory`` ways keep bucket and events in memory (not durable)
+to show what share of a cost is the file store.
+
 A step is what one Valkyrie handler does for one message: intake with its dispatcher (created and
 dispatched) and the results handler (accepted and succeeded).
 """
@@ -133,7 +137,7 @@ WAYS: dict[str, Way] = {
     for w in (
         Way("client-events", "client"),
         Way("server-derived", "derived", derived=True),
-        # the bucket keeps every revision of a job, so a lagging source cannot miss one
+        # the bucket keeps all four revisions of a job: the source can lag without missing one
         Way("server-derived-h4", "derivedh4", derived=True, kv_history=len(KINDS)),
         Way("atomic-batch", "batch", batch=True),
         # not run by default: memory storage, to show what the file store's share is
@@ -257,19 +261,15 @@ async def _atomic_batch(wire: Wire, way: Way, job: str) -> None:
         await _confirm([future])
 
 
-_LIFECYCLE: dict[str, Callable[[Wire, Way, str], Awaitable[None]]] = {
-    "client-events": _client_events,
-    "server-derived": _server_derived,
-    "server-derived-h4": _server_derived,
-    "atomic-batch": _atomic_batch,
-    "client-events-memory": _client_events,
-    "atomic-batch-memory": _atomic_batch,
-}
+def _lifecycle(way: Way) -> Callable[[Wire, Way, str], Awaitable[None]]:
+    if way.derived:
+        return _server_derived
+    return _atomic_batch if way.batch else _client_events
 
 
 async def run_jobs(wire: Wire, way: Way, jobs: list[str], concurrency: int) -> int:
     """Each job's whole lifecycle, ``concurrency`` jobs in flight; how many completed."""
-    lifecycle = _LIFECYCLE[way.name]
+    lifecycle = _lifecycle(way)
     cursor = itertools.count()
     done = 0
 
