@@ -43,7 +43,8 @@ def test_slot_store_benchmark_quick_run(tmp_path: Path) -> None:
         assert len(rounds) == params["rounds"] == 1
         for figures in rounds:
             assert figures["completed"] == figures["jobs"] == params["jobs"] > 0
-            assert figures["errors"] == [] and figures["settled"] is True, (way, figures)
+            assert figures["errors"] == [], (way, figures)
+            assert figures["settled"] is True, (way, figures)
             for key in ("jobs_per_s", "client_cpu_us", "stored_msgs", "writes"):
                 assert figures[key] is not None, (way, key)
         check = doc["checks"][way]
