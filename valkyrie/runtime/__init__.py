@@ -113,6 +113,11 @@ if TYPE_CHECKING:
     from valkyrie.runtime.room import (
         BucketRoom,
     )
+    from valkyrie.runtime.runner_records import (
+        HeartbeatRecorded,
+        RegisteredRunner,
+        RunnerRecords,
+    )
     from valkyrie.runtime.secrets import (
         SecretStore,
     )
@@ -161,6 +166,7 @@ __all__ = [
     "HealthReports",
     "HealthStore",
     "HeardHeartbeats",
+    "HeartbeatRecorded",
     "HoldingConsumer",
     "JobOps",
     "LocalPlacer",
@@ -168,7 +174,9 @@ __all__ = [
     "ProcessGauges",
     "QueueCollector",
     "QueueLedger",
+    "RegisteredRunner",
     "RunnerGauges",
+    "RunnerRecords",
     "RunnerStates",
     "RunnerView",
     "SecretStore",
