@@ -17,6 +17,11 @@ from typing import TYPE_CHECKING
 from valkyrie._lazy import attach as _attach
 
 if TYPE_CHECKING:
+    from valkyrie.runtime.admission import (
+        RECORD_OVERHEAD,
+        Admission,
+        AdmissionRefusal,
+    )
     from valkyrie.runtime.app import (
         Connector,
         Extra,
@@ -127,6 +132,9 @@ if TYPE_CHECKING:
         RunnerGauges,
         runner_pool_of,
     )
+    from valkyrie.runtime.verdicts import (
+        SubmitVerdicts,
+    )
     from valkyrie.runtime.views import (
         RunnerView,
         SharedViews,
@@ -147,6 +155,9 @@ __all__ = [
     "LATENCY_BUCKETS",
     "LEDGER_PREFIX",
     "MAX_POOLS",
+    "RECORD_OVERHEAD",
+    "Admission",
+    "AdmissionRefusal",
     "BoundedLabel",
     "BucketRoom",
     "Connector",
@@ -183,6 +194,7 @@ __all__ = [
     "ServiceAnnouncer",
     "SharedViews",
     "StreamConsumer",
+    "SubmitVerdicts",
     "Worker",
     "component_name",
     "consumer_lags",
