@@ -34,6 +34,11 @@ if TYPE_CHECKING:
     from valkyrie.runtime.base import (
         HandlerBase,
     )
+    from valkyrie.runtime.committing import (
+        COMMIT_CONCURRENCY,
+        DECLINED_WAIT_S,
+        Commits,
+    )
     from valkyrie.runtime.consumer import (
         StreamConsumer,
         delivery_count,
@@ -146,6 +151,8 @@ if not TYPE_CHECKING:  # type checkers see the imports above, and no catch-all _
 
 __all__ = [
     "CATALOGUE",
+    "COMMIT_CONCURRENCY",
+    "DECLINED_WAIT_S",
     "ENTRY_POINT_GROUP",
     "FALLBACK_KEY",
     "FRESH_MS",
@@ -160,6 +167,7 @@ __all__ = [
     "AdmissionRefusal",
     "BoundedLabel",
     "BucketRoom",
+    "Commits",
     "Connector",
     "DiscoveredService",
     "Dispatched",
