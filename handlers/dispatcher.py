@@ -3,8 +3,9 @@
 Queued jobs arrive as ``job.<id>.queued`` events through the durable consumer ``dispatcher``; a job
 that cannot be placed yet is held (its message unacked and kept alive: ``HoldingConsumer``) and
 tried again the moment the runners bucket changes, so there is no polling delay. What to try, in
-which order and where is pure logic (``DispatchQueue``); the writes of a dispatch and their order
-are ``Dispatching``'s. The dispatcher also answers ``<prefix>.jobs.explain``.
+which order and where is pure logic (``DispatchQueue``); the commits in flight are ``Commits``',
+the writes of one dispatch and their order ``Dispatching``'s. The dispatcher also answers
+``<prefix>.jobs.explain`` and ``jobs.queue`` (``Explainer``).
 """
 
 from __future__ import annotations
@@ -13,10 +14,7 @@ import logging
 import time
 
 import anyio
-import anyio.abc
 import msgspec
-import nats.errors
-import nats.js.errors
 from anyio.abc import TaskStatus
 from nats.aio.msg import Msg
 
@@ -29,11 +27,10 @@ from schemas import (
     RunnerRecord,
     typed_event,
 )
-from valkyrie.bus import EVENT_DECODER, Versioned, new_id, now_ms, storage_full
+from valkyrie.bus import EVENT_DECODER, Versioned, new_id, now_ms
 from valkyrie.config import ValkyrieConfig
 from valkyrie.domain.scheduling import (
     Breach,
-    Commit,
     DispatchQueue,
     Expire,
     HeldJob,
@@ -42,6 +39,7 @@ from valkyrie.domain.scheduling import (
     queue_snapshot,
 )
 from valkyrie.runtime import (
+    Commits,
     Dispatching,
     Explainer,
     HandlerBase,
@@ -56,10 +54,6 @@ from valkyrie.runtime import (
 __all__ = ["DispatcherWorker", "create"]
 
 log = logging.getLogger("valkyrie.dispatcher")
-COMMIT_CONCURRENCY = 64
-#: how long a job sent the usual way holds back direct placement until its queued event arrives
-#: here (its event may go to another dispatcher process: then this bounds the wait)
-DECLINED_WAIT_S = 0.5
 #: event kinds that say a dispatch was answered (or the job left its runner)
 _TAKEN = frozenset(
     {"accepted", "succeeded", "failed", "cancelled", "timed_out", "expired", "requeued"}
@@ -92,7 +86,17 @@ class DispatcherWorker(HandlerBase):
         self.latest: QueueSnapshot | None = None
         ctx.registry.register(QueueCollector(lambda: self.latest))
         self._wake = anyio.Event()
-        self._commits = anyio.Semaphore(COMMIT_CONCURRENCY)
+        self._commits = Commits(
+            name=self.name,
+            metrics=ctx.metrics,
+            queue=self.queue,
+            index=self.index,
+            holding=self.holding,
+            config=self._cfg,
+            drop=self._drop,
+            load=self._load,
+            poke=self._poke,
+        )
         self._stopping = False
 
     def _cfg(self) -> ValkyrieConfig:
@@ -116,7 +120,7 @@ class DispatcherWorker(HandlerBase):
         bus = self._bus
         view = await self._ctx.views.runners()
         self._ops.runners = view
-        self._writes = Dispatching(
+        self._writes = self._commits.writes = Dispatching(
             bus, self._events, self._ops, view, await bus.kv("jobs"), await bus.kv("runners")
         )
         self._explainer = Explainer(
@@ -136,11 +140,7 @@ class DispatcherWorker(HandlerBase):
                 await bus.nc.subscribe(bus.names.event("job", "*", kind), cb=self._on_progress)
                 for kind in sorted(_TAKEN)
             ],
-            # every dispatcher answers (no queue group): only the one holding a queued job knows
-            # its place in line, and the client waits a moment for that answer
-            await bus.nc.subscribe(bus.names.explain, cb=self._explainer.answer),
-            # likewise for a queue listing: each dispatcher lists the jobs it holds
-            await bus.nc.subscribe(bus.names.queue_list, cb=self._explainer.answer_queue),
+            *await self._explainer.subscribe(bus),
         ]
         try:
             async with anyio.create_task_group() as tg:
@@ -158,8 +158,7 @@ class DispatcherWorker(HandlerBase):
                 self._poke()
                 # let commits in flight finish, then hand held jobs to other dispatchers at once
                 with anyio.move_on_after(10):
-                    for _ in range(COMMIT_CONCURRENCY):
-                        await self._commits.acquire()
+                    await self._commits.finish()
                     # and let the last pull requests end: what they deliver is handed back
                     await self.holding.consumed()
                 tg.cancel_scope.cancel()
@@ -230,13 +229,7 @@ class DispatcherWorker(HandlerBase):
             self.holding.release(job_id)
 
     async def _load(self, job: HeldJob) -> None:
-        while True:
-            try:
-                latest = await self._writes.read(job.job_id)
-                break
-            except (nats.errors.Error, nats.js.errors.Error) as e:
-                log.warning("could not read job %s (%r); will retry", job.job_id, e)
-                await anyio.sleep(0.5)
+        latest = await self._writes.read_patiently(job.job_id)
         record, revision = (latest.value, latest.revision) if latest else (None, None)
         if self.queue.known(job, record, revision):
             self._poke()
@@ -252,9 +245,8 @@ class DispatcherWorker(HandlerBase):
     async def place_new(self, record: JobRecord) -> bool:
         """Place a job intake has accepted but not stored, unless others wait ahead (LocalPlacer).
 
-        ``True`` when it was dispatched: its record created in the dispatched state, its ``queued``
-        and ``dispatched`` events emitted. ``False`` when nothing was stored: intake stores it as
-        queued and it takes the usual way through its ``job.queued`` event.
+        ``True``: dispatched (its record created dispatched, its events emitted); ``False``: nothing
+        was stored, intake stores it queued and it takes the usual way (``Commits.commit_fresh``).
         """
         commit = None
         if not self._stopping:
@@ -266,35 +258,9 @@ class DispatcherWorker(HandlerBase):
                 index=self.index,
             )
         if commit is None:
-            self.queue.decline(record.id, time.monotonic() + DECLINED_WAIT_S)
+            self._commits.decline(record.id)
             return False
-        job = commit.job
-        try:
-            try:
-                self._commits.acquire_nowait()
-            except anyio.WouldBlock:
-                with anyio.fail_after(10):
-                    await self._commits.acquire()
-            try:
-                await self._try_commit(commit, fresh=True)
-            finally:
-                self._commits.release()
-        except Exception as e:
-            if job.was_dispatched():
-                raise  # placed, but not announced: the caller's message must come back
-            if storage_full(e):  # intake refuses the job, saying so
-                log.warning("placing %s at once failed: JetStream is full (%r)", record.id, e)
-            else:
-                log.exception("placing %s at once failed; it takes the usual way", record.id)
-            self.queue.decline(record.id, time.monotonic() + DECLINED_WAIT_S)
-            return False
-        finally:
-            self.index.unreserve(commit.runner_id, record.id)
-        if job.was_dispatched():
-            return True
-        if job.record is not None:  # None: the record exists already (a redelivered submission)
-            self.queue.decline(record.id, time.monotonic() + DECLINED_WAIT_S)
-        return False
+        return await self._commits.commit_fresh(commit)
 
     async def _place_loop(self) -> None:
         async with anyio.create_task_group() as tg:
@@ -314,8 +280,7 @@ class DispatcherWorker(HandlerBase):
                     elif isinstance(action, Breach):
                         tg.start_soon(self._writes.breach, action.job, action.waited_ms)
                     else:
-                        await self._commits.acquire()
-                        tg.start_soon(self._commit, action)
+                        await self._commits.start(tg, action)
 
     async def _expire(self, job: HeldJob) -> None:
         try:
@@ -326,53 +291,6 @@ class DispatcherWorker(HandlerBase):
             self.queue.settled(job, index=self.index, runner_id=None)
             return
         self._drop(job)
-
-    async def _commit(self, commit: Commit) -> None:
-        job = commit.job
-        try:
-            ok = await self._try_commit(commit)
-        except Exception:
-            log.exception("dispatching %s to %s failed; will retry", job.job_id, commit.runner_id)
-            ok = False
-            job.record = None
-            await anyio.sleep(0.1)
-            await self._load(job)
-        finally:
-            self.index.unreserve(commit.runner_id, job.job_id)
-            self._commits.release()
-        if not ok:
-            job.committing = False
-            self._poke()
-
-    async def _try_commit(self, commit: Commit, *, fresh: bool = False) -> bool:
-        """Dispatch as ``commit`` says; ``False``: the runner filled up, place the job again."""
-        job = commit.job
-        assert job.record is not None
-        began, job_type, queued_at = (
-            time.perf_counter(),
-            job.record.spec.job_type,
-            job.queued_at_ms(),
-        )
-        outcome = await self._writes.dispatch(
-            commit,
-            fresh=fresh,
-            config=self._cfg(),
-            avg_duration_ms=self.queue.durations.get(job.record.spec.job_type),
-            now_ms=now_ms,
-        )
-        if isinstance(outcome, bool):
-            if outcome:
-                self._drop(job)  # someone else dispatched, cancelled or expired it
-            return outcome
-        metrics, now = self._ctx.metrics, now_ms()
-        metrics.jobs.labels(self.name, "dispatched").inc()
-        metrics.messages.labels(self.name, "ack").inc()
-        metrics.duration.labels(self.name).observe(time.perf_counter() - began)
-        metrics.observe_dispatch(job_type, now - queued_at)
-        self.queue.dispatched(job, tenant=outcome.tenant, now_ms=now)
-        if not fresh:
-            await self.holding.done(job.job_id)
-        return True
 
     def snapshot(self) -> QueueSnapshot:
         """What this dispatcher holds now (the queue ledger's entry, and its queue gauges)."""

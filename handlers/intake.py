@@ -29,14 +29,8 @@ from nats.aio.msg import Msg
 
 from schemas import (
     TERMINAL_STATES,
-    FieldError,
-    IntakeRejected,
     JobDuplicate,
     JobRecord,
-    JobState,
-    JobSubmission,
-    Refusal,
-    SubmitVerdict,
 )
 from valkyrie import (
     REPLY_TO_HEADER,
@@ -65,20 +59,16 @@ from valkyrie.domain.intake import (
     idempotency_token,
     job_id_for,
     parse_submission,
-    queue_quota_error,
     queued_record,
     read_token,
+    storage_full_error,
     token_value,
 )
 from valkyrie.domain.modes import check_intake_mode
-from valkyrie.domain.scheduling import tenant_of
 from valkyrie.domain.secrets import redact_body
-from valkyrie.runtime import BucketRoom, HandlerBase, SecretStore
+from valkyrie.runtime import Admission, HandlerBase, SecretStore, SubmitVerdicts
 
 __all__ = ["IntakeWorker", "create"]
-
-#: what a job record adds to its submission's size, about (ids, states, instants, envelope)
-RECORD_OVERHEAD = 512
 
 
 @dataclass(slots=True)
@@ -106,8 +96,10 @@ class IntakeWorker(HandlerBase):
 
     def __init__(self, ctx: HandlerContext) -> None:
         super().__init__(ctx)
-        self._source = ""
         self._secrets = SecretStore(ctx.bus)
+        self._verdicts = SubmitVerdicts(
+            ctx.bus, self._events, lambda outcome: ctx.metrics.jobs.labels(self.name, outcome).inc()
+        )
 
     async def run(
         self, stop: anyio.Event, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -116,14 +108,13 @@ class IntakeWorker(HandlerBase):
         bus = self._bus
         self._jobs = await bus.kv("jobs")
         self._idem = await bus.kv("idempotency")
-        self._ledger = await self._ctx.views.queue_ledger()
-        self._room = BucketRoom(
-            bus, "jobs", lambda: self._ctx.config.current.limits.job_store_reserve
-        )
+        ledger = await self._ctx.views.queue_ledger()
+        self._admission = Admission(bus, self._ctx.config, ledger)
         info = await bus.js.stream_info(bus.names.stream("submit"))
         created = str(getattr(info, "created", "") or "")
         # Ids derive from (stream incarnation, sequence): a recreated stream cannot reuse old ids.
         self._source = hashlib.sha256(f"{info.config.name}:{created}".encode()).hexdigest()[:12]
+        self._verdicts.source = self._source
         await self.consume(
             stop,
             stream="submit",
@@ -132,38 +123,6 @@ class IntakeWorker(HandlerBase):
             redact=redact_body,
             task_status=task_status,
         )
-
-    async def _reply(self, reply_to: str | None, verdict: SubmitVerdict) -> None:
-        if not reply_to:
-            return
-        try:
-            await self._bus.nc.publish(reply_to, encode(verdict))
-        except (nats.errors.Error, ValueError, TypeError):
-            pass  # the verdict is also an event; a bad reply subject must not fail the job
-
-    async def _refuse(
-        self,
-        reply_to: str | None,
-        seq: int,
-        errors: list[FieldError],
-        refusal: Refusal,
-        *,
-        job_id: str | None = None,
-    ) -> None:
-        """Answer and announce a refusal; ``job_id`` names the job a ``conflict`` collides with."""
-        rejection = f"{self._source}-{seq}"
-        await self._events.emit(
-            IntakeRejected(subject_id=rejection, errors=errors, stream_seq=seq, refusal=refusal)
-        )
-        verdict = SubmitVerdict(
-            accepted=False,
-            job_id=job_id,
-            duplicate=refusal == "conflict",
-            errors=errors,
-            refusal=refusal,
-        )
-        await self._reply(reply_to, verdict)
-        self._ctx.metrics.jobs.labels(self.name, "rejected").inc()
 
     async def handle(self, msg: Msg) -> None:
         """Process one submission: parse, admit, claim, record, announce, answer."""
@@ -195,8 +154,7 @@ class IntakeWorker(HandlerBase):
             source_seq=seq,
             submitted_by=requester(identity, headers.get(REQUESTED_BY_HEADER)),
         )
-        # about what the record takes in the jobs bucket: the body and what a record adds
-        self._room.took(len(msg.data) + RECORD_OVERHEAD)
+        self._admission.took(len(msg.data))
         placer = self._ctx.views.placer
         if placer is not None and await placer.place_new(record):
             await self._accepted(sub)
@@ -232,7 +190,7 @@ class IntakeWorker(HandlerBase):
             if mode_errors:
                 raise SchemaError(mode_errors)
         except SchemaError as e:
-            await self._refuse(reply_to, seq, list(e.errors), "invalid")
+            await self._verdicts.refuse(reply_to, seq, list(e.errors), "invalid")
             raise GiveUp(f"invalid submission: {e}", errors=e.errors) from e
         return parsed
 
@@ -243,15 +201,14 @@ class IntakeWorker(HandlerBase):
         submits again later); one for room raises GiveUp. A resubmission of a job taken in
         already is never refused: it is answered as the duplicate it is.
         """
-        over = await self._over_quota(sub.parsed.spec)
-        full = None if over is not None else await self._room.full()
-        if (over or full) is None or await self._taken_in(sub.job_id, sub.token):
+        refused = await self._admission.refused(sub.parsed.spec)
+        if refused is None or await self._taken_in(sub.job_id, sub.token):
             return True
-        if over is not None:
-            await self._refuse(sub.reply_to, sub.seq, [over], "quota")
+        if refused.over_quota is not None:
+            await self._verdicts.refuse(sub.reply_to, sub.seq, [refused.over_quota], "quota")
             return False
-        assert full is not None
-        await self._no_room(sub, full, secrets=False)
+        assert refused.full is not None
+        await self._no_room(sub, refused.full, secrets=False)
 
     async def _claim(self, sub: _Submission) -> bool:
         """Claim the idempotency key and keep the secret values; ``False``: a duplicate, answered.
@@ -314,21 +271,6 @@ class IntakeWorker(HandlerBase):
             )
         return record, revision, None
 
-    async def _over_quota(self, spec: JobSubmission) -> FieldError | None:
-        """Why the tenant of ``spec`` may not queue another job now (``None``: it may)."""
-        current = self._ctx.config.current
-        limits, tenant_key = current.limits, current.scheduling.tenant_key
-        if limits.max_queued_per_tenant is None and not limits.tenant_max_queued:
-            return None
-        tenant = tenant_of(spec, tenant_key)
-        return queue_quota_error(
-            spec,
-            self._ledger.queued_of(tenant),
-            tenant=tenant,
-            tenant_key=tenant_key,
-            limits=limits,
-        )
-
     async def _taken_in(self, job_id: str, token: str | None) -> bool:
         """Whether this submission's idempotency token or job id is known already.
 
@@ -346,25 +288,12 @@ class IntakeWorker(HandlerBase):
             await self._idem.delete(sub.token)
         if secrets:
             await self._secrets.forget(sub.job_id)
-        error = FieldError(
-            path="$",
-            reason=f"JetStream is full ({detail}): nothing was stored; submit again once jobs "
-            "have ended or the limits are raised (docs/operations.md#storage-limits)",
-        )
-        await self._refuse(sub.reply_to, sub.seq, [error], "storage_full")
+        error = storage_full_error(detail)
+        await self._verdicts.refuse(sub.reply_to, sub.seq, [error], "storage_full")
         raise GiveUp(f"refused: {error.reason}", errors=[error])
 
     async def _accepted(self, sub: _Submission) -> None:
-        self._ctx.metrics.jobs.labels(self.name, "queued").inc()
-        await self._reply(
-            sub.reply_to,
-            SubmitVerdict(
-                accepted=True,
-                job_id=sub.job_id,
-                state=JobState.QUEUED,
-                warnings=list(sub.parsed.warnings),
-            ),
-        )
+        await self._verdicts.accepted(sub.reply_to, sub.job_id, sub.parsed.warnings)
 
     async def _duplicate(
         self,
@@ -382,7 +311,7 @@ class IntakeWorker(HandlerBase):
         digest = sub.parsed.digest
         if first_digest is not None and digest and first_digest != digest:
             errors = [conflict_error(first_id, by=by)]
-            await self._refuse(sub.reply_to, sub.seq, errors, "conflict", job_id=first_id)
+            await self._verdicts.refuse(sub.reply_to, sub.seq, errors, "conflict", job_id=first_id)
             raise GiveUp(f"a different body reuses the {by} of job {first_id}", errors=errors)
         await self._events.emit(
             JobDuplicate(subject_id=first_id, stream_seq=sub.seq, stream_id=self._source)
@@ -392,15 +321,8 @@ class IntakeWorker(HandlerBase):
             with contextlib.suppress(msgspec.DecodeError):
                 found = await get_versioned(self._jobs, first_id, JOB_DECODER)
                 first = found.value if found is not None else None  # None: ended, removed
-        await self._reply(
-            sub.reply_to,
-            SubmitVerdict(
-                accepted=True,
-                job_id=first_id,
-                duplicate=True,
-                state=first.state if first is not None else None,
-            ),
-        )
+        state = first.state if first is not None else None
+        await self._verdicts.duplicate(sub.reply_to, first_id, state)
 
 
 def _detail(e: nats.errors.Error) -> str:

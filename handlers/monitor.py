@@ -19,7 +19,6 @@ import nats.errors
 from anyio.abc import TaskGroup, TaskStatus
 
 from schemas import (
-    HEALTH_CHANGED,
     ConfigRevision,
     FallbackActivated,
     FallbackOverridden,
@@ -49,14 +48,12 @@ from valkyrie.domain.fallback import (
     restore_target,
 )
 from valkyrie.domain.health import (
-    component_statuses,
     config_handler_alive,
+    health_changes,
     runner_pool,
     should_forget,
     summarize,
-    transitions,
 )
-from valkyrie.domain.health import transition_details as _details
 from valkyrie.runtime import (
     HandlerBase,
     HealthGauges,
@@ -213,34 +210,11 @@ class MonitorWorker(HandlerBase):
         self, previous: HealthSummary | None, revision: int, summary: HealthSummary
     ) -> None:
         """Announce every status change since ``previous`` (``revision``: the write that made it)."""
-        before = component_statuses(previous) if previous is not None else {}
-        for name, old, new in transitions(before, component_statuses(summary)):
-            log.log(_level(new), "health: %s %s -> %s", name, old, new)
-            await self._events.emit(
-                HEALTH_CHANGED[new](
-                    subject_id=name,
-                    from_=old,
-                    to=new,
-                    details=_details(summary, name),
-                    mode=summary.mode,
-                    config_revision=summary.config_revision,
-                    summary_revision=revision,
-                )
+        for event in health_changes(previous, summary, summary_revision=revision):
+            log.log(
+                _level(event.to), "health: %s %s -> %s", event.subject_id, event.from_, event.to
             )
-        old_overall: HealthStatus = previous.status if previous is not None else "healthy"
-        if summary.status != old_overall:
-            log.log(_level(summary.status), "health: overall %s -> %s", old_overall, summary.status)
-            await self._events.emit(
-                HEALTH_CHANGED[summary.status](
-                    subject_id="overall",
-                    from_=old_overall,
-                    to=summary.status,
-                    reasons=summary.reasons,
-                    mode=summary.mode,
-                    config_revision=summary.config_revision,
-                    summary_revision=revision,
-                )
-            )
+            await self._events.emit(event)
 
     # -- automatic fallback -----------------------------------------------------------------------
     async def _steer(

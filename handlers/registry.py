@@ -16,13 +16,10 @@ import logging
 import anyio
 import msgspec
 import nats.errors
-import nats.js.errors
 from anyio.abc import TaskStatus
 from nats.aio.msg import Msg
 
 from schemas import (
-    FieldError,
-    JobRecord,
     RegistrationVerdict,
     RunnerBackOnline,
     RunnerCommand,
@@ -32,36 +29,19 @@ from schemas import (
     RunnerRecord,
     RunnerRegistered,
     RunnerRegistration,
-    RunnerState,
     RunnerUndrained,
     convert_or_errors,
 )
 from valkyrie import BusError, HandlerContext
-from valkyrie.bus import (
-    ANY_DECODER,
-    HEARTBEAT_DECODER,
-    JOB_DECODER,
-    RUNNER_DECODER,
-    cas_update,
-    encode,
-    get_versioned,
-    now_ms,
-    put_new,
-)
+from valkyrie.bus import ANY_DECODER, HEARTBEAT_DECODER, encode, now_ms
 from valkyrie.domain.identity import runner_mismatch
 from valkyrie.domain.lifecycle import (
-    DEREGISTER_RETRY_MS,
-    deregistration_refusal,
     from_other_session,
     heartbeat_needs_write,
-    holding_refusal,
-    new_runner,
     not_held,
-    reregister,
-    set_drain,
-    touch,
+    refused,
 )
-from valkyrie.runtime import HandlerBase
+from valkyrie.runtime import HandlerBase, RunnerRecords
 
 __all__ = ["RegistryWorker", "create"]
 
@@ -79,8 +59,7 @@ class RegistryWorker(HandlerBase):
     ) -> None:
         """Serve until ``stop`` is set."""
         bus = self._bus
-        self._runners = await bus.kv("runners")
-        self._jobs = await bus.kv("jobs")
+        self._records = RunnerRecords(await bus.kv("runners"), await bus.kv("jobs"), self._ops)
         self._view = await self._ctx.views.runners()
         queue = f"{bus.names.prefix}-registry"
         async with anyio.create_task_group() as tg:
@@ -112,12 +91,7 @@ class RegistryWorker(HandlerBase):
         try:
             raw = ANY_DECODER.decode(msg.data)
         except msgspec.DecodeError as e:
-            await self._reply(
-                msg,
-                RegistrationVerdict(
-                    accepted=False, errors=[FieldError(path="$", reason=f"invalid JSON: {e}")]
-                ),
-            )
+            await self._reply(msg, refused(f"invalid JSON: {e}"))
             return
         registration, errors = convert_or_errors(RunnerRegistration, raw)
         if registration is None:
@@ -127,36 +101,11 @@ class RegistryWorker(HandlerBase):
         mismatch = runner_mismatch(sender, registration.runner_id)
         if mismatch is not None:
             log.warning("registration refused on %s: %s", msg.subject, mismatch)
-            await self._reply(
-                msg,
-                RegistrationVerdict(
-                    accepted=False, errors=[FieldError(path="$.runner_id", reason=mismatch)]
-                ),
-            )
+            await self._reply(msg, refused(mismatch, path="$.runner_id"))
             return
-        now = now_ms()
         rid = registration.runner_id
-        abandon: dict[str, int] = {}
-
-        def again(old: RunnerRecord) -> RunnerRecord:
-            outcome = reregister(old, registration, now_ms=now)
-            abandon.clear()
-            abandon.update(outcome.abandon)
-            return outcome.record
-
         try:
-            state = RunnerState.ACTIVE
-            if await put_new(self._runners, rid, new_runner(registration, now_ms=now)) is None:
-                latest, _ = await cas_update(self._runners, rid, RUNNER_DECODER, again)
-                state = latest.value.state if latest else RunnerState.ACTIVE
-                for job_id, attempt in abandon.items():
-                    await self._ops.take_back(
-                        job_id,
-                        attempt=attempt,
-                        runner_id=rid,
-                        reason=f"runner {rid} restarted (new session)",
-                        outcome="runner_restarted",
-                    )
+            registered = await self._records.register(registration, now_ms=now_ms())
             await self._events.emit(
                 RunnerRegistered(
                     subject_id=rid,
@@ -176,8 +125,8 @@ class RegistryWorker(HandlerBase):
             RegistrationVerdict(
                 accepted=True,
                 runner_id=rid,
-                state=state,
-                abandon_jobs=sorted(abandon),
+                state=registered.state,
+                abandon_jobs=sorted(registered.abandon),
                 lost_after_ms=self._ctx.config.current.dispatch.runner_lost_after_ms,
             ),
         )
@@ -199,28 +148,19 @@ class RegistryWorker(HandlerBase):
             if not heartbeat_needs_write(known.value, now_ms=now):
                 await self._check_running(beat, known.value)
                 return
-        came_back = False
-
-        def fold(old: RunnerRecord) -> RunnerRecord | None:
-            nonlocal came_back
-            touched = touch(old, beat, now_ms=now)
-            came_back = touched is not None and touched.back_online
-            return touched.record if touched is not None else None
-
         try:
-            latest, written = await cas_update(
-                self._runners, beat.runner_id, RUNNER_DECODER, fold, known=known
-            )
+            touched = await self._records.touch(beat, now_ms=now, known=known)
         except (nats.errors.Error, BusError, OSError, TimeoutError) as e:
             # the next heartbeat tries again
             log.warning("heartbeat of %s not recorded: %r", beat.runner_id, e)
             return
+        latest = touched.latest
         if latest is None:
             return
-        if written:
+        if touched.written:
             self._view.offer(beat.runner_id, latest)
         await self._check_running(beat, latest.value)
-        if came_back:
+        if touched.came_back:
             await self._events.emit(RunnerBackOnline(subject_id=beat.runner_id))
 
     async def _check_running(self, beat: RunnerHeartbeat, rec: RunnerRecord) -> None:
@@ -228,7 +168,7 @@ class RegistryWorker(HandlerBase):
         if not not_held(beat, rec):
             return
         # Our view may lag a fresh dispatch: confirm against the bucket before acting.
-        fresh = await get_versioned(self._runners, beat.runner_id, RUNNER_DECODER)
+        fresh = await self._records.current(beat.runner_id)
         if fresh is None:
             return
         for job_id in not_held(beat, fresh.value):
@@ -250,22 +190,11 @@ class RegistryWorker(HandlerBase):
             body = ANY_DECODER.decode(msg.data) if msg.data else {}
             rid = str(body["runner_id"])
         except (msgspec.DecodeError, KeyError, TypeError) as e:
-            await self._reply(
-                msg,
-                RegistrationVerdict(
-                    accepted=False,
-                    errors=[FieldError(path="$.runner_id", reason=f"required ({e!r})")],
-                ),
-            )
+            await self._reply(msg, refused(f"required ({e!r})", path="$.runner_id"))
             return
         mismatch = runner_mismatch(sender, rid)
         if mismatch is not None:
-            await self._reply(
-                msg,
-                RegistrationVerdict(
-                    accepted=False, errors=[FieldError(path="$.runner_id", reason=mismatch)]
-                ),
-            )
+            await self._reply(msg, refused(mismatch, path="$.runner_id"))
             return
         await self._deregister(msg, rid, body.get("session_id"))
 
@@ -275,40 +204,18 @@ class RegistryWorker(HandlerBase):
             body = ANY_DECODER.decode(msg.data) if msg.data else {}
             rid = str(body["runner_id"])
         except (msgspec.DecodeError, KeyError, TypeError) as e:
-            await self._reply(
-                msg,
-                RegistrationVerdict(
-                    accepted=False,
-                    errors=[FieldError(path="$.runner_id", reason=f"required ({e!r})")],
-                ),
-            )
+            await self._reply(msg, refused(f"required ({e!r})", path="$.runner_id"))
             return
         if action == "deregister":
             await self._deregister(msg, rid, body.get("session_id"))
             return
         if action not in ("drain", "undrain"):
-            await self._reply(
-                msg,
-                RegistrationVerdict(
-                    accepted=False,
-                    runner_id=rid,
-                    errors=[FieldError(path="$", reason=f"unknown action {action!r}")],
-                ),
-            )
+            await self._reply(msg, refused(f"unknown action {action!r}", runner_id=rid))
             return
         draining = action == "drain"
-        latest, changed = await cas_update(
-            self._runners, rid, RUNNER_DECODER, lambda old: set_drain(old, draining)
-        )
+        latest, changed = await self._records.set_drain(rid, draining)
         if latest is None:
-            await self._reply(
-                msg,
-                RegistrationVerdict(
-                    accepted=False,
-                    runner_id=rid,
-                    errors=[FieldError(path="$.runner_id", reason=f"no runner {rid!r}")],
-                ),
-            )
+            await self._reply(msg, refused(f"no runner {rid!r}", path="$.runner_id", runner_id=rid))
             return
         await self._bus.nc.publish(
             self._bus.names.control(rid),
@@ -322,54 +229,16 @@ class RegistryWorker(HandlerBase):
             msg, RegistrationVerdict(accepted=True, runner_id=rid, state=latest.value.state)
         )
 
-    async def _job(self, job_id: str) -> JobRecord | None:
-        current = await get_versioned(self._jobs, job_id, JOB_DECODER)
-        return current.value if current is not None else None
-
     async def _deregister(self, msg: Msg, rid: str, session_id: object) -> None:
         """A runner leaving cleanly: forget it (only its own session, only with no jobs held)."""
-        current = await get_versioned(self._runners, rid, RUNNER_DECODER)
-        refusal = deregistration_refusal(current.value if current else None, rid, session_id)
-        if refusal is None and current is not None:
-            slots = current.value.assigned_jobs
-            jobs = {job_id: await self._job(job_id) for job_id in slots}
-            refusal = holding_refusal(slots, rid, jobs)
-        if refusal is not None or current is None:
-            await self._reply(
-                msg,
-                RegistrationVerdict(
-                    accepted=False,
-                    runner_id=rid,
-                    errors=[
-                        FieldError(
-                            path="$.runner_id", reason=refusal.reason if refusal else "unknown"
-                        )
-                    ],
-                    retry_after_ms=refusal.retry_after_ms if refusal else None,
-                ),
+        verdict = await self._records.deregister(rid, session_id)
+        if verdict.accepted:
+            await self._events.emit(
+                RunnerDeregistered(
+                    subject_id=rid, session_id=session_id if isinstance(session_id, str) else None
+                )
             )
-            return
-        try:
-            await self._runners.delete(rid, last=current.revision)
-        except nats.js.errors.APIError as e:
-            if e.err_code not in (10071, 10164):  # wrong last sequence: it changed meanwhile
-                raise
-            await self._reply(
-                msg,
-                RegistrationVerdict(
-                    accepted=False,
-                    runner_id=rid,
-                    errors=[FieldError(path="$", reason="the record changed meanwhile; retry")],
-                    retry_after_ms=DEREGISTER_RETRY_MS,
-                ),
-            )
-            return
-        await self._events.emit(
-            RunnerDeregistered(
-                subject_id=rid, session_id=session_id if isinstance(session_id, str) else None
-            )
-        )
-        await self._reply(msg, RegistrationVerdict(accepted=True, runner_id=rid))
+        await self._reply(msg, verdict)
 
 
 def create(ctx: HandlerContext) -> RegistryWorker:

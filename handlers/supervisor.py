@@ -16,13 +16,11 @@ import time
 from dataclasses import replace
 
 import anyio
-import nats.errors
 import nats.js.errors
 from anyio.abc import TaskStatus
 
 from schemas import (
     JobState,
-    RunnerCommand,
     RunnerForgotten,
     RunnerLost,
     RunnerRecord,
@@ -34,7 +32,6 @@ from valkyrie.bus import (
     RUNNER_DECODER,
     Versioned,
     cas_update,
-    encode,
     get_versioned,
     now_ms,
 )
@@ -50,9 +47,8 @@ from valkyrie.domain.lifecycle import (
     mark_lost,
     pass_on_time,
     should_forget,
-    time_out,
 )
-from valkyrie.runtime import HandlerBase, HeardHeartbeats, through_outages
+from valkyrie.runtime import HandlerBase, HeardHeartbeats
 
 __all__ = ["SupervisorWorker", "create"]
 
@@ -311,40 +307,17 @@ class SupervisorWorker(HandlerBase):
         return deadline
 
     async def _time_out(self, rid: str, job_id: str, attempt: int) -> None:
-        now = now_ms()
-        grace_ms = self._cfg().execution_grace_ms
-        latest, written = await cas_update(
-            self._jobs,
-            job_id,
-            JOB_DECODER,
-            lambda record: time_out(record, rid, attempt, now_ms=now, grace_ms=grace_ms),
-            ttl_for=self._ops.job_ttl(),
-        )
-        self._deadline.pop((job_id, attempt), None)
-        if latest is None or not written:
-            return
+        cfg = self._cfg()
         try:
-            await self._bus.nc.publish(
-                self._bus.names.control(rid),
-                encode(
-                    RunnerCommand(
-                        command="cancel",
-                        job_id=job_id,
-                        attempt=attempt,
-                        reason="timed out",
-                        grace_period_s=self._cfg().cancel_grace_s,
-                    )
-                ),
+            await self._ops.time_out(
+                rid,
+                job_id,
+                attempt,
+                grace_ms=cfg.execution_grace_ms,
+                cancel_grace_s=cfg.cancel_grace_s,
             )
-        except nats.errors.Error as e:
-            log.warning("could not tell %s to stop %s: %r", rid, job_id, e)
-        # announce, then free the slot: while the slot is held, a scan redoes what a crash left
-        await through_outages(
-            lambda: self._ops.announce_outcome(
-                latest.value, from_runner=rid, revision=latest.revision
-            )
-        )
-        await through_outages(lambda: self._ops.release(rid, job_id, attempt, succeeded=False))
+        finally:
+            self._deadline.pop((job_id, attempt), None)
 
 
 def create(ctx: HandlerContext) -> SupervisorWorker:

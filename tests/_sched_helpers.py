@@ -32,6 +32,9 @@ from valkyrie.client.config import ConfigClient
 from valkyrie.config.live import LiveConfig
 from valkyrie.testing import SimulatedRunner
 
+#: measured stats of a runner that qualifies, but poorly (explain names them)
+MEASURED_BAD = RunnerStats(jobs_completed=10, success_rate=0.5, accept_latency_ms=900)
+
 #: every handler a scheduling test needs
 HANDLERS = ("intake", "registry", "dispatcher", "results", "supervisor", "canceller", "config")
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests._event_catalogue import catalogue_problems
+from tests._health_helpers import HEALTH_ENV
 from tests._helpers import config_for_test, settings_for, unique_prefix
 from tests._run_count import RunCount, xdist_group_ids
 from valkyrie import Bus, NatsServer, Settings, open_bus
@@ -78,6 +79,16 @@ def nats_url() -> Iterator[str]:
     finally:
         server.stop()
         shutil.rmtree(store, ignore_errors=True)
+
+
+@pytest.fixture
+def fast_health(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small health thresholds (tests/_health_helpers.py) for handlers run in this process.
+
+    They read their config layers from the environment.
+    """
+    for key, value in HEALTH_ENV.items():
+        monkeypatch.setenv(key, value)
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """The dispatcher's queue as pure logic (no server): holding, order, placement rounds.
 
 Queue order is checked against an oracle written here from docs/scheduling.md; hard constraints
-against the placement oracle of test_placement_properties.
+against the placement oracle of tests/_placement_strategies.py.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from schemas import (
     RunnerRecord,
     RunnerState,
 )
-from tests.test_placement_properties import NOW, SLA, _runner, fleets, jobs, violations
+from tests._placement_strategies import NOW, SLA, fleets, jobs, small_runner, violations
 from valkyrie.config.model import IntegrationMode, ValkyrieConfig
 from valkyrie.domain.scheduling.index import RunnerIndex
 from valkyrie.domain.scheduling.queue import (
@@ -191,7 +191,7 @@ def test_the_first_in_line_gets_the_only_slot() -> None:
     high = _record("high", JobSubmission(job_type="build", priority=0), submitted=NOW - 10)
     for r in (low, high):
         _hold(queue, r)
-    index = _index([_runner("r1")])
+    index = _index([small_runner("r1")])
     actions = queue.plan(NOW, config, index)
     assert [(type(a), a.job.job_id) for a in actions] == [(Commit, "high")]
     # the reservation holds until the commit settles: the next round places nothing
@@ -207,7 +207,7 @@ def test_expired_delayed_and_paused_jobs_are_never_committed() -> None:
     ready = _record("ready", JobSubmission(job_type="build"))
     for r in (expired, delayed, ready):
         _hold(queue, r)
-    index = _index([_runner("r1", capacity=4)])
+    index = _index([small_runner("r1", capacity=4)])
     paused = queue.plan(NOW, _config(mode=IntegrationMode.DISABLED.value), index)
     assert [(type(a), a.job.job_id) for a in paused] == [(Expire, "old")]
     actions = queue.plan(NOW, _config(), index)
@@ -235,7 +235,7 @@ def test_an_slo_breach_is_reported_once_and_boosts_the_job() -> None:
 def test_settled_jobs_are_tried_again() -> None:
     queue = DispatchQueue()
     _hold(queue, _record("j", JobSubmission(job_type="build")))
-    index = _index([_runner("r1")])
+    index = _index([small_runner("r1")])
     (commit,) = queue.plan(NOW, _config(), index)
     assert isinstance(commit, Commit)
     queue.settled(commit.job, index=index, runner_id=commit.runner_id)
@@ -248,7 +248,7 @@ def test_settled_jobs_are_tried_again() -> None:
 def test_a_new_job_is_placed_at_once_only_when_nothing_waits_ahead() -> None:
     config = _config()
     queue = DispatchQueue()
-    index = _index([_runner("r1", capacity=2)])
+    index = _index([small_runner("r1", capacity=2)])
     new = _record("new", JobSubmission(job_type="build"))
     commit = queue.place_new(new, now_ms=NOW, monotonic_s=0.0, config=config, index=index)
     assert commit is not None
@@ -286,7 +286,7 @@ def test_a_new_job_is_not_placed_at_once_when_it_must_wait(change: dict[str, obj
         not_before_at_ms=change.get("not_before"),
         attempt=int(change.get("attempt", 0)),  # type: ignore[call-overload]
     )
-    index = _index([_runner("r1")])
+    index = _index([small_runner("r1")])
     assert (
         DispatchQueue().place_new(record, now_ms=NOW, monotonic_s=0.0, config=config, index=index)
         is None
@@ -294,7 +294,7 @@ def test_a_new_job_is_not_placed_at_once_when_it_must_wait(change: dict[str, obj
 
 
 def test_an_offline_runner_gets_nothing() -> None:
-    offline = msgspec.structs.replace(_runner("r1"), state=RunnerState.OFFLINE)
+    offline = msgspec.structs.replace(small_runner("r1"), state=RunnerState.OFFLINE)
     queue = DispatchQueue()
     _hold(queue, _record("j", JobSubmission(job_type="build")))
     assert queue.plan(NOW, _config(), _index([offline])) == []

@@ -30,6 +30,7 @@ from valkyrie.domain.health import (
     component_statuses,
     config_handler_alive,
     evaluate_consumer,
+    health_changes,
     instance_health,
     kv_latency_check,
     note_report,
@@ -291,6 +292,30 @@ def test_summary_is_the_worst_of_components_consumers_and_pool() -> None:
     stalled = summary_of(seen={"i9": Seen(report("results", "i9"), NOW - 5000)})
     assert stalled.status == "unhealthy"
     assert stalled.reasons[0].startswith("results (i9) unhealthy: liveness: stalled")
+
+
+def test_health_changes_announce_components_then_overall_with_the_summary_revision() -> None:
+    first = summary_of()
+    assert health_changes(first, first, summary_revision=7) == []
+    lagging = summary_of(lags=[ConsumerLag(durable="intake", stream="S", pending=20)])
+    component, overall = health_changes(first, lagging, summary_revision=7)
+    assert (component.event_type, component.subject_id) == (
+        "health.degraded",
+        CONSUMER_LAG_COMPONENT,
+    )
+    assert (component.from_, component.to, component.summary_revision) == ("healthy", "degraded", 7)
+    assert component.details == ["intake: 20 pending (>= 10)"]
+    assert (overall.subject_id, overall.to, overall.reasons) == (
+        "overall",
+        "degraded",
+        lagging.reasons,
+    )
+    # without an earlier summary every component counts as coming from healthy
+    assert health_changes(None, first, summary_revision=8) == []
+    (fresh,) = [
+        e for e in health_changes(None, lagging, summary_revision=9) if e.subject_id != "overall"
+    ]
+    assert (fresh.from_, fresh.to) == ("healthy", "degraded")
 
 
 def test_component_statuses_take_the_worst_instance() -> None:

@@ -1,127 +1,35 @@
 """The job lifecycle end to end, against real handlers and simulated runners on a real server.
 
 Cancel (queued, running, ignored), drain/undrain, retries, lost runners, deadlines, execution
-timeouts, stale attempts, dead-letter replay, and the operator CLI commands.
+timeouts and stale attempts. Dead-letter replay and the operator CLI: test_lifecycle_ops_e2e.py.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Any
 
 import anyio
 import anyio.to_thread
-import click
 import pytest
-from click.testing import CliRunner, Result
 
-from schemas import (
-    TERMINAL_STATES,
-    CancelJob,
-    JobRecord,
-    JobState,
-    RunnerHeartbeat,
-    RunnerState,
+from schemas import JobState, RunnerState
+from tests._helpers import config_for_test, events_of, running, settings_for, wait_until
+from tests._lifecycle_helpers import (
+    PausableRunner,
+    fleet,
+    runner_record,
+    sim,
+    slots_free,
+    submit,
+    wait_for,
+    wait_state,
 )
-from tests._helpers import config_for_test, env_for, events_of, running, settings_for, wait_until
-from valkyrie import Bus, Client, Settings
-from valkyrie.bus.codec import RUNNER_DECODER, encode, now_ms
+from valkyrie import Client, Settings
+from valkyrie.bus.codec import now_ms
 from valkyrie.client.admin import Admin
 from valkyrie.testing import SimulatedRunner
 
 pytestmark = pytest.mark.nats
-
-
-@dataclass
-class PausableRunner(SimulatedRunner):
-    """A simulated runner whose heartbeats can be paused (a runner cut off, but still working)."""
-
-    paused: bool = False
-
-    async def _heartbeat(self, stop: anyio.Event) -> None:
-        while not stop.is_set():
-            if not self.paused:
-                beat = RunnerHeartbeat(
-                    runner_id=self.runner_id,
-                    sent_at_ms=now_ms(),
-                    load=min(1.0, len(self.running) / self.capacity),
-                    running_jobs=list(self.running),
-                    draining=self.draining,
-                    session_id=self._session,
-                )
-                await self.bus.nc.publish(self.bus.names.heartbeat(self.runner_id), encode(beat))
-            with anyio.move_on_after(0.2 if self.paused else self.heartbeat_ms / 1000):
-                await stop.wait()
-
-
-@dataclass
-class Fleet:
-    """Simulated runners started (and stopped) within one test."""
-
-    bus: Bus
-    tg: anyio.abc.TaskGroup
-    stops: dict[str, anyio.Event]
-
-    async def start(self, runner: SimulatedRunner) -> SimulatedRunner:
-        stop = anyio.Event()
-        self.stops[runner.runner_id] = stop
-        await self.tg.start(runner.run, stop)
-        return runner
-
-    def crash(self, runner_id: str) -> None:
-        """Stop a runner without a word: its jobs stop, it sends no more updates or heartbeats."""
-        self.stops[runner_id].set()
-
-
-@asynccontextmanager
-async def fleet(bus: Bus) -> AsyncIterator[Fleet]:
-    async with anyio.create_task_group() as tg:
-        f = Fleet(bus, tg, {})
-        try:
-            yield f
-        finally:
-            for stop in f.stops.values():
-                stop.set()
-
-
-async def submit(client: Client, body: dict[str, Any]) -> str:
-    verdict = await client.submit({"job_type": "shell", **body})
-    assert verdict is not None
-    assert verdict.accepted, verdict
-    assert verdict.job_id
-    return verdict.job_id
-
-
-async def wait_state(
-    client: Client, job_id: str, *states: JobState, timeout_s: float = 15
-) -> JobRecord:
-    wanted = frozenset(states) if states else TERMINAL_STATES
-    return await client.wait_for_job(job_id, states=wanted, timeout_s=timeout_s)
-
-
-async def runner_record(bus: Bus, runner_id: str) -> Any:
-    kv = await bus.kv("runners")
-    return RUNNER_DECODER.decode((await kv.get(runner_id)).value or b"")
-
-
-async def slots_free(bus: Bus, runner_id: str) -> bool:
-    return not (await runner_record(bus, runner_id)).assigned_jobs
-
-
-async def wait_for(predicate: Callable[[], bool], *, timeout_s: float) -> None:
-    async def check() -> bool:
-        return predicate()
-
-    await wait_until(check, timeout_s=timeout_s)
-
-
-def sim(**behaviour: Any) -> dict[str, Any]:
-    return {"payload": {"sim": behaviour}}
 
 
 # -- cancel -----------------------------------------------------------------------------------------
@@ -431,156 +339,3 @@ async def test_runner_back_after_being_lost_has_its_stale_result_refused(
 
         await wait_until(back, timeout_s=5)
         assert (await runner_record(bus, "ra")).state == RunnerState.ACTIVE
-
-
-# -- dead letters -----------------------------------------------------------------------------------
-
-
-@pytest.mark.timeout(60)
-async def test_dead_lettered_cancel_replayed_once_the_job_exists(settings: Settings) -> None:
-    async with running(settings) as bus:
-        client, admin = Client(bus), Admin(bus, actor="test")
-        job_id = f"early-{prefix_of(bus)}"
-        await bus.js.publish(bus.names.cancel, encode(CancelJob(job_id=job_id)))
-
-        async def dead_letter_kept() -> bool:
-            return bool([d async for d in admin.dead_letters()])
-
-        await wait_until(dead_letter_kept, timeout_s=10)
-        (stored,) = [d async for d in admin.dead_letters()]
-        assert stored.letter.handler == "canceller"
-        assert stored.letter.original_subject == bus.names.cancel
-        assert "no job" in stored.letter.reason
-
-        assert await submit(client, {"job_type": "nobody-runs-this", "job_id": job_id}) == job_id
-        await anyio.sleep(0.3)
-        assert (await client.get_job(job_id)).state == JobState.QUEUED
-        await admin.replay(stored.seq)
-        record = await wait_state(client, job_id, timeout_s=10)
-        assert record.state == JobState.CANCELLED
-        assert [d async for d in admin.dead_letters()] == []
-
-
-def prefix_of(bus: Bus) -> str:
-    return bus.names.prefix
-
-
-# -- operator CLI -----------------------------------------------------------------------------------
-
-
-def _resolve(path: Sequence[str], fallback: click.Command) -> tuple[click.Command, list[str]]:
-    """The top-level CLI and ``path`` if it has that command; else the command object itself.
-
-    (``jobs cancel``, ``runners drain|undrain`` and ``dead`` are defined in ``valkyrie.cli._admin``
-    and may not be wired into the top-level group yet.)
-    """
-    from valkyrie.cli import cli
-
-    node: click.Command = cli
-    for name in path:
-        if not isinstance(node, click.Group) or name not in node.commands:
-            return fallback, []
-        node = node.commands[name]
-    return cli, list(path)
-
-
-async def invoke(settings: Settings, path: Sequence[str], *args: str) -> Result:
-    """Run a CLI command in a thread (it runs its own event loop) against ``settings``."""
-    from valkyrie.cli import _admin
-
-    fallbacks: dict[tuple[str, ...], click.Command] = {
-        ("jobs", "cancel"): _admin.cancel,
-        ("runners", "drain"): _admin.drain,
-        ("runners", "undrain"): _admin.undrain,
-        ("dead",): _admin.dead,
-    }
-    command, head = _resolve(path, fallbacks[tuple(path)])
-    env = {k: v for k, v in env_for(settings).items() if k.startswith("VALKYRIE_")}
-    call = functools.partial(
-        CliRunner().invoke, command, [*head, *args], env=env, catch_exceptions=False
-    )
-    with anyio.fail_after(60):
-        return await anyio.to_thread.run_sync(call)
-
-
-@pytest.mark.timeout(60)
-async def test_cli_cancel_drain_undrain(settings: Settings) -> None:
-    async with running(settings) as bus, fleet(bus) as runners:
-        r1 = await runners.start(SimulatedRunner(bus, "r1"))
-        client = Client(bus)
-        job_id = await submit(client, sim(work_s=30))
-        await wait_state(client, job_id, JobState.RUNNING)
-        result = await invoke(settings, ["jobs", "cancel"], job_id, "--timeout", "20")
-        assert result.exit_code == 0, result.output
-        assert f"{job_id}: cancelled" in result.output
-        assert (await client.get_job(job_id)).state == JobState.CANCELLED
-
-        again = await invoke(settings, ["jobs", "cancel"], job_id)
-        assert again.exit_code == 0
-        assert "already ended" in again.output
-
-        missing = await invoke(settings, ["jobs", "cancel"], "no-such-job")
-        assert missing.exit_code == 4, missing.output
-
-        result = await invoke(settings, ["runners", "drain"], "r1")
-        assert result.exit_code == 0, result.output
-        assert "r1: draining" in result.output
-        assert (await runner_record(bus, "r1")).drain_requested
-        queued = await submit(client, sim(work_s=0.1))
-        await anyio.sleep(1.0)
-        assert (await client.get_job(queued)).state == JobState.QUEUED
-
-        result = await invoke(settings, ["runners", "undrain"], "r1")
-        assert result.exit_code == 0, result.output
-        assert "r1: active" in result.output
-        assert (await wait_state(client, queued)).state == JobState.SUCCEEDED
-        assert not r1.draining
-
-        unknown = await invoke(settings, ["runners", "drain"], "no-such-runner")
-        assert unknown.exit_code == 4, unknown.output
-
-
-@pytest.mark.timeout(60)
-async def test_cli_dead_ls_show_replay(settings: Settings) -> None:
-    async with running(settings) as bus:
-        client = Client(bus)
-        job_id = f"cli-{prefix_of(bus)}"
-        await bus.js.publish(bus.names.cancel, encode(CancelJob(job_id=job_id)))
-        invalid = await client.submit(b'{"job_type": 7}')
-        assert invalid is not None
-        assert not invalid.accepted
-
-        async def two_letters() -> bool:
-            return len([d async for d in Admin(bus).dead_letters()]) == 2
-
-        await wait_until(two_letters, timeout_s=10)
-        listed = await invoke(settings, ["dead"], "ls")
-        assert listed.exit_code == 0, listed.output
-        lines = listed.output.splitlines()
-        assert lines[0].split()[:3] == ["SEQ", "AT", "HANDLER"]
-        assert len(lines) == 4
-        as_json = await invoke(settings, ["dead"], "ls", "--json")
-        assert as_json.exit_code == 0, as_json.output
-        letters = [json.loads(line) for line in as_json.output.splitlines()]
-        by_handler = {d["letter"]["handler"]: d["seq"] for d in letters}
-        assert set(by_handler) == {"canceller", "intake"}
-
-        shown = await invoke(settings, ["dead"], "show", str(by_handler["canceller"]))
-        assert shown.exit_code == 0, shown.output
-        assert "handler:     canceller" in shown.output
-        assert f"no job '{job_id}'" in shown.output
-        assert job_id in shown.output  # the payload
-
-        missing = await invoke(settings, ["dead"], "show", "99999")
-        assert missing.exit_code == 4, missing.output
-
-        await submit(client, {"job_type": "nobody-runs-this", "job_id": job_id})
-        replayed = await invoke(settings, ["dead"], "replay", str(by_handler["canceller"]))
-        assert replayed.exit_code == 0, replayed.output
-        assert f"replayed #{by_handler['canceller']} as #" in replayed.output
-        assert (await wait_state(client, job_id, timeout_s=10)).state == JobState.CANCELLED
-        remaining = [d.letter.handler async for d in Admin(bus).dead_letters()]
-        assert remaining == ["intake"]
-
-        usage = await invoke(settings, ["dead"], "replay")
-        assert usage.exit_code == 2

@@ -9,7 +9,9 @@ from valkyrie.cli._auth import auth
 from valkyrie.cli._config import config
 from valkyrie.cli._gateway import gateway
 from valkyrie.cli._jobs import jobs, submit
-from valkyrie.cli._runner import runner, runners
+from valkyrie.cli._logs import jobs_logs
+from valkyrie.cli._runner import runner
+from valkyrie.cli._runners import runners
 from valkyrie.cli._status import status
 from valkyrie.cli._tail import tail
 from valkyrie.cli._up import handlers_cmd, provision, up, worker
@@ -71,6 +73,7 @@ for _command in (
     cli.add_command(_command)
 jobs.add_command(cancel)
 jobs.add_command(explain)
+jobs.add_command(jobs_logs)
 runners.add_command(drain)
 runners.add_command(undrain)
 

@@ -14,11 +14,13 @@ from dataclasses import dataclass
 import msgspec
 
 from schemas import (
+    HEALTH_CHANGED,
     HEALTH_STATUSES,
     CheckResult,
     ComponentHealth,
     ConsumerLag,
     FallbackRecord,
+    HealthChanged,
     HealthReport,
     HealthStatus,
     HealthSummary,
@@ -35,6 +37,7 @@ __all__ = [
     "component_statuses",
     "config_handler_alive",
     "evaluate_consumer",
+    "health_changes",
     "instance_health",
     "kv_latency_check",
     "note_report",
@@ -356,3 +359,40 @@ def transition_details(summary: HealthSummary, component: str) -> list[str]:
         if c.component == component
         for name, check in c.failing.items()
     ]
+
+
+def health_changes(
+    previous: HealthSummary | None, summary: HealthSummary, *, summary_revision: int
+) -> list[HealthChanged]:
+    """The events announcing every status change since ``previous``: components first, overall last.
+
+    ``summary_revision`` is the stats-bucket write that recorded ``summary`` (it makes each event's
+    id, so a monitor repeating its announcement is de-duplicated).
+    """
+    before = component_statuses(previous) if previous is not None else {}
+    events = [
+        HEALTH_CHANGED[new](
+            subject_id=name,
+            from_=old,
+            to=new,
+            details=transition_details(summary, name),
+            mode=summary.mode,
+            config_revision=summary.config_revision,
+            summary_revision=summary_revision,
+        )
+        for name, old, new in transitions(before, component_statuses(summary))
+    ]
+    old_overall: HealthStatus = previous.status if previous is not None else "healthy"
+    if summary.status != old_overall:
+        events.append(
+            HEALTH_CHANGED[summary.status](
+                subject_id="overall",
+                from_=old_overall,
+                to=summary.status,
+                reasons=summary.reasons,
+                mode=summary.mode,
+                config_revision=summary.config_revision,
+                summary_revision=summary_revision,
+            )
+        )
+    return events

@@ -45,6 +45,7 @@ __all__ = [
     "queued_record",
     "read_token",
     "request_digest",
+    "storage_full_error",
     "token_for",
     "token_value",
 ]
@@ -337,6 +338,15 @@ def queue_quota_error(
         path=f"$.metadata.{tenant_key}" if tenant_key in spec.metadata else "$.metadata",
         reason=f"tenant {tenant!r} has {queued} jobs queued, its cap is {cap} ({where}): "
         "submit again once some have started",
+    )
+
+
+def storage_full_error(detail: str) -> FieldError:
+    """Why a submission JetStream has no room for was refused (``detail``: the server's words)."""
+    return FieldError(
+        path="$",
+        reason=f"JetStream is full ({detail}): nothing was stored; submit again once jobs "
+        "have ended or the limits are raised (docs/operations.md#storage-limits)",
     )
 
 

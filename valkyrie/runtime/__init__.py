@@ -17,6 +17,11 @@ from typing import TYPE_CHECKING
 from valkyrie._lazy import attach as _attach
 
 if TYPE_CHECKING:
+    from valkyrie.runtime.admission import (
+        RECORD_OVERHEAD,
+        Admission,
+        AdmissionRefusal,
+    )
     from valkyrie.runtime.app import (
         Connector,
         Extra,
@@ -28,6 +33,11 @@ if TYPE_CHECKING:
     )
     from valkyrie.runtime.base import (
         HandlerBase,
+    )
+    from valkyrie.runtime.committing import (
+        COMMIT_CONCURRENCY,
+        DECLINED_WAIT_S,
+        Commits,
     )
     from valkyrie.runtime.consumer import (
         StreamConsumer,
@@ -113,6 +123,11 @@ if TYPE_CHECKING:
     from valkyrie.runtime.room import (
         BucketRoom,
     )
+    from valkyrie.runtime.runner_records import (
+        HeartbeatRecorded,
+        RegisteredRunner,
+        RunnerRecords,
+    )
     from valkyrie.runtime.secrets import (
         SecretStore,
     )
@@ -121,6 +136,9 @@ if TYPE_CHECKING:
         QueueCollector,
         RunnerGauges,
         runner_pool_of,
+    )
+    from valkyrie.runtime.verdicts import (
+        SubmitVerdicts,
     )
     from valkyrie.runtime.views import (
         RunnerView,
@@ -133,6 +151,8 @@ if not TYPE_CHECKING:  # type checkers see the imports above, and no catch-all _
 
 __all__ = [
     "CATALOGUE",
+    "COMMIT_CONCURRENCY",
+    "DECLINED_WAIT_S",
     "ENTRY_POINT_GROUP",
     "FALLBACK_KEY",
     "FRESH_MS",
@@ -142,8 +162,12 @@ __all__ = [
     "LATENCY_BUCKETS",
     "LEDGER_PREFIX",
     "MAX_POOLS",
+    "RECORD_OVERHEAD",
+    "Admission",
+    "AdmissionRefusal",
     "BoundedLabel",
     "BucketRoom",
+    "Commits",
     "Connector",
     "DiscoveredService",
     "Dispatched",
@@ -161,6 +185,7 @@ __all__ = [
     "HealthReports",
     "HealthStore",
     "HeardHeartbeats",
+    "HeartbeatRecorded",
     "HoldingConsumer",
     "JobOps",
     "LocalPlacer",
@@ -168,13 +193,16 @@ __all__ = [
     "ProcessGauges",
     "QueueCollector",
     "QueueLedger",
+    "RegisteredRunner",
     "RunnerGauges",
+    "RunnerRecords",
     "RunnerStates",
     "RunnerView",
     "SecretStore",
     "ServiceAnnouncer",
     "SharedViews",
     "StreamConsumer",
+    "SubmitVerdicts",
     "Worker",
     "component_name",
     "consumer_lags",

@@ -388,3 +388,12 @@ class Dispatching:
     async def read(self, job_id: str) -> Versioned[JobRecord] | None:
         """The job record and its revision."""
         return await get_versioned(self._jobs, job_id, JOB_DECODER)
+
+    async def read_patiently(self, job_id: str) -> Versioned[JobRecord] | None:
+        """The job record and its revision, read again every half second until a read succeeds."""
+        while True:
+            try:
+                return await self.read(job_id)
+            except (nats.errors.Error, nats.js.errors.Error) as e:
+                log.warning("could not read job %s (%r); will retry", job_id, e)
+                await anyio.sleep(0.5)

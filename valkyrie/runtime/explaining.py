@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 import msgspec
 import nats.errors
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 from schemas import (
     ExplainRequest,
@@ -28,6 +29,7 @@ from schemas import (
     SafeDecoder,
 )
 from valkyrie.bus.codec import encode
+from valkyrie.bus.connection import Bus
 from valkyrie.bus.kv import Versioned
 from valkyrie.config.model import ValkyrieConfig
 from valkyrie.domain.explain import explain_dispatched, explain_queued
@@ -63,6 +65,18 @@ class Explainer:
         self._read = read
         self._decision_of = decision_of
         self._now_ms = now_ms
+
+    async def subscribe(self, bus: Bus) -> list[Subscription]:
+        """Answer ``jobs.explain`` and ``jobs.queue`` requests (unsubscribe when done).
+
+        Every dispatcher answers (no queue group): only the one holding a queued job knows its
+        place in line, and the client waits a moment for that answer; likewise each dispatcher
+        lists the jobs it holds.
+        """
+        return [
+            await bus.nc.subscribe(bus.names.explain, cb=self.answer),
+            await bus.nc.subscribe(bus.names.queue_list, cb=self.answer_queue),
+        ]
 
     async def explain(self, job_id: str) -> JobExplanation:
         """Why ``job_id`` is pending, or why it went where it went."""

@@ -6,10 +6,12 @@ A crash between steps leaves a state the reconciler or a redelivery completes.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import msgspec
+import nats.errors
 import nats.js.errors
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
@@ -21,13 +23,14 @@ from schemas import (
     JobRequeued,
     JobState,
     JobTargetMissed,
+    RunnerCommand,
 )
 from valkyrie.bus.codec import JOB_DECODER, RUNNER_DECODER, UPDATE_DECODER, encode, now_ms
 from valkyrie.bus.connection import Bus
 from valkyrie.bus.events import EventPublisher
 from valkyrie.bus.kv import Versioned, cas_update, get_versioned
 from valkyrie.bus.outbox import Outbox
-from valkyrie.domain.lifecycle import release_slot, retry_after_failure
+from valkyrie.domain.lifecycle import release_slot, retry_after_failure, time_out
 from valkyrie.runtime.consumer import OUTAGE_PATIENCE_S, UNAVAILABLE
 from valkyrie.runtime.secrets import SecretStore
 from valkyrie.runtime.views import RunnerView
@@ -36,6 +39,8 @@ __all__ = ["INLINE_RECORD_BYTES", "JobOps", "terminal_ttl", "through_outages"]
 
 #: job records up to this size travel inside their ``job.queued`` event
 INLINE_RECORD_BYTES = 4096
+
+log = logging.getLogger("valkyrie.jobops")
 
 MAX_UNAPPLIED_SCAN = 500  # unapplied updates of one runner looked through before giving it time
 
@@ -303,3 +308,44 @@ class JobOps:
                 )
             if record.spec.secret_env:
                 await self.secrets.forget(record.id)
+
+    async def time_out(
+        self, runner_id: str, job_id: str, attempt: int, *, grace_ms: int, cancel_grace_s: float
+    ) -> bool:
+        """End an attempt past its execution deadline: record, cancel command, events, slot.
+
+        ``False``: the attempt had moved on (or another supervisor timed it out first).
+        """
+        now = now_ms()
+        latest, written = await cas_update(
+            await self._bus.kv("jobs"),
+            job_id,
+            JOB_DECODER,
+            lambda record: time_out(record, runner_id, attempt, now_ms=now, grace_ms=grace_ms),
+            ttl_for=self.job_ttl(),
+        )
+        if latest is None or not written:
+            return False
+        try:
+            await self._bus.nc.publish(
+                self._bus.names.control(runner_id),
+                encode(
+                    RunnerCommand(
+                        command="cancel",
+                        job_id=job_id,
+                        attempt=attempt,
+                        reason="timed out",
+                        grace_period_s=cancel_grace_s,
+                    )
+                ),
+            )
+        except nats.errors.Error as e:
+            log.warning("could not tell %s to stop %s: %r", runner_id, job_id, e)
+        # announce, then free the slot: while the slot is held, a scan redoes what a crash left
+        await through_outages(
+            lambda: self.announce_outcome(
+                latest.value, from_runner=runner_id, revision=latest.revision
+            )
+        )
+        await through_outages(lambda: self.release(runner_id, job_id, attempt, succeeded=False))
+        return True

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 import msgspec
 
 from schemas import (
+    FieldError,
     JobRecord,
+    RegistrationVerdict,
     RunnerHeartbeat,
     RunnerRecord,
     RunnerRegistration,
@@ -38,6 +40,7 @@ __all__ = [
     "mark_lost",
     "new_runner",
     "not_held",
+    "refused",
     "release_slot",
     "reregister",
     "runner_state",
@@ -202,6 +205,22 @@ class Refusal:
 
     reason: str
     retry_after_ms: int | None = None
+
+
+def refused(
+    reason: str,
+    *,
+    path: str = "$",
+    runner_id: str | None = None,
+    retry_after_ms: int | None = None,
+) -> RegistrationVerdict:
+    """The registry's answer refusing a request, for ``reason`` about the field at ``path``."""
+    return RegistrationVerdict(
+        accepted=False,
+        runner_id=runner_id,
+        errors=[FieldError(path=path, reason=reason)],
+        retry_after_ms=retry_after_ms,
+    )
 
 
 def deregistration_refusal(
