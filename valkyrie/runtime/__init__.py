@@ -7,7 +7,7 @@ each message by its outcome: ack, :class:`~valkyrie.errors.RetryLater`,
 :class:`~valkyrie.errors.GiveUp`) or hold messages with :class:`HoldingConsumer`. A process runs
 its handlers with :func:`run_workers` (or the whole control plane with
 :func:`run_control_plane`); they share one runner view (:class:`SharedViews`), one live config and
-one :class:`HealthReporter`. See docs/architecture.md, "Writing a handler".
+one :class:`HealthReporter`. docs/architecture.md, "The map", says where a new handler goes.
 """
 
 from __future__ import annotations
