@@ -1,5 +1,8 @@
 """Results: apply runners' updates (accepted, started, finished) to job records, free capacity.
 
+A ``started`` for an attempt not accepted yet is its acceptance too (the SDK sends no separate
+``accepted`` when it starts a job at once): both ``job.accepted`` and ``job.started`` are emitted.
+
 Updates from an attempt the job no longer belongs to are refused and the runner is told to abandon
 that job. An update whose body names another runner than its subject (``updates.<runner_id>``,
 the only one NATS lets that runner publish) is dead-lettered: a runner speaks only for itself. Every step is idempotent: job record first, then the runner slot, then the event, then ack.
@@ -138,14 +141,21 @@ class ResultsWorker(HandlerBase):
         now = now_ms()
         verdicts: list[UpdateResult] = []
         after: list[JobRecord] = []
+        implied: list[bool] = []  # a `started` that was also the attempt's acceptance
 
         def decide(record: JobRecord) -> JobRecord | None:
             verdicts.clear()
             after.clear()
+            implied.clear()
             current, changed = record, False
             for update in updates:
                 result = apply_update(current, update, now_ms=now)
                 verdicts.append(result)
+                implied.append(
+                    isinstance(update, JobStarted)
+                    and result.outcome == UpdateOutcome.APPLIED
+                    and current.accepted_at_ms is None
+                )
                 if result.record is not None:
                     current, changed = result.record, True
                 after.append(current)
@@ -169,9 +179,13 @@ class ResultsWorker(HandlerBase):
             verdicts = [UpdateResult(UpdateOutcome.ALREADY)] * len(updates)
         if not after or not written:
             after = [latest.value] * len(updates)
+        if len(implied) != len(updates) or not written:
+            implied = [False] * len(updates)
         outbox = Outbox(self._bus)
         last = len(updates) - 1
         for i, (update, result, record) in enumerate(zip(updates, verdicts, after, strict=True)):
+            if implied[i]:
+                await self._emit(record, JobAcceptedEvent, update.runner_id, outbox)
             await self._effects(
                 update,
                 result,

@@ -239,7 +239,7 @@ async def test_abandon_kills_without_reporting(bus: Bus) -> None:
         await cp.command(RunnerCommand(command="abandon", job_id="gone", grace_period_s=1))
         await cp.heartbeat(lambda h: h.load == 0.0)
         await anyio.sleep(0.5)
-        assert [u.__struct_config__.tag for u in cp.updates_of("gone")] == ["accepted", "started"]
+        assert [u.__struct_config__.tag for u in cp.updates_of("gone")] == ["started"]
 
 
 @nats

@@ -13,7 +13,7 @@ from anyio.abc import TaskGroup
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
-from schemas import Dispatch, JobAccepted, JobFinished, JobResult, JobStarted, JobUpdate
+from schemas import Dispatch, JobFinished, JobResult, JobStarted, JobUpdate
 from valkyrie.bus.codec import DISPATCH_DECODER, now_ms
 from valkyrie.bus.names import Names
 from valkyrie.runner._context import JobContext, JobHandler, StopReason
@@ -217,13 +217,13 @@ class Attempts:
         ctx = job.ctx
         job_id, attempt, rid = ctx.job_id, ctx.attempt, self._runner_id
         try:
-            accepted = JobAccepted(job_id=job_id, attempt=attempt, runner_id=rid, at_ms=now_ms())
-            if not await self._report(ctx, accepted):
+            # It starts the job at once, so `started` is also its acceptance: the control plane
+            # records both (and emits job.accepted and job.started), one stored update fewer.
+            started = JobStarted(job_id=job_id, attempt=attempt, runner_id=rid, at_ms=now_ms())
+            if not await self._report(ctx, started):
                 return
             async with anyio.create_task_group() as tg:
                 tg.start_soon(job.logs.run)
-                started = JobStarted(job_id=job_id, attempt=attempt, runner_id=rid, at_ms=now_ms())
-                await self._report(ctx, started)
                 outcome = await self._execute(ctx)
                 await job.logs.close(discard=ctx.stop_reason == "abandon")
                 tg.cancel_scope.cancel()  # close() gave up waiting: the result matters more
