@@ -14,7 +14,6 @@ is judged by the same rules.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._targets import TARGETS, figure, scale_out, targets
+from valkyrie._docgen import generated_doc_main
+from valkyrie._docgen import replace_region as _replace
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -174,34 +175,19 @@ def load(files: Sequence[Path]) -> list[tuple[str, dict[str, Any]]]:
 
 def replace_region(text: str, region: str) -> str:
     """``text`` with the generated region between the markers replaced by ``region``."""
-    start, end = text.find(START), text.find(END)
-    if start < 0 or end < start:
-        raise ValueError(f"markers not found: {START!r} ... {END!r}")
-    return text[: start + len(START)] + "\n" + region + text[end:]
+    return _replace(text, START, END, region)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print, write (``--write``) or check (``--check``) the region."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--write", action="store_true", help="rewrite the region in the docs")
-    mode.add_argument("--check", action="store_true", help="exit 1 when the region is stale")
-    a = parser.parse_args(argv)
-    region = table(load(committed_files()))
-    if not (a.write or a.check):
-        print(region, end="")
-        return 0
-    current = DOC.read_text()
-    wanted = replace_region(current, region)
-    if a.check:
-        if wanted != current:
-            print(
-                f"{DOC} is stale: run python -m benchmarks.results_table --write", file=sys.stderr
-            )
-            return 1
-        return 0
-    DOC.write_text(wanted)
-    return 0
+    return generated_doc_main(
+        argv,
+        prog="python -m benchmarks.results_table",
+        path=DOC,
+        render=lambda: table(load(committed_files())),
+        begin=START,
+        end=END,
+    )
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import argparse
 import enum
 import json
 import sys
@@ -18,6 +17,7 @@ from typing import Any
 import msgspec
 import msgspec.inspect as mi
 
+from valkyrie._docgen import generated_doc_main, replace_region
 from valkyrie.config.load import LEGACY_ENV
 from valkyrie.config.model import PROFILES, ZERO_ALLOWED, ValkyrieConfig, is_live
 
@@ -213,35 +213,24 @@ def render() -> str:
 
 
 def render_doc(text: str) -> str:
-    """``text`` (docs/configuration.md) with its generated block replaced by :func:`render`."""
-    start, end = text.find(BEGIN), text.find(END)
-    if start < 0 or end < start:
-        raise ValueError(f"the markers {BEGIN!r} and {END!r} are missing")
-    return text[: start + len(BEGIN)] + "\n" + render() + text[end:]
+    """``text`` (docs/configuration.md) with its generated block replaced by :func:`render`.
+
+    Raises:
+        ValueError: the markers are missing.
+    """
+    return replace_region(text, BEGIN, END, render())
 
 
 def main(argv: list[str] | None = None) -> int:
     """``--write`` updates docs/configuration.md; ``--check`` reports drift; else print the block."""
-    parser = argparse.ArgumentParser(prog="python -m valkyrie.config.doc")
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--write", action="store_true")
-    group.add_argument("--check", action="store_true")
-    parser.add_argument("--path", type=Path, default=DOC_PATH)
-    args = parser.parse_args(argv)
-    if not (args.write or args.check):
-        sys.stdout.write(render())
-        return 0
-    current = args.path.read_text()
-    wanted = render_doc(current)
-    if args.check:
-        if wanted != current:
-            print(f"{args.path} is out of date: run python -m valkyrie.config.doc --write")
-            return 1
-        return 0
-    if wanted != current:
-        args.path.write_text(wanted)
-        print(f"updated {args.path}")
-    return 0
+    return generated_doc_main(
+        argv,
+        prog="python -m valkyrie.config.doc",
+        path=DOC_PATH,
+        render=render,
+        begin=BEGIN,
+        end=END,
+    )
 
 
 if __name__ == "__main__":

@@ -23,13 +23,14 @@ dashboard and the alert rules cannot name different metrics.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from valkyrie._docgen import generated_doc_main, replace_region
 
 __all__ = [
     "CATALOGUE",
@@ -391,37 +392,24 @@ def render_table() -> str:
 
 
 def render_doc(text: str) -> str:
-    """``text`` (docs/observability.md) with its generated block replaced by the table."""
-    start, end = text.find(BEGIN), text.find(END)
-    if start < 0 or end < start:
-        raise ValueError(f"the markers {BEGIN!r} and {END!r} are missing")
-    return text[: start + len(BEGIN)] + "\n" + render_table() + text[end:]
+    """``text`` (docs/observability.md) with its generated block replaced by :func:`render_table`.
+
+    Raises:
+        ValueError: the markers are missing.
+    """
+    return replace_region(text, BEGIN, END, render_table())
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``--write`` updates docs/observability.md; ``--check`` reports drift; else print it."""
-    parser = argparse.ArgumentParser(prog="python -m valkyrie.runtime.metric_catalogue")
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--write", action="store_true")
-    group.add_argument("--check", action="store_true")
-    parser.add_argument("--path", type=Path, default=DOC_PATH)
-    args = parser.parse_args(argv)
-    if not (args.write or args.check):
-        sys.stdout.write(render_table())
-        return 0
-    current = args.path.read_text()
-    wanted = render_doc(current)
-    if args.check:
-        if wanted != current:
-            print(
-                f"{args.path} is out of date: run python -m valkyrie.runtime.metric_catalogue --write"
-            )
-            return 1
-        return 0
-    if wanted != current:
-        args.path.write_text(wanted)
-        print(f"updated {args.path}")
-    return 0
+    """``--write`` updates docs/observability.md; ``--check`` reports drift; else print the block."""
+    return generated_doc_main(
+        argv,
+        prog="python -m valkyrie.runtime.metric_catalogue",
+        path=DOC_PATH,
+        render=render_table,
+        begin=BEGIN,
+        end=END,
+    )
 
 
 if __name__ == "__main__":

@@ -6,10 +6,10 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
+from valkyrie._docgen import generated_doc_main, replace_region
 from valkyrie.bus.names import Names
 from valkyrie.security.roles import ROLES, permissions
 from valkyrie.security.store import FIXED_IDENTITIES
@@ -57,34 +57,19 @@ def render_doc(text: str) -> str:
     Raises:
         ValueError: the markers are missing.
     """
-    start, end = text.find(BEGIN), text.find(END)
-    if start < 0 or end < start:
-        raise ValueError(f"the markers {BEGIN!r} and {END!r} are missing")
-    return text[: start + len(BEGIN)] + "\n" + render() + text[end:]
+    return replace_region(text, BEGIN, END, render())
 
 
 def main(argv: list[str] | None = None) -> int:
     """``--write`` updates docs/security.md; ``--check`` reports drift; else print the block."""
-    parser = argparse.ArgumentParser(prog="python -m valkyrie.security.doc")
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--write", action="store_true")
-    group.add_argument("--check", action="store_true")
-    parser.add_argument("--path", type=Path, default=DOC_PATH)
-    args = parser.parse_args(argv)
-    if not (args.write or args.check):
-        sys.stdout.write(render())
-        return 0
-    current = args.path.read_text()
-    wanted = render_doc(current)
-    if args.check:
-        if wanted != current:
-            print(f"{args.path} is out of date: run python -m valkyrie.security.doc --write")
-            return 1
-        return 0
-    if wanted != current:
-        args.path.write_text(wanted)
-        print(f"updated {args.path}")
-    return 0
+    return generated_doc_main(
+        argv,
+        prog="python -m valkyrie.security.doc",
+        path=DOC_PATH,
+        render=render,
+        begin=BEGIN,
+        end=END,
+    )
 
 
 if __name__ == "__main__":
