@@ -12,6 +12,7 @@ may publish it), and ``runners.admin.deregister`` is the operator's.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import anyio
 import msgspec
@@ -183,16 +184,22 @@ class RegistryWorker(HandlerBase):
                 ),
             )
 
-    async def _on_deregister(self, msg: Msg) -> None:
-        """A runner leaving, on its own subject: only itself, never another runner."""
-        sender = msg.subject.rsplit(".", 1)[-1]
+    async def _runner_body(self, msg: Msg) -> tuple[dict[str, Any], str] | None:
+        """The body and the ``runner_id`` it names; ``None`` when refused (answered already)."""
         try:
             body = ANY_DECODER.decode(msg.data) if msg.data else {}
-            rid = str(body["runner_id"])
+            return body, str(body["runner_id"])
         except (msgspec.DecodeError, KeyError, TypeError) as e:
             await self._reply(msg, refused(f"required ({e!r})", path="$.runner_id"))
+            return None
+
+    async def _on_deregister(self, msg: Msg) -> None:
+        """A runner leaving, on its own subject: only itself, never another runner."""
+        named = await self._runner_body(msg)
+        if named is None:
             return
-        mismatch = runner_mismatch(sender, rid)
+        body, rid = named
+        mismatch = runner_mismatch(msg.subject.rsplit(".", 1)[-1], rid)
         if mismatch is not None:
             await self._reply(msg, refused(mismatch, path="$.runner_id"))
             return
@@ -200,12 +207,10 @@ class RegistryWorker(HandlerBase):
 
     async def _on_admin(self, msg: Msg) -> None:
         action = msg.subject.rsplit(".", 1)[-1]
-        try:
-            body = ANY_DECODER.decode(msg.data) if msg.data else {}
-            rid = str(body["runner_id"])
-        except (msgspec.DecodeError, KeyError, TypeError) as e:
-            await self._reply(msg, refused(f"required ({e!r})", path="$.runner_id"))
+        named = await self._runner_body(msg)
+        if named is None:
             return
+        body, rid = named
         if action == "deregister":
             await self._deregister(msg, rid, body.get("session_id"))
             return
