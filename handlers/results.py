@@ -36,7 +36,7 @@ from schemas import (
 from valkyrie import GiveUp, HandlerContext
 from valkyrie.bus import JOB_DECODER, UPDATE_DECODER, Outbox, Versioned, cas_update, encode, now_ms
 from valkyrie.domain.identity import runner_mismatch
-from valkyrie.domain.lifecycle import UpdateOutcome, UpdateResult, apply_update
+from valkyrie.domain.lifecycle import UpdateOutcome, UpdateResult, apply_update, still_at
 from valkyrie.runtime import HandlerBase
 
 __all__ = ["ResultsWorker", "create"]
@@ -210,7 +210,13 @@ class ResultsWorker(HandlerBase):
             await self._refuse(update, record, result.reason or "stale")
             return
         if result.outcome == UpdateOutcome.ALREADY and not isinstance(update, JobFinished):
-            return
+            # Seen before. If the record still shows exactly this step, this may be the
+            # redelivery after a crash between the record's write and its events: emit them
+            # again (their ids make the stream drop what was stored already).
+            if not still_at(record, update):
+                return
+            if isinstance(update, JobStarted) and record.accepted_at_ms == record.started_at_ms:
+                await self._emit(record, JobAcceptedEvent, update.runner_id, outbox)
         match update:
             case JobAccepted():
                 await self._emit(record, JobAcceptedEvent, update.runner_id, outbox)

@@ -11,7 +11,7 @@ from schemas import JobAccepted, JobFinished, JobStarted, JobState
 from tests._helpers import events_of, handler_context, queued_job, running
 from valkyrie import Bus, Settings
 from valkyrie.bus.codec import JOB_DECODER, encode
-from valkyrie.domain.lifecycle import dispatch_job
+from valkyrie.domain.lifecycle import apply_update, dispatch_job
 
 pytestmark = pytest.mark.nats
 
@@ -88,4 +88,35 @@ async def test_a_started_without_accepted_is_the_acceptance_too(settings: Settin
             "job.accepted",
             "job.started",
         ]
+        tg.cancel_scope.cancel()
+
+
+async def test_a_crash_between_the_write_and_the_events_loses_no_event(settings: Settings) -> None:
+    # the record was written (the step happened) but the process died before the events: the
+    # redelivered update finds the step done and emits its events anyway, once
+    async with running(settings, []) as bus, anyio.create_task_group() as tg:
+        worker = results_module.create(handler_context(bus, tg, "results"))
+        worker._jobs = await bus.kv("jobs")
+        kv = await bus.kv("jobs")
+        job_id, _ = await _dispatched_job_id(bus, "c-3")
+        started = JobStarted(job_id=job_id, attempt=1, runner_id="r1", at_ms=1_007)
+        record = JOB_DECODER.decode((await kv.get(job_id)).value or b"")
+        outcome = apply_update(record, started, now_ms=1_008)
+        assert outcome.record is not None
+        await kv.put(job_id, encode(outcome.record))  # the write of the crashed attempt
+        assert await events_of(bus, f"job.{job_id}.*") == []
+        await worker.handle(_msg(bus, started))  # the redelivery
+        await worker.handle(_msg(bus, started))  # and another: nothing new
+        kinds = [e.type for e in await events_of(bus, f"job.{job_id}.*")]
+        assert kinds == ["job.accepted", "job.started"]
+        # once the job has moved on, an old update seen again emits nothing
+        finished = JobFinished(
+            job_id=job_id, attempt=1, runner_id="r1", at_ms=1_009, outcome="succeeded"
+        )
+        await worker.handle(_msg(bus, finished))
+        await worker.handle(
+            _msg(bus, JobAccepted(job_id=job_id, attempt=1, runner_id="r1", at_ms=1_010))
+        )
+        kinds = [e.type for e in await events_of(bus, f"job.{job_id}.*")]
+        assert kinds == ["job.accepted", "job.started", "job.succeeded"]
         tg.cancel_scope.cancel()

@@ -23,6 +23,7 @@ from valkyrie.domain.lifecycle.jobs import (
     is_on,
     requeue_job,
     retry_after_failure,
+    still_at,
     time_out,
 )
 from valkyrie.domain.lifecycle.liveness import (
@@ -96,6 +97,7 @@ __all__ = [
     "runner_state",
     "set_drain",
     "should_forget",
+    "still_at",
     "time_out",
     "touch",
 ]

@@ -43,6 +43,7 @@ __all__ = [
     "is_on",
     "requeue_job",
     "retry_after_failure",
+    "still_at",
     "time_out",
 ]
 
@@ -310,6 +311,23 @@ def _failure_reason(update: JobFinished) -> str:
     if update.outcome == "timed_out":
         return update.result.error or "exceeded max_execution_time_s"
     return update.result.error or f"exit code {update.result.exit_code}"
+
+
+def still_at(record: JobRecord, update: JobAccepted | JobStarted | JobFinished) -> bool:
+    """Whether ``record`` shows ``update``'s step as the last thing that happened to the job.
+
+    An ``accepted`` or ``started`` seen again while this holds may be a redelivery after a crash
+    between the record's write and the step's events, which are then emitted again.
+    """
+    if record.attempt != update.attempt or record.runner_id != update.runner_id:
+        return False
+    match update:
+        case JobAccepted():
+            return record.state == JobState.ACCEPTED
+        case JobStarted():
+            return record.state == JobState.RUNNING
+        case _:
+            return False
 
 
 def apply_update(
