@@ -54,6 +54,10 @@ from valkyrie.runtime import (
 __all__ = ["DispatcherWorker", "create"]
 
 log = logging.getLogger("valkyrie.dispatcher")
+#: placement rounds longer than this (a long backlog) are followed by a rest as long, at most
+#: PACE_MAX_S: a short line (the usual case) is placed without any pause
+PACE_FROM_S = 0.002
+PACE_MAX_S = 0.05
 #: event kinds that say a dispatch was answered (or the job left its runner)
 _TAKEN = frozenset(
     {"accepted", "succeeded", "failed", "cancelled", "timed_out", "expired", "requeued"}
@@ -269,11 +273,13 @@ class DispatcherWorker(HandlerBase):
                     await self._wake.wait()
                 self._wake = anyio.Event()
                 await self.holding.flush_released()
+                began = time.monotonic()
                 try:
                     actions = self.queue.plan(now_ms(), self._cfg(), self.index)
                 except Exception:
                     log.exception("placement round failed")
                     continue
+                spent = time.monotonic() - began
                 for action in actions:
                     if isinstance(action, Expire):
                         tg.start_soon(self._expire, action.job)
@@ -281,6 +287,12 @@ class DispatcherWorker(HandlerBase):
                         tg.start_soon(self._writes.breach, action.job, action.waited_ms)
                     else:
                         await self._commits.start(tg, action)
+                if spent > PACE_FROM_S:
+                    # A round orders every held job: with a long backlog, one round per freed
+                    # slot would spend the loop ordering. Resting as long as the round took
+                    # keeps ordering to half of it, and the next round fills every slot freed
+                    # meanwhile.
+                    await anyio.sleep(min(spent, PACE_MAX_S))
 
     async def _expire(self, job: HeldJob) -> None:
         try:
