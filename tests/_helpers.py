@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import json
@@ -189,6 +190,23 @@ def stop_process(
             proc.kill()
             proc.wait(5)
     return proc.returncode
+
+
+def kill_embedded_server(data_dir: Path) -> None:
+    """Kill the nats-server a SIGKILLed ``valkyrie up`` on ``data_dir`` left running.
+
+    The embedded server runs in a process group of its own (so that Ctrl-C reaches the control
+    plane first); a test that kills ``up`` hard must not leave it behind for the session.
+    """
+    for pid_file in (data_dir / "nats").glob("*.pid"):
+        try:
+            pid = int(pid_file.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if b"nats-server" in cmdline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 async def stream_messages(bus: Bus, stream: str, subject: str) -> list[RawStreamMsg]:

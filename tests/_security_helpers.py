@@ -21,7 +21,7 @@ import msgspec
 import nats
 from nats.aio.client import Client as NatsClient
 
-from tests._helpers import ROOT, free_port
+from tests._helpers import ROOT, free_port, kill_embedded_server
 from valkyrie import Settings
 from valkyrie.bus.credentials import Credentials, auth_dir
 from valkyrie.security.store import AuthStore
@@ -108,6 +108,7 @@ def secured_up(tmp: Path, *args: str) -> Iterator[Secured]:
             except subprocess.TimeoutExpired:
                 secured.proc.kill()
                 secured.proc.wait(10)
+                kill_embedded_server(data)
 
 
 @dataclass

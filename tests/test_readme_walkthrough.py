@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests._helpers import ROOT, free_port
+from tests._helpers import ROOT, free_port, kill_embedded_server
 
 # one installation for the module, its tests in order: one worker runs them all
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300), pytest.mark.xdist_group("readme")]
@@ -158,6 +158,7 @@ def newcomer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Newcomer]:
         if up.poll() is None:
             os.killpg(up.pid, signal.SIGKILL)
             up.wait(10)
+            kill_embedded_server(home / ".local" / "share" / "valkyrie")
 
 
 def test_the_walkthrough_outputs_have_the_readme_shape(newcomer: Newcomer) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests._helpers import ROOT, free_port
+from tests._helpers import ROOT, free_port, kill_embedded_server
 
 pytestmark = pytest.mark.slow
 
@@ -68,6 +68,7 @@ def test_ctrl_c_stops_up_cleanly_and_its_server_last(tmp_path: Path) -> None:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+            kill_embedded_server(tmp_path / "data")
     text = log.read_text(errors="replace")
     assert code == 0, text
     assert "Traceback" not in text, text
