@@ -27,6 +27,7 @@ lost its compare-and-set: the way reads the key again and retries.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ from valkyrie.bus.acked import acked_publisher
 from valkyrie.bus.codec import RUNNER_DECODER, encode, now_ms
 from valkyrie.bus.kv import Versioned, cas_update, get_versioned, kv_write
 from valkyrie.domain.lifecycle import assign_slot, release_slot
+from valkyrie.errors import BusError
 
 __all__ = [
     "DECODERS",
@@ -329,13 +331,34 @@ def _holds(way: str, value: Any, job_id: str, attempt: int) -> bool:
     return bool(slots.get(job_id) == attempt)
 
 
+#: how often a claim or release that lost every compare-and-set to other writers is tried again
+PATIENCE = 50
+
+
+async def _patiently(step: Callable[[], Awaitable[bool]]) -> bool:
+    """``step()``, tried again when it gave up on a key that kept changing (``BusError``).
+
+    Valkyrie's handlers get the same from redelivery: a release that lost its compare-and-sets
+    to a burst of claims on the same runner is retried, never dropped (a quick run's eight runners
+    and 64 jobs in flight make such bursts common).
+    """
+    for attempt in range(PATIENCE):
+        try:
+            return await step()
+        except BusError:
+            if attempt == PATIENCE - 1:
+                raise
+            await asyncio.sleep(0.001 * (attempt + 1))
+    return False  # not reached: the last attempt raises
+
+
 async def _place(store: Store, runners: list[str], start: int, job_id: str) -> str:
     """Claim a slot on the first runner from ``start`` on that has one, waiting if all are full."""
     tally = store.tally
     while True:
         for k in range(len(runners)):
             runner = runners[(start + k) % len(runners)]
-            if await store.claim(runner, job_id, 1):
+            if await _patiently(functools.partial(store.claim, runner, job_id, 1)):
                 held = tally.held.get(runner, 0) + 1
                 tally.held[runner] = held
                 tally.most_held = max(tally.most_held, held)
@@ -369,7 +392,7 @@ async def run_jobs(
                 if hold is not None:
                     await hold(job, runner)
                 tally.held[runner] -= 1
-                if not await store.release(runner, job, 1):
+                if not await _patiently(functools.partial(store.release, runner, job, 1)):
                     raise RuntimeError(f"the slot of {job} on {runner} was not held")
                 done += 1
             except Exception as e:  # noqa: BLE001 - counted and reported, the run goes on
