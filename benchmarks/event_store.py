@@ -31,7 +31,6 @@ import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
-import socket  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -44,6 +43,7 @@ import anyio  # noqa: E402
 import nats  # noqa: E402
 from nats.js import JetStreamContext  # noqa: E402
 
+from benchmarks._costs import free_port  # noqa: E402
 from benchmarks._event_ways import (  # noqa: E402
     DEFAULT_WAYS,
     KINDS,
@@ -87,12 +87,6 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class MonitoredServer(NatsServer):
     """A nats-server that also serves its monitoring endpoints (``/varz``, ``/jsz``)."""
@@ -101,7 +95,7 @@ class MonitoredServer(NatsServer):
 
     def _config(self) -> str:
         if not self.http_port:
-            self.http_port = _free_port()
+            self.http_port = free_port()
         return super()._config() + f"http: {self.host}:{self.http_port}\n"
 
     def monitor(self, path: str) -> dict[str, Any]:

@@ -34,6 +34,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
 
+from benchmarks._costs import free_port  # noqa: E402
 from benchmarks._procs import cpu_seconds  # noqa: E402
 from benchmarks._report import environment, ratio, render_table, timestamp, write_json  # noqa: E402
 from valkyrie import Client, Settings, connect  # noqa: E402
@@ -41,15 +42,6 @@ from valkyrie.bus.connection import Bus  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 UP_TIMEOUT_S = 60.0
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def _last_seqs(bus: Bus) -> dict[str, int]:
@@ -151,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.jobs = min(args.jobs, 50)
     tmp = Path(tempfile.mkdtemp(prefix="valkyrie-bench-sdk-"))
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "VALKYRIE_DATA_DIR": str(tmp),

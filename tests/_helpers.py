@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 import json
@@ -39,6 +38,7 @@ from valkyrie import (
     run_workers,
 )
 from valkyrie.bus.codec import DEAD_DECODER, EVENT_DECODER
+from valkyrie.bus.server import NatsServer
 from valkyrie.config.doc import env_name
 from valkyrie.config.live import LiveConfig
 from valkyrie.config.load import LoadedConfig, config_for
@@ -193,20 +193,12 @@ def stop_process(
 
 
 def kill_embedded_server(data_dir: Path) -> None:
-    """Kill the nats-server a SIGKILLed ``valkyrie up`` on ``data_dir`` left running.
+    """Stop the nats-server a SIGKILLed ``valkyrie up`` on ``data_dir`` left running.
 
     The embedded server runs in a process group of its own (so that Ctrl-C reaches the control
     plane first); a test that kills ``up`` hard must not leave it behind for the session.
     """
-    for pid_file in (data_dir / "nats").glob("*.pid"):
-        try:
-            pid = int(pid_file.read_text().strip())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except (OSError, ValueError):
-            continue
-        if b"nats-server" in cmdline:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+    NatsServer(store_dir=data_dir / "nats").stop_leftover()
 
 
 async def stream_messages(bus: Bus, stream: str, subject: str) -> list[RawStreamMsg]:

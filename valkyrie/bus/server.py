@@ -119,7 +119,7 @@ class NatsServer:
     def _conf(self) -> Path:
         return self.store_dir / f"{self.name}.conf"
 
-    def _stop_leftover(self) -> None:
+    def stop_leftover(self) -> None:
         """Stop a server of this store that a process which died without stopping it left running.
 
         Its owner may have been SIGKILLed: the server runs in a process group of its own and
@@ -225,7 +225,7 @@ class NatsServer:
             return
         binary = find_nats_server()
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        self._stop_leftover()
+        self.stop_leftover()
         if self.auth_conf is not None:
             self._adopt_open_store()
         conf = self._conf
